@@ -1,0 +1,152 @@
+"""Checkpoints: safetensors weights with the manifest embedded in the file's metadata, plus the
+same manifest as a JSON file beside it for people and tools. Never pickle.
+
+    python -m cir.checkpoint export --checkpoint runs/x/last.safetensors --out assets/model.safetensors --half
+
+A training checkpoint also carries the optimizer state and RNG state so `--resume` continues
+exactly. An exported checkpoint keeps the model only, optionally in fp16, and stores only the
+token-embedding rows that training ever used (others load as zero vectors: unseen words).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import open_clip
+import safetensors
+import torch
+from safetensors.torch import save_file
+
+import cir
+from cir.atomic import atomic_path, sha256_file, write_json
+from cir.errors import UserError
+
+FORMAT = "context-cir-checkpoint/1"
+TOKEN_EMBEDDING = "clip.token_embedding.weight"
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "assets" / "context-cir-shapes-small.safetensors"
+
+
+def versions() -> dict:
+    return {"cir": cir.__version__, "torch": torch.__version__, "open_clip": open_clip.__version__}
+
+
+def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, manifest: dict,
+                    optimizer: torch.optim.Optimizer | None = None, half: bool = False,
+                    token_rows: list[int] | None = None) -> dict:
+    """Write `path` (.safetensors) and `path` with .json atomically; returns the manifest written.
+
+    `manifest` must hold "config" (ModelConfig.to_dict()); versions and format are added."""
+    path = Path(path)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if half:
+        tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
+    manifest = dict(manifest, format=FORMAT, versions=versions(), half=half)
+    if token_rows is not None:
+        rows = torch.tensor(sorted(set(token_rows)), dtype=torch.long)
+        full = tensors.pop(TOKEN_EMBEDDING)
+        tensors[TOKEN_EMBEDDING + ".rows"] = rows
+        tensors[TOKEN_EMBEDDING + ".compact"] = full[rows].clone()
+        manifest["token_embedding"] = {"rows": len(rows), "vocab": full.shape[0], "unseen_rows": "zero"}
+    if optimizer is not None:
+        opt = optimizer.state_dict()
+        for idx, state in opt["state"].items():
+            for name, value in state.items():
+                tensors[f"optimizer.{idx}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
+        manifest["optimizer_param_groups"] = opt["param_groups"]
+        tensors["rng.torch"] = torch.get_rng_state()
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"manifest": json.dumps(manifest)})
+    write_json(path.with_suffix(".json"), dict(manifest, sha256=sha256_file(path)))
+    return manifest
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    """The manifest embedded in a checkpoint file (validated)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        with safetensors.safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:
+        raise UserError(f"cannot read checkpoint {path}: not a complete safetensors file ({e})") from None
+    if "manifest" not in meta:
+        raise UserError(f"{path} is a safetensors file without a ConText-CIR manifest")
+    manifest = json.loads(meta["manifest"])
+    if manifest.get("format") != FORMAT:
+        raise UserError(f"{path}: unsupported checkpoint format {manifest.get('format')!r} (expected {FORMAT})")
+    return manifest
+
+
+def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    try:
+        with safetensors.safe_open(str(path), "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise UserError(f"cannot read checkpoint {path}: truncated or corrupt ({e})") from None
+
+
+def load_checkpoint(path: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+                    with_training_state: bool = False):
+    """Build the model a checkpoint describes and load its weights (no pretrained download).
+
+    Returns (model, preprocess, manifest[, tensors]). A checkpoint whose weights do not fit its
+    architecture is refused with a message naming the mismatching keys."""
+    from cir.model import ModelConfig, build_model
+
+    path = Path(path) if path is not None else DEFAULT_CHECKPOINT
+    manifest = read_manifest(path)
+    tensors = read_tensors(path)
+    config = ModelConfig.from_dict(dict(manifest["config"], pretrained=None))
+    model, preprocess = build_model(config, device="cpu")
+    state = {k: v for k, v in tensors.items() if not k.startswith(("optimizer.", "rng."))}
+    if TOKEN_EMBEDDING + ".rows" in state:
+        rows, compact = state.pop(TOKEN_EMBEDDING + ".rows"), state.pop(TOKEN_EMBEDDING + ".compact")
+        full = torch.zeros_like(model.state_dict()[TOKEN_EMBEDDING])
+        full[rows] = compact.to(full.dtype)
+        state[TOKEN_EMBEDDING] = full
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        detail = "; ".join(f"{name}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                           for name, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys)
+        raise UserError(f"checkpoint {path} does not fit the architecture its manifest names ({detail})")
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    model.to(device).eval()
+    return (model, preprocess, manifest, tensors) if with_training_state else (model, preprocess, manifest)
+
+
+def model_hash(path: str | os.PathLike) -> str:
+    """Content hash identifying a checkpoint (used by indexes to detect a model mismatch)."""
+    return sha256_file(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m cir.checkpoint", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("export", help="write a model-only checkpoint (for shipping)")
+    e.add_argument("--checkpoint", required=True, help="training checkpoint (.safetensors) to export")
+    e.add_argument("--out", required=True, help="output .safetensors path (a .json manifest is written beside it)")
+    e.add_argument("--half", action="store_true", help="store floating-point weights as fp16 (half the size)")
+    s = sub.add_parser("show", help="print a checkpoint's manifest")
+    s.add_argument("checkpoint", help="a .safetensors checkpoint")
+    a = p.parse_args(argv)
+    if a.cmd == "show":
+        print(json.dumps(read_manifest(a.checkpoint), indent=2))
+        return 0
+    model, _, manifest = load_checkpoint(a.checkpoint)
+    keep = {k: v for k, v in manifest.items() if k not in ("optimizer_param_groups", "format", "versions", "half", "token_embedding")}
+    keep["exported_from"] = {"path": str(a.checkpoint), "sha256": sha256_file(a.checkpoint)}
+    save_checkpoint(a.out, model, keep, half=a.half, token_rows=manifest.get("token_ids_seen"))
+    print(f"wrote {a.out} ({Path(a.out).stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    from cir.cli import run_cli
+    run_cli(main)

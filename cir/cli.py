@@ -1,0 +1,20 @@
+"""Helpers shared by the `python -m cir.<tool>` entry points."""
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+from cir.errors import UserError
+
+
+def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
+    """Run `main(argv)`, turning a UserError into a one-line message on stderr and exit code 2."""
+    try:
+        code = main(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)

@@ -1,0 +1,1 @@
+"""Dataset readers and generators: the triplet format, CIR-Shapes, CIRR and CIRCO."""

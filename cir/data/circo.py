@@ -1,0 +1,58 @@
+"""Reader for the official CIRCO layout (`annotations/<split>.json`, images of COCO 2017 unlabeled)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from cir.data.cirr import load_json, require
+from cir.data.triplets import Triplet, normalize_path
+from cir.errors import UserError
+
+DEFAULT_IMAGE_DIR = "COCO2017_unlabeled/unlabeled2017"
+
+
+def read_circo(root: str | os.PathLike, split: str, image_dir: str | os.PathLike | None = None
+               ) -> tuple[list[Triplet], list[str]]:
+    """CIRCO triplets of `split` (val, test) and the gallery (every .jpg in the image folder, sorted).
+
+    Images are `<image_dir>/<12-digit id>.jpg`, `image_dir` defaulting to
+    `root/COCO2017_unlabeled/unlabeled2017`. Targets are the gt_img_ids' paths, the first being the
+    target (empty for test). Missing files and malformed entries raise UserError naming the file
+    (and the entry's index)."""
+    root = Path(normalize_path(root))
+    annotations_file = root / "annotations" / f"{split}.json"
+    entries = load_json(annotations_file, list)
+    image_dir = Path(normalize_path(image_dir if image_dir is not None else root / DEFAULT_IMAGE_DIR))
+    if not image_dir.is_dir():
+        raise UserError(f"CIRCO image folder not found: {image_dir}")
+    gallery = sorted(normalize_path(p) for p in image_dir.glob("*.jpg"))
+
+    triplets, seen, in_gallery = [], set(), set(gallery)
+    for i, entry in enumerate(entries):
+        t = _triplet(entry, split, image_dir, in_gallery, f"{annotations_file}: entry {i}")
+        if t.id in seen:
+            raise UserError(f"{annotations_file}: entry {i}: duplicate id {t.id}")
+        seen.add(t.id)
+        triplets.append(t)
+    return triplets, gallery
+
+
+def _triplet(entry, split: str, image_dir: Path, in_gallery: set[str], where: str) -> Triplet:
+    if not isinstance(entry, dict):
+        raise UserError(f"{where}: expected an object, got {type(entry).__name__}")
+
+    def path_of(image_id: int) -> str:
+        path = str(image_dir / f"{image_id:012d}.jpg")
+        if path not in in_gallery:
+            raise UserError(f"{where}: image not found: {path}")
+        return path
+
+    has_targets = "gt_img_ids" in entry or not split.startswith("test")
+    return Triplet(
+        id=str(require(entry, "id", int, where)),
+        reference=path_of(require(entry, "reference_img_id", int, where)),
+        caption=require(entry, "relative_caption", str, where),
+        targets=[path_of(g) for g in require(entry, "gt_img_ids", list, where, item=int)] if has_targets else [],
+        meta={"dataset": "circo", "shared_concept": require(entry, "shared_concept", str, where),
+              "semantic_aspects": require(entry, "semantic_aspects", list, where, default=[])},
+    )

@@ -1,0 +1,226 @@
+"""Evaluate a checkpoint on triplets and a gallery.
+
+    python -m cir.evaluate --checkpoint CKPT --triplets test.jsonl --gallery gallery_test.txt [--json OUT]
+
+Prints Recall@1/5/10/50, Recall_subset@1/2/3 (when triplets carry subsets), mAP@5/10/25/50 (when
+some query has several targets), the breakdown by meta.num_modifications and the pointing-game
+grounding hit rate (when meta carries grounding boxes). The reference image is removed from the
+ranking for CIRR (its protocol) and kept as a hard negative otherwise (`--reference`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from cir.atomic import write_json
+from cir.data.loader import image_batches, load_rgb
+from cir.data.triplets import Triplet, read_gallery, read_triplets
+from cir.errors import UserError
+from cir.losses import reduce_maps
+from cir.metrics import map_at_k, recall_at_k, recall_subset_at_k
+from cir.model import ConTextCIR, isolated_maps, span_maps
+
+RECALL_KS = (1, 5, 10, 50)
+SUBSET_KS = (1, 2, 3)
+MAP_KS = (5, 10, 25, 50)
+
+
+def autocast(device: torch.device | str):
+    """bf16 autocast on CUDA; a no-op elsewhere (CPU inference stays fp32 for exact rankings)."""
+    device = torch.device(device)
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+@torch.no_grad()
+def embed_gallery(model: ConTextCIR, paths: list[str], preprocess, device, batch_size: int = 128,
+                  workers: int = 0, progress: bool = False) -> torch.Tensor:
+    """f(image, "") for every path: [N, E] float32 on `device`."""
+    out = []
+    for images in tqdm(image_batches(paths, preprocess, batch_size, workers, pin=torch.device(device).type == "cuda"),
+                       desc="gallery", unit="batch", disable=not progress):
+        with autocast(device):
+            out.append(model.encode_gallery(images.to(device, non_blocking=True)).float())
+    return torch.cat(out) if out else torch.zeros(0, model.config.embed_dim, device=device)
+
+
+@torch.no_grad()
+def embed_queries(model: ConTextCIR, triplets: list[Triplet], preprocess, device, batch_size: int = 128,
+                  progress: bool = False) -> torch.Tensor:
+    """f(reference, caption) for every triplet: [Q, E] float32."""
+    out = []
+    for i in tqdm(range(0, len(triplets), batch_size), desc="queries", unit="batch", disable=not progress):
+        chunk = triplets[i:i + batch_size]
+        images = torch.stack([preprocess(load_rgb(t.reference)) for t in chunk]).to(device)
+        with autocast(device):
+            out.append(model.encode_query(images, [t.caption for t in chunk]).float())
+    return torch.cat(out)
+
+
+def default_keep_reference(triplets: list[Triplet]) -> bool:
+    """CIRR removes the reference from the ranking; CIRCO and CIR-Shapes keep it."""
+    return not any(t.meta.get("dataset") == "cirr" for t in triplets)
+
+
+def rank(query_emb: torch.Tensor, gallery_emb: torch.Tensor, gallery: list[str], triplets: list[Triplet],
+         keep_reference: bool, k: int) -> list[list[str]]:
+    """Top-k gallery paths per query by cosine similarity (the reference dropped unless kept)."""
+    scores = query_emb @ gallery_emb.T
+    if not keep_reference:
+        pos = {p: i for i, p in enumerate(gallery)}
+        for q, t in enumerate(triplets):
+            if t.reference in pos:
+                scores[q, pos[t.reference]] = float("-inf")
+    top = scores.topk(min(k, len(gallery)), dim=1).indices.tolist()
+    return [[gallery[i] for i in row] for row in top]
+
+
+def subset_rankings(query_emb, gallery_emb, gallery: list[str], triplets: list[Triplet]) -> list[list[str]]:
+    """Each query's subset members (in the gallery) sorted by score."""
+    pos = {p: i for i, p in enumerate(gallery)}
+    out = []
+    for q, t in enumerate(triplets):
+        members = [m for m in (t.subset or []) if m in pos]
+        s = (query_emb[q] @ gallery_emb[[pos[m] for m in members]].T).tolist() if members else []
+        out.append([m for _, m in sorted(zip(s, members), key=lambda x: -x[0])])
+    return out
+
+
+@torch.no_grad()
+def grounding(model: ConTextCIR, preprocess, triplets: list[Triplet], device, batch_size: int = 64) -> dict | None:
+    """Pointing game over meta.grounding spans: hit when the argmax of the phrase map, upsampled to
+    the image, lies inside the box. Returns {"in_context", "isolated" (percent), "count"} or None."""
+    items = [t for t in triplets if t.meta.get("grounding")]
+    if not items:
+        return None
+    hits = {"in_context": 0, "isolated": 0}
+    count = 0
+    for i in range(0, len(items), batch_size):
+        chunk = items[i:i + batch_size]
+        pil = [load_rgb(t.reference) for t in chunk]
+        images = torch.stack([preprocess(im) for im in pil]).to(device)
+        img_tok = model.image_tokens(images)
+        fused = model.fuse(img_tok, model.text_tokens(model.tokenizer([t.caption for t in chunk]).to(device)))
+        rows, positions, texts, boxes, sizes = [], [], [], [], []
+        for b, t in enumerate(chunk):
+            for g in t.meta["grounding"]:
+                pos = model.tokenizer.span_to_token_positions(t.caption, g["start"], g["end"])
+                if pos:
+                    rows.append(b)
+                    positions.append(pos)
+                    texts.append(t.caption[g["start"]:g["end"]])
+                    boxes.append(g["box"])
+                    sizes.append(pil[b].size)
+        if not rows:
+            continue
+        rows_t = torch.tensor(rows, device=device)
+        maps = {"in_context": reduce_maps(span_maps(fused.attention, rows_t, positions)),
+                "isolated": reduce_maps(isolated_maps(model, img_tok, rows_t, texts))}
+        for name, m in maps.items():
+            for n in range(len(rows)):
+                hits[name] += pointing_hit(m[n], model.grid, sizes[n], boxes[n])
+        count += len(rows)
+    return {name: 100.0 * h / count for name, h in hits.items()} | {"count": count}
+
+
+def pointing_hit(patch_map: torch.Tensor, grid: int, size: tuple[int, int], box) -> bool:
+    """patch_map [grid*grid]; upsample bilinearly to the image size (W, H); argmax inside box?"""
+    w, h = size
+    up = F.interpolate(patch_map.float().reshape(1, 1, grid, grid), size=(h, w), mode="bilinear", align_corners=False)
+    y, x = divmod(int(up.flatten().argmax()), w)
+    x0, y0, x1, y1 = box
+    return x0 <= x + 0.5 <= x1 and y0 <= y + 0.5 <= y1
+
+
+def evaluate(model: ConTextCIR, preprocess, triplets: list[Triplet], gallery: list[str], device="cpu",
+             keep_reference: bool | None = None, batch_size: int = 128, with_grounding: bool = True,
+             progress: bool = False, gallery_emb: torch.Tensor | None = None) -> dict:
+    """All metrics of the module docstring, as the `--json` dict (percent values)."""
+    model.eval()
+    if keep_reference is None:
+        keep_reference = default_keep_reference(triplets)
+    if gallery_emb is None:
+        gallery_emb = embed_gallery(model, gallery, preprocess, device, batch_size, progress=progress)
+    q = embed_queries(model, triplets, preprocess, device, batch_size, progress=progress)
+    rankings = rank(q, gallery_emb, gallery, triplets, keep_reference, max(max(RECALL_KS), max(MAP_KS)))
+    targets = [set(t.targets) for t in triplets]
+    res: dict = {"recall": _str_keys(recall_at_k(rankings, targets, RECALL_KS)), "count": len(triplets),
+                 "keep_reference": keep_reference}
+    if any(t.subset for t in triplets):
+        sub = subset_rankings(q, gallery_emb, gallery, triplets)
+        res["recall_subset"] = _str_keys(recall_subset_at_k(sub, targets, [t.subset or [] for t in triplets],
+                                                            [t.reference for t in triplets], SUBSET_KS))
+    if any(len(t.targets) > 1 for t in triplets):
+        res["map"] = _str_keys(map_at_k(rankings, targets, MAP_KS))
+    groups = defaultdict(list)
+    for i, t in enumerate(triplets):
+        if "num_modifications" in t.meta:
+            groups[str(t.meta["num_modifications"])].append(i)
+    if groups:
+        res["by_num_modifications"] = {
+            k: {"recall": _str_keys(recall_at_k([rankings[i] for i in idx], [targets[i] for i in idx], RECALL_KS)),
+                "count": len(idx)} for k, idx in sorted(groups.items())}
+    if with_grounding and (g := grounding(model, preprocess, triplets, device)) is not None:
+        res["grounding"] = g
+    return res
+
+
+def _str_keys(d: dict) -> dict:
+    return {str(k): v for k, v in d.items()}
+
+
+def format_results(res: dict) -> str:
+    lines = [f"queries: {res['count']} (reference {'kept as a negative' if res['keep_reference'] else 'removed'})"]
+    fmt = lambda d, name: "  ".join(f"{name}@{k} {v:6.2f}" for k, v in d.items())
+    lines.append(fmt(res["recall"], "R"))
+    if "recall_subset" in res:
+        lines.append(fmt(res["recall_subset"], "Rs"))
+    if "map" in res:
+        lines.append(fmt(res["map"], "mAP"))
+    for k, g in res.get("by_num_modifications", {}).items():
+        lines.append(f"  {k} modification(s), {g['count']} queries: " + fmt(g["recall"], "R"))
+    if "grounding" in res:
+        g = res["grounding"]
+        lines.append(f"grounding (pointing game, {g['count']} phrases): in context {g['in_context']:.2f}  isolated {g['isolated']:.2f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from cir.checkpoint import load_checkpoint
+
+    p = argparse.ArgumentParser(prog="python -m cir.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default=None, help="model checkpoint (.safetensors); default: the shipped one in assets/")
+    p.add_argument("--triplets", required=True, help="triplet JSONL file to evaluate")
+    p.add_argument("--gallery", required=True, help="gallery: a folder of images or a text file of paths")
+    p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    p.add_argument("--reference", choices=["auto", "keep", "remove"], default="auto",
+                   help="keep the reference image in the ranking as a negative, or remove it (auto: remove for CIRR only)")
+    p.add_argument("--skip-bad", action="store_true", help="skip (and count) bad triplet lines instead of stopping")
+    p.add_argument("--no-grounding", action="store_true", help="skip the pointing-game grounding measure")
+    p.add_argument("--batch-size", type=int, default=128, help="images per forward pass (default 128)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device (default: cuda if available)")
+    a = p.parse_args(argv)
+    triplets, problems = read_triplets(a.triplets, skip_bad=a.skip_bad)
+    if problems:
+        print(f"skipped {len(problems)} bad line(s); first: {problems[0]}")
+    if not triplets:
+        raise UserError(f"no usable triplets in {a.triplets}")
+    gallery = read_gallery(a.gallery)
+    model, preprocess, _ = load_checkpoint(a.checkpoint, a.device)
+    keep = None if a.reference == "auto" else a.reference == "keep"
+    res = evaluate(model, preprocess, triplets, gallery, a.device, keep, a.batch_size, not a.no_grounding, progress=True)
+    print(format_results(res))
+    if a.json:
+        write_json(a.json, res)
+    return 0
+
+
+if __name__ == "__main__":
+    from cir.cli import run_cli
+    run_cli(main)

@@ -1,0 +1,124 @@
+"""Cross-attention fusion of text tokens and image patches, and Set Transformer pooling (PMA).
+
+Each fusion block runs two pre-LayerNorm residual cross-attentions:
+  1. text -> image: every text token attends over the image patches. Its weights are the
+     concept maps (a distribution over patches per token) that the CC loss constrains and the
+     app draws; they are returned for every layer and head.
+  2. image -> text: the image tokens (CLS + patches) attend over the grounded text tokens (padding
+     masked), so a patch can rewrite itself ("remove the blue star", "make it red"). The output
+     projections and second feed-forward layers start at zero: every block is the identity at
+     step 0 (as in the official code).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of `x` [B, Q, D] over `ctx` [B, K, D]; can return its weights [B, H, Q, K]."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} is not divisible by heads {heads}")
+        self.heads = heads
+        self.q = nn.Linear(width, width)
+        self.kv = nn.Linear(width, 2 * width)
+        self.out = nn.Linear(width, width)
+
+    def forward(self, x, ctx, key_padding_mask=None, need_weights: bool = False):
+        """key_padding_mask: [B, K] bool, True = ignore. Returns (out [B, Q, D], weights or None)."""
+        B, Q, D = x.shape
+        h = self.heads
+        q = self.q(x).view(B, Q, h, D // h).transpose(1, 2)
+        k, v = self.kv(ctx).view(B, ctx.shape[1], 2, h, D // h).permute(2, 0, 3, 1, 4)
+        mask = None
+        if key_padding_mask is not None:
+            mask = torch.zeros(key_padding_mask.shape, dtype=q.dtype, device=q.device)
+            mask = mask.masked_fill(key_padding_mask, float("-inf"))[:, None, None, :]
+        if need_weights:
+            logits = (q @ k.transpose(-1, -2)) * (D // h) ** -0.5
+            if mask is not None:
+                logits = logits + mask
+            weights = logits.softmax(-1)
+            out = weights @ v
+        else:
+            weights = None
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out(out.transpose(1, 2).reshape(B, Q, D)), weights
+
+
+def mlp(width: int, ratio: float) -> nn.Sequential:
+    hidden = int(width * ratio)
+    return nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+
+
+class FusionBlock(nn.Module):
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.ln_text, self.ln_patch = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.text_to_image = CrossAttention(width, heads)
+        self.ln_text_mlp, self.text_mlp = nn.LayerNorm(width), mlp(width, mlp_ratio)
+        self.ln_image, self.ln_text_kv = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.image_to_text = CrossAttention(width, heads)
+        self.ln_image_mlp, self.image_mlp = nn.LayerNorm(width), mlp(width, mlp_ratio)
+        for layer in (self.text_to_image.out, self.text_mlp[2], self.image_to_text.out, self.image_mlp[2]):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, text, image, text_pad, n_prefix: int):
+        """text [B, T, D], image [B, n_prefix + P, D] (CLS first), text_pad [B, T] bool.
+
+        Returns (text, image, weights [B, H, T, P]) with weights of text tokens over patches."""
+        patches = image[:, n_prefix:]
+        upd, weights = self.text_to_image(self.ln_text(text), self.ln_patch(patches), need_weights=True)
+        text = text + upd
+        text = text + self.text_mlp(self.ln_text_mlp(text))
+        upd, _ = self.image_to_text(self.ln_image(image), self.ln_text_kv(text), key_padding_mask=text_pad)
+        image = image + upd
+        image = image + self.image_mlp(self.ln_image_mlp(image))
+        return text, image, weights
+
+
+@dataclass
+class FusionOutput:
+    image: torch.Tensor  # [B, n_prefix + P, D] fused image tokens
+    text: torch.Tensor  # [B, T, D] grounded text tokens
+    attention: torch.Tensor  # [B, L, H, T, P] text-token -> patch weights, every layer and head
+
+
+class Fusion(nn.Module):
+    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.blocks = nn.ModuleList(FusionBlock(width, heads, mlp_ratio) for _ in range(layers))
+
+    def forward(self, text, image, text_pad, n_prefix: int = 1) -> FusionOutput:
+        maps = []
+        for block in self.blocks:
+            text, image, w = block(text, image, text_pad, n_prefix)
+            maps.append(w)
+        return FusionOutput(image=image, text=text, attention=torch.stack(maps, 1))
+
+
+class PMA(nn.Module):
+    """Pooling by multi-head attention (Set Transformer): learned seeds attend over a token set.
+
+    PMA(Z) = MAB(S, rFF(Z)), MAB(X, Y) = LN(H + rFF(H)), H = LN(X + Attention(X, Y))."""
+
+    def __init__(self, width: int, heads: int, seeds: int = 1, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.seeds = nn.Parameter(torch.randn(seeds, width) * width ** -0.5)
+        self.pre = mlp(width, mlp_ratio)
+        self.attn = CrossAttention(width, heads)
+        self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.post = mlp(width, mlp_ratio)
+
+    def forward(self, tokens):
+        """tokens [B, N, D] -> [B, seeds * D]."""
+        s = self.seeds.expand(tokens.shape[0], -1, -1).to(tokens.dtype)
+        h = self.ln1(s + self.attn(s, self.pre(tokens))[0])
+        return self.ln2(h + self.post(h)).flatten(1)

@@ -1,0 +1,576 @@
+"""The gallery index: embed every gallery image once with f(image, ""), then search it fast.
+
+    python -m cir.index build --checkpoint CKPT --gallery FOLDER_OR_LIST --out INDEX_DIR [--type auto]
+    python -m cir.index build ... --resume            # continue a build that was killed
+    python -m cir.index update --index INDEX_DIR --gallery FOLDER_OR_LIST
+
+INDEX_DIR holds `manifest.json` (checkpoint sha256, model config, embedding dim, normalisation,
+index type and parameters, every image with its content sha256, versions), `embeddings.npy`
+([N, E] float32, L2-normalised, row i = image i) and `index.faiss` (a faiss index over the rows).
+Index types: `flat` (exact inner product; auto below 200k images), `ivf` (IVFFlat; auto below
+5M) and `ivfpq` (IVF with product quantisation). Embeddings are kept so updates and
+re-indexing never re-embed.
+
+A build embeds in chunks saved to INDEX_DIR.partial/ (`--resume` skips finished chunks), stages
+the new folder there and swaps it onto INDEX_DIR in one rename: a kill at any moment leaves the
+previous index intact. `update` re-embeds only images whose path or content changed.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import errno
+import hashlib
+import io
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from cir.atomic import sha256_file
+from cir.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint, model_hash, read_manifest, versions
+from cir.data.triplets import normalize_path, read_gallery
+from cir.errors import UserError
+from cir.evaluate import autocast
+
+FORMAT = "context-cir-index/1"
+TYPES = ("auto", "flat", "ivf", "ivfpq")
+FLAT_MAX = 200_000  # auto: exact search below this many images
+IVF_MAX = 5_000_000  # auto: IVFFlat below this many, IVF-PQ above
+PQ_NBITS = 8
+MANIFEST, EMBEDDINGS, FAISS_FILE = "manifest.json", "embeddings.npy", "index.faiss"
+GPU_SCORE_BLOCK = 1 << 28  # max query x gallery scores materialised at once on the GPU
+
+
+# ---------------------------------------------------------------------------------------- faiss indexes
+def resolve_params(n: int, dim: int, index_type: str = "auto", nlist: int | None = None, pq_m: int | None = None,
+                   train_sample: int | None = None, nprobe: int | None = None) -> dict:
+    """Concrete index parameters for `n` vectors of `dim`: {"type", "nlist", "pq_m", "nbits",
+    "train_sample", "nprobe"} (None where the type has no such parameter). Defaults:
+    nlist = 4 sqrt(n) (at most n/39, faiss' minimum training points per list), pq_m = dim/8 (bytes
+    per code), train_sample = min(n, 64 nlist), nprobe = max(16, nlist/32)."""
+    if index_type not in TYPES:
+        raise UserError(f"unknown index type {index_type!r}; choose from {', '.join(TYPES)}")
+    if index_type == "auto":
+        index_type = "flat" if n < FLAT_MAX else "ivf" if n < IVF_MAX else "ivfpq"
+    params = {"type": index_type, "nlist": None, "pq_m": None, "nbits": None, "train_sample": None, "nprobe": None}
+    if index_type == "flat":
+        return params
+    nlist = nlist or max(1, min(round(4 * math.sqrt(n)), n // 39))
+    train = min(n, train_sample or 64 * nlist)
+    if nlist < 1 or train < nlist:
+        raise UserError(f"{index_type} with nlist={nlist} needs at least {nlist} training vectors, "
+                        f"got {train} (of {n} images); lower --nlist or use --type flat")
+    params.update(nlist=nlist, train_sample=train, nprobe=min(nlist, nprobe or max(16, nlist // 32)))
+    if index_type == "ivfpq":
+        pq_m = pq_m or max(1, dim // 8)
+        if dim % pq_m:
+            raise UserError(f"--pq-m {pq_m} must divide the embedding dim {dim}")
+        if train < 2 ** PQ_NBITS:
+            raise UserError(f"ivfpq needs at least {2 ** PQ_NBITS} training vectors, got {train}; use --type ivf or flat")
+        params.update(pq_m=pq_m, nbits=PQ_NBITS)
+    return params
+
+
+def make_faiss_index(embeddings: np.ndarray, params: dict, seed: int = 0) -> faiss.Index:
+    """A trained faiss inner-product index holding embeddings [N, E] float32 (id = row)."""
+    n, dim = embeddings.shape
+    if params["type"] == "flat":
+        index = faiss.IndexFlatIP(dim)
+    else:
+        quantizer = faiss.IndexFlatIP(dim)
+        if params["type"] == "ivf":
+            index = faiss.IndexIVFFlat(quantizer, dim, params["nlist"], faiss.METRIC_INNER_PRODUCT)
+        else:
+            index = faiss.IndexIVFPQ(quantizer, dim, params["nlist"], params["pq_m"], params["nbits"],
+                                     faiss.METRIC_INNER_PRODUCT)
+        index.own_fields = True
+        quantizer.this.disown()
+        rows = np.sort(np.random.default_rng(seed).choice(n, params["train_sample"], replace=False))
+        index.train(np.ascontiguousarray(embeddings[rows]))
+    index.add(np.ascontiguousarray(embeddings))
+    return index
+
+
+# ---------------------------------------------------------------------------------------- search
+class GalleryIndex:
+    """A gallery index loaded for search: `.paths` [N] (absolute, normalised), `.search(q, k)`.
+
+    On CPU it searches the faiss index; on CUDA the gallery lives on the GPU as an fp16 matrix
+    [N, E] and search is one matmul + topk (always exact; the faiss index is not loaded)."""
+
+    def __init__(self, manifest: dict, embeddings: np.ndarray, index: faiss.Index | None, device="cpu",
+                 directory: Path | None = None):
+        self.manifest, self.directory = manifest, directory
+        self.paths = [im["path"] for im in manifest["images"]]
+        self.device = torch.device(device)
+        self.nprobe = manifest["index"]["params"]["nprobe"]
+        self._embeddings, self._index, self._gpu = embeddings, index, None
+        if self.device.type == "cuda":
+            self._gpu = torch.from_numpy(np.ascontiguousarray(embeddings)).to(self.device, torch.float16)
+            self._index = None
+
+    @property
+    def embeddings(self) -> np.ndarray:
+        """The stored gallery embeddings [N, E] float32 (memory-mapped when loaded from disk)."""
+        return self._embeddings
+
+    @property
+    def dim(self) -> int:
+        return self.manifest["embedding"]["dim"]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @staticmethod
+    def load(index_dir: str | os.PathLike, checkpoint_path: str | os.PathLike | None = None,
+             device: str | torch.device = "cpu") -> "GalleryIndex":
+        """Open INDEX_DIR. With `checkpoint_path`, its sha256 must be the one the index was built with."""
+        index_dir = Path(index_dir)
+        manifest = read_index_manifest(index_dir)
+        if checkpoint_path is not None:
+            check_checkpoint(manifest, checkpoint_path, index_dir)
+        emb = np.load(index_dir / EMBEDDINGS, mmap_mode="r")
+        if emb.shape != (manifest["count"], manifest["embedding"]["dim"]):
+            raise UserError(f"{index_dir}: {EMBEDDINGS} has shape {emb.shape}, the manifest says "
+                            f"({manifest['count']}, {manifest['embedding']['dim']}); rebuild the index")
+        index = faiss.read_index(str(index_dir / FAISS_FILE)) if torch.device(device).type != "cuda" else None
+        return GalleryIndex(manifest, emb, index, device, index_dir)
+
+    @staticmethod
+    def build(out: str | os.PathLike, gallery: str | os.PathLike | list[str], checkpoint=None, device="cpu",
+              **options) -> "GalleryIndex":
+        """`build_index(out, gallery, checkpoint, **options)`, then load the result on `device`."""
+        build_index(out, gallery, checkpoint, device=device, **options)
+        return GalleryIndex.load(out, device=device)
+
+    @staticmethod
+    def from_embeddings(embeddings: np.ndarray, paths: list[str] | None = None, index_type: str = "auto",
+                        nlist: int | None = None, pq_m: int | None = None, train_sample: int | None = None,
+                        nprobe: int | None = None, device="cpu") -> "GalleryIndex":
+        """An in-memory index over embeddings [N, E] (rows L2-normalised by the caller); paths default to "0".."N-1"."""
+        emb = np.ascontiguousarray(embeddings, dtype=np.float32)
+        params = resolve_params(len(emb), emb.shape[1], index_type, nlist, pq_m, train_sample, nprobe)
+        manifest = {"images": [{"path": p} for p in (paths or map(str, range(len(emb))))], "count": len(emb),
+                    "embedding": {"dim": emb.shape[1], "normalization": "l2"},
+                    "index": {"requested": index_type, "params": params}}
+        index = make_faiss_index(emb, params) if torch.device(device).type != "cuda" else None
+        return GalleryIndex(manifest, emb, index, device)
+
+    def search(self, queries: np.ndarray | torch.Tensor, k: int = 10, nprobe: int | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """queries [Q, E] (L2-normalised) -> (scores [Q, k] float32, ids [Q, k] int64 into `.paths`),
+        best first by inner product. k is capped at N; IVF search with a small nprobe may find
+        fewer than k and pads with id -1. `nprobe` (IVF lists visited) defaults to `.nprobe`."""
+        if isinstance(queries, torch.Tensor):
+            queries = queries.detach().float().cpu().numpy() if self._gpu is None else queries
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise ValueError(f"queries must be [Q, {self.dim}], got {list(queries.shape)}")
+        k = min(k, len(self))
+        if self._gpu is not None:
+            return self._search_gpu(torch.as_tensor(queries), k)
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        if isinstance(self._index, faiss.IndexIVF):
+            scores, ids = self._index.search(q, k, params=faiss.SearchParametersIVF(nprobe=nprobe or self.nprobe))
+        else:
+            scores, ids = self._index.search(q, k)
+        return scores.astype(np.float32, copy=False), ids.astype(np.int64, copy=False)
+
+    @torch.no_grad()
+    def _search_gpu(self, queries: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+        q = queries.to(self._gpu.device, torch.float16)
+        step = max(1, GPU_SCORE_BLOCK // max(1, len(self)))
+        out = [(self._gpu.new_empty(0, k), torch.empty(0, k, dtype=torch.long, device=q.device))]
+        for i in range(0, len(q), step):
+            out.append((q[i:i + step] @ self._gpu.T).topk(k, dim=1))
+        return (torch.cat([s for s, _ in out]).float().cpu().numpy(),
+                torch.cat([i for _, i in out]).cpu().numpy().astype(np.int64))
+
+
+def read_index_manifest(index_dir: Path) -> dict:
+    path = index_dir / MANIFEST
+    if not path.is_file():
+        raise UserError(f"no gallery index at {index_dir} (build one with: python -m cir.index build ...)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not a valid index manifest ({e})") from None
+    if manifest.get("format") != FORMAT:
+        raise UserError(f"{index_dir}: unsupported index format {manifest.get('format')!r} (expected {FORMAT})")
+    return manifest
+
+
+def check_checkpoint(manifest: dict, checkpoint_path, index_dir: Path) -> str:
+    """The sha256 of `checkpoint_path`; a UserError naming both hashes unless it built the index."""
+    if not Path(checkpoint_path).is_file():
+        raise UserError(f"checkpoint not found: {checkpoint_path}")
+    have, want = model_hash(checkpoint_path), manifest["checkpoint"]["sha256"]
+    if have != want:
+        raise UserError(f"checkpoint {checkpoint_path} (sha256 {have}) is not the one index {index_dir} was built "
+                        f"with (sha256 {want}); rebuild the index with: python -m cir.index build")
+    return have
+
+
+# ---------------------------------------------------------------------------------------- embedding
+class _HashedImages(Dataset):
+    """Item i -> (image [3, S, S] or None, sha256 of the file's bytes, problem or None)."""
+
+    def __init__(self, paths: list[str], preprocess):
+        self.paths, self.preprocess = paths, preprocess
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        path = self.paths[i]
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+            with Image.open(io.BytesIO(data)) as im:
+                image = self.preprocess(im.convert("RGB"))
+        except FileNotFoundError:
+            return None, None, f"gallery image not found: {path}"
+        except Exception as e:  # PIL raises many types for bad files
+            return None, None, f"gallery image cannot be decoded: {path} ({type(e).__name__}: {e})"
+        return image, hashlib.sha256(data).hexdigest(), None
+
+
+def _collate(items):
+    problems = [p for _, _, p in items if p]
+    if problems:
+        return None, None, problems
+    return torch.stack([im for im, _, _ in items]), [h for _, h, _ in items], None
+
+
+def _write_npz(path: Path, **arrays) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def embed_images(model, preprocess, paths: list[str], work: Path, key: str, chunk_size: int = 4096,
+                 batch_size: int = 128, workers: int = 0, device="cpu", progress: bool = True
+                 ) -> tuple[np.ndarray, list[str], int]:
+    """f(image, "") for every path, chunk by chunk into `work`/chunk-NNNNNN.npz (embeddings [n, E],
+    the paths and sha256 they cover); chunks already there under the same `key` are reused.
+
+    Returns (embeddings [N, E] float32 L2-normalised, sha256 per path, images taken from old chunks).
+    Batches never straddle chunks, so a resumed build gives the same vectors as an uninterrupted one."""
+    work.mkdir(parents=True, exist_ok=True)
+    plan = {"key": key, "count": len(paths), "chunk_size": chunk_size}
+    plan_file = work / "plan.json"
+    if plan_file.is_file() and json.loads(plan_file.read_text()) != plan:
+        raise UserError(f"--resume: the interrupted build in {work} was for another checkpoint, gallery or "
+                        "--chunk-size; run without --resume to start over")
+    plan_file.write_text(json.dumps(plan))
+    spans = [(s, min(s + chunk_size, len(paths))) for s in range(0, len(paths), chunk_size)]
+    done: dict[int, tuple[np.ndarray, list[str]]] = {}
+    for c, (s, e) in enumerate(spans):
+        f = work / f"chunk-{c:06d}.npz"
+        if f.is_file():
+            with np.load(f) as z:
+                if z["paths"].tolist() == paths[s:e]:
+                    done[c] = (z["embeddings"], z["sha256"].tolist())
+    resumed = sum(len(h) for _, h in done.values())
+    todo = [c for c in range(len(spans)) if c not in done]
+    batches = [list(range(b, min(b + batch_size, spans[c][1]))) for c in todo for b in range(spans[c][0], spans[c][1], batch_size)]
+    dev = torch.device(device)
+    loader = DataLoader(_HashedImages(paths, preprocess), batch_sampler=batches, num_workers=workers,
+                        pin_memory=dev.type == "cuda", collate_fn=_collate)
+    bar = tqdm(total=len(paths), initial=resumed, desc="embedding", unit="img", disable=not progress, smoothing=0.1)
+    rows, hashes, todo_iter = [], [], iter(todo)
+    c = next(todo_iter, None)
+    for images, batch_hashes, problems in loader:
+        if problems:
+            raise UserError(problems[0] + (f" (and {len(problems) - 1} more in this batch)" if len(problems) > 1 else ""))
+        with autocast(dev):
+            emb = model.encode_gallery(images.to(dev, non_blocking=True))
+        rows.append(F.normalize(emb.float(), dim=-1).cpu().numpy())
+        hashes += batch_hashes
+        bar.update(len(images))
+        if len(hashes) == spans[c][1] - spans[c][0]:
+            done[c] = (np.concatenate(rows), hashes)
+            _write_npz(work / f"chunk-{c:06d}.npz", embeddings=done[c][0], paths=np.array(paths[slice(*spans[c])]),
+                       sha256=np.array(hashes))
+            rows, hashes, c = [], [], next(todo_iter, None)
+    bar.close()
+    dim = model.config.embed_dim
+    emb = np.concatenate([done[c][0] for c in range(len(spans))]) if spans else np.zeros((0, dim), np.float32)
+    return emb, [h for c in range(len(spans)) for h in done[c][1]], resumed
+
+
+def hash_files(paths: list[str], workers: int = 4, progress: bool = True) -> list[str | None]:
+    """sha256 of each file's content (None for a missing file), read in parallel."""
+    def one(p):
+        try:
+            return sha256_file(p)
+        except FileNotFoundError:
+            return None
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        return list(tqdm(pool.map(one, paths), total=len(paths), desc="hashing", unit="img", disable=not progress))
+
+
+# ---------------------------------------------------------------------------------------- writing
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if fn is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Put folder `src` at `dst`. An existing `dst` is swapped out atomically (it ends up at `src`
+    for the caller to delete); where the OS cannot swap, two renames leave it at `src`.old."""
+    if not dst.exists():
+        os.rename(src, dst)
+    elif not _exchange(src, dst):
+        os.rename(dst, src.with_name(src.name + ".old"))
+        os.rename(src, dst)
+    _fsync_dir(dst.parent)
+
+
+def _check_out(out: Path) -> None:
+    """Refuse to replace anything but an index or an empty folder."""
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / MANIFEST).is_file())):
+        raise UserError(f"refusing to replace {out}: it exists and is not a gallery index")
+    if (out / MANIFEST).is_file():
+        read_index_manifest(out)
+
+
+def _write_index(out: Path, work: Path, manifest: dict, embeddings: np.ndarray, index: faiss.Index) -> None:
+    """Stage the index folder in `work`/staged, swap it onto `out`, then remove `work`."""
+    staged = work / "staged"
+    shutil.rmtree(staged, ignore_errors=True)
+    staged.mkdir()
+    with open(staged / EMBEDDINGS, "wb") as f:
+        np.save(f, embeddings)
+        f.flush()
+        os.fsync(f.fileno())
+    faiss.write_index(index, str(staged / FAISS_FILE))
+    with open(staged / FAISS_FILE, "rb") as f:
+        os.fsync(f.fileno())
+    with open(staged / MANIFEST, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=1, ensure_ascii=False)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(staged)
+    replace_dir(staged, out)
+    shutil.rmtree(work)
+
+
+def _versions() -> dict:
+    return versions() | {"faiss": faiss.__version__, "numpy": np.__version__}
+
+
+def _work_dir(out: Path, resume: bool, progress: bool) -> Path:
+    work = out.with_name(out.name + ".partial")
+    if work.exists() and not resume:
+        if progress:
+            print(f"discarding the interrupted build in {work} (pass --resume to continue it)", file=sys.stderr)
+        shutil.rmtree(work)
+    elif resume and not work.exists() and progress:
+        print(f"nothing to resume in {work}; starting a fresh build", file=sys.stderr)
+    return work
+
+
+def _gallery_paths(gallery) -> list[str]:
+    paths = read_gallery(gallery) if isinstance(gallery, (str, os.PathLike)) else list(dict.fromkeys(map(normalize_path, gallery)))
+    if not paths:
+        raise UserError(f"the gallery {gallery} holds no images")
+    return paths
+
+
+def _plan_key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
+def build_index(out: str | os.PathLike, gallery: str | os.PathLike | list[str], checkpoint=None,
+                index_type: str = "auto", nlist: int | None = None, pq_m: int | None = None,
+                train_sample: int | None = None, nprobe: int | None = None, batch_size: int = 128,
+                workers: int = 0, chunk_size: int = 4096, device="cpu", resume: bool = False,
+                progress: bool = False) -> dict:
+    """Embed every image of `gallery` (a folder, a list file, or a list of paths) with `checkpoint`
+    (default: cir.checkpoint.DEFAULT_CHECKPOINT) and write the index folder `out` atomically.
+
+    Returns {"images", "embedded", "resumed", "type", "seconds"}."""
+    t0 = time.time()
+    out, checkpoint = Path(out), Path(checkpoint or DEFAULT_CHECKPOINT)
+    _check_out(out)
+    paths = _gallery_paths(gallery)
+    config = read_manifest(checkpoint)["config"]
+    params = resolve_params(len(paths), config["embed_dim"], index_type, nlist, pq_m, train_sample, nprobe)
+    model, preprocess, _ = load_checkpoint(checkpoint, device)
+    sha = model_hash(checkpoint)
+    work = _work_dir(out, resume, progress)
+    emb, hashes, resumed = embed_images(model, preprocess, paths, work, _plan_key(sha, paths), chunk_size,
+                                        batch_size, workers, device, progress)
+    requested = {"type": index_type, "nlist": nlist, "pq_m": pq_m, "train_sample": train_sample, "nprobe": nprobe}
+    manifest = {"format": FORMAT, "checkpoint": {"path": str(checkpoint.resolve()), "sha256": sha},
+                "config": config,
+                "embedding": {"dim": emb.shape[1], "normalization": "l2", "dtype": "float32", "file": EMBEDDINGS},
+                "index": {"requested": requested, "params": params, "metric": "inner_product", "file": FAISS_FILE},
+                "count": len(paths), "gallery": str(gallery) if isinstance(gallery, (str, os.PathLike)) else None,
+                "images": [{"path": p, "sha256": h} for p, h in zip(paths, hashes)],
+                "versions": _versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    _write_index(out, work, manifest, emb, make_faiss_index(emb, params))
+    return {"images": len(paths), "embedded": len(paths) - resumed, "resumed": resumed, "type": params["type"],
+            "seconds": time.time() - t0}
+
+
+def update_index(index_dir: str | os.PathLike, gallery: str | os.PathLike | list[str], checkpoint=None,
+                 retrain: bool = False, batch_size: int = 128, workers: int = 0, chunk_size: int = 4096,
+                 device="cpu", resume: bool = False, progress: bool = False) -> dict:
+    """Make the index at `index_dir` cover `gallery`: images whose path and content sha256 are
+    unchanged keep their vectors, new or changed ones are embedded, missing ones dropped. The
+    trained IVF/PQ structures are reused unless `retrain` or the automatic type changes.
+
+    `checkpoint` defaults to the one recorded in the index and must match its sha256.
+    Returns {"images", "kept", "embedded", "removed", "resumed", "type", "seconds"}."""
+    t0 = time.time()
+    index_dir = Path(index_dir)
+    manifest = read_index_manifest(index_dir)
+    checkpoint = Path(checkpoint or manifest["checkpoint"]["path"])
+    if not checkpoint.is_file():
+        raise UserError(f"the index's checkpoint {checkpoint} is gone; pass --checkpoint (same sha256 "
+                        f"{manifest['checkpoint']['sha256']})")
+    sha = check_checkpoint(manifest, checkpoint, index_dir)
+    paths = _gallery_paths(gallery)
+    old_rows = {im["path"]: (i, im["sha256"]) for i, im in enumerate(manifest["images"])}
+    current = hash_files(paths, max(workers, 4), progress)
+    keep = {p: old_rows[p][0] for p, h in zip(paths, current) if p in old_rows and old_rows[p][1] == h}
+    new = [p for p in paths if p not in keep]
+    old_emb = np.load(index_dir / EMBEDDINGS, mmap_mode="r")
+    work = _work_dir(index_dir, resume, progress)
+    if new:
+        model, preprocess, _ = load_checkpoint(checkpoint, device)
+        new_emb, new_hashes, resumed = embed_images(model, preprocess, new, work, _plan_key(sha, new), chunk_size,
+                                                    batch_size, workers, device, progress)
+    else:
+        new_emb, new_hashes, resumed = np.zeros((0, old_emb.shape[1]), np.float32), [], 0
+        work.mkdir(exist_ok=True)
+    emb = np.empty((len(paths), old_emb.shape[1]), np.float32)
+    kept_rows = [i for i, p in enumerate(paths) if p in keep]
+    emb[kept_rows] = old_emb[[keep[paths[i]] for i in kept_rows]]
+    emb[[i for i, p in enumerate(paths) if p not in keep]] = new_emb  # `new` is in gallery order
+    fresh = iter(new_hashes)
+    hashes = [old_rows[p][1] if p in keep else next(fresh) for p in paths]
+    req = manifest["index"]["requested"]
+    params = resolve_params(len(paths), emb.shape[1], req["type"], req["nlist"], req["pq_m"], req["train_sample"], req["nprobe"])
+    if retrain or params["type"] != manifest["index"]["params"]["type"]:
+        index = make_faiss_index(emb, params)
+    else:
+        params = manifest["index"]["params"]
+        index = faiss.read_index(str(index_dir / FAISS_FILE))
+        index.reset()
+        index.add(emb)
+    manifest = dict(manifest, count=len(paths), images=[{"path": p, "sha256": h} for p, h in zip(paths, hashes)],
+                    gallery=str(gallery) if isinstance(gallery, (str, os.PathLike)) else None,
+                    versions=_versions(), updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    manifest["index"] = dict(manifest["index"], params=params)
+    removed = len(set(old_rows) - set(paths))
+    _write_index(index_dir, work, manifest, emb, index)
+    return {"images": len(paths), "kept": len(keep), "embedded": len(new) - resumed, "removed": removed,
+            "resumed": resumed, "type": params["type"], "seconds": time.time() - t0}
+
+
+# ---------------------------------------------------------------------------------------- command line
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _add_embedding_flags(p: argparse.ArgumentParser) -> None:
+    cuda = torch.cuda.is_available()
+    p.add_argument("--batch-size", type=_positive, default=128, help="images per forward pass (default 128)")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1) if cuda else 0,
+                   help="DataLoader processes decoding images (default: min(8, CPUs) on CUDA, 0 on CPU)")
+    p.add_argument("--chunk-size", type=_positive, default=4096,
+                   help="images per saved chunk in INDEX_DIR.partial/ (the unit --resume skips; default 4096)")
+    p.add_argument("--device", default="cuda" if cuda else "cpu",
+                   help="torch device for embedding; bf16 autocast on CUDA (default: cuda if available)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from its finished chunks instead of starting over")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m cir.index", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="embed a gallery and write a new index folder")
+    b.add_argument("--checkpoint", default=None, help="model checkpoint (.safetensors); default: the shipped one in assets/")
+    b.add_argument("--gallery", required=True, help="gallery: a folder of images or a text file of paths")
+    b.add_argument("--out", required=True, help="index folder to write (an existing index there is replaced atomically)")
+    b.add_argument("--type", choices=TYPES, default="auto",
+                   help=f"faiss index: flat (exact), ivf (IVFFlat), ivfpq (IVF-PQ); auto: flat below {FLAT_MAX:,} "
+                        f"images, ivf below {IVF_MAX:,}, else ivfpq")
+    b.add_argument("--nlist", type=_positive, default=None, help="IVF lists (default 4*sqrt(N), at most N/39)")
+    b.add_argument("--pq-m", type=_positive, default=None,
+                   help="IVF-PQ sub-quantisers = bytes per vector code; must divide the embedding dim (default dim/8)")
+    b.add_argument("--train-sample", type=_positive, default=None,
+                   help="vectors sampled to train IVF/PQ (default min(N, 64*nlist))")
+    b.add_argument("--nprobe", type=_positive, default=None,
+                   help="default IVF lists visited per query, stored in the index; GalleryIndex.nprobe changes it "
+                        "at search time (default max(16, nlist/32))")
+    _add_embedding_flags(b)
+    u = sub.add_parser("update", help="bring an index up to date with a changed gallery (embeds only new images)")
+    u.add_argument("--index", required=True, help="index folder written by `build`")
+    u.add_argument("--gallery", required=True, help="the gallery now: a folder of images or a text file of paths")
+    u.add_argument("--checkpoint", default=None,
+                   help="the index's checkpoint, if it moved (its sha256 must match; default: the recorded path)")
+    u.add_argument("--retrain", action="store_true", help="re-train IVF/PQ on the updated gallery instead of reusing it")
+    _add_embedding_flags(u)
+    a = p.parse_args(argv)
+    common = dict(batch_size=a.batch_size, workers=a.workers, chunk_size=a.chunk_size, device=a.device,
+                  resume=a.resume, progress=True)
+    if a.workers < 0:
+        raise UserError(f"--workers must be 0 or more, got {a.workers}")
+    if a.cmd == "build":
+        r = build_index(a.out, a.gallery, a.checkpoint, a.type, a.nlist, a.pq_m, a.train_sample, a.nprobe, **common)
+        print(f"wrote {a.out}: {r['images']} images ({r['embedded']} embedded, {r['resumed']} resumed), "
+              f"{r['type']} index, {r['seconds']:.1f} s")
+    else:
+        r = update_index(a.index, a.gallery, a.checkpoint, a.retrain, **common)
+        print(f"updated {a.index}: {r['images']} images ({r['kept']} kept, {r['embedded']} embedded, "
+              f"{r['resumed']} resumed, {r['removed']} removed), {r['type']} index, {r['seconds']:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    from cir.cli import run_cli
+    run_cli(main)

@@ -1,0 +1,212 @@
+"""ConText-CIR: CLIP encoders (built through open_clip) + cross-attention fusion + PMA pooling.
+
+    model, preprocess = build_model("context-cir-shapes-small")      # a config in cir/configs/
+    q = model.encode_query(images, ["make the red circle blue"])     # [B, E], L2-normalised
+    g = model.encode_gallery(images)                                 # f(image, ""), [B, E]
+    maps = model.phrase_attention(image, caption, [(5, 19)])         # in-context vs isolated maps
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cir.errors import UserError
+from cir.fusion import PMA, Fusion, FusionOutput
+from cir.tokenizer import CaptionTokenizer
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+open_clip.add_model_config(CONFIG_DIR / "clip")
+EOT_ID = 49407
+
+
+@dataclass
+class ModelConfig:
+    clip_model: str  # an open_clip model name (built in, or one of cir/configs/clip/*.json)
+    pretrained: str | None = None  # open_clip pretrained tag or a local weights file; None = random init
+    context_length: int = 77
+    fusion_width: int = 512
+    fusion_layers: int = 4
+    fusion_heads: int = 8
+    mlp_ratio: float = 4.0
+    pool_seeds: int = 1
+    embed_dim: int = 512
+    init_temperature: float = 0.07
+
+    @staticmethod
+    def load(name_or_path: str) -> "ModelConfig":
+        """A config by name (cir/configs/<name>.json) or from a JSON file path."""
+        path = Path(name_or_path)
+        if not path.is_file():
+            path = CONFIG_DIR / f"{name_or_path}.json"
+        if not path.is_file():
+            names = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+            raise UserError(f"unknown model config {name_or_path!r}; known: {', '.join(names)} (or a .json path)")
+        return ModelConfig.from_dict(json.loads(path.read_text()))
+
+    @staticmethod
+    def from_dict(d: dict) -> "ModelConfig":
+        known = {f.name for f in fields(ModelConfig)}
+        unknown = set(d) - known
+        if unknown:
+            raise UserError(f"unknown model config keys: {sorted(unknown)}")
+        return ModelConfig(**d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class PhraseMaps:
+    """Cross-attention of one noun phrase over the image patches, [L, H, g, g] (layers, heads, grid)."""
+
+    text: str
+    start: int
+    end: int
+    token_positions: list[int]
+    in_context: torch.Tensor
+    isolated: torch.Tensor
+
+
+class ConTextCIR(nn.Module):
+    def __init__(self, config: ModelConfig, clip: nn.Module):
+        super().__init__()
+        self.config = config
+        self.clip = clip
+        clip.visual.output_tokens = True
+        d = config.fusion_width
+        self.tokenizer = CaptionTokenizer(config.context_length)
+        vis_width = clip.visual.transformer.width
+        self.grid = clip.visual.grid_size[0]
+        self.patch_proj = nn.Linear(vis_width, d)
+        self.cls_proj = nn.Linear(clip.visual.output_dim, d)
+        self.text_proj = nn.Linear(self._text_width(), d)
+        self.fusion = Fusion(d, config.fusion_layers, config.fusion_heads, config.mlp_ratio)
+        self.pool = PMA(d, config.fusion_heads, config.pool_seeds, config.mlp_ratio)
+        self.head = nn.Linear(d * config.pool_seeds, config.embed_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(1.0 / config.init_temperature).log())
+        self.register_buffer("empty_tokens", self.tokenizer([""])[:, :2], persistent=False)
+
+    # ------------------------------------------------------------------ encoders
+    def _text_width(self) -> int:
+        return self.clip.text.transformer.width if hasattr(self.clip, "text") else self.clip.transformer.width
+
+    def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, 3, S, S] (preprocessed) -> [B, 1 + P, D]: projected CLS, then patches row-major."""
+        pooled, patches = self.clip.visual(images)
+        return torch.cat([self.cls_proj(pooled)[:, None], self.patch_proj(patches)], 1)
+
+    def text_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens [B, C] (CLIP BPE ids) -> (states [B, T, D], padding mask [B, T] True = padding).
+
+        Sequences are cut after the longest EOT in the batch; the causal text encoder makes this exact."""
+        eot = (tokens == EOT_ID).int().argmax(1)
+        T = int(eot.max()) + 1
+        tokens = tokens[:, :T]
+        if hasattr(self.clip, "text"):  # open_clip CustomTextCLIP
+            self.clip.text.output_tokens = True
+            _, x = self.clip.text(tokens)
+        else:
+            clip = self.clip
+            cast = clip.transformer.get_cast_dtype()
+            x = clip.token_embedding(tokens).to(cast) + clip.positional_embedding[:T].to(cast)
+            x = clip.ln_final(clip.transformer(x, attn_mask=clip.attn_mask[:T, :T]))
+        pad = torch.arange(T, device=tokens.device)[None] > eot[:, None]
+        return self.text_proj(x), pad
+
+    def empty_text(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        states, pad = self.text_tokens(self.empty_tokens)
+        return states.expand(batch, -1, -1), pad.expand(batch, -1)
+
+    # ------------------------------------------------------------------ fusion and pooling
+    def fuse(self, image_tok: torch.Tensor, text: tuple[torch.Tensor, torch.Tensor]) -> FusionOutput:
+        states, pad = text
+        return self.fusion(states, image_tok, pad, n_prefix=1)
+
+    def embed(self, fused: FusionOutput) -> torch.Tensor:
+        """Pool the fused image tokens into the retrieval space: [B, E], L2-normalised."""
+        return F.normalize(self.head(self.pool(fused.image)), dim=-1)
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, FusionOutput]:
+        fused = self.fuse(self.image_tokens(images), self.text_tokens(tokens))
+        return self.embed(fused), fused
+
+    # ------------------------------------------------------------------ inference API
+    @torch.no_grad()
+    def encode_query(self, images: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        """f(image, text): images [B, 3, S, S] preprocessed, len(texts) == B -> [B, E]."""
+        return self(images, self.tokenizer(texts).to(images.device))[0]
+
+    @torch.no_grad()
+    def encode_gallery(self, images: torch.Tensor) -> torch.Tensor:
+        """f(image, ""): images [B, 3, S, S] -> [B, E]."""
+        return self.embed(self.fuse(self.image_tokens(images), self.empty_text(images.shape[0])))
+
+    @torch.no_grad()
+    def phrase_attention(self, image: torch.Tensor, text: str, spans: list[tuple[int, int]]) -> list[PhraseMaps]:
+        """Maps of each character span of `text` over `image` [3, S, S]: in context and isolated.
+
+        A span whose tokens were cut by the context length gets NaN maps."""
+        dev = image.device
+        img = self.image_tokens(image[None])
+        fused = self.fuse(img, self.text_tokens(self.tokenizer([text]).to(dev)))
+        positions = [self.tokenizer.span_to_token_positions(text, s, e) for s, e in spans]
+        ctx = span_maps(fused.attention, torch.zeros(len(spans), dtype=torch.long, device=dev), positions)
+        phrase_texts = [text[s:e] for s, e in spans]
+        iso = isolated_maps(self, img, torch.zeros(len(spans), dtype=torch.long, device=dev), phrase_texts)
+        g = self.grid
+        return [PhraseMaps(t, s, e, pos, c.reshape(*c.shape[:2], g, g).float().cpu(), i.reshape(*i.shape[:2], g, g).float().cpu())
+                for t, (s, e), pos, c, i in zip(phrase_texts, spans, positions, ctx, iso)]
+
+
+def span_maps(attention: torch.Tensor, rows: torch.Tensor, positions: list[list[int]]) -> torch.Tensor:
+    """Average the attention of each span's tokens.
+
+    attention [B, L, H, T, P]; rows [N] (which batch item each span belongs to); positions: N lists
+    of token positions -> [N, L, H, P]. An empty position list gives NaN."""
+    N, T = len(positions), attention.shape[3]
+    w = torch.zeros(N, T, dtype=attention.dtype, device=attention.device)
+    for n, pos in enumerate(positions):
+        pos = [p for p in pos if p < T]
+        if pos:
+            w[n, pos] = 1.0 / len(pos)
+        else:
+            w[n] = float("nan")
+    return torch.einsum("nt,nlhtp->nlhp", w, attention[rows])
+
+
+def isolated_maps(model: ConTextCIR, image_tok: torch.Tensor, rows: torch.Tensor, phrases: list[str]) -> torch.Tensor:
+    """Maps of each phrase encoded alone, f(image, phrase), over image_tok[rows]: [N, L, H, P]."""
+    tokens = model.tokenizer(phrases).to(image_tok.device)
+    eot = (tokens == EOT_ID).int().argmax(1).tolist()
+    fused = model.fuse(image_tok[rows], model.text_tokens(tokens))
+    return span_maps(fused.attention, torch.arange(len(phrases), device=image_tok.device),
+                     [list(range(1, e)) for e in eot])
+
+
+def build_model(config: ModelConfig | str, device: str | torch.device = "cpu"):
+    """Build ConTextCIR and its image preprocessing from a config (name, path or ModelConfig).
+
+    The CLIP towers come from `open_clip.create_model_and_transforms(clip_model, pretrained=...)`
+    where `pretrained` is an open_clip tag or a local weights file."""
+    if not isinstance(config, ModelConfig):
+        config = ModelConfig.load(config)
+    if config.clip_model not in open_clip.list_models():
+        raise UserError(f"unknown open_clip model {config.clip_model!r}")
+    # device "meta" builds the architecture without allocating weights (checks of large configs)
+    with torch.device("meta") if str(device) == "meta" else contextlib.nullcontext():
+        try:
+            clip, _, preprocess = open_clip.create_model_and_transforms(config.clip_model, pretrained=config.pretrained,
+                                                                        device=device)
+        except RuntimeError as e:
+            raise UserError(f"cannot build CLIP model {config.clip_model!r} with pretrained={config.pretrained!r}: {e}") from None
+        tower_ctx = getattr(clip, "context_length", config.context_length)
+        if tower_ctx < config.context_length:
+            raise UserError(f"context_length {config.context_length} exceeds the text tower's {tower_ctx}")
+        return ConTextCIR(config, clip).to(device), preprocess

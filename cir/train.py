@@ -1,0 +1,311 @@
+"""Train ConText-CIR: contrastive loss (query image as an extra negative) + lambda * CC loss.
+
+    python -m cir.train --config context-cir-shapes-small --data DATA_DIR --out runs/NAME
+
+DATA_DIR holds train.jsonl, and val.jsonl + gallery_val.txt for periodic validation (as written by
+`python -m cir.data.shapes`); or give --train/--val/--val-gallery. Noun phrases come from each
+triplet's `noun_phrases` field, else from the parser (cached next to the data). Checkpoints:
+RUN_DIR/last.safetensors (+ .json) with optimizer and RNG state; `--resume` continues from it and
+reproduces the loss curve of an uninterrupted run. Multi-GPU: `torchrun --nproc_per_node N -m cir.train ...`.
+
+Defaults differ from the paper's (lr 2e-5 .. 2e-7 for fine-tuning pretrained CLIP): the shipped
+model is trained from scratch, which needs a larger peak lr (3e-4 here, down to 3e-6).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from cir.checkpoint import load_checkpoint, save_checkpoint
+from cir.data.loader import TripletDataset, collate_triplets
+from cir.data.triplets import read_gallery, read_triplets
+from cir.errors import UserError
+from cir.evaluate import evaluate
+from cir.losses import concept_consistency_loss, contrastive_loss, reduce_maps
+from cir.model import ModelConfig, build_model, isolated_maps, span_maps
+
+MAX_PHRASES = 10
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m cir.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="context-cir-shapes-small", help="model config name (cir/configs/) or JSON path")
+    p.add_argument("--pretrained", default=None, help="override the config's open_clip pretrained tag or weights file")
+    p.add_argument("--data", default=None, help="folder with train.jsonl, val.jsonl, gallery_val.txt")
+    p.add_argument("--train", default=None, help="training triplets JSONL (default DATA/train.jsonl)")
+    p.add_argument("--val", default=None, help="validation triplets JSONL (default DATA/val.jsonl if present)")
+    p.add_argument("--val-gallery", default=None, help="validation gallery (default DATA/gallery_val.txt)")
+    p.add_argument("--out", required=True, help="run folder for checkpoints and logs")
+    p.add_argument("--steps", type=int, default=3000, help="total optimizer steps (default 3000)")
+    p.add_argument("--batch-size", type=int, default=64, help="triplets per step, over all processes (default 64)")
+    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate after warm-up (default 3e-4)")
+    p.add_argument("--min-lr", type=float, default=3e-6, help="learning rate at the end of the cosine (default 3e-6)")
+    p.add_argument("--warmup", type=int, default=200, help="linear warm-up steps (default 200)")
+    p.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay (default 1e-2)")
+    p.add_argument("--clip-grad", type=float, default=1.0, help="gradient-norm clipping, 0 = off (default 1.0)")
+    p.add_argument("--lambda-cc", type=float, default=0.08, help="weight of the CC loss; 0 disables it (default 0.08)")
+    p.add_argument("--eps", type=float, default=0.005, help="CC slack per patch on |A_ctx - A_iso| (default 0.005)")
+    p.add_argument("--cc-maps", choices=["mean", "last"], default="mean",
+                   help="CC maps averaged over all fusion layers, or the last layer only (heads averaged)")
+    p.add_argument("--no-query-negative", action="store_true", help="ablation: drop the query image as an extra negative")
+    p.add_argument("--freeze-text", action="store_true", help="ablation: freeze the CLIP text encoder")
+    p.add_argument("--freeze-image", action="store_true", help="ablation: freeze the CLIP image encoder")
+    p.add_argument("--leaf-nps-only", action="store_true", help="ablation: CC loss on leaf noun phrases only")
+    p.add_argument("--np-backend", choices=["gold", "spacy", "stanza"], default="gold",
+                   help="noun phrases: the triplets' own field when present (gold), or always a parser")
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
+                   help="autocast dtype for forward passes (bf16 halves the step time on this CPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA only)")
+    p.add_argument("--val-every", type=int, default=500, help="validate every N steps (default 500; 0 = never)")
+    p.add_argument("--val-limit", type=int, default=500, help="validation queries used (default 500)")
+    p.add_argument("--save-every", type=int, default=100, help="write last.safetensors every N steps (default 100)")
+    p.add_argument("--workers", type=int, default=1, help="data-loading processes (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (model init and data order)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="stop (after saving) once this step is reached, keeping the schedule of --steps")
+    return p.parse_args(argv)
+
+
+def lr_at(step: int, a) -> float:
+    """Linear warm-up to --lr, then cosine annealing to --min-lr at --steps."""
+    if step < a.warmup:
+        return a.lr * (step + 1) / a.warmup
+    t = min(1.0, (step - a.warmup) / max(1, a.steps - a.warmup))
+    return a.min_lr + 0.5 * (a.lr - a.min_lr) * (1 + math.cos(math.pi * t))
+
+
+def leaf_only(phrases: list[dict]) -> list[dict]:
+    """Drop phrases that contain another phrase (keep the leaves)."""
+    return [p for p in phrases if not any(q is not p and p["start"] <= q["start"] and q["end"] <= p["end"]
+                                          and (q["start"], q["end"]) != (p["start"], p["end"]) for q in phrases)]
+
+
+def training_phrases(triplets, data_file: Path, a) -> list[list[dict]]:
+    if a.np_backend == "gold" and all(t.noun_phrases is not None for t in triplets):
+        phrases = [t.noun_phrases for t in triplets]
+        phrases = [leaf_only(p) if a.leaf_nps_only else p for p in phrases]
+    else:
+        from cir.phrases import noun_phrases_for  # loads a parser: only when spans must be extracted
+
+        backend = "spacy" if a.np_backend == "gold" else a.np_backend
+        cache = data_file.with_name(data_file.stem + f".nps-{backend}{'-leaf' if a.leaf_nps_only else ''}.json")
+        phrases = noun_phrases_for([t.caption for t in triplets], cache, backend, MAX_PHRASES, a.leaf_nps_only)
+    return [p[:MAX_PHRASES] for p in phrases]
+
+
+def file_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def setup_distributed(device_arg):
+    """(rank, world, device) — torchrun sets LOCAL_RANK; gloo on CPU, nccl on CUDA."""
+    if "LOCAL_RANK" not in os.environ:
+        dev = torch.device(device_arg or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return 0, 1, dev
+    local = int(os.environ["LOCAL_RANK"])
+    cuda = torch.cuda.is_available() and (device_arg is None or device_arg.startswith("cuda"))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        torch.cuda.set_device(local)
+    return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local}" if cuda else "cpu")
+
+
+def gather(x: torch.Tensor) -> torch.Tensor:
+    """All-gather with gradient (identity when not distributed)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return x
+    import torch.distributed.nn.functional as dnn
+    return torch.cat(dnn.all_gather(x))
+
+
+def train_step(model, batch, a, device, autocast) -> tuple[torch.Tensor, dict]:
+    """Forward both losses for one batch. Returns (total loss, {"loss", "contrastive", "cc"})."""
+    core = model.module if hasattr(model, "module") else model
+    ref = batch["reference"].to(device, non_blocking=True)
+    tgt = batch["target"].to(device, non_blocking=True)
+    B = ref.shape[0]
+    with autocast():
+        img = core.image_tokens(torch.cat([ref, tgt]))
+        img_ref = img[:B]
+        fused_q = core.fuse(img_ref, core.text_tokens(batch["tokens"].to(device)))
+        query = core.embed(fused_q)
+        fused_g = core.fuse(img, core.empty_text(2 * B))
+        gal = core.embed(fused_g)
+        reference, target = gal[:B], gal[B:]
+        cont = contrastive_loss(gather(query), gather(target), None if a.no_query_negative else gather(reference),
+                                core.logit_scale)
+        cc = torch.zeros((), device=device)
+        if a.lambda_cc > 0 and len(batch["phrase_texts"]):
+            rows = batch["phrase_rows"].to(device)
+            ctx = reduce_maps(span_maps(fused_q.attention, rows, batch["phrase_positions"]), layers=a.cc_maps)
+            with torch.no_grad():
+                iso = reduce_maps(isolated_maps(core, img_ref.detach(), rows, batch["phrase_texts"]), layers=a.cc_maps)
+            cc = concept_consistency_loss(ctx.float(), iso.float(), a.eps)
+        loss = cont + a.lambda_cc * cc
+    return loss, {"loss": loss.item(), "contrastive": cont.item(), "cc": cc.item()}
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    rank, world, device = setup_distributed(a.device)
+    out = Path(a.out)
+    data = Path(a.data) if a.data else None
+    train_file = Path(a.train) if a.train else (data / "train.jsonl" if data else None)
+    if train_file is None:
+        raise UserError("give --data DIR or --train FILE")
+    val_file = Path(a.val) if a.val else (data / "val.jsonl" if data and (data / "val.jsonl").exists() else None)
+    val_gallery = a.val_gallery or (str(data / "gallery_val.txt") if data and val_file else None)
+    if a.batch_size % world:
+        raise UserError(f"--batch-size {a.batch_size} is not divisible by the {world} processes")
+    last = out / "last.safetensors"
+    if a.resume and not last.is_file():
+        raise UserError(f"--resume: no checkpoint at {last}")
+
+    random.seed(a.seed)
+    np.random.seed(a.seed)
+    torch.manual_seed(a.seed)
+    if a.resume:
+        model, preprocess, manifest, tensors = load_checkpoint(last, device, with_training_state=True)
+        start, log_metrics = manifest["step"], manifest.get("metrics", {})
+    else:
+        config = ModelConfig.load(a.config)
+        if a.pretrained is not None:
+            config.pretrained = a.pretrained
+        model, preprocess = build_model(config, device)
+        start, log_metrics, tensors = 0, {}, None
+    model.train()
+    if a.freeze_text:
+        for n, prm in model.clip.named_parameters():
+            if not n.startswith("visual."):
+                prm.requires_grad_(False)
+    if a.freeze_image:
+        model.clip.visual.requires_grad_(False)
+
+    triplets, problems = read_triplets(train_file, check_images=False)
+    phrases = training_phrases(triplets, train_file, a)
+    token_ids = set()
+    for t, ps in zip(triplets, phrases):
+        token_ids.update(model.tokenizer.encode_with_offsets(t.caption)[0])
+        for p in ps:
+            token_ids.update(model.tokenizer.encode_with_offsets(p["text"])[0])
+    token_ids.update(model.tokenizer([""])[0, :2].tolist())
+    val = read_triplets(val_file)[0][:a.val_limit] if val_file and a.val_every else None
+    val_gal = read_gallery(val_gallery) if val else None
+
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2 and "token_embedding" not in n]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and (p.ndim < 2 or "token_embedding" in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=a.lr, betas=(0.9, 0.98), eps=1e-6)
+    if tensors is not None:
+        restore_optimizer(opt, tensors, manifest)
+        torch.set_rng_state(tensors["rng.torch"])
+    train_model = model
+    if world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if a.compile and device.type == "cuda":
+        train_model = torch.compile(train_model)
+    use_bf16 = a.precision == "bf16"
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+    dataset = TripletDataset(triplets, phrases, preprocess, model.tokenizer)
+    per_rank = a.batch_size // world
+    steps_per_epoch = len(dataset) // a.batch_size
+    if steps_per_epoch == 0:
+        raise UserError(f"{len(dataset)} training triplets are fewer than one batch of {a.batch_size}")
+    manifest_base = {"config": model.config.to_dict(),
+                     "tokenizer": {"type": "clip-bpe", "context_length": model.config.context_length},
+                     "data": {"train": str(train_file), "sha256": file_hash(train_file), "triplets": len(triplets)},
+                     "phrases": {"source": a.np_backend, "leaf_only": a.leaf_nps_only, "max": MAX_PHRASES},
+                     "args": {k: v for k, v in vars(a).items() if k not in ("resume", "stop_after")},
+                     "token_ids_seen": sorted(token_ids)}
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "log.jsonl"
+    if rank == 0 and not a.resume and log_path.exists():
+        log_path.unlink()
+    if rank == 0:
+        truncate_log(log_path, start)
+    stop = min(a.steps, a.stop_after or a.steps)
+    bar = tqdm(total=stop, initial=start, desc="train", unit="step", disable=rank != 0)
+    step = start
+    while step < stop:
+        epoch, offset = divmod(step, steps_per_epoch)
+        g = torch.Generator().manual_seed(a.seed * 100003 + epoch)
+        order = torch.randperm(len(dataset), generator=g)[: steps_per_epoch * a.batch_size]
+        order = order.view(steps_per_epoch, a.batch_size)[offset:, rank * per_rank:(rank + 1) * per_rank].flatten().tolist()
+        loader = DataLoader(torch.utils.data.Subset(dataset, order), batch_size=per_rank, shuffle=False,
+                            num_workers=a.workers, collate_fn=collate_triplets, pin_memory=device.type == "cuda",
+                            persistent_workers=False)
+        for batch in loader:
+            t0 = time.perf_counter()
+            lr = lr_at(step, a)
+            for grp in opt.param_groups:
+                grp["lr"] = lr
+            loss, parts = train_step(train_model, batch, a, device, autocast)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), a.clip_grad if a.clip_grad > 0 else float("inf"))
+            opt.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, math.log(100))
+            step += 1
+            if rank == 0:
+                rec = {"step": step, "lr": lr, **parts, "grad_norm": float(gnorm), "sec": time.perf_counter() - t0}
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                bar.set_postfix(loss=f"{parts['loss']:.3f}", cont=f"{parts['contrastive']:.3f}", cc=f"{parts['cc']:.3f}",
+                                lr=f"{lr:.1e}")
+                bar.update()
+                if val and a.val_every and (step % a.val_every == 0 or step == a.steps):
+                    res = evaluate(model, preprocess, val, val_gal, device, with_grounding=False)
+                    model.train()
+                    log_metrics = {"step": step, "val_recall": res["recall"]}
+                    bar.write(f"step {step}: val R@1 {res['recall']['1']:.2f}  R@5 {res['recall']['5']:.2f}  R@10 {res['recall']['10']:.2f}")
+                    with open(out / "val.jsonl", "a") as f:
+                        f.write(json.dumps(log_metrics) + "\n")
+                if step % a.save_every == 0 or step == stop:
+                    save_checkpoint(last, model, dict(manifest_base, step=step, metrics=log_metrics), optimizer=opt)
+            if step >= stop:
+                break
+    bar.close()
+    if rank == 0:
+        print(f"done at step {step}; checkpoint {last}")
+    if world > 1:
+        dist.destroy_process_group()
+    return 0
+
+
+def restore_optimizer(opt: torch.optim.Optimizer, tensors: dict, manifest: dict) -> None:
+    state: dict = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = value
+    opt.load_state_dict({"state": state, "param_groups": manifest["optimizer_param_groups"]})
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Keep only log lines up to `step` (a resumed run rewrites what came after its checkpoint)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+if __name__ == "__main__":
+    from cir.cli import run_cli
+    run_cli(main)

@@ -1,0 +1,34 @@
+"""Shared fixtures: small CIR-Shapes datasets and a tiny random checkpoint, built once per session."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cir.checkpoint import save_checkpoint
+from cir.data.shapes import generate
+from cir.model import ModelConfig, build_model
+
+
+@pytest.fixture(scope="session")
+def shapes_data(tmp_path_factory):
+    """A rendered CIR-Shapes dataset: 48 train, 12 val, 16 test triplets."""
+    out = tmp_path_factory.mktemp("shapes")
+    generate(out, {"train": 48, "val": 12, "test": 16}, seed=1, workers=1, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A randomly initialised tiny model saved as a checkpoint."""
+    torch.manual_seed(0)
+    model, _ = build_model("context-cir-tiny")
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    save_checkpoint(path, model, {"config": model.config.to_dict(), "step": 0})
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    torch.manual_seed(0)
+    model, preprocess = build_model(ModelConfig.load("context-cir-tiny"))
+    return model.eval(), preprocess

@@ -1,0 +1,201 @@
+"""The gallery index on a small CIR-Shapes gallery embedded by a tiny random model: exact search
+equals brute force, IVF recall, checkpoint mismatch, incremental update, kill-safe resumable build."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cir.checkpoint import load_checkpoint, save_checkpoint
+from cir.data.loader import load_rgb
+from cir.data.shapes import generate
+from cir.data.triplets import read_gallery, read_triplets
+from cir.errors import UserError
+from cir.index import GalleryIndex, build_index, main, resolve_params, update_index
+from cir.model import ModelConfig, build_model
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = dict(chunk_size=8, batch_size=8, workers=0)  # several chunks; batches never straddle them
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    """(dataset folder, tiny checkpoint path, full index folder) shared by the tests below."""
+    root = tmp_path_factory.mktemp("index")
+    generate(root / "shapes", {"test": 8}, seed=3, workers=1, progress=False)
+    config = ModelConfig.from_dict(dict(json.loads((ROOT / "cir/configs/context-cir-shapes-small.json").read_text()),
+                                        fusion_layers=1))
+    torch.manual_seed(0)
+    model, _ = build_model(config)
+    ckpt = root / "tiny.safetensors"
+    save_checkpoint(ckpt, model, {"config": config.to_dict(), "step": 0})
+    full = root / "full"
+    build_index(full, root / "shapes" / "gallery_test.txt", ckpt, **SMALL)
+    return root / "shapes", ckpt, full
+
+
+def _rows(index: GalleryIndex) -> dict[str, np.ndarray]:
+    return dict(zip(index.paths, np.asarray(index.embeddings)))
+
+
+def assert_matches_brute_force(scores, ids, queries, gallery, k=10, tie=1e-5):
+    """Same scores rank by rank as numpy's ranking, and the same ids wherever no near-tie could swap them."""
+    exact = queries.astype(np.float64) @ gallery.astype(np.float64).T
+    order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
+    top = np.take_along_axis(exact, order, 1)
+    np.testing.assert_allclose(np.take_along_axis(exact, ids, 1), top, atol=1e-6)
+    np.testing.assert_allclose(scores, top, atol=1e-5)
+    gaps = np.abs(np.diff(np.sort(exact, axis=1)[:, ::-1][:, :k + 1], axis=1))
+    clear = (gaps[:, :k] > tie) & np.concatenate([np.ones((len(ids), 1), bool), gaps[:, :k - 1] > tie], axis=1)
+    assert clear.mean() > 0.5
+    assert (ids[clear] == order[clear]).all()
+
+
+def test_build_and_exact_search_match_brute_force(shapes):
+    data, ckpt, full = shapes
+    index = GalleryIndex.load(full, checkpoint_path=ckpt)
+    manifest = index.manifest
+    assert index.paths == read_gallery(data / "gallery_test.txt") and len(index) == 34
+    assert manifest["index"]["params"]["type"] == "flat" and manifest["embedding"]["normalization"] == "l2"
+    assert manifest["checkpoint"]["sha256"] and manifest["config"]["fusion_layers"] == 1
+    assert all(len(im["sha256"]) == 64 for im in manifest["images"])
+    emb = np.asarray(index.embeddings)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+    assert not (full.parent / "full.partial").exists()
+
+    model, preprocess, _ = load_checkpoint(ckpt)
+    triplets, _ = read_triplets(data / "test.jsonl")
+    queries = model.encode_query(torch.stack([preprocess(load_rgb(t.reference)) for t in triplets]),
+                                 [t.caption for t in triplets])
+    scores, ids = index.search(queries, k=10)
+    assert scores.dtype == np.float32 and ids.dtype == np.int64 and ids.shape == (8, 10)
+    assert_matches_brute_force(scores, ids, queries.numpy(), emb)
+    # a gallery image finds itself first, and the same search runs from the in-memory form
+    self_scores, self_ids = GalleryIndex.from_embeddings(emb, index.paths, "flat").search(emb[:5], k=50)
+    assert (self_ids[:, 0] == np.arange(5)).all() and self_ids.shape == (5, 34)
+
+
+def _clustered(n, queries, dim, clusters, seed=0, noise=0.5):
+    """n gallery and `queries` query vectors [., dim], L2-normalised, around the same random centers."""
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((clusters, dim), dtype=np.float32)
+    x = centers[rng.integers(clusters, size=n + queries)] + noise * rng.standard_normal((n + queries, dim), dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x[:n], x[n:]
+
+
+def test_ivf_recall_on_clustered_vectors():
+    data, queries = _clustered(20000, 100, 64, 100)
+    exact = GalleryIndex.from_embeddings(data, index_type="flat").search(queries, 10)[1]
+    ivf = GalleryIndex.from_embeddings(data, index_type="ivf", nlist=64, nprobe=8)
+    recall = lambda ids: np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, exact)])
+    assert recall(ivf.search(queries, 10)[1]) > 0.9
+    assert recall(ivf.search(queries, 10, nprobe=64)[1]) == 1.0  # every list visited: exact
+    pq = GalleryIndex.from_embeddings(data, index_type="ivfpq", nlist=64, pq_m=16, nprobe=16)
+    assert recall(pq.search(queries, 10)[1]) > 0.3
+    assert resolve_params(150_000, 256)["type"] == "flat" and resolve_params(300_000, 256)["type"] == "ivf"
+    assert resolve_params(6_000_000, 256)["type"] == "ivfpq"
+    with pytest.raises(UserError, match="must divide"):
+        resolve_params(20000, 64, "ivfpq", pq_m=7)
+
+
+def test_checkpoint_mismatch_names_both_hashes(shapes, tmp_path):
+    _, ckpt, full = shapes
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(ckpt.read_bytes() + b" ")
+    from cir.checkpoint import model_hash
+    with pytest.raises(UserError) as e:
+        GalleryIndex.load(full, checkpoint_path=other)
+    assert model_hash(ckpt) in str(e.value) and model_hash(other) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_update_adds_removes_and_reembeds_changed(shapes, tmp_path):
+    data, ckpt, full = shapes
+    ref = _rows(GalleryIndex.load(full))
+    paths = list(ref)
+    index_dir = tmp_path / "idx"
+    shutil.copytree(full, index_dir)
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    shutil.copy(paths[0], a)
+    shutil.copy(paths[1], b)
+    gallery = tmp_path / "gallery.txt"
+    gallery.write_text("\n".join(paths[3:] + [str(a), str(b)]) + "\n")
+    r = update_index(index_dir, gallery, **SMALL)
+    assert (r["kept"], r["embedded"], r["removed"]) == (31, 2, 3)
+    got = _rows(GalleryIndex.load(index_dir, ckpt))
+    assert list(got) == paths[3:] + [str(a), str(b)]
+    assert all(np.array_equal(got[p], ref[p]) for p in paths[3:])  # unchanged images keep their vectors
+    np.testing.assert_allclose(got[str(a)], ref[paths[0]], atol=1e-5)
+    np.testing.assert_allclose(got[str(b)], ref[paths[1]], atol=1e-5)
+
+    shutil.copy(paths[2], a)  # a's content changes: only a is embedded again
+    r = update_index(index_dir, gallery, **SMALL)
+    assert (r["kept"], r["embedded"], r["removed"]) == (32, 1, 0)
+    again = _rows(GalleryIndex.load(index_dir))
+    np.testing.assert_allclose(again[str(a)], ref[paths[2]], atol=1e-5)
+    assert np.array_equal(again[str(b)], got[str(b)])
+    scores, ids = GalleryIndex.load(index_dir).search(again[str(a)][None], 1)
+    assert ids[0, 0] == list(again).index(str(a))
+
+
+def test_killed_build_keeps_previous_index_and_resumes(shapes, tmp_path):
+    data, ckpt, full = shapes
+    out, partial = tmp_path / "idx", tmp_path / "idx.partial"
+    first = tmp_path / "first.txt"
+    first.write_text("\n".join(read_gallery(data / "gallery_test.txt")[:4]) + "\n")
+    build_index(out, first, ckpt, **SMALL)
+    before = {f: (out / f).read_bytes() for f in os.listdir(out)}
+
+    cmd = [sys.executable, "-m", "cir.index", "build", "--checkpoint", str(ckpt), "--gallery",
+           str(data / "gallery_test.txt"), "--out", str(out), "--chunk-size", "8", "--batch-size", "8", "--workers", "0"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not (partial / "chunk-000000.npz").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the build finished before it could be killed"
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before  # the previous index, untouched
+
+    r = build_index(out, data / "gallery_test.txt", ckpt, resume=True, **SMALL)
+    assert r["resumed"] >= 8 and r["resumed"] + r["embedded"] == 34
+    assert not partial.exists()
+    resumed, reference = GalleryIndex.load(out), GalleryIndex.load(full)
+    assert resumed.paths == reference.paths
+    assert np.array_equal(resumed.embeddings, reference.embeddings)  # bit-identical to an uninterrupted build
+    assert [im["sha256"] for im in resumed.manifest["images"]] == [im["sha256"] for im in reference.manifest["images"]]
+
+
+def test_user_mistakes_are_one_line_errors(shapes, tmp_path):
+    data, ckpt, full = shapes
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("mine")
+    mistakes = [
+        (["build", "--checkpoint", str(ckpt), "--gallery", str(tmp_path / "nope"), "--out", str(tmp_path / "i")], "gallery not found"),
+        (["build", "--checkpoint", str(ckpt), "--gallery", str(data / "gallery_test.txt"), "--out", str(tmp_path / "notes")], "refusing"),
+        (["build", "--checkpoint", str(ckpt), "--gallery", str(data / "gallery_test.txt"), "--out", str(tmp_path / "i"),
+          "--type", "ivfpq"], "ivfpq needs"),
+        (["update", "--index", str(tmp_path / "none"), "--gallery", str(data / "gallery_test.txt")], "no gallery index"),
+    ]
+    for argv, message in mistakes:
+        with pytest.raises(UserError, match=message) as e:
+            main(argv)
+        assert "\n" not in str(e.value)
+    assert (tmp_path / "notes" / "keep.txt").read_text() == "mine"
+    bad = tmp_path / "bad.txt"
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    bad.write_text(f"{broken}\n")
+    with pytest.raises(UserError, match="cannot be decoded"):
+        build_index(tmp_path / "j", bad, ckpt, **SMALL)
+    for cmd in ("build", "update"):
+        with pytest.raises(SystemExit) as e:
+            main([cmd, "--help"])
+        assert e.value.code == 0

@@ -1,0 +1,119 @@
+"""The model: identity fusion at init, attention maps, exact text trimming, phrase maps, the
+open_clip factory for named models and local weight files, and checkpoints."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cir.checkpoint import load_checkpoint, read_manifest, save_checkpoint
+from cir.errors import UserError
+from cir.model import ModelConfig, build_model
+
+CAPTION = "remove the blue star and make the red circle green"
+
+
+def test_fusion_is_identity_at_init(tiny_model):
+    model, _ = tiny_model
+    x = torch.randn(3, 3, 63, 63)
+    q = model.encode_query(x, [CAPTION, "", "add a small green square at the top left"])
+    assert torch.allclose(q, model.encode_gallery(x), atol=1e-6)
+    assert torch.allclose(q.norm(dim=-1), torch.ones(3))
+
+
+def test_attention_maps_are_distributions_over_patches(tiny_model):
+    model, _ = tiny_model
+    emb, fused = model(torch.randn(2, 3, 63, 63), model.tokenizer([CAPTION, "make it red"]))
+    B, L, H, T, P = fused.attention.shape
+    assert (B, L, H, P) == (2, model.config.fusion_layers, model.config.fusion_heads, model.grid ** 2) and model.grid == 9
+    assert torch.allclose(fused.attention.sum(-1), torch.ones(B, L, H, T), atol=1e-5)
+
+
+def test_text_trimming_is_exact(tiny_model):
+    model, _ = tiny_model
+    short, long = "make it red", CAPTION + " and move the black square to the top left"
+    alone, pad_alone = model.text_tokens(model.tokenizer([short]))
+    both, pad_both = model.text_tokens(model.tokenizer([short, long]))
+    n = alone.shape[1]
+    assert n == 5 and both.shape[1] > n  # SOT make it red EOT
+    assert torch.allclose(alone[0], both[0, :n], atol=1e-5)
+    assert pad_both[0, n:].all() and not pad_both[0, :n].any() and not pad_alone.any()
+
+
+def test_phrase_attention_in_context_and_isolated(tiny_model):
+    model, _ = tiny_model
+    image = torch.randn(3, 63, 63)
+    spans = [(7, 20), (30, 44)]
+    maps = model.phrase_attention(image, CAPTION, spans)
+    assert [m.text for m in maps] == ["the blue star", "the red circle"]
+    _, fused = model(image[None], model.tokenizer([CAPTION]))
+    for m in maps:
+        assert m.in_context.shape == (model.config.fusion_layers, model.config.fusion_heads, 9, 9)
+        expect = fused.attention[0, :, :, m.token_positions].mean(2).reshape(m.in_context.shape)
+        assert torch.allclose(m.in_context, expect, atol=1e-6)
+        _, alone = model(image[None], model.tokenizer([m.text]))
+        n = len(model.tokenizer.encode_with_offsets(m.text)[0])
+        assert torch.allclose(m.isolated, alone.attention[0, :, :, 1:n + 1].mean(2).reshape(m.isolated.shape), atol=1e-6)
+    assert not torch.allclose(maps[0].in_context, maps[0].isolated)
+
+
+def test_named_models_build_through_open_clip():
+    cfg = ModelConfig.load("context-vit-b-32")
+    assert cfg.pretrained == "openai"
+    model, preprocess = build_model(ModelConfig.from_dict(dict(cfg.to_dict(), pretrained=None)))
+    assert model.grid == 7 and sum(p.numel() for p in model.clip.parameters()) > 150e6
+    q = model.encode_query(torch.randn(1, 3, 224, 224), ["a red car"])
+    assert q.shape == (1, 512)
+    for name, grid, dim in (("context-vit-l-14", 16, 768), ("context-vit-h-14", 16, 1024)):
+        cfg = ModelConfig.from_dict(dict(ModelConfig.load(name).to_dict(), pretrained=None))
+        model, _ = build_model(cfg, device="meta")
+        assert model.grid == grid and model.head.out_features == dim
+
+
+def test_local_weights_file_as_pretrained(tmp_path, tiny_model):
+    model, _ = tiny_model
+    weights = tmp_path / "clip.pt"
+    torch.save(model.clip.state_dict(), weights)
+    cfg = ModelConfig.from_dict(dict(model.config.to_dict(), pretrained=str(weights)))
+    torch.manual_seed(123)
+    other, _ = build_model(cfg)
+    for (n, a), (_, b) in zip(model.clip.state_dict().items(), other.clip.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+def test_config_errors():
+    with pytest.raises(UserError, match="unknown model config"):
+        ModelConfig.load("no-such-config")
+    with pytest.raises(UserError, match="unknown open_clip model"):
+        build_model(ModelConfig(clip_model="ViT-Q-99"))
+    with pytest.raises(UserError, match="unknown model config keys"):
+        ModelConfig.from_dict({"clip_model": "cir-tiny", "colour": 1})
+
+
+def test_checkpoint_roundtrip_export_and_errors(tmp_path, tiny_model):
+    model, _ = tiny_model
+    x = torch.randn(2, 3, 63, 63)
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(path, model, {"config": model.config.to_dict(), "step": 7})
+    loaded, _, manifest = load_checkpoint(path)
+    assert manifest["step"] == 7 and read_manifest(path)["config"] == model.config.to_dict()
+    assert (tmp_path / "m.json").is_file()
+    assert torch.equal(loaded.encode_query(x, [CAPTION] * 2), model.encode_query(x, [CAPTION] * 2))
+    # export: fp16, only the token rows the caption uses
+    ids = model.tokenizer([CAPTION])[0]
+    rows = sorted(set(ids.tolist()))
+    small = tmp_path / "small.safetensors"
+    save_checkpoint(small, model, {"config": model.config.to_dict()}, half=True, token_rows=rows)
+    assert small.stat().st_size < path.stat().st_size / 3
+    exported, _, _ = load_checkpoint(small)
+    assert torch.allclose(exported.encode_query(x, [CAPTION] * 2), model.encode_query(x, [CAPTION] * 2), atol=2e-2)
+    emb = exported.clip.token_embedding.weight
+    assert emb[rows].abs().sum() > 0 and emb[1000].abs().sum() == 0  # unseen rows load as zero
+    # truncated file and wrong architecture are explained
+    (tmp_path / "cut.safetensors").write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(UserError, match="truncated or corrupt|not a complete safetensors"):
+        load_checkpoint(tmp_path / "cut.safetensors")
+    other, _ = build_model(ModelConfig.from_dict(dict(model.config.to_dict(), fusion_layers=1)))
+    wrong = tmp_path / "wrong.safetensors"
+    save_checkpoint(wrong, other, {"config": model.config.to_dict()})
+    with pytest.raises(UserError, match="does not fit the architecture.*unexpected|does not fit the architecture.*missing"):
+        load_checkpoint(wrong)
