@@ -39,7 +39,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from cir.atomic import sha256_file
+from cir.atomic import sha256_file, write_json
 from cir.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint, model_hash, read_manifest, versions
 from cir.data.triplets import normalize_path, read_gallery
 from cir.errors import UserError
@@ -60,7 +60,7 @@ def resolve_params(n: int, dim: int, index_type: str = "auto", nlist: int | None
     """Concrete index parameters for `n` vectors of `dim`: {"type", "nlist", "pq_m", "nbits",
     "train_sample", "nprobe"} (None where the type has no such parameter). Defaults:
     nlist = 4 sqrt(n) (at most n/39, faiss' minimum training points per list), pq_m = dim/8 (bytes
-    per code), train_sample = min(n, 64 nlist), nprobe = max(16, nlist/32)."""
+    per code), train_sample = min(n, 64 nlist, for ivfpq at least 39 * 256), nprobe = max(16, nlist/32)."""
     if index_type not in TYPES:
         raise UserError(f"unknown index type {index_type!r}; choose from {', '.join(TYPES)}")
     if index_type == "auto":
@@ -69,7 +69,7 @@ def resolve_params(n: int, dim: int, index_type: str = "auto", nlist: int | None
     if index_type == "flat":
         return params
     nlist = nlist or max(1, min(round(4 * math.sqrt(n)), n // 39))
-    train = min(n, train_sample or 64 * nlist)
+    train = min(n, train_sample or max(64 * nlist, 39 * 2 ** PQ_NBITS if index_type == "ivfpq" else 0))
     if nlist < 1 or train < nlist:
         raise UserError(f"{index_type} with nlist={nlist} needs at least {nlist} training vectors, "
                         f"got {train} (of {n} images); lower --nlist or use --type flat")
@@ -111,9 +111,8 @@ class GalleryIndex:
     On CPU it searches the faiss index; on CUDA the gallery lives on the GPU as an fp16 matrix
     [N, E] and search is one matmul + topk (always exact; the faiss index is not loaded)."""
 
-    def __init__(self, manifest: dict, embeddings: np.ndarray, index: faiss.Index | None, device="cpu",
-                 directory: Path | None = None):
-        self.manifest, self.directory = manifest, directory
+    def __init__(self, manifest: dict, embeddings: np.ndarray, index: faiss.Index | None, device="cpu"):
+        self.manifest = manifest
         self.paths = [im["path"] for im in manifest["images"]]
         self.device = torch.device(device)
         self.nprobe = manifest["index"]["params"]["nprobe"]
@@ -126,6 +125,11 @@ class GalleryIndex:
     def embeddings(self) -> np.ndarray:
         """The stored gallery embeddings [N, E] float32 (memory-mapped when loaded from disk)."""
         return self._embeddings
+
+    @property
+    def faiss_index(self) -> faiss.Index | None:
+        """The faiss index searched on CPU (None on CUDA)."""
+        return self._index
 
     @property
     def dim(self) -> int:
@@ -147,7 +151,7 @@ class GalleryIndex:
             raise UserError(f"{index_dir}: {EMBEDDINGS} has shape {emb.shape}, the manifest says "
                             f"({manifest['count']}, {manifest['embedding']['dim']}); rebuild the index")
         index = faiss.read_index(str(index_dir / FAISS_FILE)) if torch.device(device).type != "cuda" else None
-        return GalleryIndex(manifest, emb, index, device, index_dir)
+        return GalleryIndex(manifest, emb, index, device)
 
     @staticmethod
     def build(out: str | os.PathLike, gallery: str | os.PathLike | list[str], checkpoint=None, device="cpu",
@@ -165,7 +169,7 @@ class GalleryIndex:
         params = resolve_params(len(emb), emb.shape[1], index_type, nlist, pq_m, train_sample, nprobe)
         manifest = {"images": [{"path": p} for p in (paths or map(str, range(len(emb))))], "count": len(emb),
                     "embedding": {"dim": emb.shape[1], "normalization": "l2"},
-                    "index": {"requested": index_type, "params": params}}
+                    "index": {"requested": {"type": index_type}, "params": params}}
         index = make_faiss_index(emb, params) if torch.device(device).type != "cuda" else None
         return GalleryIndex(manifest, emb, index, device)
 
@@ -182,10 +186,17 @@ class GalleryIndex:
         if self._gpu is not None:
             return self._search_gpu(torch.as_tensor(queries), k)
         q = np.ascontiguousarray(queries, dtype=np.float32)
-        if isinstance(self._index, faiss.IndexIVF):
-            scores, ids = self._index.search(q, k, params=faiss.SearchParametersIVF(nprobe=nprobe or self.nprobe))
-        else:
-            scores, ids = self._index.search(q, k)
+        threads = faiss.omp_get_max_threads()
+        # faiss spreads few queries over threads one query each: more threads than queries only add
+        # an OpenMP barrier, which costs a whole scheduler slice on a busy machine
+        faiss.omp_set_num_threads(max(1, min(threads, len(q))))
+        try:
+            if isinstance(self._index, faiss.IndexIVF):
+                scores, ids = self._index.search(q, k, params=faiss.SearchParametersIVF(nprobe=nprobe or self.nprobe))
+            else:
+                scores, ids = self._index.search(q, k)
+        finally:
+            faiss.omp_set_num_threads(threads)
         return scores.astype(np.float32, copy=False), ids.astype(np.int64, copy=False)
 
     @torch.no_grad()
@@ -278,7 +289,7 @@ def embed_images(model, preprocess, paths: list[str], work: Path, key: str, chun
     if plan_file.is_file() and json.loads(plan_file.read_text()) != plan:
         raise UserError(f"--resume: the interrupted build in {work} was for another checkpoint, gallery or "
                         "--chunk-size; run without --resume to start over")
-    plan_file.write_text(json.dumps(plan))
+    write_json(plan_file, plan)
     spans = [(s, min(s + chunk_size, len(paths))) for s in range(0, len(paths), chunk_size)]
     done: dict[int, tuple[np.ndarray, list[str]]] = {}
     for c, (s, e) in enumerate(spans):
@@ -289,41 +300,35 @@ def embed_images(model, preprocess, paths: list[str], work: Path, key: str, chun
                     done[c] = (z["embeddings"], z["sha256"].tolist())
     resumed = sum(len(h) for _, h in done.values())
     todo = [c for c in range(len(spans)) if c not in done]
-    batches = [list(range(b, min(b + batch_size, spans[c][1]))) for c in todo for b in range(spans[c][0], spans[c][1], batch_size)]
+    batches = [list(range(b, min(b + batch_size, spans[c][1])))
+               for c in todo for b in range(spans[c][0], spans[c][1], batch_size)]
     dev = torch.device(device)
     loader = DataLoader(_HashedImages(paths, preprocess), batch_sampler=batches, num_workers=workers,
                         pin_memory=dev.type == "cuda", collate_fn=_collate)
-    bar = tqdm(total=len(paths), initial=resumed, desc="embedding", unit="img", disable=not progress, smoothing=0.1)
     rows, hashes, todo_iter = [], [], iter(todo)
     c = next(todo_iter, None)
-    for images, batch_hashes, problems in loader:
-        if problems:
-            raise UserError(problems[0] + (f" (and {len(problems) - 1} more in this batch)" if len(problems) > 1 else ""))
-        with autocast(dev):
-            emb = model.encode_gallery(images.to(dev, non_blocking=True))
-        rows.append(F.normalize(emb.float(), dim=-1).cpu().numpy())
-        hashes += batch_hashes
-        bar.update(len(images))
-        if len(hashes) == spans[c][1] - spans[c][0]:
-            done[c] = (np.concatenate(rows), hashes)
-            _write_npz(work / f"chunk-{c:06d}.npz", embeddings=done[c][0], paths=np.array(paths[slice(*spans[c])]),
-                       sha256=np.array(hashes))
-            rows, hashes, c = [], [], next(todo_iter, None)
-    bar.close()
-    dim = model.config.embed_dim
-    emb = np.concatenate([done[c][0] for c in range(len(spans))]) if spans else np.zeros((0, dim), np.float32)
+    with tqdm(total=len(paths), initial=resumed, desc="embedding", unit="img", disable=not progress) as bar:
+        for images, batch_hashes, problems in loader:
+            if problems:
+                raise UserError(problems[0] + (f" (and {len(problems) - 1} more in this batch)" if len(problems) > 1 else ""))
+            with autocast(dev):
+                emb = model.encode_gallery(images.to(dev, non_blocking=True))
+            rows.append(F.normalize(emb.float(), dim=-1).cpu().numpy())
+            hashes += batch_hashes
+            bar.update(len(images))
+            if len(hashes) == spans[c][1] - spans[c][0]:
+                done[c] = (np.concatenate(rows), hashes)
+                _write_npz(work / f"chunk-{c:06d}.npz", embeddings=done[c][0], paths=np.array(paths[slice(*spans[c])]),
+                           sha256=np.array(hashes))
+                rows, hashes, c = [], [], next(todo_iter, None)
+    emb = np.concatenate([done[c][0] for c in range(len(spans))])
     return emb, [h for c in range(len(spans)) for h in done[c][1]], resumed
 
 
-def hash_files(paths: list[str], workers: int = 4, progress: bool = True) -> list[str | None]:
-    """sha256 of each file's content (None for a missing file), read in parallel."""
-    def one(p):
-        try:
-            return sha256_file(p)
-        except FileNotFoundError:
-            return None
+def hash_files(paths: list[str], workers: int = 4, progress: bool = True) -> list[str]:
+    """sha256 of each file's content, read in parallel."""
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        return list(tqdm(pool.map(one, paths), total=len(paths), desc="hashing", unit="img", disable=not progress))
+        return list(tqdm(pool.map(sha256_file, paths), total=len(paths), desc="hashing", unit="img", disable=not progress))
 
 
 # ---------------------------------------------------------------------------------------- writing
@@ -405,9 +410,16 @@ def _work_dir(out: Path, resume: bool, progress: bool) -> Path:
 
 
 def _gallery_paths(gallery) -> list[str]:
-    paths = read_gallery(gallery) if isinstance(gallery, (str, os.PathLike)) else list(dict.fromkeys(map(normalize_path, gallery)))
+    if isinstance(gallery, (str, os.PathLike)):
+        paths = read_gallery(gallery)
+    else:
+        paths = list(dict.fromkeys(map(normalize_path, gallery)))
     if not paths:
         raise UserError(f"the gallery {gallery} holds no images")
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise UserError(f"gallery image not found: {missing[0]}{more}")
     return paths
 
 
@@ -543,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--pq-m", type=_positive, default=None,
                    help="IVF-PQ sub-quantisers = bytes per vector code; must divide the embedding dim (default dim/8)")
     b.add_argument("--train-sample", type=_positive, default=None,
-                   help="vectors sampled to train IVF/PQ (default min(N, 64*nlist))")
+                   help="vectors sampled to train IVF/PQ (default min(N, 64*nlist), for ivfpq at least 9984)")
     b.add_argument("--nprobe", type=_positive, default=None,
                    help="default IVF lists visited per query, stored in the index; GalleryIndex.nprobe changes it "
                         "at search time (default max(16, nlist/32))")
@@ -556,10 +568,16 @@ def main(argv: list[str] | None = None) -> int:
     u.add_argument("--retrain", action="store_true", help="re-train IVF/PQ on the updated gallery instead of reusing it")
     _add_embedding_flags(u)
     a = p.parse_args(argv)
-    common = dict(batch_size=a.batch_size, workers=a.workers, chunk_size=a.chunk_size, device=a.device,
-                  resume=a.resume, progress=True)
     if a.workers < 0:
         raise UserError(f"--workers must be 0 or more, got {a.workers}")
+    try:
+        device = torch.device(a.device)
+    except RuntimeError:
+        raise UserError(f"--device: not a torch device: {a.device!r} (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is available here")
+    common = dict(batch_size=a.batch_size, workers=a.workers, chunk_size=a.chunk_size, device=device,
+                  resume=a.resume, progress=True)
     if a.cmd == "build":
         r = build_index(a.out, a.gallery, a.checkpoint, a.type, a.nlist, a.pq_m, a.train_sample, a.nprobe, **common)
         print(f"wrote {a.out}: {r['images']} images ({r['embedded']} embedded, {r['resumed']} resumed), "

@@ -100,10 +100,10 @@ def training_phrases(triplets, data_file: Path, a) -> list[list[dict]]:
         phrases = [t.noun_phrases for t in triplets]
         phrases = [leaf_only(p) if a.leaf_nps_only else p for p in phrases]
     else:
-        from cir.phrases import noun_phrases_for  # loads a parser: only when spans must be extracted
+        from cir.phrases import noun_phrases_for, phrase_cache_path  # loads a parser only when spans must be extracted
 
         backend = "spacy" if a.np_backend == "gold" else a.np_backend
-        cache = data_file.with_name(data_file.stem + f".nps-{backend}{'-leaf' if a.leaf_nps_only else ''}.json")
+        cache = phrase_cache_path(data_file.parent, backend, MAX_PHRASES, a.leaf_nps_only)
         phrases = noun_phrases_for([t.caption for t in triplets], cache, backend, MAX_PHRASES, a.leaf_nps_only)
     return [p[:MAX_PHRASES] for p in phrases]
 

@@ -1,0 +1,1 @@
+"""Benchmarks, run by hand as `python -m bench.<name>` (never by the tests)."""

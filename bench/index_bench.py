@@ -1,0 +1,185 @@
+"""Gallery-index cost: embedding throughput, query latency, search speed and recall, memory.
+
+    python -m bench.index_bench [--checkpoint CKPT] [--device cpu|cuda] [--quick]
+
+Prints one table:
+  * images/s of the bare encoder forward (preprocessed batch in memory) vs a full `build_index`
+    (decoding, hashing, preprocessing, embedding, writing; rendered CIR-Shapes images);
+  * query latency p50/p95 of encode (real image + caption through the model) + search, over
+    galleries of 1k/10k/100k clustered random vectors;
+  * search-only latency p50/p95 (one query at a time) and recall@10 against exact search for
+    exact, IVF and IVF-PQ at 100k and 1M clustered vectors, with the memory-bandwidth bound of
+    exact search (bytes scanned / numpy copy bandwidth) and the index bytes per image.
+`--quick` shrinks every size to check the script in seconds; its numbers mean little.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+
+from cir.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint, save_checkpoint
+from cir.data.loader import load_rgb
+from cir.data.shapes import generate
+from cir.data.triplets import read_gallery, read_triplets
+from cir.evaluate import autocast
+from cir.index import GalleryIndex, build_index
+from cir.model import build_model
+
+
+def clustered(n: int, queries: int, dim: int, seed: int = 0, noise: float = 1.5) -> tuple[np.ndarray, np.ndarray]:
+    """Gallery [n, dim] and queries [queries, dim], L2-normalised, around sqrt(n) shared random centers."""
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((max(16, int(n ** 0.5)), dim), dtype=np.float32)
+    out = np.empty((n + queries, dim), np.float32)
+    for s in range(0, n + queries, 1 << 18):  # in blocks: no second full-size temporary
+        e = min(s + (1 << 18), n + queries)
+        x = centers[rng.integers(len(centers), size=e - s)] + noise * rng.standard_normal((e - s, dim), dtype=np.float32)
+        out[s:e] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return out[:n], out[n:]
+
+
+def percentiles(seconds: list[float]) -> str:
+    return f"{np.percentile(seconds, 50) * 1e3:.2f} / {np.percentile(seconds, 95) * 1e3:.2f}"
+
+
+def timed(fn, repeats: int) -> list[float]:
+    fn()  # warm-up
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def single_queries(index: GalleryIndex, queries: np.ndarray) -> list[float]:
+    """Seconds of each search of one query [1, E] for top 10, after one warm-up."""
+    index.search(queries[:1], 10)
+    out = []
+    for q in queries:
+        t0 = time.perf_counter()
+        index.search(q[None], 10)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def copy_bandwidth(nbytes: int = 1 << 28) -> float:
+    """Bytes moved per second (read + write) by a numpy copy of `nbytes`, best of 3."""
+    src = np.ones(nbytes // 4, np.float32)
+    dst = np.empty_like(src)
+    best = min(timed(lambda: np.copyto(dst, src), 3))
+    return 2 * nbytes / best
+
+
+def recall_at_10(ids: np.ndarray, exact: np.ndarray) -> float:
+    return float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, exact)]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.index_bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default=None,
+                   help="model checkpoint; default: the shipped one, or a random context-cir-shapes-small "
+                        "(same speed) when it is absent")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, to check that the bench runs")
+    a = p.parse_args(argv)
+    dev = torch.device(a.device)
+    n_images, batch, repeats = (32, 16, 5) if a.quick else (1024, 64, 50)
+    query_sizes = (1_000, 5_000) if a.quick else (1_000, 10_000, 100_000)
+    search_sizes = (20_000,) if a.quick else (100_000, 1_000_000)
+    n_queries = 50 if a.quick else 200
+    rows: list[tuple[str, str, str]] = []
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        ckpt = Path(a.checkpoint or DEFAULT_CHECKPOINT)
+        if a.checkpoint is None and not ckpt.is_file():
+            log(f"{ckpt} is absent: benchmarking a random context-cir-shapes-small")
+            torch.manual_seed(0)
+            model, _ = build_model("context-cir-shapes-small")
+            ckpt = tmp / "random.safetensors"
+            save_checkpoint(ckpt, model, {"config": model.config.to_dict(), "step": 0})
+        log(f"rendering {n_images} gallery images")
+        generate(tmp / "shapes", {"test": n_images // 4 + 1}, seed=0, progress=False)
+        gallery = read_gallery(tmp / "shapes" / "gallery_test.txt")[:n_images]
+        triplets, _ = read_triplets(tmp / "shapes" / "test.jsonl", check_images=False)
+
+        log("embedding throughput")
+        result = build_index(tmp / "index", gallery, ckpt, batch_size=batch, device=dev,
+                             workers=min(8, torch.get_num_threads()) if dev.type == "cuda" else 0)
+        index = GalleryIndex.load(tmp / "index", ckpt)
+        model, preprocess, _ = load_checkpoint(ckpt, dev)
+        images = torch.stack([preprocess(load_rgb(p)) for p in gallery[:batch]]).to(dev)
+
+        def forward():
+            with autocast(dev):
+                model.encode_gallery(images)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+        fwd = timed(forward, max(2, repeats // 10))
+        rows.append(("images/s", f"encoder forward only, batch {batch}", f"{batch / np.median(fwd):.1f}"))
+        rows.append(("images/s", f"full build of {len(gallery)} images (load, decode, hash, write)",
+                     f"{result['images'] / result['seconds']:.1f}"))
+
+        log("query latency")
+        query_image, caption = load_rgb(triplets[0].reference), triplets[0].caption
+        dim = index.dim
+        for n in query_sizes:
+            data, _ = clustered(n, 0, dim)
+            gallery_index = GalleryIndex.from_embeddings(data, device=dev)
+
+            def query():
+                with autocast(dev):
+                    q = model.encode_query(preprocess(query_image)[None].to(dev), [caption])
+                gallery_index.search(q.float(), 10)
+            rows.append(("query ms p50 / p95", f"encode + search, {n:,} ({gallery_index.manifest['index']['params']['type']})",
+                         percentiles(timed(query, repeats))))
+
+        bandwidth = copy_bandwidth()
+        rows.append(("copy bandwidth", "numpy copy, read + write", f"{bandwidth / 1e9:.1f} GB/s"))
+        for n in search_sizes:
+            log(f"search at {n:,}")
+            data, queries = clustered(n, n_queries, dim, seed=1)
+            exact = GalleryIndex.from_embeddings(data, index_type="flat")
+            truth = exact.search(queries, 10)[1]
+            one_by_one = lambda idx: percentiles(single_queries(idx, queries))
+            rows.append(("search ms p50 / p95", f"exact, {n:,}", one_by_one(exact)))
+            rows.append(("search ms bound", f"exact, {n:,}: {data.nbytes / 1e6:.0f} MB scanned / bandwidth",
+                         f"{data.nbytes / bandwidth * 1e3:.2f}"))
+            if dev.type == "cuda":
+                gpu = GalleryIndex.from_embeddings(data, device=dev)
+                rows.append(("search ms p50 / p95", f"exact on GPU fp16, {n:,}", one_by_one(gpu)))
+                rows.append(("recall@10 vs exact", f"exact on GPU fp16, {n:,}",
+                             f"{recall_at_10(gpu.search(queries, 10)[1], truth):.3f}"))
+            sizes = {"exact": len(faiss.serialize_index(exact.faiss_index)) / n}
+            for kind in ("ivf", "ivfpq"):
+                t0 = time.perf_counter()
+                idx = GalleryIndex.from_embeddings(data, index_type=kind)
+                build_s = time.perf_counter() - t0
+                params = idx.manifest["index"]["params"]
+                setting = f"{kind} nlist {params['nlist']} nprobe {params['nprobe']}" + (
+                    f" m {params['pq_m']}" if kind == "ivfpq" else "") + f", {n:,}"
+                rows.append(("search ms p50 / p95", setting, one_by_one(idx)))
+                rows.append(("recall@10 vs exact", setting, f"{recall_at_10(idx.search(queries, 10)[1], truth):.3f}"))
+                rows.append(("train + add s", setting, f"{build_s:.1f}"))
+                sizes[kind] = len(faiss.serialize_index(idx.faiss_index)) / n
+            rows.append(("bytes / image", f"exact / ivf / ivfpq, {n:,}", " / ".join(f"{v:.0f}" for v in sizes.values())))
+
+    w0, w1 = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
+    print(f"{'measure':<{w0}}  {'setting':<{w1}}  value   (device {dev}{', quick' if a.quick else ''})")
+    for r in rows:
+        print(f"{r[0]:<{w0}}  {r[1]:<{w1}}  {r[2]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Training-step cost of the CC loss, and proof that it costs nothing at inference.
+
+    python -m bench.train_bench [--config context-cir-shapes-small] [--batch-size 64] [--steps 5]
+
+Runs each setting in a fresh process (so peak memory is its own): a training step with the
+contrastive loss only (lambda 0) and with the CC loss (isolated phrases batched in one pass),
+on real CIR-Shapes batches; then query-encoding latency of the two resulting models.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def step_worker(a) -> dict:
+    from torch.utils.data import DataLoader
+
+    from cir.data.loader import TripletDataset, collate_triplets
+    from cir.data.shapes import generate
+    from cir.data.triplets import read_triplets
+    from cir.model import build_model
+    from cir.train import parse_args, train_step
+
+    torch.manual_seed(0)
+    data = Path(a.tmp) / "data"
+    if not (data / "train.jsonl").exists():
+        generate(data, {"train": a.batch_size * (a.steps + 1)}, seed=11, progress=False)
+    triplets, _ = read_triplets(data / "train.jsonl", check_images=False)
+    model, preprocess = build_model(a.config)
+    targs = parse_args(["--out", a.tmp, "--lambda-cc", str(a.lambda_cc), "--precision", a.precision])
+    ds = TripletDataset(triplets, [t.noun_phrases for t in triplets], preprocess, model.tokenizer)
+    batches = list(DataLoader(ds, batch_size=a.batch_size, collate_fn=collate_triplets))[: a.steps + 1]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.precision == "bf16")
+    times = []
+    for i, batch in enumerate(batches):
+        t0 = time.perf_counter()
+        loss, parts = train_step(model, batch, targs, torch.device("cpu"), autocast)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if i:  # the first step warms up
+            times.append(time.perf_counter() - t0)
+    model.eval()
+    images = torch.stack([preprocess(__import__("PIL.Image", fromlist=["Image"]).open(triplets[0].reference).convert("RGB"))])
+    lat = []
+    for _ in range(20):
+        t0 = time.perf_counter()
+        model.encode_query(images, [triplets[0].caption])
+        lat.append(time.perf_counter() - t0)
+    return {"lambda_cc": a.lambda_cc, "step_s": statistics.median(times), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "phrases_per_batch": statistics.mean(len(b["phrase_texts"]) for b in batches),
+            "query_ms_p50": 1000 * statistics.median(lat)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.train_bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="context-cir-shapes-small", help="model config (default context-cir-shapes-small)")
+    p.add_argument("--batch-size", type=int, default=64, help="triplets per step (default 64)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per setting, after one warm-up (default 5)")
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="autocast dtype (default bf16)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--lambda-cc", type=float, default=0.0, help=argparse.SUPPRESS)
+    p.add_argument("--tmp", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.worker:
+        print(json.dumps(step_worker(a)))
+        return 0
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for lam in (0.0, 0.08):
+            cmd = [sys.executable, "-m", "bench.train_bench", "--worker", "--tmp", tmp, "--lambda-cc", str(lam),
+                   "--config", a.config, "--batch-size", str(a.batch_size), "--steps", str(a.steps), "--precision", a.precision]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            rows.append(json.loads(out.strip().splitlines()[-1]))
+    print(f"config {a.config}, batch {a.batch_size}, {a.precision}, {torch.get_num_threads()} threads")
+    print("| loss | step time (s) | peak RSS (MB) | phrases / batch | query encode p50 (ms) |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        name = "contrastive only (λ=0)" if r["lambda_cc"] == 0 else f"contrastive + CC (λ={r['lambda_cc']})"
+        print(f"| {name} | {r['step_s']:.2f} | {r['peak_rss_mb']:.0f} | {r['phrases_per_batch']:.1f} | {r['query_ms_p50']:.1f} |")
+    print(f"CC step / contrastive step: {rows[1]['step_s'] / rows[0]['step_s']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
