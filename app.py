@@ -1,12 +1,43 @@
-"""ConText-CIR Explorer (placeholder page until the explorer app lands): python app.py [--port N]."""
+"""ConText-CIR Explorer: retrieve with a query image + modification text, see why (per-noun-phrase
+attention in context vs isolated), and review triplet files.
+
+    python app.py                                   # shipped checkpoint + demo gallery, no downloads
+    python app.py --checkpoint CKPT --gallery FOLDER_OR_LIST [--examples triplets.jsonl]
+    python app.py --checkpoint CKPT --index INDEX_DIR  # an index from `python -m cir.index build`
+"""
 import argparse
 
-import gradio as gr
+import torch
 
-p = argparse.ArgumentParser(description=__doc__)
-p.add_argument("--port", type=int, default=7860, help="port to serve on (default 7860)")
-p.add_argument("--share", action="store_true", help="create a public Gradio share link")
-a = p.parse_args()
-with gr.Blocks(title="ConText-CIR Explorer") as demo:
-    gr.Markdown("# ConText-CIR Explorer\nThe retrieval app is being built; see README.md.")
-demo.launch(server_name="127.0.0.1", server_port=a.port, share=a.share)
+from cir.cli import run_cli
+from cir.errors import UserError
+from cir.ui.app import CONCURRENCY, build_demo
+from cir.ui.explorer import Explorer
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default=None, help="model checkpoint (.safetensors); default: the shipped one in assets/")
+    p.add_argument("--index", default=None,
+                   help="gallery index folder built with this checkpoint; default: assets/demo/index (unless --gallery)")
+    p.add_argument("--gallery", default=None,
+                   help="a folder of images or a text file of paths, embedded into an in-memory index at start "
+                        "(instead of --index)")
+    p.add_argument("--examples", default=None,
+                   help="triplet JSONL of example queries; default: assets/demo/examples.jsonl with the demo index")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device (default: cuda if available)")
+    p.add_argument("--port", type=int, default=7860, help="port to serve on (default 7860)")
+    p.add_argument("--share", action="store_true", help="also create a public Gradio share link")
+    a = p.parse_args(argv)
+    explorer = Explorer.load(a.checkpoint, a.index, a.gallery, a.examples, a.device)
+    demo = build_demo(explorer).queue(default_concurrency_limit=CONCURRENCY)
+    try:
+        demo.launch(server_name="127.0.0.1", server_port=a.port, share=a.share)
+    except OSError as e:  # the port is taken
+        raise UserError(f"cannot serve on port {a.port}: {e}") from None
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,10 +1,11 @@
 """Checkpoints: safetensors weights with the manifest embedded in the file's metadata, plus the
 same manifest as a JSON file beside it for people and tools. Never pickle.
 
-    python -m cir.checkpoint export --checkpoint runs/x/last.safetensors --out assets/model.safetensors --half
+    python -m cir.checkpoint export --checkpoint runs/x/last.safetensors --out assets/model.safetensors --dtype int8
 
 A training checkpoint also carries the optimizer state and RNG state so `--resume` continues
-exactly. An exported checkpoint keeps the model only, optionally in fp16, and stores only the
+exactly. An exported checkpoint keeps the model only, in fp32, fp16 or int8 (weight matrices
+quantised per output row with an fp32 scale, everything else fp16), and stores only the
 token-embedding rows that training ever used (others load as zero vectors: unseen words).
 """
 from __future__ import annotations
@@ -32,23 +33,56 @@ def versions() -> dict:
     return {"cir": cir.__version__, "torch": torch.__version__, "open_clip": open_clip.__version__}
 
 
+DTYPES = ("fp32", "fp16", "int8")
+INT8_MIN_ELEMENTS = 4096  # smaller tensors (norms, biases, small matrices) stay fp16 under int8
+
+
+def _quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: w [R, C] -> (q [R, C] int8, scale [R, 1] fp32), w ~ q * scale."""
+    scale = (w.abs().amax(1, keepdim=True) / 127).clamp(min=1e-12).float()
+    return torch.round(w.float() / scale).clamp(-127, 127).to(torch.int8), scale
+
+
+def _encode(tensors: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in tensors.items():
+        if not v.is_floating_point() or dtype == "fp32":
+            out[k] = v
+        elif dtype == "int8" and v.ndim == 2 and v.numel() >= INT8_MIN_ELEMENTS:
+            out[k + ".int8"], out[k + ".scale"] = _quantize_int8(v)
+        else:
+            out[k] = v.half()
+    return out
+
+
+def _decode(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in tensors.items():
+        if k.endswith(".int8"):
+            out[k[:-5]] = v.float() * tensors[k[:-5] + ".scale"]
+        elif not k.endswith(".scale") or k[:-6] + ".int8" not in tensors:
+            out[k] = v.float() if v.is_floating_point() else v
+    return out
+
+
 def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, manifest: dict,
-                    optimizer: torch.optim.Optimizer | None = None, half: bool = False,
+                    optimizer: torch.optim.Optimizer | None = None, dtype: str = "fp32",
                     token_rows: list[int] | None = None) -> dict:
     """Write `path` (.safetensors) and `path` with .json atomically; returns the manifest written.
 
-    `manifest` must hold "config" (ModelConfig.to_dict()); versions and format are added."""
+    `manifest` must hold "config" (ModelConfig.to_dict()); versions and format are added.
+    `dtype`: storage of floating-point weights ("fp32", "fp16", "int8"); `token_rows`: keep only
+    these token-embedding rows."""
     path = Path(path)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    if half:
-        tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
-    manifest = dict(manifest, format=FORMAT, versions=versions(), half=half)
+    manifest = dict(manifest, format=FORMAT, versions=versions(), dtype=dtype)
     if token_rows is not None:
         rows = torch.tensor(sorted(set(token_rows)), dtype=torch.long)
         full = tensors.pop(TOKEN_EMBEDDING)
         tensors[TOKEN_EMBEDDING + ".rows"] = rows
         tensors[TOKEN_EMBEDDING + ".compact"] = full[rows].clone()
         manifest["token_embedding"] = {"rows": len(rows), "vocab": full.shape[0], "unseen_rows": "zero"}
+    tensors = _encode(tensors, dtype)
     if optimizer is not None:
         opt = optimizer.state_dict()
         for idx, state in opt["state"].items():
@@ -101,7 +135,7 @@ def load_checkpoint(path: str | os.PathLike | None = None, device: str | torch.d
     tensors = read_tensors(path)
     config = ModelConfig.from_dict(dict(manifest["config"], pretrained=None))
     model, preprocess = build_model(config, device="cpu")
-    state = {k: v for k, v in tensors.items() if not k.startswith(("optimizer.", "rng."))}
+    state = _decode({k: v for k, v in tensors.items() if not k.startswith(("optimizer.", "rng."))})
     if TOKEN_EMBEDDING + ".rows" in state:
         rows, compact = state.pop(TOKEN_EMBEDDING + ".rows"), state.pop(TOKEN_EMBEDDING + ".compact")
         full = torch.zeros_like(model.state_dict()[TOKEN_EMBEDDING])
@@ -115,7 +149,7 @@ def load_checkpoint(path: str | os.PathLike | None = None, device: str | torch.d
         detail = "; ".join(f"{name}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
                            for name, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys)
         raise UserError(f"checkpoint {path} does not fit the architecture its manifest names ({detail})")
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    model.load_state_dict(state)
     model.to(device).eval()
     return (model, preprocess, manifest, tensors) if with_training_state else (model, preprocess, manifest)
 
@@ -132,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     e = sub.add_parser("export", help="write a model-only checkpoint (for shipping)")
     e.add_argument("--checkpoint", required=True, help="training checkpoint (.safetensors) to export")
     e.add_argument("--out", required=True, help="output .safetensors path (a .json manifest is written beside it)")
-    e.add_argument("--half", action="store_true", help="store floating-point weights as fp16 (half the size)")
+    e.add_argument("--dtype", choices=DTYPES, default="fp16",
+                   help="weight storage: fp32, fp16 (default; half the size) or int8 (per-row quantised matrices, a quarter)")
     s = sub.add_parser("show", help="print a checkpoint's manifest")
     s.add_argument("checkpoint", help="a .safetensors checkpoint")
     a = p.parse_args(argv)
@@ -140,9 +175,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(read_manifest(a.checkpoint), indent=2))
         return 0
     model, _, manifest = load_checkpoint(a.checkpoint)
-    keep = {k: v for k, v in manifest.items() if k not in ("optimizer_param_groups", "format", "versions", "half", "token_embedding")}
+    keep = {k: v for k, v in manifest.items() if k not in ("optimizer_param_groups", "format", "versions", "dtype", "token_embedding")}
     keep["exported_from"] = {"path": str(a.checkpoint), "sha256": sha256_file(a.checkpoint)}
-    save_checkpoint(a.out, model, keep, half=a.half, token_rows=manifest.get("token_ids_seen"))
+    save_checkpoint(a.out, model, keep, dtype=a.dtype, token_rows=manifest.get("token_ids_seen"))
     print(f"wrote {a.out} ({Path(a.out).stat().st_size / 1e6:.1f} MB)")
     return 0
 

@@ -75,7 +75,12 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=1, help="data-loading processes (default 1)")
     p.add_argument("--seed", type=int, default=0, help="random seed (model init and data order)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: all cores; 1 is steadier on a machine shared with other work)")
+    p.add_argument("--resume", action="store_true", help="continue exactly from OUT/last.safetensors (weights, optimizer, RNG)")
+    p.add_argument("--init-from", default=None, metavar="CKPT",
+                   help="warm start: weights and step from any checkpoint (e.g. the shipped model-only one), "
+                        "fresh optimizer moments; use when OUT/last.safetensors is gone")
     p.add_argument("--stop-after", type=int, default=None,
                    help="stop (after saving) once this step is reached, keeping the schedule of --steps")
     return p.parse_args(argv)
@@ -162,6 +167,8 @@ def train_step(model, batch, a, device, autocast) -> tuple[torch.Tensor, dict]:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     rank, world, device = setup_distributed(a.device)
     out = Path(a.out)
     data = Path(a.data) if a.data else None
@@ -182,6 +189,9 @@ def main(argv=None) -> int:
     if a.resume:
         model, preprocess, manifest, tensors = load_checkpoint(last, device, with_training_state=True)
         start, log_metrics = manifest["step"], manifest.get("metrics", {})
+    elif a.init_from:
+        model, preprocess, manifest = load_checkpoint(a.init_from, device)
+        start, log_metrics, tensors = manifest.get("step", 0), manifest.get("metrics", {}), None
     else:
         config = ModelConfig.load(a.config)
         if a.pretrained is not None:
@@ -231,11 +241,11 @@ def main(argv=None) -> int:
                      "tokenizer": {"type": "clip-bpe", "context_length": model.config.context_length},
                      "data": {"train": str(train_file), "sha256": file_hash(train_file), "triplets": len(triplets)},
                      "phrases": {"source": a.np_backend, "leaf_only": a.leaf_nps_only, "max": MAX_PHRASES},
-                     "args": {k: v for k, v in vars(a).items() if k not in ("resume", "stop_after")},
+                     "args": {k: v for k, v in vars(a).items() if k not in ("resume", "stop_after", "init_from")},
                      "token_ids_seen": sorted(token_ids)}
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "log.jsonl"
-    if rank == 0 and not a.resume and log_path.exists():
+    if rank == 0 and not (a.resume or a.init_from) and log_path.exists():
         log_path.unlink()
     if rank == 0:
         truncate_log(log_path, start)

@@ -102,12 +102,15 @@ def test_checkpoint_roundtrip_export_and_errors(tmp_path, tiny_model):
     ids = model.tokenizer([CAPTION])[0]
     rows = sorted(set(ids.tolist()))
     small = tmp_path / "small.safetensors"
-    save_checkpoint(small, model, {"config": model.config.to_dict()}, half=True, token_rows=rows)
-    assert small.stat().st_size < path.stat().st_size / 3
-    exported, _, _ = load_checkpoint(small)
-    assert torch.allclose(exported.encode_query(x, [CAPTION] * 2), model.encode_query(x, [CAPTION] * 2), atol=2e-2)
-    emb = exported.clip.token_embedding.weight
-    assert emb[rows].abs().sum() > 0 and emb[1000].abs().sum() == 0  # unseen rows load as zero
+    ref = model.encode_query(x, [CAPTION] * 2)
+    for dtype, shrink, tol in (("fp16", 3, 2e-2), ("int8", 5, 5e-2)):
+        save_checkpoint(small, model, {"config": model.config.to_dict()}, dtype=dtype, token_rows=rows)
+        assert small.stat().st_size < path.stat().st_size / shrink
+        exported, _, manifest = load_checkpoint(small)
+        assert manifest["dtype"] == dtype
+        assert torch.allclose(exported.encode_query(x, [CAPTION] * 2), ref, atol=tol)
+        emb = exported.clip.token_embedding.weight
+        assert emb[rows].abs().sum() > 0 and emb[1000].abs().sum() == 0  # unseen rows load as zero
     # truncated file and wrong architecture are explained
     (tmp_path / "cut.safetensors").write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(UserError, match="truncated or corrupt|not a complete safetensors"):

@@ -1,0 +1,407 @@
+"""The explorer's Gradio Blocks: `build_demo(explorer)`.
+
+Tabs: Retrieve (query from examples, the gallery or an upload; top-k with scores; per-phrase
+attention in context vs isolated with the CC term) and Review (step through a triplet file,
+accept / reject / edit, export). The callbacks below are plain functions of component values and
+the `Explorer`; `build_demo` only lays out components and wires them.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import time
+from functools import lru_cache
+
+import gradio as gr
+import numpy as np
+
+from cir.data.triplets import read_triplets
+from cir.errors import UserError
+from cir.ui import review
+from cir.ui.explorer import Explorer, as_image, phrase_spans, thumbnail
+from cir.ui.heatmaps import model_view, phrase_row
+
+CONCURRENCY = 4  # events of one kind served at once (model forwards still take turns, see Explorer.lock)
+PER_PAGE = 24
+DEFAULT_EPS = 0.005
+MEAN = "mean"
+RANK_OVER = ("file images", "gallery index")
+
+# Review-tab keys: a accept, r reject, n next, p previous (ignored while typing in a field).
+KEYS_JS = """() => {
+  if (window.cirKeys) return;
+  window.cirKeys = true;
+  const ids = {a: "review-accept", r: "review-reject", n: "review-next", p: "review-prev"};
+  document.addEventListener("keydown", (e) => {
+    const t = e.target;
+    if (e.ctrlKey || e.metaKey || e.altKey || (t && (t.isContentEditable || /^(INPUT|TEXTAREA|SELECT)$/.test(t.tagName)))) return;
+    const b = ids[e.key] && document.getElementById(ids[e.key]);
+    if (b && b.offsetParent !== null) { e.preventDefault(); b.click(); }
+  });
+}"""
+
+
+def shown(fn):
+    """Show a UserError in the page as a one-line error instead of a failed event."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            raise gr.Error(str(e)) from None
+    return wrapper
+
+
+def _choice(value: str) -> int | None:
+    return None if value in (None, MEAN) else int(value)
+
+
+# ---------------------------------------------------------------------------- retrieve tab
+def example_items(ex: Explorer) -> list:
+    return [(thumbnail(t.reference), t.caption if len(t.caption) <= 70 else t.caption[:67] + "...") for t in ex.examples]
+
+
+@shown
+def pick_example(ex: Explorer, index: int):
+    """Example `index` chosen -> (query path, query image, caption, targets, info)."""
+    t = ex.examples[index]
+    info = f"Example **{t.id}**: {len(t.targets)} ground-truth target(s), marked ★ in the results."
+    return t.reference, thumbnail(t.reference), t.caption, t.targets, info
+
+
+@shown
+def browse(ex: Explorer, text: str, page: int):
+    """(thumbnails with file names, page, page info) of one gallery page."""
+    paths, page, pages, total = ex.browse(text, page, PER_PAGE)
+    return [(thumbnail(p), ex.label(p)) for p in paths], page, f"page {page + 1} of {pages} · {total} images"
+
+
+@shown
+def pick_browsed(ex: Explorer, text: str, page: int, index: int):
+    """Image `index` of a gallery page chosen -> (query path, query image, targets, info)."""
+    path = ex.browse(text, page, PER_PAGE)[0][index]
+    return path, thumbnail(path), [], f"Gallery image **{ex.label(path)}** (no ground truth)."
+
+
+def uploaded(image):
+    """The user uploaded or cleared the query image: it is the query now, without ground truth."""
+    return None, [], "Uploaded image (no ground truth)." if image else ""
+
+
+@shown
+def run_retrieve(ex: Explorer, image, query_path, caption: str, k: int, targets):
+    """-> (result thumbnails with rank and score, result table, status, result paths, maps image)."""
+    source = query_path or image
+    t0 = time.perf_counter()
+    hits = ex.retrieve(source, caption or "", int(k), targets or [])
+    ms = (time.perf_counter() - t0) * 1000
+    status = f"{len(hits)} results in {ms:.0f} ms (encode + search) over {len(ex.index)} images."
+    if targets:
+        found = ex.target_rank(source, caption or "", targets)
+        status += f" Ground truth: rank **{found[0]}** of {found[1]}." if found else " Ground truth: not in this gallery."
+    gallery = [(thumbnail(h.path), f"#{h.rank} · {h.score:.3f}" + (" · ★ target" if h.is_target else "")) for h in hits]
+    table = [[h.rank, round(h.score, 4), ex.label(h.path), "★" if h.is_target else ""] for h in hits]
+    return gallery, table, status, [h.path for h in hits], source
+
+
+def render_maps(ex: Explorer, image, caption: str, phrases: list[dict], layer: str = MEAN, head: str = MEAN,
+                eps: float = DEFAULT_EPS):
+    """(heatmap rows stacked into one image [H, W, 3] or None, CC table [[phrase, CC]]) of `phrases` over `image`."""
+    results = ex.phrase_maps(image, caption, phrases, _choice(layer), _choice(head), float(eps))
+    view = model_view(as_image(image))
+    rows, table = [], []
+    for r in results:
+        if r.cc is None:
+            table.append([r.text, "cut by the context length"])
+            continue
+        title = f"“{r.text}”   CC term {r.cc:.4f}"
+        rows.append(phrase_row(view, r.in_context, r.isolated, title).image)
+        table.append([r.text, round(r.cc, 5)])
+    return (np.concatenate(rows) if rows else None), table
+
+
+@shown
+def attention(ex: Explorer, image, caption: str, rows, rows_caption: str, layer: str, head: str, eps: float):
+    """Maps of the phrase rows over `image`; rows extracted afresh when they belong to another caption.
+
+    -> (phrase rows, their caption, heatmap rows, CC table, info)."""
+    if not image:
+        return rows, rows_caption, None, [], ""
+    caption = caption or ""
+    phrases = ex.noun_phrases(caption) if caption != rows_caption else phrase_spans(caption, rows)
+    maps, table = render_maps(ex, image, caption, phrases, layer, head, eps)
+    scores = [c for _, c in table if isinstance(c, float)]
+    info = f"Maps over **{os.path.basename(image)}** · {len(phrases)} phrase(s)" + (
+        f" · mean CC term (the loss) {sum(scores) / len(scores):.4f}" if scores else "")
+    return [[p["text"], p["start"], p["end"]] for p in phrases], caption, maps, table, info
+
+
+@shown
+def add_phrase(caption: str, rows, text: str):
+    """Append a phrase typed by the user (it must occur in the caption) -> (rows, cleared textbox)."""
+    phrases = phrase_spans(caption or "", [*(rows or []), [text, None, None]])
+    return [[p["text"], p["start"], p["end"]] for p in phrases], ""
+
+
+# ---------------------------------------------------------------------------- review tab
+@lru_cache(maxsize=8)
+def _triplets(path: str, mtime: float):
+    return read_triplets(path, skip_bad=True)
+
+
+def review_items(path: str):
+    """(triplets, problems) of a triplet file, re-read when it changes."""
+    if not os.path.isfile(path):
+        raise UserError(f"triplet file not found: {path}")
+    return _triplets(os.path.abspath(path), os.path.getmtime(path))
+
+
+def highlight(caption: str, phrases: list[dict]) -> list[tuple[str, str | None]]:
+    """Caption pieces for gr.HighlightedText: the innermost non-overlapping phrases marked."""
+    taken: list[tuple[int, int]] = []
+    for p in sorted(phrases, key=lambda p: p["end"] - p["start"]):
+        if all(p["end"] <= s or p["start"] >= e for s, e in taken):
+            taken.append((p["start"], p["end"]))
+    pieces, pos = [], 0
+    for s, e in sorted(taken):
+        pieces += [(caption[pos:s], None)] if s > pos else []
+        pieces.append((caption[s:e], "noun phrase"))
+        pos = e
+    return pieces + ([(caption[pos:], None)] if pos < len(caption) else [])
+
+
+@shown
+def review_open(path: str):
+    """Open a triplet file (and its review log, repaired after a crash) at its first undecided item."""
+    path = (path or "").strip()
+    if not path:
+        raise UserError("type the path of a triplet file")
+    triplets, problems = review_items(path)
+    if not triplets:
+        raise UserError(f"no usable triplets in {path}" + (f" ({problems[0]})" if problems else ""))
+    decisions = review.open_log(review.review_path(path))
+    if problems:
+        gr.Warning(f"skipped {len(problems)} bad line(s); first: {problems[0]}")
+    # "opened" makes reopening a changed state, so the page refreshes even at the same position
+    return {"path": path, "pos": review.first_undecided(triplets, decisions), "opened": time.time()}
+
+
+def _current(state):
+    """(triplets, decisions, current triplet or None past the end) of a review state."""
+    triplets, _ = review_items(state["path"])
+    decisions = review.read_decisions(review.review_path(state["path"]))
+    pos = state["pos"]
+    return triplets, decisions, (triplets[pos] if pos < len(triplets) else None)
+
+
+def _caption_and_phrases(ex: Explorer, t, decision: dict | None) -> tuple[str, list[dict]]:
+    """The item's caption as decided (an edit replaces it) and its noun phrases (the file's, else spaCy's)."""
+    caption = decision["caption"] if decision and decision["decision"] == "edit" else t.caption
+    return caption, t.noun_phrases if t.noun_phrases is not None and caption == t.caption else ex.noun_phrases(caption)
+
+
+@shown
+def review_show(ex: Explorer, state):
+    """-> (reference, targets, highlighted caption, caption box, note box, status) of the current item."""
+    if not state:
+        return None, [], [], "", "", "Open a triplet file to review."
+    triplets, decisions, t = _current(state)
+    done = sum(x.id in decisions for x in triplets)
+    progress = f"{done} of {len(triplets)} decided · log `{review.review_path(state['path'])}`"
+    if t is None:
+        return None, [], [], "", "", f"**All items decided.** {progress}. Export the accepted ones, or step back."
+    d = decisions.get(t.id)
+    caption, phrases = _caption_and_phrases(ex, t, d)
+    status = (f"Item **{state['pos'] + 1}** of {len(triplets)} · id `{t.id}` · "
+              f"{'decided: **' + d['decision'] + '**' if d else 'undecided'} · {progress}")
+    return (thumbnail(t.reference), [(thumbnail(p), ex.label(p)) for p in t.targets], highlight(caption, phrases),
+            caption, d["note"] if d else "", status)
+
+
+@shown
+def review_details(ex: Explorer, state, over: str):
+    """-> (heatmap rows of the item's noun phrases over its reference, where the model ranks its target).
+
+    Ranking among the file's images embeds them on first use."""
+    if not state:
+        return None, ""
+    triplets, decisions, t = _current(state)
+    if t is None:
+        return None, ""
+    caption, phrases = _caption_and_phrases(ex, t, decisions.get(t.id))
+    maps, _ = render_maps(ex, t.reference, caption, phrases)
+    gallery = None
+    if over == RANK_OVER[0]:
+        gallery = list(dict.fromkeys(p for x in triplets for p in (x.reference, *x.targets)))
+    found = ex.target_rank(t.reference, caption, t.targets, gallery)
+    return maps, (f"`{t.id}`: the model ranks the target **#{found[0]}** of {found[1]} ({over})." if found
+                  else f"`{t.id}`: the target is not in the {over}.")
+
+
+@shown
+def review_decide(state, caption: str, note: str, kind: str):
+    """Log a decision ("accept" becomes "edit" when the caption box was changed), then go to the next item."""
+    if not state:
+        raise UserError("open a triplet file first")
+    triplets, _, t = _current(state)
+    if t is None:
+        raise UserError("all items are decided; step back to change one")
+    if kind == "accept" and caption.strip() != t.caption.strip():
+        kind = "edit"
+    review.append_decision(review.review_path(state["path"]),
+                           review.decision(t.id, kind, note, caption.strip() if kind == "edit" else None))
+    return {**state, "pos": min(state["pos"] + 1, len(triplets))}
+
+
+def review_move(state, step: int):
+    """Go `step` items forward (negative: back)."""
+    if not state:
+        return state
+    return {**state, "pos": min(max(0, state["pos"] + step), len(review_items(state["path"])[0]))}
+
+
+@shown
+def review_export(state):
+    """Write the accepted triplets beside the input -> (file download update, message)."""
+    if not state:
+        raise UserError("open a triplet file first")
+    triplets, decisions, _ = _current(state)
+    out = review.export_path(state["path"])
+    n = review.export_accepted(triplets, decisions, out)
+    return gr.update(value=str(out), visible=True), f"Wrote {n} accepted triplet(s) to `{out}`."
+
+
+# ---------------------------------------------------------------------------- layout
+def build_demo(ex: Explorer) -> gr.Blocks:
+    """The explorer app over `ex`; the caller queues and launches it."""
+    p = functools.partial
+    layers = [("mean over layers", MEAN)] + [(f"layer {i + 1}", str(i)) for i in range(ex.layers)]
+    heads = [("mean over heads", MEAN)] + [(f"head {i + 1}", str(i)) for i in range(ex.heads)]
+    n = len(ex.index)
+    with gr.Blocks(title="ConText-CIR Explorer") as demo:
+        gr.Markdown("# ConText-CIR Explorer\nComposed image retrieval: a query image plus a text saying how to change it.")
+        with gr.Tab("Retrieve"):
+            query_path, targets, hits = gr.State(None), gr.State([]), gr.State([])
+            with gr.Row():
+                with gr.Column(scale=1):
+                    image = gr.Image(label="Query image", type="filepath", format="png", height=260,
+                                     sources=["upload", "clipboard"], elem_id="query-image")
+                    query_info = gr.Markdown()
+                    caption = gr.Textbox(label="Modification", placeholder="e.g. make the red circle blue",
+                                         elem_id="caption")
+                    k = gr.Slider(1, min(100, n), value=min(10, n), step=1, label="Top k")
+                    go = gr.Button("Retrieve", variant="primary", elem_id="retrieve")
+                with gr.Column(scale=2):
+                    with gr.Tab("Examples"):
+                        examples = gr.Gallery(example_items(ex), label="Example queries (click one)", columns=6,
+                                              height=340, allow_preview=False, elem_id="examples")
+                    with gr.Tab("Gallery"):
+                        with gr.Row():
+                            search = gr.Textbox(label="File name contains", scale=3)
+                            prev_page, next_page = gr.Button("◀ Previous", scale=1), gr.Button("Next ▶", scale=1)
+                        first, page, page_info = browse(ex, "", 0)
+                        page = gr.State(page)
+                        pages_md = gr.Markdown(page_info)
+                        browser = gr.Gallery(first, label="Gallery (click an image to query with it)", columns=8,
+                                             height=340, allow_preview=False)
+            status = gr.Markdown(elem_id="status")
+            results = gr.Gallery(label="Results (click one to see the maps over it)", columns=5, height="auto",
+                                 allow_preview=False, elem_id="results")
+            with gr.Accordion("Scores", open=False):
+                table = gr.Dataframe(headers=["rank", "score", "image", "target"], interactive=False)
+            with gr.Accordion("Why: per-phrase attention, in context vs isolated", open=True):
+                maps_image, rows_caption = gr.State(None), gr.State(None)
+                with gr.Row():
+                    with gr.Column(scale=1):
+                        phrases = gr.Dataframe(headers=["phrase", "start", "end"], datatype=["str", "number", "number"],
+                                               type="array", interactive=True, label="Noun phrases (spaCy; editable)")
+                        with gr.Row():
+                            new_phrase = gr.Textbox(label="Add a phrase of the caption", scale=3)
+                            add = gr.Button("Add", scale=1)
+                        layer = gr.Dropdown(layers, value=MEAN, label="Layer")
+                        head = gr.Dropdown(heads, value=MEAN, label="Head")
+                        eps = gr.Number(DEFAULT_EPS, label="ε of the CC term", minimum=0, step=0.001)
+                        update = gr.Button("Update maps")
+                        maps_info = gr.Markdown(elem_id="maps-info")
+                        cc_table = gr.Dataframe(headers=["phrase", "CC term"], interactive=False,
+                                                label="CC term: Σ over patches of ReLU(|A_ctx − A_iso| − ε)")
+                    with gr.Column(scale=2):
+                        gr.Markdown("Per phrase: in context | isolated (one colour scale) | their difference")
+                        heatmaps = gr.Image(show_label=False, format="png", interactive=False, elem_id="heatmaps")
+
+        with gr.Tab("Review"):
+            state = gr.State(None)
+            with gr.Row():
+                review_file = gr.Textbox(label="Triplet file (JSONL)", placeholder="data/pipeline/out.jsonl", scale=4,
+                                         elem_id="review-file")
+                open_btn = gr.Button("Open", scale=1, elem_id="review-open")
+                over = gr.Radio(list(RANK_OVER), value=RANK_OVER[0], label="Rank the target among", scale=2)
+            review_status = gr.Markdown(elem_id="review-status")
+            with gr.Row():
+                reference = gr.Image(label="Reference", height=260, interactive=False, format="png")
+                target_images = gr.Gallery(label="Target(s)", columns=2, height=260, object_fit="contain",
+                                           fit_columns=False, allow_preview=False)
+                with gr.Column():
+                    rank_md = gr.Markdown(elem_id="review-rank")
+                    highlighted = gr.HighlightedText(label="Caption", color_map={"noun phrase": "#fcd34d"})
+            edited = gr.Textbox(label="Caption (edit it, then accept, to record an edit)", elem_id="review-caption")
+            note = gr.Textbox(label="Note", elem_id="review-note")
+            with gr.Row():
+                prev_btn = gr.Button("◀ Previous (p)", elem_id="review-prev")
+                accept = gr.Button("Accept (a)", variant="primary", elem_id="review-accept")
+                reject = gr.Button("Reject (r)", variant="stop", elem_id="review-reject")
+                next_btn = gr.Button("Next ▶ (n)", elem_id="review-next")
+                export = gr.Button("Export accepted", elem_id="review-export")
+            export_md = gr.Markdown()
+            export_file = gr.File(label="Exported triplets", interactive=False, visible=False)
+            gr.Markdown("Noun-phrase attention over the reference (mean over layers and heads): "
+                        "in context | isolated (one colour scale) | their difference")
+            review_maps = gr.Image(show_label=False, format="png", interactive=False, elem_id="review-maps")
+
+        # ------------------------------------------------------------ wiring (only /retrieve is a public API)
+        private = {"api_visibility": "private"}
+        maps = p(attention, ex)
+        maps_inputs = [maps_image, caption, phrases, rows_caption, layer, head, eps]
+        maps_outputs = [phrases, rows_caption, heatmaps, cc_table, maps_info]
+
+        def on_example(evt: gr.SelectData):
+            return pick_example(ex, evt.index)
+
+        def on_browsed(text, pg, evt: gr.SelectData):
+            return pick_browsed(ex, text, pg, evt.index)
+
+        def on_result(paths, evt: gr.SelectData):
+            return paths[evt.index]
+
+        def on_details(state, over, progress=gr.Progress(track_tqdm=True)):  # shows embedding progress
+            return review_details(ex, state, over)
+
+        examples.select(on_example, None, [query_path, image, caption, targets, query_info], **private)
+        browser.select(on_browsed, [search, page], [query_path, image, targets, query_info], **private)
+        search.change(lambda text: browse(ex, text, 0), search, [browser, page, pages_md], trigger_mode="always_last",
+                      **private)
+        prev_page.click(lambda text, pg: browse(ex, text, pg - 1), [search, page], [browser, page, pages_md], **private)
+        next_page.click(lambda text, pg: browse(ex, text, pg + 1), [search, page], [browser, page, pages_md], **private)
+        image.input(uploaded, image, [query_path, targets, query_info], **private)
+        gr.on([go.click, caption.submit], p(run_retrieve, ex), [image, query_path, caption, k, targets],
+              [results, table, status, hits, maps_image], api_name="retrieve").success(
+            maps, maps_inputs, maps_outputs, **private)
+        results.select(on_result, hits, maps_image, **private).success(maps, maps_inputs, maps_outputs, **private)
+        gr.on([update.click, layer.change, head.change, eps.submit], maps, maps_inputs, maps_outputs,
+              trigger_mode="always_last", **private)
+        add.click(add_phrase, [caption, phrases, new_phrase], [phrases, new_phrase], **private).success(
+            maps, maps_inputs, maps_outputs, **private)
+
+        # buttons and keys only move `state`; the item is shown from its latest value (no stale overwrites)
+        gr.on([open_btn.click, review_file.submit], review_open, review_file, state, **private)
+        accept.click(p(review_decide, kind="accept"), [state, edited, note], state, **private)
+        reject.click(p(review_decide, kind="reject"), [state, edited, note], state, **private)
+        prev_btn.click(p(review_move, step=-1), state, state, **private)
+        next_btn.click(p(review_move, step=1), state, state, **private)
+        state.change(p(review_show, ex), state, [reference, target_images, highlighted, edited, note, review_status],
+                     trigger_mode="always_last", **private)
+        gr.on([state.change, over.change], on_details, [state, over], [review_maps, rank_md],
+              trigger_mode="always_last", **private)
+        export.click(review_export, state, [export_file, export_md], **private)
+        demo.load(None, js=KEYS_JS)
+    return demo

@@ -1,0 +1,217 @@
+"""The explorer's model, gallery index and example queries, with the app's work as plain methods.
+
+    ex = Explorer.load()                          # shipped checkpoint + assets/demo index and examples
+    hits = ex.retrieve("query.png", "make the circle red", k=10)   # [Hit(path, score, rank, is_target)]
+    maps = ex.phrase_maps("query.png", caption, ex.noun_phrases(caption))
+
+Retrieval is evaluation's: query = model.encode_query(preprocess(image), [caption]) under the same
+autocast as `cir.evaluate`, searched in a `cir.index.GalleryIndex` (reference image kept).
+"""
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+
+from cir.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
+from cir.data.loader import load_rgb
+from cir.data.triplets import Triplet, normalize_path, read_gallery, read_triplets
+from cir.errors import UserError
+from cir.evaluate import autocast, embed_gallery
+from cir.index import GalleryIndex
+from cir.losses import concept_consistency_loss
+from cir.phrases import extract_noun_phrases
+from cir.ui.heatmaps import select
+
+DEMO_DIR = Path(__file__).resolve().parents[2] / "assets" / "demo"
+DEFAULT_INDEX, DEFAULT_EXAMPLES = DEMO_DIR / "index", DEMO_DIR / "examples.jsonl"
+THUMBNAIL = 256  # px, longer side of images sent to the browser
+
+
+class Hit(NamedTuple):
+    path: str
+    score: float
+    rank: int  # 1-based
+    is_target: bool
+
+
+@dataclass
+class PhraseResult:
+    """One phrase's maps [g, g] (None when the phrase was cut by the context length) and CC term."""
+
+    text: str
+    start: int
+    end: int
+    in_context: np.ndarray | None
+    isolated: np.ndarray | None
+    cc: float | None
+
+
+def as_image(image: str | os.PathLike | Image.Image) -> Image.Image:
+    """An RGB image from a path or a PIL image."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if image is None or not os.path.isfile(image):
+        raise UserError(f"image not found: {image}" if image else "choose a query image first")
+    try:
+        return load_rgb(str(image))
+    except OSError as e:
+        raise UserError(f"cannot read image {image}: {e}") from None
+
+
+def phrase_spans(caption: str, rows) -> list[dict]:
+    """Phrases {"text", "start", "end"} from rows [text, start, end] (start/end may be blank).
+
+    A row whose span still holds its text keeps it; otherwise the text's first occurrence in the
+    caption is used. Blank rows are dropped; a text that is not in the caption is an error."""
+    out = []
+    for row in rows or []:
+        text = str(row[0] or "").strip() if row else ""
+        if not text:
+            continue
+        try:
+            start, end = int(row[1]), int(row[2])
+        except (IndexError, TypeError, ValueError):
+            start = end = -1
+        if not (0 <= start < end <= len(caption) and caption[start:end] == text):
+            start = caption.find(text)
+            if start < 0:
+                raise UserError(f"phrase {text!r} does not occur in the caption")
+            end = start + len(text)
+        out.append({"text": text, "start": start, "end": end})
+    return out
+
+
+@lru_cache(maxsize=4096)
+def thumbnail(path: str, size: int = THUMBNAIL) -> Image.Image:
+    """A small RGB copy of an image file, for the browser."""
+    image = as_image(path)
+    image.thumbnail((size, size))
+    return image
+
+
+class Explorer:
+    """Model, preprocessing, gallery index and example triplets; every method takes plain values."""
+
+    def __init__(self, model, preprocess, index: GalleryIndex, examples: list[Triplet] = (), device="cpu"):
+        self.model, self.preprocess, self.index = model.eval(), preprocess, index
+        self.examples, self.device = list(examples), torch.device(device)
+        self.layers, self.heads = model.config.fusion_layers, model.config.fusion_heads
+        self.root = os.path.commonpath([os.path.dirname(p) for p in index.paths]) if index.paths else "/"
+        # one forward at a time: concurrent forwards would only contend for the same cores
+        self.lock = threading.Lock()
+        self._gallery_embeddings = lru_cache(maxsize=4)(self._embed_paths)
+
+    @classmethod
+    def load(cls, checkpoint=None, index=None, gallery=None, examples=None, device=None) -> "Explorer":
+        """Load a checkpoint (default: the shipped one) and the gallery: an index folder, or a folder /
+        list file of images embedded now (progress on stderr). Neither: the shipped demo index, and
+        then the shipped examples unless `examples` names others."""
+        if index is not None and gallery is not None:
+            raise UserError("give --index or --gallery, not both (--gallery builds an index in memory)")
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        checkpoint = Path(checkpoint or DEFAULT_CHECKPOINT)
+        model, preprocess, _ = load_checkpoint(checkpoint, device)
+        if index is None and gallery is None:
+            index, examples = DEFAULT_INDEX, examples or (DEFAULT_EXAMPLES if DEFAULT_EXAMPLES.is_file() else None)
+            if not (DEFAULT_INDEX / "manifest.json").is_file():
+                raise UserError(f"the demo index {DEFAULT_INDEX} is missing; build it with: "
+                                "python scripts/build_demo_assets.py, or pass --index or --gallery")
+        triplets = read_triplets(examples)[0] if examples else []
+        if gallery is not None:
+            paths = read_gallery(gallery)
+            if not paths:
+                raise UserError(f"the gallery {gallery} holds no images")
+            print(f"embedding the gallery {gallery} ({len(paths)} images)", flush=True)
+            try:
+                emb = embed_gallery(model, paths, preprocess, device, progress=True)
+            except OSError as e:  # missing or undecodable image
+                raise UserError(f"cannot embed the gallery {gallery}: {e}") from None
+            loaded = GalleryIndex.from_embeddings(emb.cpu().numpy(), paths, device=device)
+        else:
+            loaded = GalleryIndex.load(index, checkpoint_path=checkpoint, device=device)
+            # paths stored relative (the shipped demo index, so a checkout can move) are taken from the index folder
+            loaded.paths = [normalize_path(p, index) for p in loaded.paths]
+        return cls(model, preprocess, loaded, triplets, device)
+
+    # ------------------------------------------------------------------ retrieval
+    def encode(self, image, caption: str) -> torch.Tensor:
+        """The query embedding [1, E] float32, exactly as `cir.evaluate.embed_queries` computes it."""
+        pixels = self.preprocess(as_image(image))[None].to(self.device)
+        with self.lock, torch.no_grad(), autocast(self.device):
+            return self.model.encode_query(pixels, [caption]).float()
+
+    def retrieve(self, image, caption: str, k: int = 10, targets=()) -> list[Hit]:
+        """Top-k gallery images for (image, caption), best first; `is_target` marks paths in `targets`."""
+        scores, ids = self.index.search(self.encode(image, caption), int(k))
+        targets = set(targets)
+        return [Hit(self.index.paths[i], float(s), r, self.index.paths[i] in targets)
+                for r, (s, i) in enumerate(zip(scores[0], ids[0]), 1) if i >= 0]
+
+    def target_rank(self, image, caption: str, targets, gallery: list[str] | None = None) -> tuple[int, int] | None:
+        """(rank of the best-ranked target, gallery size) over `gallery` paths (default: the index);
+        None when no target is in that gallery."""
+        if gallery is None:
+            paths, emb = self.index.paths, self.index.embeddings
+        else:
+            paths, emb = list(gallery), self._gallery_embeddings(tuple(gallery))
+        pos = {p: i for i, p in enumerate(paths)}
+        rows = [pos[t] for t in targets if t in pos]
+        if not rows:
+            return None
+        scores = np.asarray(emb) @ self.encode(image, caption).cpu().numpy()[0]
+        return int((scores > scores[rows].max()).sum()) + 1, len(paths)
+
+    def _embed_paths(self, paths: tuple[str, ...]) -> np.ndarray:
+        with self.lock:
+            try:
+                return embed_gallery(self.model, list(paths), self.preprocess, self.device, progress=True).cpu().numpy()
+            except OSError as e:
+                raise UserError(f"cannot embed the file's images: {e}") from None
+
+    # ------------------------------------------------------------------ browsing
+    def browse(self, text: str = "", page: int = 0, per_page: int = 24) -> tuple[list[str], int, int, int]:
+        """Gallery paths whose file name contains `text` (case-insensitive), one page of them:
+        (paths, page clamped to range, pages, matches)."""
+        text = (text or "").strip().lower()
+        found = [p for p in self.index.paths if text in os.path.basename(p).lower()] if text else self.index.paths
+        pages = max(1, -(-len(found) // per_page))
+        page = min(max(0, int(page)), pages - 1)
+        return found[page * per_page:(page + 1) * per_page], page, pages, len(found)
+
+    def label(self, path: str) -> str:
+        """A path as shown to users: relative to the gallery's common folder when inside it."""
+        rel = os.path.relpath(path, self.root)
+        return path if rel.startswith("..") else rel
+
+    # ------------------------------------------------------------------ phrases and attention
+    @staticmethod
+    def noun_phrases(caption: str) -> list[dict]:
+        """The caption's noun phrases (spaCy), as the training pipeline extracts them."""
+        return extract_noun_phrases([caption])[0] if caption.strip() else []
+
+    def phrase_maps(self, image, caption: str, phrases: list[dict], layer: int | None = None,
+                    head: int | None = None, eps: float = 0.005) -> list[PhraseResult]:
+        """Per phrase: the in-context and isolated maps of one layer/head (None: mean over them) over
+        `image`, and its CC term sum_p ReLU(|A_ctx - A_iso| - eps) (`cir.losses.concept_consistency_loss`)."""
+        if not phrases:
+            return []
+        pixels = self.preprocess(as_image(image)).to(self.device)
+        with self.lock, torch.no_grad():
+            maps = self.model.phrase_attention(pixels, caption, [(p["start"], p["end"]) for p in phrases])
+        out = []
+        for m in maps:
+            ctx, iso = select(m.in_context, layer, head), select(m.isolated, layer, head)
+            if ctx.isnan().any():
+                out.append(PhraseResult(m.text, m.start, m.end, None, None, None))
+                continue
+            cc = float(concept_consistency_loss(ctx.flatten()[None], iso.flatten()[None], eps))
+            out.append(PhraseResult(m.text, m.start, m.end, ctx.numpy(), iso.numpy(), cc))
+        return out

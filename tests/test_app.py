@@ -1,0 +1,321 @@
+"""The explorer app on a tiny random model and a demo built by scripts/build_demo_assets.py:
+retrieval equals cir.evaluate's ranking (callbacks and the served /retrieve endpoint), heatmaps and
+CC terms, noun-phrase editing, the review log (crash recovery, resume, export), flags and errors."""
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cir.checkpoint import save_checkpoint
+from cir.data.loader import load_rgb
+from cir.data.triplets import Triplet, read_gallery, read_triplets, write_triplets
+from cir.errors import UserError
+from cir.evaluate import embed_gallery, embed_queries, rank
+from cir.losses import concept_consistency_loss, reduce_maps
+from cir.model import build_model
+from cir.ui import app as ui
+from cir.ui import review
+from cir.ui.explorer import Explorer, phrase_spans
+from cir.ui.heatmaps import model_view, phrase_row, select
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_module(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """(demo folder, checkpoint): a tiny random model with its weight matrices scaled up, so that
+    scores have no near-ties and attention maps are not uniform, and a 6-query demo built with it."""
+    root = tmp_path_factory.mktemp("app")
+    torch.manual_seed(0)
+    model, _ = build_model("context-cir-tiny")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.mul_(3)
+    ckpt = root / "sharp.safetensors"
+    save_checkpoint(ckpt, model, {"config": model.config.to_dict(), "step": 0})
+    load_module(ROOT / "scripts" / "build_demo_assets.py").build(root / "demo", ckpt, queries=6, seed=7, progress=False)
+    return root / "demo", ckpt
+
+
+@pytest.fixture(scope="module")
+def ex(demo):
+    folder, ckpt = demo
+    return Explorer.load(ckpt, folder / "index", examples=folder / "examples.jsonl", device="cpu")
+
+
+def evaluation_ranking(ex: Explorer, triplets: list[Triplet], k: int) -> list[list[str]]:
+    gallery = embed_gallery(ex.model, ex.index.paths, ex.preprocess, "cpu")
+    return rank(embed_queries(ex.model, triplets, ex.preprocess, "cpu"), gallery, ex.index.paths, triplets, True, k)
+
+
+# ---------------------------------------------------------------------------- demo assets
+def test_demo_assets_are_small_relocatable_and_consistent(demo, tmp_path):
+    folder, ckpt = demo
+    triplets, problems = read_triplets(folder / "examples.jsonl")
+    assert len(triplets) == 6 and not problems
+    line = json.loads((folder / "examples.jsonl").read_text().splitlines()[0])
+    assert not os.path.isabs(line["reference"])  # paths relative to the demo folder
+    gallery = read_gallery(folder / "gallery.txt")
+    assert all(t.reference in gallery and set(t.targets) <= set(gallery) for t in triplets)
+    assert sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) < 2_000_000
+    assert not list(folder.parent.glob("demo.staging*"))
+    # the index stores paths relative to itself: a moved copy still finds its images
+    moved = tmp_path / "elsewhere" / "demo"
+    shutil.copytree(folder, moved)
+    copy = Explorer.load(ckpt, moved / "index", examples=moved / "examples.jsonl", device="cpu")
+    assert all(p.startswith(str(moved)) for p in copy.index.paths)
+    assert set(copy.index.paths) == set(read_gallery(moved / "gallery.txt"))
+    assert all(os.path.isfile(p) for p in copy.index.paths)
+
+
+def test_build_demo_assets_user_errors(tmp_path):
+    script = load_module(ROOT / "scripts" / "build_demo_assets.py")
+    with pytest.raises(UserError, match="checkpoint not found"):
+        script.main(["--checkpoint", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "demo")])
+
+
+# ---------------------------------------------------------------------------- retrieval
+def test_retrieve_equals_evaluation_ranking(ex, demo):
+    k = 10
+    expected = evaluation_ranking(ex, ex.examples, k)
+    for t, want in zip(ex.examples, expected):
+        hits = ex.retrieve(t.reference, t.caption, k, t.targets)
+        assert [h.path for h in hits] == want
+        assert [h.rank for h in hits] == list(range(1, k + 1))
+        assert all(a.score >= b.score for a, b in zip(hits, hits[1:]))
+        assert [h.is_target for h in hits] == [p in t.targets for p in want]
+    # --gallery without --index: an in-memory index ranks the same
+    folder, ckpt = demo
+    in_memory = Explorer.load(ckpt, gallery=folder / "gallery.txt", device="cpu")
+    t = ex.examples[0]
+    assert [h.path for h in in_memory.retrieve(t.reference, t.caption, k)] == expected[0]
+
+
+def test_target_rank_and_retrieve_callback(ex):
+    full = evaluation_ranking(ex, ex.examples, len(ex.index))
+    for t, ranking in zip(ex.examples, full):
+        assert ex.target_rank(t.reference, t.caption, t.targets) == (ranking.index(t.targets[0]) + 1, len(ex.index))
+    # over an explicit gallery (the review tab's "file images")
+    t = ex.examples[0]
+    assert ex.target_rank(t.reference, t.caption, t.targets, [t.reference]) is None
+    assert ex.target_rank(t.reference, t.caption, t.targets, [t.reference, *t.targets])[1] == 2
+    # the page callback: uploaded image (no query path) with an example's ground truth
+    gallery, table, status, paths, maps_image = ui.run_retrieve(ex, t.reference, None, t.caption, 5, t.targets)
+    assert paths == full[0][:5] and [row[2] for row in table] == [ex.label(p) for p in paths]
+    assert len(gallery) == 5 and maps_image == t.reference
+    assert f"rank **{full[0].index(t.targets[0]) + 1}**" in status
+    with pytest.raises(Exception, match="choose a query image"):
+        ui.run_retrieve(ex, None, None, "x", 5, [])
+
+
+def test_browse_pages_and_filter(ex):
+    paths, page, pages, total = ex.browse("", 0, per_page=4)
+    assert paths == ex.index.paths[:4] and total == len(ex.index) and pages == -(-total // 4)
+    assert ex.browse("", 99, per_page=4)[1] == pages - 1  # clamped
+    tgt = ex.browse("TGT", 0, per_page=100)[0]
+    assert tgt and all("-tgt" in os.path.basename(p) for p in tgt)
+    assert ex.browse("no such file", 0)[3] == 0
+    query_path, _, targets, _ = ui.pick_browsed(ex, "tgt", 0, 1)
+    assert query_path == tgt[1] and targets == []
+    query_path, _, caption, targets, _ = ui.pick_example(ex, 2)
+    assert (query_path, caption, targets) == (ex.examples[2].reference, ex.examples[2].caption, ex.examples[2].targets)
+
+
+# ---------------------------------------------------------------------------- attention
+def test_cc_terms_equal_the_loss_on_the_same_maps(ex):
+    t = ex.examples[0]
+    phrases = ex.noun_phrases(t.caption)
+    assert phrases and all(t.caption[p["start"]:p["end"]] == p["text"] for p in phrases)
+    raw = ex.model.phrase_attention(ex.preprocess(load_rgb(t.reference)), t.caption,
+                                    [(p["start"], p["end"]) for p in phrases])
+    ctx = torch.stack([m.in_context for m in raw])  # [N, L, H, g, g]
+    iso = torch.stack([m.isolated for m in raw])
+    g = ex.model.grid
+    for eps in (0.0, 0.005):
+        results = ex.phrase_maps(t.reference, t.caption, phrases, eps=eps)
+        assert all(r.in_context.shape == r.isolated.shape == (g, g) for r in results)
+        c, i = reduce_maps(ctx.flatten(-2)), reduce_maps(iso.flatten(-2))
+        for n, r in enumerate(results):
+            np.testing.assert_allclose(r.in_context.ravel(), c[n].numpy(), rtol=1e-6)
+            assert r.cc == pytest.approx(float(concept_consistency_loss(c[n:n + 1], i[n:n + 1], eps)), rel=1e-6)
+        assert np.mean([r.cc for r in results]) == pytest.approx(float(concept_consistency_loss(c, i, eps)), rel=1e-5)
+    assert max(r.cc for r in ex.phrase_maps(t.reference, t.caption, phrases)) > 0
+    # one layer and head
+    layer, head = ex.layers - 1, ex.heads - 1
+    r = ex.phrase_maps(t.reference, t.caption, phrases[:1], layer=layer, head=head, eps=0.0)[0]
+    np.testing.assert_allclose(r.in_context, ctx[0, layer, head].numpy())
+    assert r.cc == pytest.approx(float((ctx[0, layer, head] - iso[0, layer, head]).abs().sum()), rel=1e-5)
+
+
+def test_heatmaps_shapes_shared_scale_and_speed(ex):
+    t = ex.examples[0]
+    view = model_view(load_rgb(t.reference))
+    rng = np.random.default_rng(0)
+    ctx, iso = rng.random((9, 9)) * 0.2, rng.random((9, 9)) * 0.5
+    row = phrase_row(view, ctx, iso, "“a phrase”")
+    assert row.image.dtype == np.uint8 and row.image.ndim == 3 and row.image.shape[2] == 3
+    assert (row.norm.vmin, row.norm.vmax) == (0.0, pytest.approx(max(ctx.max(), iso.max())))
+    assert row.diff_norm.vmin == -row.diff_norm.vmax == pytest.approx(-np.abs(ctx - iso).max())
+    maps = torch.rand(3, 2, 4, 9, 9)
+    torch.testing.assert_close(select(maps).flatten(-2), reduce_maps(maps.flatten(-2)))
+    # ten phrases through the page callback: one row each, stacked, within 3 s
+    caption = ("move the red circle from the top left to the bottom right, make the blue square in the center large, "
+               "add a green star at the bottom, recolor the yellow triangle on the left purple, remove the orange "
+               "diamond on the right and change the background to pink")
+    phrases = ex.noun_phrases(caption)[:10]
+    assert len(phrases) == 10
+    ui.render_maps(ex, t.reference, caption, phrases[:1])  # warm-up
+    t0 = time.perf_counter()
+    image, table = ui.render_maps(ex, t.reference, caption, phrases)
+    assert time.perf_counter() - t0 < 3.0
+    assert len(table) == 10 and image.shape == (10 * row.image.shape[0], *row.image.shape[1:])
+
+
+def test_phrase_editing(ex):
+    caption = "make the red circle blue and the red circle small"
+    assert phrase_spans(caption, [["the red circle", 25, 39], ["", None, None], ["blue", None, None]]) == [
+        {"text": "the red circle", "start": 5, "end": 19}, {"text": "blue", "start": 20, "end": 24}]  # stale span
+    assert phrase_spans(caption, [["the red circle", 29, 43]])[0]["start"] == 29  # the second occurrence, kept
+    with pytest.raises(UserError, match="does not occur"):
+        phrase_spans(caption, [["a green star", None, None]])
+    rows, cleared = ui.add_phrase(caption, [["blue", 20, 24]], "small")
+    assert rows == [["blue", 20, 24], ["small", 44, 49]] and cleared == ""
+    # the attention callback re-extracts phrases for a new caption, keeps edited ones otherwise
+    t = ex.examples[0]
+    rows, owner, image, table, info = ui.attention(ex, t.reference, t.caption, [], None, "mean", "mean", 0.005)
+    assert owner == t.caption and [r[0] for r in rows] == [p["text"] for p in ex.noun_phrases(t.caption)]
+    kept = ui.attention(ex, t.reference, t.caption, rows[:1], owner, "0", "1", 0.0)
+    assert kept[0] == rows[:1] and len(kept[3]) == 1 and kept[2] is not None
+
+
+# ---------------------------------------------------------------------------- review
+def write_lines(path: Path, records: list[dict], tail: bytes = b"") -> None:
+    path.write_bytes(b"".join(json.dumps(r).encode() + b"\n" for r in records) + tail)
+
+
+def test_review_log_append_crash_recovery_and_resume(demo, tmp_path):
+    triplets = read_triplets(demo[0] / "examples.jsonl")[0]
+    log = review.review_path(tmp_path / "x.jsonl")
+    assert log == tmp_path / "x.review.jsonl" and review.read_decisions(log) == {}
+    review.append_decision(log, review.decision(triplets[0].id, "accept"))
+    review.append_decision(log, review.decision(triplets[1].id, "reject", note="blurry"))
+    review.append_decision(log, review.decision(triplets[0].id, "edit", caption="a new caption"))
+    d = review.read_decisions(log)
+    assert d[triplets[0].id]["decision"] == "edit" and d[triplets[1].id]["note"] == "blurry"
+    assert review.first_undecided(triplets, d) == 2
+    # a crash mid-write: the half line is ignored, every complete line recovered, appends continue cleanly
+    good = log.read_bytes()
+    log.write_bytes(good + b'{"id": "' + triplets[2].id.encode() + b'", "decis')
+    assert review.read_decisions(log) == d
+    assert review.open_log(log) == d and log.read_bytes() == good
+    review.append_decision(log, review.decision(triplets[2].id, "accept"))
+    assert review.first_undecided(triplets, review.read_decisions(log)) == 3
+    # a whole record whose newline was lost is kept, and the newline restored
+    whole = json.dumps(review.decision(triplets[3].id, "reject")).encode()
+    log.write_bytes(log.read_bytes() + whole)
+    assert triplets[3].id in review.open_log(log) and log.read_bytes().endswith(whole + b"\n")
+    # a broken line in the middle is reported with its line number, never dropped silently
+    log.write_bytes(b"not json\n" + log.read_bytes())
+    with pytest.raises(UserError, match=r"x\.review\.jsonl:1:"):
+        review.read_decisions(log)
+    assert review.first_undecided(triplets, {t.id: {} for t in triplets}) == len(triplets)
+
+
+def test_review_export(demo, tmp_path):
+    triplets = read_triplets(demo[0] / "examples.jsonl")[0]
+    assert triplets[1].noun_phrases and triplets[1].meta.get("grounding")
+    decisions = {triplets[0].id: review.decision(triplets[0].id, "accept"),
+                 triplets[1].id: review.decision(triplets[1].id, "edit", caption="make it all blue"),
+                 triplets[2].id: review.decision(triplets[2].id, "reject")}
+    out = review.export_path(demo[0] / "examples.jsonl")
+    assert out.name == "examples.accepted.jsonl"
+    out = tmp_path / "sub" / out.name
+    assert review.export_accepted(triplets, decisions, out) == 2
+    back = read_triplets(out)[0]
+    assert [t.id for t in back] == [triplets[0].id, triplets[1].id]
+    assert back[0] == triplets[0]
+    edited = back[1]
+    assert edited.caption == "make it all blue" and edited.noun_phrases is None and "grounding" not in edited.meta
+    assert edited.meta["original_caption"] == triplets[1].caption
+    assert (edited.reference, edited.targets) == (triplets[1].reference, triplets[1].targets)
+
+
+def test_review_callbacks(ex, demo, tmp_path):
+    src = tmp_path / "batch.jsonl"
+    write_triplets(src, read_triplets(demo[0] / "examples.jsonl")[0][:3])
+    triplets = read_triplets(src)[0]
+    state = ui.review_open(str(src))
+    assert (state["path"], state["pos"]) == (str(src), 0)
+    reference, targets, pieces, caption, note, status = ui.review_show(ex, state)
+    assert caption == triplets[0].caption and "".join(text for text, _ in pieces) == caption
+    assert any(label == "noun phrase" for _, label in pieces) and "Item **1** of 3" in status
+    image, ranked = ui.review_details(ex, state, ui.RANK_OVER[0])
+    assert image is not None and "of 6 (file images)" in ranked
+    assert "gallery index" in ui.review_details(ex, state, ui.RANK_OVER[1])[1]
+    state = ui.review_decide(state, caption, "", kind="accept")
+    state = ui.review_decide(state, "  a better caption ", "typo", kind="accept")  # changed caption: an edit
+    log = review.read_decisions(review.review_path(src))
+    assert log[triplets[0].id]["decision"] == "accept"
+    assert log[triplets[1].id] | {"time": None} == {"id": triplets[1].id, "decision": "edit", "note": "typo",
+                                                    "caption": "a better caption", "time": None}
+    assert ui.review_open(str(src))["pos"] == 2  # reopening resumes at the first undecided item
+    assert ui.review_move(state, -5)["pos"] == 0 and ui.review_move(state, 9)["pos"] == 3
+    update, message = ui.review_export(state)
+    assert [t.caption for t in read_triplets(update["value"])[0]] == [triplets[0].caption, "a better caption"]
+    with pytest.raises(Exception, match="not found"):
+        ui.review_open(str(tmp_path / "missing.jsonl"))
+
+
+# ---------------------------------------------------------------------------- the served app
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_served_retrieve_endpoint(ex):
+    from gradio_client import Client, handle_file
+
+    port = free_port()
+    demo = ui.build_demo(ex).queue(default_concurrency_limit=ui.CONCURRENCY)
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        t = ex.examples[1]
+        _, table, status = client.predict(handle_file(t.reference), t.caption, 7, api_name="/retrieve")
+        want = evaluation_ranking(ex, [t], 7)[0]
+        assert [row[2] for row in table["data"]] == [ex.label(p) for p in want]
+        assert "7 results" in status
+    finally:
+        demo.close()
+
+
+def test_app_flags_and_one_line_errors(tmp_path, capsys):
+    app = load_module(ROOT / "app.py")
+    with pytest.raises(SystemExit):
+        app.main(["--help"])
+    help_text = capsys.readouterr().out
+    for flag in ("--checkpoint", "--index", "--gallery", "--examples", "--device", "--port", "--share"):
+        assert flag in help_text
+    with pytest.raises(UserError, match="not both"):
+        app.main(["--index", "x", "--gallery", "y"])
+    run = subprocess.run([sys.executable, str(ROOT / "app.py"), "--checkpoint", str(tmp_path / "none.safetensors"),
+                          "--gallery", str(tmp_path)], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert run.returncode == 2 and run.stderr.strip().count("\n") == 0 and "checkpoint not found" in run.stderr

@@ -1,0 +1,94 @@
+"""The explorer in headless Chromium (Debian's /usr/bin/chromium, driven by Playwright): pick an
+example, retrieve, see k results and the heatmaps; in the review tab accept an item with the 'a'
+key and find it in the review log. Screenshots of both tabs go to test-artifacts/.
+
+Skipped only where Chromium (or Playwright) is missing and the CI variable is unset."""
+import importlib.util
+import json
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+from cir.data.triplets import read_triplets, write_triplets
+from cir.ui import app as ui
+from cir.ui import review
+from cir.ui.explorer import Explorer
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+TIMEOUT = 60_000  # ms, for anything the server computes
+K = 10
+
+try:
+    from playwright.sync_api import expect, sync_playwright
+except ImportError:
+    sync_playwright = None
+if (sync_playwright is None or not os.path.exists(CHROMIUM)) and not os.environ.get("CI"):
+    pytest.skip("needs Playwright and Chromium (apt-get install -y chromium)", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tiny_checkpoint):
+    """(URL, explorer, triplet file to review) of the app serving a 4-query demo on a free loopback port."""
+    root = tmp_path_factory.mktemp("browser")
+    spec = importlib.util.spec_from_file_location("build_demo_assets", ROOT / "scripts" / "build_demo_assets.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.build(root / "demo", tiny_checkpoint, queries=4, seed=7, progress=False)
+    ex = Explorer.load(tiny_checkpoint, root / "demo" / "index", examples=root / "demo" / "examples.jsonl", device="cpu")
+    to_review = root / "demo" / "batch.jsonl"
+    write_triplets(to_review, read_triplets(root / "demo" / "examples.jsonl")[0])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo = ui.build_demo(ex).queue(default_concurrency_limit=ui.CONCURRENCY)
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    yield f"http://127.0.0.1:{port}/", ex, to_review
+    demo.close()
+
+
+def test_retrieve_and_review_in_the_browser(served):
+    url, ex, to_review = served
+    artifacts = ROOT / "test-artifacts"
+    artifacts.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(TIMEOUT)
+            expect.set_options(timeout=TIMEOUT)
+            page.goto(url)
+            page.locator("#examples img").first.click()
+            expect(page.locator("#caption textarea")).to_have_value(ex.examples[0].caption)
+            page.locator("#retrieve").click()
+            expect(page.locator("#results img")).to_have_count(K)
+            expect(page.locator("#status")).to_contain_text(f"{K} results")
+            expect(page.locator("#maps-info")).to_contain_text(os.path.basename(ex.examples[0].reference))
+            heatmaps = page.locator("#heatmaps img")
+            expect(heatmaps).to_be_visible()
+            # one row per phrase, each an in-context / isolated pair plus their difference
+            assert heatmaps.evaluate("img => img.complete && img.naturalHeight") >= 200
+            page.screenshot(path=str(artifacts / "explorer-retrieve.png"), full_page=True)
+
+            page.get_by_role("tab", name="Review").click()
+            page.locator("#review-file textarea").fill(str(to_review))
+            page.locator("#review-open").click()
+            status = page.locator("#review-status")
+            expect(status).to_contain_text("Item 1 of")
+            page.locator("h1").click()  # focus outside the text fields, where the shortcuts act
+            page.keyboard.press("a")
+            expect(status).to_contain_text("Item 2 of")
+            second = read_triplets(to_review)[0][1].id
+            expect(page.locator("#review-rank")).to_contain_text(f"{second}: the model ranks the target")
+            expect(page.locator("#review-maps img")).to_be_visible()
+            page.screenshot(path=str(artifacts / "explorer-review.png"), full_page=True)
+        finally:
+            browser.close()
+    log = review.review_path(to_review).read_text().splitlines()
+    first = read_triplets(to_review)[0][0]
+    assert [(r["id"], r["decision"]) for r in map(json.loads, log)] == [(first.id, "accept")]
