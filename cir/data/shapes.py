@@ -365,6 +365,34 @@ def make_caption(rng, ops: list[Operation], templates: dict) -> CaptionBuilder:
     return b
 
 
+# Background phrasings of at most 3 CLIP tokens, so that even four objects (articles dropped) fit a
+# 40-token context; scenes of up to three objects also get the longer ones.
+SHORT_BACKGROUND_FORMS = ["{bg} background with {objs}", "{objs}, {bg} background"]
+BACKGROUND_FORMS = SHORT_BACKGROUND_FORMS + ["{objs} on a {bg} background", "a {bg} background with {objs}",
+                                             "{objs}; the background is {bg}"]
+
+
+def describe_scene(scene: Scene, rng: random.Random) -> str:
+    """A description naming the background and every object's size, color, shape and cell, in a
+    random order and phrasing: "a small red circle at the top left and a large blue star in the
+    center on a pink background" (a CLIP training text)."""
+    objs = rng.sample(scene.objects, len(scene.objects))
+    article = "a " if len(objs) < 4 else ""
+    names = [f"{article}{o.size} {o.color} {o.shape} {_cell_phrase(rng, CELLS[o.cell])}" for o in objs]
+    join = rng.choice([", ", "; "])
+    body = names[0] if len(names) == 1 else join.join(names[:-1]) + rng.choice([join, " and "]) + names[-1]
+    forms = BACKGROUND_FORMS if len(objs) < 4 else SHORT_BACKGROUND_FORMS
+    return rng.choice(forms).format(bg=scene.background, objs=body)
+
+
+def _cell_phrase(rng: random.Random, cell: str) -> str:
+    if cell == "center":
+        return rng.choice(["in the center", "at the center"])
+    if cell in ("left", "right"):
+        return f"on the {cell}"
+    return rng.choice(["at the ", "in the "]) + cell if " " in cell else f"at the {cell}"
+
+
 # ----------------------------------------------------------------------------- a split
 
 def _render_job(job: tuple[str, dict]) -> None:
