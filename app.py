@@ -11,7 +11,7 @@ import torch
 
 from cir.cli import run_cli
 from cir.errors import UserError
-from cir.ui.app import CONCURRENCY, build_demo
+from cir.ui.app import CONCURRENCY, MAX_FILE_SIZE, build_demo
 from cir.ui.explorer import Explorer
 
 
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     explorer = Explorer.load(a.checkpoint, a.index, a.gallery, a.examples, a.device)
     demo = build_demo(explorer).queue(default_concurrency_limit=CONCURRENCY)
     try:
-        demo.launch(server_name="127.0.0.1", server_port=a.port, share=a.share)
+        demo.launch(server_name="127.0.0.1", server_port=a.port, share=a.share, max_file_size=MAX_FILE_SIZE)
     except OSError as e:  # the port is taken
         raise UserError(f"cannot serve on port {a.port}: {e}") from None
     return 0

@@ -108,9 +108,16 @@ def read_manifest(path: str | os.PathLike) -> dict:
         raise UserError(f"cannot read checkpoint {path}: not a complete safetensors file ({e})") from None
     if "manifest" not in meta:
         raise UserError(f"{path} is a safetensors file without a ConText-CIR manifest")
-    manifest = json.loads(meta["manifest"])
+    try:
+        manifest = json.loads(meta["manifest"])
+    except (ValueError, RecursionError) as e:
+        raise UserError(f"{path}: the embedded manifest is not valid JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(manifest, dict):
+        raise UserError(f"{path}: the embedded manifest is not a JSON object")
     if manifest.get("format") != FORMAT:
         raise UserError(f"{path}: unsupported checkpoint format {manifest.get('format')!r} (expected {FORMAT})")
+    if not isinstance(manifest.get("config"), dict):
+        raise UserError(f"{path}: the manifest has no model config")
     return manifest
 
 
@@ -133,8 +140,17 @@ def load_checkpoint(path: str | os.PathLike | None = None, device: str | torch.d
     path = Path(path) if path is not None else DEFAULT_CHECKPOINT
     manifest = read_manifest(path)
     tensors = read_tensors(path)
-    config = ModelConfig.from_dict(dict(manifest["config"], pretrained=None))
-    model, preprocess = build_model(config, device="cpu")
+    try:
+        config = ModelConfig.from_dict(dict(manifest["config"], pretrained=None))
+    except UserError as e:
+        raise UserError(f"checkpoint {path}: {e}") from None
+    try:
+        model, preprocess = build_model(config, device="cpu")
+    except UserError:
+        raise
+    except Exception as e:  # nonsense values in the manifest's config
+        raise UserError(f"checkpoint {path}: its manifest's model config cannot be built "
+                        f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
     state = _decode({k: v for k, v in tensors.items() if not k.startswith(("optimizer.", "rng."))})
     if TOKEN_EMBEDDING + ".rows" in state:
         rows, compact = state.pop(TOKEN_EMBEDDING + ".rows"), state.pop(TOKEN_EMBEDDING + ".compact")

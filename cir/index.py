@@ -11,6 +11,10 @@ Index types: `flat` (exact inner product; auto below 200k images), `ivf` (IVFFla
 5M) and `ivfpq` (IVF with product quantisation). Embeddings are kept so updates and
 re-indexing never re-embed.
 
+Unreadable images (corrupt, truncated, not images, over the pixel limit of cir.data.loader) are
+skipped: the build completes with the others, names them on stderr and lists them, with their
+one-line reasons, under "skipped" in manifest.json.
+
 A build embeds in chunks saved to INDEX_DIR.partial/ (`--resume` skips finished chunks), stages
 the new folder there and swaps it onto INDEX_DIR in one rename: a kill at any moment leaves the
 previous index intact. `update` re-embeds only images whose path or content changed.
@@ -35,12 +39,12 @@ import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from cir.atomic import sha256_file, write_json
 from cir.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint, model_hash, read_manifest, versions
+from cir.data.loader import BadImage, load_rgb
 from cir.data.triplets import normalize_path, read_gallery
 from cir.errors import UserError
 from cir.evaluate import autocast
@@ -146,11 +150,24 @@ class GalleryIndex:
         manifest = read_index_manifest(index_dir)
         if checkpoint_path is not None:
             check_checkpoint(manifest, checkpoint_path, index_dir)
-        emb = np.load(index_dir / EMBEDDINGS, mmap_mode="r")
+        try:
+            emb = np.load(index_dir / EMBEDDINGS, mmap_mode="r")
+        except (OSError, ValueError, EOFError) as e:  # missing, truncated or not a .npy file
+            raise UserError(f"{index_dir}: {EMBEDDINGS} cannot be read ({type(e).__name__}: "
+                            f"{' '.join(str(e).split())}); rebuild the index") from None
         if emb.shape != (manifest["count"], manifest["embedding"]["dim"]):
             raise UserError(f"{index_dir}: {EMBEDDINGS} has shape {emb.shape}, the manifest says "
                             f"({manifest['count']}, {manifest['embedding']['dim']}); rebuild the index")
-        index = faiss.read_index(str(index_dir / FAISS_FILE)) if torch.device(device).type != "cuda" else None
+        index = None
+        if torch.device(device).type != "cuda":
+            try:
+                index = faiss.read_index(str(index_dir / FAISS_FILE))
+            except RuntimeError as e:  # faiss reports a missing or damaged file as RuntimeError
+                first = (str(e).strip().splitlines() or ["damaged"])[0]
+                raise UserError(f"{index_dir}: {FAISS_FILE} cannot be read ({first}); rebuild the index") from None
+            if index.ntotal != len(emb):
+                raise UserError(f"{index_dir}: {FAISS_FILE} holds {index.ntotal} vectors, {EMBEDDINGS} {len(emb)}; "
+                                "rebuild the index")
         return GalleryIndex(manifest, emb, index, device)
 
     @staticmethod
@@ -216,9 +233,10 @@ def read_index_manifest(index_dir: Path) -> dict:
         raise UserError(f"no gallery index at {index_dir} (build one with: python -m cir.index build ...)")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not a valid index manifest ({e})") from None
-    if manifest.get("format") != FORMAT:
+    except (ValueError, RecursionError) as e:  # invalid JSON or UTF-8, or nested too deeply
+        raise UserError(f"{path} is not a valid index manifest ({type(e).__name__}: {e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        manifest = manifest if isinstance(manifest, dict) else {}
         raise UserError(f"{index_dir}: unsupported index format {manifest.get('format')!r} (expected {FORMAT})")
     return manifest
 
@@ -249,20 +267,20 @@ class _HashedImages(Dataset):
         try:
             with open(path, "rb") as f:
                 data = f.read()
-            with Image.open(io.BytesIO(data)) as im:
-                image = self.preprocess(im.convert("RGB"))
+            image = self.preprocess(load_rgb(io.BytesIO(data), name=path))
         except FileNotFoundError:
             return None, None, f"gallery image not found: {path}"
-        except Exception as e:  # PIL raises many types for bad files
-            return None, None, f"gallery image cannot be decoded: {path} ({type(e).__name__}: {e})"
+        except BadImage as e:
+            return None, None, f"gallery image cannot be decoded: {path} ({e.reason})"
+        except Exception as e:  # preprocessing, or reading the file
+            return None, None, f"gallery image cannot be decoded: {path} ({type(e).__name__}: {' '.join(str(e).split())})"
         return image, hashlib.sha256(data).hexdigest(), None
 
 
 def _collate(items):
-    problems = [p for _, _, p in items if p]
-    if problems:
-        return None, None, problems
-    return torch.stack([im for im, _, _ in items]), [h for _, h, _ in items], None
+    """-> (the good images stacked [g, 3, S, S] or None, sha256 per item, problem per item ("" if none))."""
+    good = [im for im, _, p in items if p is None]
+    return (torch.stack(good) if good else None), [h or "" for _, h, _ in items], [p or "" for _, _, p in items]
 
 
 def _write_npz(path: Path, **arrays) -> None:
@@ -277,11 +295,12 @@ def _write_npz(path: Path, **arrays) -> None:
 @torch.no_grad()
 def embed_images(model, preprocess, paths: list[str], work: Path, key: str, chunk_size: int = 4096,
                  batch_size: int = 128, workers: int = 0, device="cpu", progress: bool = True
-                 ) -> tuple[np.ndarray, list[str], int]:
+                 ) -> tuple[np.ndarray, list[str], int, dict[int, str]]:
     """f(image, "") for every path, chunk by chunk into `work`/chunk-NNNNNN.npz (embeddings [n, E],
-    the paths and sha256 they cover); chunks already there under the same `key` are reused.
+    the paths, sha256 and problems they cover); chunks already there under the same `key` are reused.
 
-    Returns (embeddings [N, E] float32 L2-normalised, sha256 per path, images taken from old chunks).
+    Returns (embeddings [N, E] float32 L2-normalised, sha256 per path, images taken from old chunks,
+    {i: one-line reason} of the paths that could not be read: their rows are NaN, their sha256 "").
     Batches never straddle chunks, so a resumed build gives the same vectors as an uninterrupted one."""
     work.mkdir(parents=True, exist_ok=True)
     plan = {"key": key, "count": len(paths), "chunk_size": chunk_size}
@@ -291,38 +310,67 @@ def embed_images(model, preprocess, paths: list[str], work: Path, key: str, chun
                         "--chunk-size; run without --resume to start over")
     write_json(plan_file, plan)
     spans = [(s, min(s + chunk_size, len(paths))) for s in range(0, len(paths), chunk_size)]
-    done: dict[int, tuple[np.ndarray, list[str]]] = {}
+    done: dict[int, tuple[np.ndarray, list[str], list[str]]] = {}
     for c, (s, e) in enumerate(spans):
         f = work / f"chunk-{c:06d}.npz"
         if f.is_file():
             with np.load(f) as z:
                 if z["paths"].tolist() == paths[s:e]:
-                    done[c] = (z["embeddings"], z["sha256"].tolist())
-    resumed = sum(len(h) for _, h in done.values())
+                    done[c] = (z["embeddings"], z["sha256"].tolist(),
+                               z["problems"].tolist() if "problems" in z else [""] * (e - s))
+    resumed = sum(len(h) for _, h, _ in done.values())
     todo = [c for c in range(len(spans)) if c not in done]
     batches = [list(range(b, min(b + batch_size, spans[c][1])))
                for c in todo for b in range(spans[c][0], spans[c][1], batch_size)]
     dev = torch.device(device)
     loader = DataLoader(_HashedImages(paths, preprocess), batch_sampler=batches, num_workers=workers,
                         pin_memory=dev.type == "cuda", collate_fn=_collate)
-    rows, hashes, todo_iter = [], [], iter(todo)
+    rows, hashes, problems, todo_iter = [], [], [], iter(todo)
     c = next(todo_iter, None)
+    dim = model.config.embed_dim
     with tqdm(total=len(paths), initial=resumed, desc="embedding", unit="img", disable=not progress) as bar:
-        for images, batch_hashes, problems in loader:
-            if problems:
-                raise UserError(problems[0] + (f" (and {len(problems) - 1} more in this batch)" if len(problems) > 1 else ""))
-            with autocast(dev):
-                emb = model.encode_gallery(images.to(dev, non_blocking=True))
-            rows.append(F.normalize(emb.float(), dim=-1).cpu().numpy())
+        for images, batch_hashes, batch_problems in loader:
+            out = np.full((len(batch_hashes), dim), np.nan, np.float32)  # unreadable images stay NaN
+            if images is not None:
+                with autocast(dev):
+                    emb = model.encode_gallery(images.to(dev, non_blocking=True))
+                out[[i for i, p in enumerate(batch_problems) if not p]] = F.normalize(emb.float(), dim=-1).cpu().numpy()
+            rows.append(out)
             hashes += batch_hashes
-            bar.update(len(images))
+            problems += batch_problems
+            bar.update(len(batch_hashes))
             if len(hashes) == spans[c][1] - spans[c][0]:
-                done[c] = (np.concatenate(rows), hashes)
+                done[c] = (np.concatenate(rows), hashes, problems)
                 _write_npz(work / f"chunk-{c:06d}.npz", embeddings=done[c][0], paths=np.array(paths[slice(*spans[c])]),
-                           sha256=np.array(hashes))
-                rows, hashes, c = [], [], next(todo_iter, None)
+                           sha256=np.array(hashes), problems=np.array(problems))
+                rows, hashes, problems, c = [], [], [], next(todo_iter, None)
     emb = np.concatenate([done[c][0] for c in range(len(spans))])
-    return emb, [h for c in range(len(spans)) for h in done[c][1]], resumed
+    every = [p for c in range(len(spans)) for p in done[c][2]]
+    return emb, [h for c in range(len(spans)) for h in done[c][1]], resumed, {i: p for i, p in enumerate(every) if p}
+
+
+def _report_skipped(skipped: dict[int, str], total: int, shown: int = 20) -> None:
+    """Name the unreadable images on stderr (the first `shown`; the manifest lists them all)."""
+    print(f"skipped {len(skipped)} of {total} gallery images that cannot be read (listed in the index's "
+          f"{MANIFEST} under \"skipped\"):", file=sys.stderr)
+    for reason in list(skipped.values())[:shown]:
+        print(f"  skipped: {reason}", file=sys.stderr)
+    if len(skipped) > shown:
+        print(f"  ... and {len(skipped) - shown} more", file=sys.stderr)
+
+
+def _drop_skipped(paths: list[str], emb: np.ndarray, hashes: list[str], skipped: dict[int, str], gallery,
+                  must_keep_one: bool = True) -> tuple[list[str], np.ndarray, list[str], list[dict]]:
+    """The readable images only: (paths, embeddings, sha256, [{"path", "reason"}] of the skipped)."""
+    if not skipped:
+        return paths, emb, hashes, []
+    _report_skipped(skipped, len(paths))
+    keep = [i for i in range(len(paths)) if i not in skipped]
+    if not keep and must_keep_one:
+        raise UserError(f"no image of the gallery {gallery} can be read: {next(iter(skipped.values()))}"
+                        + (f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""))
+    return ([paths[i] for i in keep], emb[keep], [hashes[i] for i in keep],
+            [{"path": paths[i], "reason": r} for i, r in skipped.items()])
 
 
 def hash_files(paths: list[str], workers: int = 4, progress: bool = True) -> list[str]:
@@ -445,19 +493,22 @@ def build_index(out: str | os.PathLike, gallery: str | os.PathLike | list[str], 
     model, preprocess, _ = load_checkpoint(checkpoint, device)
     sha = model_hash(checkpoint)
     work = _work_dir(out, resume, progress)
-    emb, hashes, resumed = embed_images(model, preprocess, paths, work, _plan_key(sha, paths), chunk_size,
-                                        batch_size, workers, device, progress)
+    emb, hashes, resumed, skipped = embed_images(model, preprocess, paths, work, _plan_key(sha, paths), chunk_size,
+                                                 batch_size, workers, device, progress)
+    paths, emb, hashes, skipped = _drop_skipped(paths, emb, hashes, skipped, gallery)
+    if skipped:
+        params = resolve_params(len(paths), config["embed_dim"], index_type, nlist, pq_m, train_sample, nprobe)
     requested = {"type": index_type, "nlist": nlist, "pq_m": pq_m, "train_sample": train_sample, "nprobe": nprobe}
     manifest = {"format": FORMAT, "checkpoint": {"path": str(checkpoint.resolve()), "sha256": sha},
                 "config": config,
                 "embedding": {"dim": emb.shape[1], "normalization": "l2", "dtype": "float32", "file": EMBEDDINGS},
                 "index": {"requested": requested, "params": params, "metric": "inner_product", "file": FAISS_FILE},
                 "count": len(paths), "gallery": str(gallery) if isinstance(gallery, (str, os.PathLike)) else None,
-                "images": [{"path": p, "sha256": h} for p, h in zip(paths, hashes)],
+                "images": [{"path": p, "sha256": h} for p, h in zip(paths, hashes)], "skipped": skipped,
                 "versions": _versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     _write_index(out, work, manifest, emb, make_faiss_index(emb, params))
-    return {"images": len(paths), "embedded": len(paths) - resumed, "resumed": resumed, "type": params["type"],
-            "seconds": time.time() - t0}
+    return {"images": len(paths), "embedded": len(paths) + len(skipped) - resumed, "resumed": resumed,
+            "skipped": len(skipped), "type": params["type"], "seconds": time.time() - t0}
 
 
 def update_index(index_dir: str | os.PathLike, gallery: str | os.PathLike | list[str], checkpoint=None,
@@ -486,10 +537,16 @@ def update_index(index_dir: str | os.PathLike, gallery: str | os.PathLike | list
     work = _work_dir(index_dir, resume, progress)
     if new:
         model, preprocess, _ = load_checkpoint(checkpoint, device)
-        new_emb, new_hashes, resumed = embed_images(model, preprocess, new, work, _plan_key(sha, new), chunk_size,
-                                                    batch_size, workers, device, progress)
+        new_emb, new_hashes, resumed, skipped = embed_images(model, preprocess, new, work, _plan_key(sha, new),
+                                                             chunk_size, batch_size, workers, device, progress)
+        attempted = len(new)
+        new, new_emb, new_hashes, skipped = _drop_skipped(new, new_emb, new_hashes, skipped, gallery, must_keep_one=False)
+        unreadable = {s["path"] for s in skipped}
+        paths = [p for p in paths if p not in unreadable]
+        if not paths:
+            raise UserError(f"no image of the gallery {gallery} can be read")
     else:
-        new_emb, new_hashes, resumed = np.zeros((0, old_emb.shape[1]), np.float32), [], 0
+        new_emb, new_hashes, resumed, skipped, attempted = np.zeros((0, old_emb.shape[1]), np.float32), [], 0, [], 0
         work.mkdir(exist_ok=True)
     emb = np.empty((len(paths), old_emb.shape[1]), np.float32)
     kept_rows = [i for i, p in enumerate(paths) if p in keep]
@@ -507,13 +564,14 @@ def update_index(index_dir: str | os.PathLike, gallery: str | os.PathLike | list
         index.reset()
         index.add(emb)
     manifest = dict(manifest, count=len(paths), images=[{"path": p, "sha256": h} for p, h in zip(paths, hashes)],
+                    skipped=skipped,
                     gallery=str(gallery) if isinstance(gallery, (str, os.PathLike)) else None,
                     versions=_versions(), updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     manifest["index"] = dict(manifest["index"], params=params)
     removed = len(set(old_rows) - set(paths))
     _write_index(index_dir, work, manifest, emb, index)
-    return {"images": len(paths), "kept": len(keep), "embedded": len(new) - resumed, "removed": removed,
-            "resumed": resumed, "type": params["type"], "seconds": time.time() - t0}
+    return {"images": len(paths), "kept": len(keep), "embedded": attempted - resumed, "removed": removed,
+            "resumed": resumed, "skipped": len(skipped), "type": params["type"], "seconds": time.time() - t0}
 
 
 # ---------------------------------------------------------------------------------------- command line
@@ -580,12 +638,14 @@ def main(argv: list[str] | None = None) -> int:
                   resume=a.resume, progress=True)
     if a.cmd == "build":
         r = build_index(a.out, a.gallery, a.checkpoint, a.type, a.nlist, a.pq_m, a.train_sample, a.nprobe, **common)
-        print(f"wrote {a.out}: {r['images']} images ({r['embedded']} embedded, {r['resumed']} resumed), "
+        print(f"wrote {a.out}: {r['images']} images ({r['embedded']} embedded, {r['resumed']} resumed, "
+              f"{r['skipped']} unreadable skipped), "
               f"{r['type']} index, {r['seconds']:.1f} s")
     else:
         r = update_index(a.index, a.gallery, a.checkpoint, a.retrain, **common)
         print(f"updated {a.index}: {r['images']} images ({r['kept']} kept, {r['embedded']} embedded, "
-              f"{r['resumed']} resumed, {r['removed']} removed), {r['type']} index, {r['seconds']:.1f} s")
+              f"{r['resumed']} resumed, {r['removed']} removed, {r['skipped']} unreadable skipped), "
+              f"{r['type']} index, {r['seconds']:.1f} s")
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -190,6 +191,22 @@ def isolated_maps(model: ConTextCIR, image_tok: torch.Tensor, rows: torch.Tensor
                      [list(range(1, e)) for e in eot])
 
 
+def _check_weights_file(pretrained: str | None) -> None:
+    """Refuse a local pickle-based weights file (.pt, .pth, .bin) that `torch.load(weights_only=True)`
+    cannot read. open_clip loads such files with weights_only=True too, but retries a TypeError with
+    torch's default, which the environment (TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD) can turn into a full
+    unpickle, i.e. code execution: a file refused here never gets there. Safetensors and numpy
+    (.npz/.npy, read without pickle) files go straight to open_clip."""
+    if not pretrained or not os.path.isfile(pretrained) or pretrained.endswith((".safetensors", ".npz", ".npy")):
+        return
+    try:
+        torch.load(pretrained, map_location="cpu", weights_only=True, mmap=False)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"refusing pretrained weights {pretrained}: not readable as plain tensors "
+                        f"(torch.load weights_only=True: {type(e).__name__}: {first})") from None
+
+
 def build_model(config: ModelConfig | str, device: str | torch.device = "cpu"):
     """Build ConTextCIR and its image preprocessing from a config (name, path or ModelConfig).
 
@@ -199,13 +216,18 @@ def build_model(config: ModelConfig | str, device: str | torch.device = "cpu"):
         config = ModelConfig.load(config)
     if config.clip_model not in open_clip.list_models():
         raise UserError(f"unknown open_clip model {config.clip_model!r}")
+    _check_weights_file(config.pretrained)
     # device "meta" builds the architecture without allocating weights (checks of large configs)
     with torch.device("meta") if str(device) == "meta" else contextlib.nullcontext():
         try:
             clip, _, preprocess = open_clip.create_model_and_transforms(config.clip_model, pretrained=config.pretrained,
                                                                         device=device)
-        except RuntimeError as e:
-            raise UserError(f"cannot build CLIP model {config.clip_model!r} with pretrained={config.pretrained!r}: {e}") from None
+        except UserError:
+            raise
+        except Exception as e:  # RuntimeError (shapes), UnpicklingError, OSError, ... from loading the weights
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise UserError(f"cannot build CLIP model {config.clip_model!r} with pretrained={config.pretrained!r}: "
+                            f"{first}") from None
         tower_ctx = getattr(clip, "context_length", config.context_length)
         if tower_ctx < config.context_length:
             raise UserError(f"context_length {config.context_length} exceeds the text tower's {tower_ctx}")

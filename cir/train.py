@@ -309,10 +309,19 @@ def restore_optimizer(opt: torch.optim.Optimizer, tensors: dict, manifest: dict)
 
 
 def truncate_log(path: Path, step: int) -> None:
-    """Keep only log lines up to `step` (a resumed run rewrites what came after its checkpoint)."""
+    """Keep only log lines up to `step` (a resumed run rewrites what came after its checkpoint); a
+    line cut short by a crash is dropped."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+
+    def step_of(line: str) -> int | None:
+        try:
+            return json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    keep = [line for line in path.read_text(errors="replace").splitlines()
+            if line and (s := step_of(line)) is not None and s <= step]
     path.write_text("".join(line + "\n" for line in keep))
 
 

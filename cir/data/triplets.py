@@ -12,8 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from PIL import Image
-
 from cir.atomic import atomic_path
 from cir.errors import UserError
 
@@ -74,15 +72,13 @@ class _ImageChecker:
 
 
 def image_problem(path: str) -> str | None:
-    """None when `path` is a decodable image, else a short reason."""
+    """None when `path` is an image the project's loader reads, else a short reason."""
     if not os.path.isfile(path):
         return f"image not found: {path}"
-    try:
-        with Image.open(path) as im:
-            im.verify()
-    except Exception as e:  # PIL raises many types for bad files
-        return f"image cannot be decoded: {path} ({type(e).__name__}: {e})"
-    return None
+    from cir.data.loader import image_problem as decode_problem  # (cir.data.loader imports this module)
+
+    why = decode_problem(path)
+    return None if why is None else f"image cannot be decoded: {path} ({why})"
 
 
 def _parse_line(obj, base: str, line_no: int, where: str) -> Triplet:
@@ -98,6 +94,10 @@ def _parse_line(obj, base: str, line_no: int, where: str) -> Triplet:
     for key in ("targets", "subset"):
         if key in obj and not (isinstance(obj[key], list) and all(isinstance(x, str) for x in obj[key])):
             raise BadLine(f"{where}: field '{key}' must be a list of strings")
+    try:
+        obj["caption"].encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise BadLine(f"{where}: the caption is not valid Unicode text (a lone surrogate at character {e.start})") from None
     nps = obj.get("noun_phrases")
     if nps is not None:
         cap = obj["caption"]
@@ -147,6 +147,8 @@ def read_triplets(path: str | os.PathLike, skip_bad: bool = False, check_images:
                     obj = json.loads(raw)
                 except json.JSONDecodeError as e:
                     raise BadLine(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+                except RecursionError:
+                    raise BadLine(f"{where}: not valid JSON (nested too deeply)") from None
                 t = _parse_line(obj, base, line_no, where)
                 if t.id in ids:
                     raise BadLine(f"{where}: duplicate id '{t.id}'")

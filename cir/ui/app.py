@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import functools
 import os
+import tempfile
 import time
 from functools import lru_cache
+from pathlib import Path
 
 import gradio as gr
 import numpy as np
+from gradio import processing_utils
 
+from cir.data.loader import load_rgb
 from cir.data.triplets import read_triplets
 from cir.errors import UserError
 from cir.ui import review
@@ -22,6 +26,8 @@ from cir.ui.explorer import Explorer, as_image, phrase_spans, thumbnail
 from cir.ui.heatmaps import model_view, phrase_row
 
 CONCURRENCY = 4  # events of one kind served at once (model forwards still take turns, see Explorer.lock)
+MAX_FILE_SIZE = "25mb"  # largest upload the server accepts (launch(max_file_size=...)); images are also
+# refused above cir.data.loader.MAX_IMAGE_PIXELS
 PER_PAGE = 24
 DEFAULT_EPS = 0.005
 MEAN = "mean"
@@ -54,6 +60,78 @@ def shown(fn):
 
 def _choice(value: str) -> int | None:
     return None if value in (None, MEAN) else int(value)
+
+
+def _save_pil_to_cache_once(img, cache_dir: str, name: str = "image", format: str = "webp") -> str:
+    """Gradio's `processing_utils.save_pil_to_cache`, writing each file once, under a temporary name
+    renamed into place (as Gradio's own `save_file_to_cache` does). Gradio 6.31 rewrites the cached
+    file in place on every use, so under load a request downloading a result thumbnail while another
+    request returns the same thumbnail read a truncated file and failed (test_hostile_load)."""
+    data = processing_utils.encode_pil_to_bytes(img, format)
+    folder = Path(cache_dir) / processing_utils.hash_bytes(data)
+    folder.mkdir(exist_ok=True, parents=True)
+    path = (folder / f"{name}.{format}").resolve()
+    if not path.is_file():
+        fd, staging = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.chmod(staging, 0o644)
+            os.replace(staging, path)
+        finally:
+            Path(staging).unlink(missing_ok=True)
+    return str(path)
+
+
+processing_utils.save_pil_to_cache = _save_pil_to_cache_once  # also used by save_img_array_to_cache (heatmaps)
+
+
+def query_image(**kwargs) -> gr.Image:
+    """A gr.Image whose upload is read by the project's image loader before Gradio opens it: an
+    unreadable file or a decompression bomb fails the event with a one-line reason naming the
+    uploaded file (Gradio would fail it with a hidden error, a callback would name the server's
+    temp path). With `image_mode=None` the file reaches the callbacks as uploaded, so
+    `cir.data.loader.load_rgb` alone decides orientation, transparency and bit depth. (The check
+    wraps this instance's `preprocess`: a gr.Image subclass would make Gradio write a .pyi stub
+    beside this module on every import.)"""
+    image = gr.Image(image_mode=None, **kwargs)
+    gradio_preprocess = image.preprocess
+
+    def preprocess(payload):
+        name = getattr(payload, "orig_name", None) or "the uploaded image"
+        try:
+            if payload is not None and payload.path:
+                load_rgb(payload.path, name)
+            return gradio_preprocess(payload)
+        except UserError as e:
+            raise gr.Error(str(e)) from None
+        except gr.Error:
+            raise
+        except Exception as e:  # a data: URL PIL cannot read, or anything else Gradio trips on
+            raise gr.Error(f"cannot read image {name}: {type(e).__name__}: {' '.join(str(e).split())}") from None
+
+    image.preprocess = preprocess
+    return image
+
+
+def top_k(k, n: int) -> int:
+    """The slider's k as a whole number in [1, n] (the API may send anything)."""
+    try:
+        k = int(k)
+    except (TypeError, ValueError, OverflowError):
+        raise UserError(f"top k must be a whole number from 1 to {n}, got {k!r}") from None
+    return min(max(1, k), max(1, n))
+
+
+def truncation_notice(ex: Explorer, caption: str) -> str:
+    """'' or a sentence saying how much of a caption too long for the text encoder is used."""
+    tok = ex.model.tokenizer
+    if not caption or not tok.truncated(caption):
+        return ""
+    keep = tok.context_length - 2
+    used = tok.encode_with_offsets(caption)[1][keep - 1][1]
+    return (f" ⚠ **Caption truncated** to the model's {keep} tokens: only its first {used} of {len(caption):,} "
+            "characters are used.")
 
 
 # ---------------------------------------------------------------------------- retrieve tab
@@ -93,9 +171,10 @@ def run_retrieve(ex: Explorer, image, query_path, caption: str, k: int, targets)
     """-> (result thumbnails with rank and score, result table, status, result paths, maps image)."""
     source = query_path or image
     t0 = time.perf_counter()
-    hits = ex.retrieve(source, caption or "", int(k), targets or [])
+    hits = ex.retrieve(source, caption or "", top_k(k, len(ex.index)), targets or [])
     ms = (time.perf_counter() - t0) * 1000
     status = f"{len(hits)} results in {ms:.0f} ms (encode + search) over {len(ex.index)} images."
+    status += truncation_notice(ex, caption or "")
     if targets:
         found = ex.target_rank(source, caption or "", targets)
         status += f" Ground truth: rank **{found[0]}** of {found[1]}." if found else " Ground truth: not in this gallery."
@@ -132,7 +211,7 @@ def attention(ex: Explorer, image, caption: str, rows, rows_caption: str, layer:
     maps, table = render_maps(ex, image, caption, phrases, layer, head, eps)
     scores = [c for _, c in table if isinstance(c, float)]
     info = f"Maps over **{os.path.basename(image)}** · {len(phrases)} phrase(s)" + (
-        f" · mean CC term (the loss) {sum(scores) / len(scores):.4f}" if scores else "")
+        f" · mean CC term (the loss) {sum(scores) / len(scores):.4f}" if scores else "") + truncation_notice(ex, caption)
     return [[p["text"], p["start"], p["end"]] for p in phrases], caption, maps, table, info
 
 
@@ -284,8 +363,8 @@ def build_demo(ex: Explorer) -> gr.Blocks:
             query_path, targets, hits = gr.State(None), gr.State([]), gr.State([])
             with gr.Row():
                 with gr.Column(scale=1):
-                    image = gr.Image(label="Query image", type="filepath", format="png", height=260,
-                                     sources=["upload", "clipboard"], elem_id="query-image")
+                    image = query_image(label="Query image", type="filepath", format="png", height=260,
+                                        sources=["upload", "clipboard"], elem_id="query-image")
                     query_info = gr.Markdown()
                     caption = gr.Textbox(label="Modification", placeholder="e.g. make the red circle blue",
                                          elem_id="caption")

@@ -10,6 +10,7 @@ autocast as `cir.evaluate`, searched in a `cir.index.GalleryIndex` (reference im
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from dataclasses import dataclass
 from functools import lru_cache
@@ -22,7 +23,7 @@ from PIL import Image
 
 from cir.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
 from cir.data.loader import load_rgb
-from cir.data.triplets import Triplet, normalize_path, read_gallery, read_triplets
+from cir.data.triplets import Triplet, image_problem, normalize_path, read_gallery, read_triplets
 from cir.errors import UserError
 from cir.evaluate import autocast, embed_gallery
 from cir.index import GalleryIndex
@@ -62,6 +63,8 @@ def as_image(image: str | os.PathLike | Image.Image) -> Image.Image:
         raise UserError(f"image not found: {image}" if image else "choose a query image first")
     try:
         return load_rgb(str(image))
+    except UserError:  # BadImage: already one line naming the file
+        raise
     except OSError as e:
         raise UserError(f"cannot read image {image}: {e}") from None
 
@@ -78,7 +81,7 @@ def phrase_spans(caption: str, rows) -> list[dict]:
             continue
         try:
             start, end = int(row[1]), int(row[2])
-        except (IndexError, TypeError, ValueError):
+        except (IndexError, TypeError, ValueError, OverflowError):
             start = end = -1
         if not (0 <= start < end <= len(caption) and caption[start:end] == text):
             start = caption.find(text)
@@ -87,6 +90,19 @@ def phrase_spans(caption: str, rows) -> list[dict]:
             end = start + len(text)
         out.append({"text": text, "start": start, "end": end})
     return out
+
+
+def _readable(paths: list[str], gallery) -> list[str]:
+    """The paths `load_rgb` reads; the others are named on stderr (an error when none is left)."""
+    problems = {p: why for p in paths if (why := image_problem(p)) is not None}
+    for why in list(problems.values())[:20]:
+        print(f"skipped: {why}", file=sys.stderr)
+    if len(problems) > 20:
+        print(f"skipped {len(problems) - 20} more unreadable images", file=sys.stderr)
+    good = [p for p in paths if p not in problems]
+    if not good:
+        raise UserError(f"cannot embed the gallery {gallery}: no image can be read ({next(iter(problems.values()))})")
+    return good
 
 
 @lru_cache(maxsize=4096)
@@ -132,8 +148,9 @@ class Explorer:
             print(f"embedding the gallery {gallery} ({len(paths)} images)", flush=True)
             try:
                 emb = embed_gallery(model, paths, preprocess, device, progress=True)
-            except OSError as e:  # missing or undecodable image
-                raise UserError(f"cannot embed the gallery {gallery}: {e}") from None
+            except OSError:  # a missing or unreadable image: skip those (named on stderr), embed the rest
+                paths = _readable(paths, gallery)
+                emb = embed_gallery(model, paths, preprocess, device, progress=True)
             loaded = GalleryIndex.from_embeddings(emb.cpu().numpy(), paths, device=device)
         else:
             loaded = GalleryIndex.load(index, checkpoint_path=checkpoint, device=device)

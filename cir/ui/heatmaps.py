@@ -78,6 +78,7 @@ def phrase_row(view: Image.Image, in_context: np.ndarray, isolated: np.ndarray, 
     background = np.asarray(view, dtype=np.float32)
     fig = Figure(figsize=(WIDTH / DPI, HEIGHT / DPI), dpi=DPI)
     canvas = FigureCanvasAgg(fig)
+    title = title.encode("utf-8", "replace").decode("utf-8")  # lone surrogates (from JSON) crash the font code
     fig.text(4 / WIDTH, 1 - 14 / HEIGHT, title, fontsize=11, fontweight="bold", va="center")
     bottom = HEIGHT - TOP - VIEW
     for x, heat, n, cmap, name in ((PANEL_X[0], in_context, norm, CMAP, "in context"),

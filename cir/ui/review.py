@@ -45,7 +45,7 @@ def _split(data: bytes, path: Path) -> tuple[list[dict], int]:
         last = no == len(lines)
         try:
             rec = json.loads(line) if line.strip() else None
-        except ValueError:
+        except (ValueError, RecursionError):
             if last:  # half-written by a crash
                 break
             raise UserError(f"{path}:{no}: not a review record (invalid JSON); fix or remove that line") from None
@@ -91,6 +91,11 @@ def decision(triplet_id: str, kind: str, note: str = "", caption: str | None = N
         raise ValueError(f"decision must be one of {DECISIONS}, got {kind!r}")
     if kind == "edit" and not (caption or "").strip():
         raise UserError("an edited caption cannot be empty")
+    for what, text in (("caption", caption or ""), ("note", note or "")):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise UserError(f"the {what} is not valid Unicode text (a lone surrogate at character {e.start})") from None
     rec = {"id": triplet_id, "decision": kind, "note": note or "", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     return rec | {"caption": caption} if kind == "edit" else rec
 

@@ -1,0 +1,180 @@
+"""Damaged or mismatched files the project owns: checkpoints (wrong architecture, truncated, not
+safetensors, bad manifests), gallery indexes (built by another checkpoint, damaged parts), review
+logs (a last line half-written by a crash, at every byte) and triplet files. Each is detected and
+explained in one line (a UserError); a review log recovers every complete line."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from cir.checkpoint import FORMAT, load_checkpoint, read_manifest, save_checkpoint
+from cir.data.triplets import read_gallery, read_triplets, write_triplets
+from cir.errors import UserError
+from cir.index import EMBEDDINGS, FAISS_FILE, MANIFEST, GalleryIndex, build_index, update_index
+from cir.model import ModelConfig, build_model
+from cir.ui import app as ui
+from cir.ui import review
+from cir.ui.explorer import Explorer
+from hostile_inputs import one_line
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ModelConfig.load("context-cir-tiny").to_dict()
+
+
+def assert_user_error(call, *fragments):
+    with pytest.raises(UserError) as e:
+        call()
+    message = str(e.value)
+    assert one_line(message), message
+    for f in fragments:
+        assert f in message, (f, message)
+    return message
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def test_checkpoint_with_the_wrong_architecture(tiny_checkpoint, tmp_path):
+    torch.manual_seed(0)
+    model, _ = build_model("context-cir-tiny")
+    deeper = tmp_path / "deeper.safetensors"  # the manifest names 3 fusion layers, the weights have 2
+    save_checkpoint(deeper, model, {"config": dict(TINY, fusion_layers=3), "step": 0})
+    assert_user_error(lambda: load_checkpoint(deeper), str(deeper), "does not fit", "missing")
+    narrow, _ = build_model(ModelConfig.from_dict(dict(TINY, fusion_width=32)))
+    wrong = tmp_path / "narrow.safetensors"  # weights of a narrower model under the tiny manifest
+    save_checkpoint(wrong, narrow, {"config": TINY, "step": 0})
+    assert_user_error(lambda: load_checkpoint(wrong), "does not fit", "wrong shape")
+    nonsense = tmp_path / "nonsense.safetensors"
+    save_checkpoint(nonsense, model, {"config": dict(TINY, fusion_heads=7), "step": 0})  # 64 not divisible by 7
+    assert_user_error(lambda: load_checkpoint(nonsense), str(nonsense))
+    unknown = tmp_path / "unknown.safetensors"
+    save_checkpoint(unknown, model, {"config": dict(TINY, secret_layer=1), "step": 0})
+    assert_user_error(lambda: load_checkpoint(unknown), "unknown model config keys")
+    # and the app refuses it the same way
+    assert_user_error(lambda: Explorer.load(wrong, gallery=tmp_path), "does not fit")
+
+
+@pytest.mark.parametrize("manifest", [None, "{not json", "[1, 2]", json.dumps({"format": "other/9"}),
+                                      json.dumps({"format": FORMAT}), "[" * 100_000])
+def test_checkpoint_with_a_bad_manifest(tmp_path, manifest):
+    path = tmp_path / "x.safetensors"
+    save_file({"w": torch.zeros(2)}, str(path), metadata=None if manifest is None else {"manifest": manifest})
+    assert_user_error(lambda: load_checkpoint(path), str(path))
+
+
+def test_truncated_checkpoint(tiny_checkpoint, tmp_path):
+    data = tiny_checkpoint.read_bytes()
+    header = int.from_bytes(data[:8], "little")
+    for cut in (0, 5, 8, 60, header + 8, header + 9, len(data) // 2, len(data) - 1):
+        path = tmp_path / f"cut-{cut}.safetensors"
+        path.write_bytes(data[:cut])
+        assert_user_error(lambda: load_checkpoint(path), str(path))
+        path.unlink()
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x00" * 4096)
+    assert_user_error(lambda: read_manifest(junk), "not a complete safetensors file")
+    # the command line says it in one line, exit status 2
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[: len(data) // 3])
+    run = subprocess.run([sys.executable, "-m", "cir.checkpoint", "export", "--checkpoint", str(cut), "--out",
+                          str(tmp_path / "o.safetensors")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and one_line(run.stderr) and "cut.safetensors" in run.stderr
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+# ---------------------------------------------------------------------------- gallery indexes
+@pytest.fixture(scope="module")
+def index(tmp_path_factory, tiny_checkpoint, shapes_data):
+    out = tmp_path_factory.mktemp("index") / "idx"
+    build_index(out, read_gallery(shapes_data / "gallery_test.txt")[:12], tiny_checkpoint, chunk_size=8, batch_size=8)
+    return out
+
+
+def test_index_built_by_another_checkpoint(index, tiny_checkpoint, shapes_data, tmp_path):
+    torch.manual_seed(1)
+    other_model, _ = build_model("context-cir-tiny")
+    other = tmp_path / "other.safetensors"  # same architecture, other weights
+    save_checkpoint(other, other_model, {"config": TINY, "step": 0})
+    from cir.checkpoint import model_hash
+    both = (model_hash(other), model_hash(tiny_checkpoint))
+    assert_user_error(lambda: GalleryIndex.load(index, checkpoint_path=other), *both)
+    assert_user_error(lambda: Explorer.load(other, index), *both)
+    copy = tmp_path / "idx"
+    shutil.copytree(index, copy)
+    before = {f.name: f.read_bytes() for f in copy.iterdir()}
+    assert_user_error(lambda: update_index(copy, shapes_data / "gallery_test.txt", other), *both)
+    assert {f.name: f.read_bytes() for f in copy.iterdir()} == before
+    GalleryIndex.load(index, checkpoint_path=tiny_checkpoint)  # the right one still opens it
+
+
+@pytest.mark.parametrize("damage", ["manifest-half", "manifest-deep", "manifest-binary", "embeddings-cut",
+                                    "embeddings-junk", "faiss-cut", "faiss-junk", "faiss-missing"])
+def test_damaged_index(index, tiny_checkpoint, tmp_path, damage):
+    copy = tmp_path / "idx"
+    shutil.copytree(index, copy)
+    part, how = damage.split("-")
+    path = copy / {"manifest": MANIFEST, "embeddings": EMBEDDINGS, "faiss": FAISS_FILE}[part]
+    data = path.read_bytes()
+    if how == "missing":
+        path.unlink()
+    else:
+        path.write_bytes({"half": data[: len(data) // 2], "cut": data[: len(data) - 100], "junk": b"\x93NUMPY junk" * 10,
+                          "deep": b"[" * 100_000, "binary": b"\xff\xfe\x00garbage"}[how])
+    assert_user_error(lambda: GalleryIndex.load(copy, checkpoint_path=tiny_checkpoint), str(copy))
+
+
+# ---------------------------------------------------------------------------- review logs
+def test_review_log_cut_at_every_byte_of_its_last_line(tmp_path):
+    log = tmp_path / "x.review.jsonl"
+    complete = [review.decision("a", "accept"), review.decision("b", "reject", note="blurry, 模糊"),
+                review.decision("c", "edit", caption="make the 🔴 circle blue")]
+    for r in complete:
+        review.append_decision(log, r)
+    good = log.read_bytes()
+    last = (json.dumps(review.decision("d", "edit", note="ünïcödé ✓", caption="a new caption 🟦"),
+                       ensure_ascii=False) + "\n").encode("utf-8")
+    want = {r["id"]: r for r in complete}
+    for cut in range(1, len(last)):  # every way a crash can cut the last write (the full line is below)
+        log.write_bytes(good + last[:cut])
+        got = review.read_decisions(log)
+        if cut == len(last) - 1:  # the whole record, only its newline lost: kept
+            assert set(got) == {"a", "b", "c", "d"}
+            continue
+        assert got == want, cut
+        assert review.open_log(log) == want and log.read_bytes() == good  # repaired to the complete lines
+        review.append_decision(log, review.decision("e", "accept"))  # and appends continue cleanly
+        assert set(review.read_decisions(log)) == {"a", "b", "c", "e"}
+    for tail in (b"\x00" * 300, b"\xff\xfe\xfd", b"[" * 100_000, b'{"id": "z", "decision": "acc'):
+        log.write_bytes(good + tail)  # a power cut can leave zeros; anything unparsable at the end is dropped
+        assert review.open_log(log) == want and log.read_bytes() == good
+    log.write_bytes(good + b"\x00\x00\x00\n" + good)  # damage in the middle is reported, never dropped silently
+    assert_user_error(lambda: review.read_decisions(log), "x.review.jsonl:4:")
+
+
+def test_review_tab_opens_a_crashed_log(tiny_checkpoint, shapes_data, tmp_path):
+    src = tmp_path / "batch.jsonl"
+    triplets = read_triplets(shapes_data / "test.jsonl")[0][:4]
+    write_triplets(src, triplets)
+    log = review.review_path(src)
+    review.append_decision(log, review.decision(triplets[0].id, "accept"))
+    review.append_decision(log, review.decision(triplets[1].id, "reject"))
+    log.write_bytes(log.read_bytes() + b'{"id": "' + triplets[2].id.encode() + b'", "decision": "acc')
+    state = ui.review_open(str(src))
+    assert state["pos"] == 2 and set(review.read_decisions(log)) == {triplets[0].id, triplets[1].id}
+    state = ui.review_decide(state, triplets[2].caption, "", kind="accept")
+    assert state["pos"] == 3 and review.read_decisions(log)[triplets[2].id]["decision"] == "accept"
+
+
+# ---------------------------------------------------------------------------- triplet files
+@pytest.mark.parametrize("content", [b"\xff\xfe\x00\x01binary", b'{"id": "1", "caption": "x"}\x00\n', b"[" * 100_000 + b"\n",
+                                     b'"just a string"\n', b'{"id": 1, "reference": "a", "caption": "c", "targets": []}\n',
+                                     b'{"id": "1", "reference": "a", "caption": "c", "targets": "a"}\n',
+                                     b'{"id": "1", "reference": "a", "caption": "c", "targets": [],'
+                                     b' "noun_phrases": [{"start": 0, "end": 99}]}\n'])
+def test_broken_triplet_file(tmp_path, content):
+    path = tmp_path / "t.jsonl"
+    path.write_bytes(content)
+    assert_user_error(lambda: read_triplets(path, check_images=False), "t.jsonl")

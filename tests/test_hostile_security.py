@@ -1,0 +1,224 @@
+"""Security: weights load without pickle (safetensors; anything torch.load reads goes through
+weights_only=True), the served app hands out no file outside Gradio's upload/cache folders (system
+files, `../` tricks, URL encodings, the checkpoint, the app's source, server-side fetches), uploads
+are size-limited, and app.py serves on loopback only with that limit."""
+import ast
+import http.client
+import json
+import os
+import pickle
+import urllib.parse
+from pathlib import Path
+
+import pytest
+import torch
+
+from cir.checkpoint import load_checkpoint, save_checkpoint
+from cir.errors import UserError
+from cir.model import ModelConfig, build_model
+from cir.ui import app as ui
+from cir.ui.explorer import Explorer
+from hostile_inputs import one_line, served
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ModelConfig.load("context-cir-tiny").to_dict()
+
+
+class Payload:
+    """Unpickling this runs `touch MARKER`: the marker file exists only if pickle code ran."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture
+def evil(tmp_path):
+    """(a malicious pickle file, the marker its code would create)."""
+    marker = tmp_path / "code-ran"
+    path = tmp_path / "weights.pt"
+    path.write_bytes(pickle.dumps({"state_dict": Payload(marker)}, protocol=2))
+    return path, marker
+
+
+# ---------------------------------------------------------------------------- no pickle
+def _calls(tree):
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            f = node.func
+            name = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")
+            owner = getattr(f.value, "id", "") if isinstance(f, ast.Attribute) else ""
+            yield owner, name, {k.arg: k.value for k in node.keywords}
+
+
+def test_no_code_path_unpickles():
+    """Static: no pickle-family import; every torch.load passes weights_only=True; np.load never
+    allow_pickle=True (cir/, app.py, scripts/)."""
+    files = [*ROOT.joinpath("cir").rglob("*.py"), ROOT / "app.py", *ROOT.joinpath("scripts").glob("*.py")]
+    problems = []
+    for f in files:
+        tree = ast.parse(f.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            problems += [f"{f}: imports {n}" for n in names if n.split(".")[0] in ("pickle", "dill", "joblib", "cloudpickle")]
+        for owner, name, kw in _calls(tree):
+            if owner == "torch" and name == "load":
+                wo = kw.get("weights_only")
+                if not (isinstance(wo, ast.Constant) and wo.value is True):
+                    problems.append(f"{f}: torch.load without weights_only=True")
+            if name == "load" and owner in ("np", "numpy"):
+                ap = kw.get("allow_pickle")
+                if ap is not None and not (isinstance(ap, ast.Constant) and ap.value is False):
+                    problems.append(f"{f}: np.load with allow_pickle")
+    assert problems == []
+
+
+def test_open_clip_loads_local_weights_weights_only(evil, monkeypatch):
+    """open_clip (cir.model's pretrained path) reads a local .pt/.bin with torch.load(weights_only=True)
+    by default, and this torch defaults to weights_only too (open_clip's TypeError fallback calls
+    torch.load without the argument; cir.model refuses such files before open_clip sees them)."""
+    import inspect
+
+    import open_clip.factory as factory
+    for fn in (factory.create_model_and_transforms, factory.load_checkpoint, factory.load_state_dict):
+        assert inspect.signature(fn).parameters["weights_only"].default is True
+    assert "weights_only=weights_only" in inspect.getsource(factory.load_state_dict)
+    payload, marker = evil
+    monkeypatch.delenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", raising=False)
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(payload)
+    assert not marker.exists()
+
+
+def test_malicious_pickles_never_run(evil, tmp_path, monkeypatch, tiny_checkpoint):
+    payload, marker = evil
+    # 1. as a checkpoint (a pickle renamed .safetensors)
+    fake = tmp_path / "model.safetensors"
+    fake.write_bytes(payload.read_bytes())
+    with pytest.raises(UserError) as e:
+        load_checkpoint(fake)
+    assert one_line(str(e.value)) and "safetensors" in str(e.value)
+    # 2. as open_clip pretrained weights in a model config, even with torch's safety switched off by the environment
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    config = ModelConfig.from_dict(dict(TINY, pretrained=str(payload)))
+    with pytest.raises(UserError) as e:
+        build_model(config)
+    assert one_line(str(e.value)) and "weights_only=True" in str(e.value)
+    # 3. named by a checkpoint's manifest: checkpoints never load pretrained weights
+    torch.manual_seed(0)
+    model, _ = build_model("context-cir-tiny")
+    ckpt = tmp_path / "pointing.safetensors"
+    save_checkpoint(ckpt, model, {"config": dict(TINY, pretrained=str(payload)), "step": 0})
+    load_checkpoint(ckpt)
+    assert not marker.exists()
+    # plain tensors in a .pt still load (weights_only allows them)
+    good = tmp_path / "ok.pt"
+    torch.save({k: v for k, v in model.clip.state_dict().items()}, good)
+    build_model(ModelConfig.from_dict(dict(TINY, pretrained=str(good))))
+
+
+# ---------------------------------------------------------------------------- the served app's files
+@pytest.fixture(scope="module")
+def ex(tiny_checkpoint, shapes_data):
+    return Explorer.load(tiny_checkpoint, gallery=shapes_data / "gallery_test.txt",
+                         examples=shapes_data / "test.jsonl", device="cpu")
+
+
+def raw_get(url: str, path: str) -> tuple[int, bytes]:
+    """GET `path` exactly as written (no client-side normalisation of `..` or escapes)."""
+    u = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+    try:
+        conn.putrequest("GET", path, skip_accept_encoding=True)
+        conn.endheaders()
+        r = conn.getresponse()
+        return r.status, r.read()
+    finally:
+        conn.close()
+
+
+def upload(url: str, name: str, data: bytes) -> tuple[int, bytes]:
+    u = urllib.parse.urlsplit(url)
+    boundary = "hostileboundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{name}\"\r\n"
+            f"Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+    try:
+        conn.request("POST", "/gradio_api/upload", body, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        r = conn.getresponse()
+        return r.status, r.read()
+    finally:
+        conn.close()
+
+
+def test_no_file_outside_the_served_folders(ex, tiny_checkpoint):
+    secret = Path("/etc/passwd").read_bytes()[:20]
+    ckpt_head = tiny_checkpoint.read_bytes()[8:60]
+    source = (ROOT / "cir" / "checkpoint.py").read_bytes()[:60]
+    with served(ex) as url:
+        port = urllib.parse.urlsplit(url).port
+        status, body = upload(url, "probe.txt", b"hello from the test")
+        assert status == 200, body
+        cached = json.loads(body)[0]
+        assert raw_get(url, "/gradio_api/file=" + cached) == (200, b"hello from the test")  # the route works
+        q = urllib.parse.quote
+        targets = [
+            "/etc/passwd", "/proc/self/environ", "/proc/self/cmdline", str(tiny_checkpoint),
+            str(ROOT / "cir" / "checkpoint.py"), str(ROOT / "app.py"), "../../../../../../../../etc/passwd",
+            "app.py", "cir/checkpoint.py", cached + "/../../../../../../../etc/passwd",
+            os.path.dirname(cached) + "/../../../../../../etc/passwd", "~/.bashrc", "file:///etc/passwd",
+            f"http://127.0.0.1:{port}/config", f"http://localhost:{port}/gradio_api/info",
+        ]
+        paths = []
+        for t in targets:
+            paths += [f"/gradio_api/file={t}", f"/gradio_api/file={q(t, safe='')}",
+                      f"/gradio_api/file={q(q(t, safe=''), safe='')}", f"/gradio_api/file/{t.lstrip('/')}", f"/file={t}"]
+        paths += ["/static/../../../../etc/passwd", "/static/%2e%2e/%2e%2e/%2e%2e/%2e%2e/etc/passwd",
+                  "/assets/../../../../../../etc/passwd", "/assets/%2e%2e%2f%2e%2e%2f%2e%2e%2f%2e%2e%2fetc%2fpasswd",
+                  "/svelte/../../../../../etc/passwd", "/gradio_api/file=" + "%2e%2e%2f" * 12 + "etc%2fpasswd",
+                  f"/gradio_api/proxy=http://127.0.0.1:{port}/config", "/gradio_api/proxy=file:///etc/passwd",
+                  "/favicon.ico/../../../etc/passwd"]
+        served_anything = []
+        for p in paths:
+            status, body = raw_get(url, p)
+            leaked = any(s in body for s in (secret, ckpt_head, source))
+            if status == 200 and (leaked or b"<html" not in body.lower()[:200]) or leaked:
+                served_anything.append((p, status, body[:80]))
+        assert served_anything == []
+
+
+def test_uploads_are_size_limited(ex):
+    limit = 25 * 1024 * 1024
+    assert ui.MAX_FILE_SIZE == "25mb"
+    with served(ex) as url:
+        status, body = upload(url, "big.png", b"\0" * (limit + 1024))
+        assert status == 413, (status, body[:200])
+        status, body = upload(url, "fine.png", b"\0" * (1024 * 1024))
+        assert status == 200
+
+
+def test_app_py_launches_on_loopback_with_the_upload_limit(tiny_checkpoint, shapes_data, monkeypatch):
+    import importlib.util
+
+    import gradio as gr
+
+    seen = {}
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kw: seen.update(kw))
+    spec = importlib.util.spec_from_file_location("app_main", ROOT / "app.py")
+    app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app)
+    assert app.main(["--checkpoint", str(tiny_checkpoint), "--gallery", str(shapes_data / "gallery_test.txt"),
+                     "--device", "cpu"]) == 0
+    assert seen["server_name"] == "127.0.0.1" and seen["max_file_size"] == ui.MAX_FILE_SIZE and not seen["share"]
+
+
+def test_the_app_writes_nothing_into_the_source_tree(ex):
+    """Building the app leaves the checkout alone (a gr.Image subclass would make Gradio write a .pyi
+    stub beside its module on import)."""
+    before = sorted(p for p in ROOT.joinpath("cir").rglob("*") if "__pycache__" not in p.parts)
+    ui.build_demo(ex)
+    assert sorted(p for p in ROOT.joinpath("cir").rglob("*") if "__pycache__" not in p.parts) == before
+    assert list(ROOT.joinpath("cir").rglob("*.pyi")) == []
