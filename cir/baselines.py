@@ -38,9 +38,9 @@ from cir.atomic import atomic_path, sha256_file, write_json
 from cir.checkpoint import read_tensors, versions
 from cir.data.loader import load_rgb
 from cir.data.shapes import Scene, describe_scene
-from cir.data.triplets import Triplet, read_gallery, read_triplets
+from cir.data.triplets import Triplet, read_triplets
 from cir.errors import UserError
-from cir.evaluate import autocast, embed_gallery, evaluate, format_results
+from cir.evaluate import add_data_flags, autocast, embed_gallery, evaluate, format_results, read_data
 from cir.model import CONFIG_DIR  # importing cir.model registers cir/configs/clip with open_clip
 from cir.train import lr_at
 
@@ -312,20 +312,12 @@ def train_combiner(a, device: torch.device) -> None:
 # ----------------------------------------------------------------------------- evaluation
 
 def evaluate_baselines(a, device: torch.device) -> None:
-    triplets, problems = read_triplets(a.triplets, skip_bad=a.skip_bad)
-    if problems:
-        print(f"skipped {len(problems)} bad line(s); first: {problems[0]}")
-    if not triplets:
-        raise UserError(f"no usable triplets in {a.triplets}")
-    gallery = read_gallery(a.gallery)
-    if not gallery:
-        raise UserError(f"the gallery {a.gallery} holds no images")
+    triplets, gallery, keep = read_data(a)
     clip, preprocess, tokenizer = load_clip(a.clip)
     clip.to(device)
     combiner = load_combiner(a.combiner, a.clip).to(device) if a.combiner else None
     gallery_emb = embed_gallery(Baseline(clip, tokenizer, "image"), gallery, preprocess, device, a.batch_size,
                                 progress=True)
-    keep = None if a.reference == "auto" else a.reference == "keep"
     results = {}
     for method, label in METHODS.items():
         if method == "combiner" and combiner is None:
@@ -390,13 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="score image-only, text-only, sum and (with --combiner) Combiner retrieval")
     e.add_argument("--clip", required=True, help="CLIP checkpoint written by train-clip")
     e.add_argument("--combiner", default=None, help="Combiner checkpoint written by train-combiner (on the same CLIP)")
-    e.add_argument("--triplets", required=True, help="triplet JSONL file to evaluate")
-    e.add_argument("--gallery", required=True, help="gallery: a folder of images or a text file of paths")
-    e.add_argument("--json", default=None, help="also write {method: cir.evaluate's result object} to this JSON file")
-    e.add_argument("--reference", choices=["auto", "keep", "remove"], default="auto",
-                   help="keep the reference image in the ranking as a negative, or remove it (auto: remove for CIRR only)")
-    e.add_argument("--skip-bad", action="store_true", help="skip (and count) bad triplet lines instead of stopping")
-    e.add_argument("--batch-size", type=_positive, default=128, help="images per forward pass (default 128)")
+    add_data_flags(e)  # --json writes {method: cir.evaluate's result object}
     _common(e)
     return p
 

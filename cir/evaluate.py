@@ -10,12 +10,10 @@ ranking for CIRR (its protocol) and kept as a hard negative otherwise (`--refere
 from __future__ import annotations
 
 import argparse
-import json
 from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from tqdm import tqdm
 
 from cir.atomic import write_json
@@ -190,30 +188,42 @@ def format_results(res: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from cir.checkpoint import load_checkpoint
-
-    p = argparse.ArgumentParser(prog="python -m cir.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default=None, help="model checkpoint (.safetensors); default: the shipped one in assets/")
+def add_data_flags(p: argparse.ArgumentParser) -> None:
+    """The flags every evaluation command shares: what to evaluate on and how to rank."""
     p.add_argument("--triplets", required=True, help="triplet JSONL file to evaluate")
     p.add_argument("--gallery", required=True, help="gallery: a folder of images or a text file of paths")
     p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     p.add_argument("--reference", choices=["auto", "keep", "remove"], default="auto",
                    help="keep the reference image in the ranking as a negative, or remove it (auto: remove for CIRR only)")
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) bad triplet lines instead of stopping")
-    p.add_argument("--no-grounding", action="store_true", help="skip the pointing-game grounding measure")
     p.add_argument("--batch-size", type=int, default=128, help="images per forward pass (default 128)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device (default: cuda if available)")
-    a = p.parse_args(argv)
+
+
+def read_data(a: argparse.Namespace) -> tuple[list[Triplet], list[str], bool | None]:
+    """(triplets, gallery paths, keep_reference or None for auto) from the flags of add_data_flags."""
     triplets, problems = read_triplets(a.triplets, skip_bad=a.skip_bad)
     if problems:
         print(f"skipped {len(problems)} bad line(s); first: {problems[0]}")
     if not triplets:
         raise UserError(f"no usable triplets in {a.triplets}")
     gallery = read_gallery(a.gallery)
+    if not gallery:
+        raise UserError(f"the gallery {a.gallery} holds no images")
+    return triplets, gallery, None if a.reference == "auto" else a.reference == "keep"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from cir.checkpoint import load_checkpoint
+
+    p = argparse.ArgumentParser(prog="python -m cir.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default=None, help="model checkpoint (.safetensors); default: the shipped one in assets/")
+    add_data_flags(p)
+    p.add_argument("--no-grounding", action="store_true", help="skip the pointing-game grounding measure")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device (default: cuda if available)")
+    a = p.parse_args(argv)
+    triplets, gallery, keep = read_data(a)
     model, preprocess, _ = load_checkpoint(a.checkpoint, a.device)
-    keep = None if a.reference == "auto" else a.reference == "keep"
     res = evaluate(model, preprocess, triplets, gallery, a.device, keep, a.batch_size, not a.no_grounding, progress=True)
     print(format_results(res))
     if a.json:
