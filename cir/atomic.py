@@ -24,9 +24,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600; written files are ordinary readable files
     try:
         yield tmp
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 (and some writers recreate the file): make it ordinary
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
