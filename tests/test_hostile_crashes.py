@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 
 from cir.checkpoint import read_manifest
@@ -140,7 +141,12 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 def test_sigkill_during_index_build(gallery, tiny_checkpoint, tmp_path):
     out, partial = tmp_path / "idx", tmp_path / "idx.partial"
     reference = tmp_path / "reference"
-    build_index(reference, gallery, tiny_checkpoint, **SMALL)  # uninterrupted, for comparison
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the killed builds (OMP_NUM_THREADS=1): the same arithmetic, bit for bit
+    try:
+        build_index(reference, gallery, tiny_checkpoint, **SMALL)  # uninterrupted, for comparison
+    finally:
+        torch.set_num_threads(threads)
     first = tmp_path / "first.txt"
     first.write_text("\n".join(read_gallery(gallery)[:5]) + "\n")
     build_index(out, first, tiny_checkpoint, **SMALL)
