@@ -39,12 +39,12 @@ import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cir.atomic import sha256_file, write_json
 from cir.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint, model_hash, read_manifest, versions
-from cir.data.loader import BadImage, load_rgb
+from cir.data.loader import BadImage, ImageDataset, load_rgb
 from cir.data.triplets import normalize_path, read_gallery
 from cir.errors import UserError
 from cir.evaluate import autocast
@@ -253,14 +253,8 @@ def check_checkpoint(manifest: dict, checkpoint_path, index_dir: Path) -> str:
 
 
 # ---------------------------------------------------------------------------------------- embedding
-class _HashedImages(Dataset):
+class _HashedImages(ImageDataset):
     """Item i -> (image [3, S, S] or None, sha256 of the file's bytes, problem or None)."""
-
-    def __init__(self, paths: list[str], preprocess):
-        self.paths, self.preprocess = paths, preprocess
-
-    def __len__(self):
-        return len(self.paths)
 
     def __getitem__(self, i):
         path = self.paths[i]
