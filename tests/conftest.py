@@ -32,3 +32,11 @@ def tiny_model():
     torch.manual_seed(0)
     model, preprocess = build_model(ModelConfig.load("context-cir-tiny"))
     return model.eval(), preprocess
+
+
+@pytest.fixture(scope="module")
+def ex(tiny_checkpoint, shapes_data):
+    """An Explorer on the tiny checkpoint with the test split as in-memory gallery and examples."""
+    from cir.ui.explorer import Explorer
+    return Explorer.load(tiny_checkpoint, gallery=shapes_data / "gallery_test.txt",
+                         examples=shapes_data / "test.jsonl", device="cpu")

@@ -15,7 +15,7 @@ from cir.phrases import extract_noun_phrases
 from cir.tokenizer import CaptionTokenizer
 from cir.ui import app as ui
 from cir.ui import review
-from cir.ui.explorer import Explorer, phrase_spans
+from cir.ui.explorer import phrase_spans
 from hostile_inputs import HOSTILE_CAPTIONS, one_line
 
 CAPTIONS = dict(HOSTILE_CAPTIONS, **{"lone-surrogates": "make the \ud800 red circle \udfff blue"})
@@ -29,12 +29,6 @@ PIECES = ["&amp;", "&lt;b&gt;", "&#128308;", "&amp;amp;", "Ã©", "â€™", "\
 UNICODE = st.text(st.characters(exclude_categories=()), max_size=8)
 CAPTION = st.lists(st.one_of(UNICODE, st.sampled_from(PIECES)), max_size=14).map(" ".join)
 FOUND = ["&amp;&amp;e\u0301&amp;", "\x80ß &amp; 0", "Ã©0AÀ\x85"]  # cases hypothesis found (now fixed)
-
-
-@pytest.fixture(scope="module")
-def ex(tiny_checkpoint, shapes_data):
-    return Explorer.load(tiny_checkpoint, gallery=shapes_data / "gallery_test.txt",
-                         examples=shapes_data / "test.jsonl", device="cpu")
 
 
 @pytest.mark.parametrize("name", list(CAPTIONS))

@@ -32,12 +32,6 @@ def hostile(tmp_path_factory):
     return write_images(tmp_path_factory.mktemp("hostile") / "images")
 
 
-@pytest.fixture(scope="module")
-def ex(tiny_checkpoint, shapes_data):
-    return Explorer.load(tiny_checkpoint, gallery=shapes_data / "gallery_test.txt",
-                         examples=shapes_data / "test.jsonl", device="cpu")
-
-
 # ---------------------------------------------------------------------------- the loader
 @pytest.mark.parametrize("kind", list(IMAGE_KINDS))
 def test_loader_handles_or_rejects(hostile, kind):

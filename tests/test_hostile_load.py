@@ -14,17 +14,10 @@ import pytest
 
 from cir.ui import app as ui
 from cir.ui import review
-from cir.ui.explorer import Explorer
 from hostile_inputs import BAD_KINDS, one_line, served, write_images
 
 ROOT = Path(__file__).resolve().parent.parent
 REQUESTS = 32
-
-
-@pytest.fixture(scope="module")
-def ex(tiny_checkpoint, shapes_data):
-    return Explorer.load(tiny_checkpoint, gallery=shapes_data / "gallery_test.txt",
-                         examples=shapes_data / "test.jsonl", device="cpu")
 
 
 def test_32_concurrent_retrieve_requests(ex, tmp_path):

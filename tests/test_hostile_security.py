@@ -17,7 +17,6 @@ from cir.checkpoint import load_checkpoint, save_checkpoint
 from cir.errors import UserError
 from cir.model import ModelConfig, build_model
 from cir.ui import app as ui
-from cir.ui.explorer import Explorer
 from hostile_inputs import one_line, served
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -121,12 +120,6 @@ def test_malicious_pickles_never_run(evil, tmp_path, monkeypatch, tiny_checkpoin
 
 
 # ---------------------------------------------------------------------------- the served app's files
-@pytest.fixture(scope="module")
-def ex(tiny_checkpoint, shapes_data):
-    return Explorer.load(tiny_checkpoint, gallery=shapes_data / "gallery_test.txt",
-                         examples=shapes_data / "test.jsonl", device="cpu")
-
-
 def raw_get(url: str, path: str) -> tuple[int, bytes]:
     """GET `path` exactly as written (no client-side normalisation of `..` or escapes)."""
     u = urllib.parse.urlsplit(url)
