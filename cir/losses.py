@@ -7,12 +7,14 @@ import torch.nn.functional as F
 
 
 def contrastive_loss(query: torch.Tensor, target: torch.Tensor, reference: torch.Tensor | None,
-                     logit_scale: torch.Tensor) -> torch.Tensor:
+                     logit_scale: torch.Tensor, hard: torch.Tensor | None = None,
+                     hard_valid: torch.Tensor | None = None) -> torch.Tensor:
     """InfoNCE between queries f(I_q, T) [B, E] and targets f(I_t, "") [B, E] (L2-normalised).
 
     Row i's positive is target i; the other targets are negatives and, when `reference` [B, E]
     = f(I_q, "") is given, its own reference image is one more negative (never a positive).
-    Averaged with the target -> query direction."""
+    `hard` [M, E] (e.g. partial fulfilments, `hard_valid` [M] bool marks real ones) are extra
+    negatives for every row. Averaged with the target -> query direction."""
     scale = logit_scale.exp()
     logits = scale * query @ target.T  # [B, B]
     labels = torch.arange(query.shape[0], device=query.device)
@@ -20,6 +22,11 @@ def contrastive_loss(query: torch.Tensor, target: torch.Tensor, reference: torch
     if reference is not None:
         own_ref = scale * (query * reference).sum(-1, keepdim=True)  # [B, 1], a negative column
         q2t_logits = torch.cat([logits, own_ref], 1)
+    if hard is not None and len(hard):
+        hard_logits = scale * query @ hard.T  # [B, M]
+        if hard_valid is not None:
+            hard_logits = hard_logits.masked_fill(~hard_valid[None], float("-inf"))
+        q2t_logits = torch.cat([q2t_logits, hard_logits], 1)
     return (F.cross_entropy(q2t_logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from cir.checkpoint import load_checkpoint, save_checkpoint
 from cir.data.loader import TripletDataset, collate_triplets
+from cir.data.shapes import random_partial
 from cir.data.triplets import read_gallery, read_triplets
 from cir.errors import UserError
 from cir.evaluate import evaluate
@@ -60,6 +61,10 @@ def parse_args(argv=None):
     p.add_argument("--eps", type=float, default=0.005, help="CC slack per patch on |A_ctx - A_iso| (default 0.005)")
     p.add_argument("--cc-maps", choices=["mean", "last"], default="mean",
                    help="CC maps averaged over all fusion layers, or the last layer only (heads averaged)")
+    p.add_argument("--partial-negatives", action="store_true",
+                   help="CIR-Shapes: for each multi-operation query render one partial fulfilment (a random proper "
+                        "subset of its operations applied to its reference scene, redrawn every epoch) and use it "
+                        "as a negative for every query of the batch")
     p.add_argument("--no-query-negative", action="store_true", help="ablation: drop the query image as an extra negative")
     p.add_argument("--freeze-text", action="store_true", help="ablation: freeze the CLIP text encoder")
     p.add_argument("--freeze-image", action="store_true", help="ablation: freeze the CLIP image encoder")
@@ -113,6 +118,11 @@ def training_phrases(triplets, data_file: Path, a) -> list[list[dict]]:
     return [p[:MAX_PHRASES] for p in phrases]
 
 
+def shapes_partial(t, rng):
+    """A CIR-Shapes partial fulfilment of triplet t (None for 1-operation queries)."""
+    return random_partial(t.meta or {}, rng)
+
+
 def file_hash(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -144,16 +154,22 @@ def train_step(model, batch, a, device, autocast) -> tuple[torch.Tensor, dict]:
     ref = batch["reference"].to(device, non_blocking=True)
     tgt = batch["target"].to(device, non_blocking=True)
     B = ref.shape[0]
+    hard_rows = batch["hard_rows"].to(device)
     with autocast():
-        img = core.image_tokens(torch.cat([ref, tgt]))
+        img = core.image_tokens(torch.cat([ref, tgt, batch["hard"].to(device, non_blocking=True)]))
         img_ref = img[:B]
         fused_q = core.fuse(img_ref, core.text_tokens(batch["tokens"].to(device)))
         query = core.embed(fused_q)
-        fused_g = core.fuse(img, core.empty_text(2 * B))
+        fused_g = core.fuse(img, core.empty_text(img.shape[0]))
         gal = core.embed(fused_g)
-        reference, target = gal[:B], gal[B:]
+        reference, target = gal[:B], gal[B:2 * B]
+        hard = hard_valid = None
+        if a.partial_negatives:  # one slot per row (fixed shape for the all-gather), filled where a row has one
+            hard = gal.new_zeros(B, gal.shape[1]).index_copy(0, hard_rows, gal[2 * B:])
+            hard_valid = gather(torch.zeros(B, device=device).index_fill(0, hard_rows, 1.0)) > 0.5
+            hard = gather(hard)
         cont = contrastive_loss(gather(query), gather(target), None if a.no_query_negative else gather(reference),
-                                core.logit_scale)
+                                core.logit_scale, hard, hard_valid)
         cc = torch.zeros((), device=device)
         if a.lambda_cc > 0 and len(batch["phrase_texts"]):
             rows = batch["phrase_rows"].to(device)
@@ -232,7 +248,11 @@ def main(argv=None) -> int:
     use_bf16 = a.precision == "bf16"
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
-    dataset = TripletDataset(triplets, phrases, preprocess, model.tokenizer)
+    if a.partial_negatives and not any(len((t.meta or {}).get("operations", [])) >= 2 and (t.meta or {}).get("reference_scene")
+                                       for t in triplets):
+        raise UserError(f"--partial-negatives: no triplet in {train_file} has CIR-Shapes scenes with 2+ operations")
+    dataset = TripletDataset(triplets, phrases, preprocess, model.tokenizer,
+                             hard_negative=shapes_partial if a.partial_negatives else None, seed=a.seed)
     per_rank = a.batch_size // world
     steps_per_epoch = len(dataset) // a.batch_size
     if steps_per_epoch == 0:
@@ -256,6 +276,7 @@ def main(argv=None) -> int:
         epoch, offset = divmod(step, steps_per_epoch)
         g = torch.Generator().manual_seed(a.seed * 100003 + epoch)
         order = torch.randperm(len(dataset), generator=g)[: steps_per_epoch * a.batch_size]
+        dataset.epoch = epoch
         order = order.view(steps_per_epoch, a.batch_size)[offset:, rank * per_rank:(rank + 1) * per_rank].flatten().tolist()
         loader = DataLoader(torch.utils.data.Subset(dataset, order), batch_size=per_rank, shuffle=False,
                             num_workers=a.workers, collate_fn=collate_triplets, pin_memory=device.type == "cuda",

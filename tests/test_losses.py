@@ -28,6 +28,24 @@ def test_contrastive_value_by_hand():
     assert torch.isclose(contrastive_loss(q, t, None, scale), torch.tensor(without), atol=1e-5)
 
 
+def test_hard_negatives_by_hand():
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    t = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    hard = torch.tensor([[0.8, 0.6], [0.0, -1.0]])
+    scale = torch.tensor(math.log(10.0))
+    # q->t rows get both hard columns: row 0 [10, 6 | 8, 0], row 1 [0, 8 | 6, -10]; t->q unchanged
+    row0 = -10 + math.log(math.exp(10) + math.exp(6) + math.exp(8) + math.exp(0))
+    row1 = -8 + math.log(math.exp(0) + math.exp(8) + math.exp(6) + math.exp(-10))
+    cols = (-10 + math.log(math.exp(10) + math.exp(0)) - 8 + math.log(math.exp(6) + math.exp(8))) / 2
+    assert torch.isclose(contrastive_loss(q, t, None, scale, hard), torch.tensor(((row0 + row1) / 2 + cols) / 2), atol=1e-5)
+    # a slot marked invalid is no negative at all: only the first hard column counts
+    valid = torch.tensor([True, False])
+    row0 = -10 + math.log(math.exp(10) + math.exp(6) + math.exp(8))
+    row1 = -8 + math.log(math.exp(0) + math.exp(8) + math.exp(6))
+    assert torch.isclose(contrastive_loss(q, t, None, scale, hard, valid), torch.tensor(((row0 + row1) / 2 + cols) / 2),
+                         atol=1e-5)
+
+
 def test_query_image_is_a_negative_not_a_positive():
     torch.manual_seed(0)
     q = F.normalize(torch.randn(4, 8), dim=-1).requires_grad_()

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import subprocess
 import sys
 
 import numpy as np
 from PIL import Image
 
-from cir.data.shapes import BACKGROUNDS, CELLS, COLORS, Operation, Scene, apply_all, generate, render
+from cir.data.shapes import BACKGROUNDS, CELLS, COLORS, Operation, Scene, apply_all, generate, random_partial, render
 from cir.data.triplets import read_gallery, read_triplets
 
 SPEC_COLORS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220), "yellow": (235, 200, 20),
@@ -111,6 +112,23 @@ def test_partial_fulfilments_in_gallery(shapes_data):
             scene = apply_all(Scene.from_json(t.meta["reference_scene"]), ops)
             assert np.array_equal(np.asarray(render(scene)), np.asarray(Image.open(path)))
             assert not np.array_equal(np.asarray(Image.open(path)), target)
+
+
+def test_random_partial_is_one_of_the_gallery_partials(shapes_data):
+    """The training hard negative (--partial-negatives) is pixel-equal to a partial fulfilment the
+    evaluation gallery holds, and over draws covers every one of them."""
+    triplets, _ = read_triplets(shapes_data / "test.jsonl")
+    three = next(t for t in triplets if t.meta["num_modifications"] == 3)
+    files = {p["path"]: np.asarray(Image.open(shapes_data / p["path"])) for p in three.meta["partials"]}
+    seen = set()
+    for seed in range(60):
+        drawn = np.asarray(random_partial(three.meta, random.Random(seed)))
+        match = [p for p, a in files.items() if np.array_equal(a, drawn)]
+        assert len(match) == 1
+        seen.add(match[0])
+    assert seen == set(files)  # all 6 proper non-empty subsets are drawn
+    one = next(t for t in triplets if t.meta["num_modifications"] == 1)
+    assert random_partial(one.meta, random.Random(0)) is None and random_partial({}, random.Random(0)) is None
 
 
 def test_captions_name_every_operation(shapes_data):

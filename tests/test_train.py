@@ -27,10 +27,11 @@ def losses(run_dir):
 
 def test_train_resume_evaluate(shapes_data, tmp_path):
     full, split = tmp_path / "full", tmp_path / "split"
-    run(TRAIN + ["--data", str(shapes_data), "--out", str(full)])
-    run(TRAIN + ["--data", str(shapes_data), "--out", str(split), "--stop-after", "3"])
+    train = TRAIN + ["--data", str(shapes_data), "--partial-negatives"]  # resumed partial draws must match too
+    run(train + ["--out", str(full)])
+    run(train + ["--out", str(split), "--stop-after", "3"])
     assert len(losses(split)) == 3
-    run(TRAIN + ["--data", str(shapes_data), "--out", str(split), "--resume"])
+    run(train + ["--out", str(split), "--resume"])
     a, b = losses(full), losses(split)
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
     for ra, rb in zip(a, b):
@@ -58,6 +59,12 @@ def test_ablation_flags_and_user_errors(shapes_data, tmp_path):
     bad = subprocess.run(TRAIN + ["--data", str(shapes_data), "--out", str(tmp_path / "none"), "--resume"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "no checkpoint" in bad.stderr and "Traceback" not in bad.stderr
+    plain = tmp_path / "plain.jsonl"  # triplets without CIR-Shapes scenes: no partial fulfilments to draw
+    plain.write_text("".join(json.dumps({k: v for k, v in json.loads(line).items() if k != "meta"}) + "\n"
+                             for line in (shapes_data / "train.jsonl").read_text().splitlines()))
+    bad = subprocess.run(TRAIN + ["--train", str(plain), "--out", str(tmp_path / "p"), "--val-every", "0",
+                                  "--partial-negatives"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--partial-negatives" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_schedule_and_leaf_filter():

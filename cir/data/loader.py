@@ -17,9 +17,10 @@ image file becomes the RGB picture a viewer shows, or a `BadImage` with a one-li
 from __future__ import annotations
 
 import os
+import random
 import re
 import warnings
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -145,13 +146,18 @@ def image_batches(paths: list[str], preprocess, batch_size: int = 128, workers: 
 
 
 class TripletDataset(Dataset):
-    """Training items: reference and first target image, caption tokens, noun-phrase token spans.
+    """Training items: reference and first target image, caption tokens, noun-phrase token spans,
+    and optionally a hard negative image.
 
-    `phrases[i]` lists the noun phrases of triplet i as {"text", "start", "end"}."""
+    `phrases[i]` lists the noun phrases of triplet i as {"text", "start", "end"}. `hard_negative`
+    (triplet, rng) -> PIL image or None draws a negative for a triplet (e.g. a CIR-Shapes partial
+    fulfilment); its rng is seeded by (`seed`, `epoch`, index), so a resumed run draws the same ones."""
 
-    def __init__(self, triplets: list[Triplet], phrases: list[list[dict]], preprocess, tokenizer):
+    def __init__(self, triplets: list[Triplet], phrases: list[list[dict]], preprocess, tokenizer,
+                 hard_negative: Callable[[Triplet, random.Random], Image.Image | None] | None = None, seed: int = 0):
         self.triplets, self.phrases = triplets, phrases
         self.preprocess, self.tokenizer = preprocess, tokenizer
+        self.hard_negative, self.seed, self.epoch = hard_negative, seed, 0
 
     def __len__(self):
         return len(self.triplets)
@@ -160,22 +166,32 @@ class TripletDataset(Dataset):
         t = self.triplets[i]
         spans = [(p["text"], self.tokenizer.span_to_token_positions(t.caption, p["start"], p["end"]))
                  for p in self.phrases[i]]
+        hard = None
+        if self.hard_negative is not None:
+            img = self.hard_negative(t, random.Random(f"{self.seed}/{self.epoch}/{i}"))
+            hard = None if img is None else self.preprocess(img)
         return {"reference": self.preprocess(load_rgb(t.reference)),
                 "target": self.preprocess(load_rgb(t.targets[0])),
                 "tokens": self.tokenizer([t.caption])[0],
-                "phrases": [(text, pos) for text, pos in spans if pos]}
+                "phrases": [(text, pos) for text, pos in spans if pos],
+                "hard": hard}
 
 
 def collate_triplets(items: list[dict]) -> dict:
-    """Stack a batch; phrases become flat lists: rows [N] (batch index), positions, texts."""
+    """Stack a batch; phrases become flat lists: rows [N] (batch index), positions, texts. Hard
+    negatives: "hard" [M, 3, S, S] for the M items that have one, "hard_rows" [M] their batch indices."""
     rows, positions, texts = [], [], []
     for b, it in enumerate(items):
         for text, pos in it["phrases"]:
             rows.append(b)
             positions.append(pos)
             texts.append(text)
-    return {"reference": torch.stack([it["reference"] for it in items]),
+    hard_rows = [b for b, it in enumerate(items) if it.get("hard") is not None]
+    ref = torch.stack([it["reference"] for it in items])
+    return {"reference": ref,
             "target": torch.stack([it["target"] for it in items]),
             "tokens": torch.stack([it["tokens"] for it in items]),
             "phrase_rows": torch.tensor(rows, dtype=torch.long), "phrase_positions": positions,
-            "phrase_texts": texts}
+            "phrase_texts": texts,
+            "hard": torch.stack([items[b]["hard"] for b in hard_rows]) if hard_rows else ref.new_zeros((0, *ref.shape[1:])),
+            "hard_rows": torch.tensor(hard_rows, dtype=torch.long)}

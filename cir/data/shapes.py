@@ -182,6 +182,17 @@ def apply_all(scene: Scene, ops) -> Scene:
     return scene
 
 
+def random_partial(meta: dict, rng: random.Random) -> Image.Image | None:
+    """The reference scene of a CIR-Shapes query (`meta` of its triplet) with a random non-empty
+    proper subset of its operations applied, rendered: a hard negative that satisfies some of the
+    conditions but not all. None for a single-operation query or a triplet without scenes."""
+    ops, scene = meta.get("operations") or [], meta.get("reference_scene")
+    if len(ops) < 2 or scene is None:
+        return None
+    sub = sorted(rng.sample(range(len(ops)), rng.randint(1, len(ops) - 1)))
+    return render(apply_all(Scene.from_json(scene), [Operation.from_json(ops[i]) for i in sub]))
+
+
 def sample_operations(rng: random.Random, scene: Scene, k: int, tries: int = 50) -> list[Operation] | None:
     """k operations on distinct objects whose every subset gives a valid scene, or None."""
     for _ in range(tries):
