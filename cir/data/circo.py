@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from cir.data.cirr import load_json, require
+from cir.data.annotations import load_json, require
 from cir.data.triplets import Triplet, normalize_path
 from cir.errors import UserError
 
