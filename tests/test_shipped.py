@@ -1,0 +1,30 @@
+"""The shipped default that `python app.py` serves: the checkpoint in assets/ and the demo index load
+together (the index was built with exactly this checkpoint), and the model still earns its numbers
+on the demo queries. Guards against a model-code change that silently breaks the shipped weights,
+and against shipping an index of another checkpoint."""
+from __future__ import annotations
+
+import json
+
+from cir.checkpoint import DEFAULT_CHECKPOINT
+from cir.ui.explorer import Explorer
+
+# Recall on the 60 shipped demo queries over the 272-image demo gallery (references, targets and
+# partial fulfilments), measured for the shipped checkpoint when it was exported (README, Results);
+# the floors leave room for bf16/fp32 and thread-count differences only.
+MEASURED_R1, MEASURED_R5 = 46.7, 98.3
+
+
+def test_shipped_checkpoint_serves_the_demo_and_earns_its_numbers():
+    ex = Explorer.load(device="cpu")  # the defaults: raises if the index was built with another checkpoint
+    assert len(ex.examples) == 60 and len(ex.index) == 272
+    ranks = []
+    for t in ex.examples:
+        rank, size = ex.target_rank(t.reference, t.caption, t.targets)
+        assert size == 272
+        ranks.append(rank)
+    r1 = 100 * sum(r == 1 for r in ranks) / len(ranks)
+    r5 = 100 * sum(r <= 5 for r in ranks) / len(ranks)
+    assert r1 >= MEASURED_R1 - 5 and r5 >= MEASURED_R5 - 5, (r1, r5)
+    sidecar = json.loads(DEFAULT_CHECKPOINT.with_suffix(".json").read_text())
+    assert sidecar["config"] == ex.model.config.to_dict()
