@@ -88,6 +88,7 @@ class FusionBlock(nn.Module):
 class FusionOutput:
     image: torch.Tensor  # [B, n_prefix + P, D] fused image tokens
     text: torch.Tensor  # [B, T, D] grounded text tokens
+    text_pad: torch.Tensor  # [B, T] bool, True = padding
     attention: torch.Tensor  # [B, L, H, T, P] text-token -> patch weights, every layer and head
 
 
@@ -101,7 +102,7 @@ class Fusion(nn.Module):
         for block in self.blocks:
             text, image, w = block(text, image, text_pad, n_prefix)
             maps.append(w)
-        return FusionOutput(image=image, text=text, attention=torch.stack(maps, 1))
+        return FusionOutput(image=image, text=text, text_pad=text_pad, attention=torch.stack(maps, 1))
 
 
 class PMA(nn.Module):
@@ -117,8 +118,8 @@ class PMA(nn.Module):
         self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
         self.post = mlp(width, mlp_ratio)
 
-    def forward(self, tokens):
-        """tokens [B, N, D] -> [B, seeds * D]."""
+    def forward(self, tokens, pad=None):
+        """tokens [B, N, D], pad [B, N] bool (True = ignore) or None -> [B, seeds * D]."""
         s = self.seeds.expand(tokens.shape[0], -1, -1).to(tokens.dtype)
-        h = self.ln1(s + self.attn(s, self.pre(tokens))[0])
+        h = self.ln1(s + self.attn(s, self.pre(tokens), key_padding_mask=pad)[0])
         return self.ln2(h + self.post(h)).flatten(1)

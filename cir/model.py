@@ -37,6 +37,7 @@ class ModelConfig:
     fusion_heads: int = 8
     mlp_ratio: float = 4.0
     pool_seeds: int = 1
+    pool_text: bool = False  # PMA pools over [fused image tokens; fused text tokens], not the image tokens alone
     embed_dim: int = 512
     init_temperature: float = 0.07
 
@@ -131,8 +132,14 @@ class ConTextCIR(nn.Module):
         return self.fusion(states, image_tok, pad, n_prefix=1)
 
     def embed(self, fused: FusionOutput) -> torch.Tensor:
-        """Pool the fused image tokens into the retrieval space: [B, E], L2-normalised."""
-        return F.normalize(self.head(self.pool(fused.image)), dim=-1)
+        """Pool the fused image tokens (and, with `pool_text`, the unpadded fused text tokens) into the
+        retrieval space: [B, E], L2-normalised."""
+        if not self.config.pool_text:
+            return F.normalize(self.head(self.pool(fused.image)), dim=-1)
+        tokens = torch.cat([fused.image, fused.text], 1)
+        image_pad = torch.zeros(fused.image.shape[:2], dtype=torch.bool, device=tokens.device)
+        pad = torch.cat([image_pad, fused.text_pad], 1)
+        return F.normalize(self.head(self.pool(tokens, pad)), dim=-1)
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, FusionOutput]:
         fused = self.fuse(self.image_tokens(images), self.text_tokens(tokens))

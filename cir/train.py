@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from cir.checkpoint import load_checkpoint, save_checkpoint
 from cir.data.loader import TripletDataset, collate_triplets
-from cir.data.shapes import random_partial
+from cir.data.shapes import has_partials, random_partial
 from cir.data.triplets import read_gallery, read_triplets
 from cir.errors import UserError
 from cir.evaluate import evaluate
@@ -248,8 +248,7 @@ def main(argv=None) -> int:
     use_bf16 = a.precision == "bf16"
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
-    if a.partial_negatives and not any(len((t.meta or {}).get("operations", [])) >= 2 and (t.meta or {}).get("reference_scene")
-                                       for t in triplets):
+    if a.partial_negatives and not any(has_partials(t.meta or {}) for t in triplets):
         raise UserError(f"--partial-negatives: no triplet in {train_file} has CIR-Shapes scenes with 2+ operations")
     dataset = TripletDataset(triplets, phrases, preprocess, model.tokenizer,
                              hard_negative=shapes_partial if a.partial_negatives else None, seed=a.seed)

@@ -39,6 +39,19 @@ def test_text_trimming_is_exact(tiny_model):
     assert pad_both[0, n:].all() and not pad_both[0, :n].any() and not pad_alone.any()
 
 
+def test_pooling_over_text_tokens_ignores_padding():
+    torch.manual_seed(0)
+    model, _ = build_model(ModelConfig.from_dict(dict(ModelConfig.load("context-cir-tiny").to_dict(), pool_text=True)))
+    model.eval()
+    x = torch.randn(2, 3, 63, 63)
+    short, long = "make it red", CAPTION + " and move the black square to the top left"
+    alone = model.encode_query(x[:1], [short])
+    both = model.encode_query(x, [short, long])
+    assert torch.allclose(alone[0], both[0], atol=1e-5)
+    # the text tokens are pooled directly, so the caption moves the embedding even with identity fusion
+    assert (both[0] - model.encode_gallery(x[:1])[0]).norm() > 1e-3  # 0 without pool_text (test above)
+
+
 def test_phrase_attention_in_context_and_isolated(tiny_model):
     model, _ = tiny_model
     image = torch.randn(3, 63, 63)

@@ -60,11 +60,16 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
+def _display_name(source) -> str:
+    """How messages name an image source: its path, or "<bytes>" for a file object."""
+    return os.fspath(source) if isinstance(source, (str, os.PathLike)) else "<bytes>"
+
+
 def open_image(source: str | os.PathLike | IO[bytes], name: str | None = None) -> Image.Image:
     """`Image.open(source)` (the header only) within the project's limits, else `BadImage`.
 
     `name` names the file in messages (default: `source` when it is a path)."""
-    name = name or (os.fspath(source) if isinstance(source, (str, os.PathLike)) else "<bytes>")
+    name = name or _display_name(source)
     try:
         im = Image.open(source)
     except FileNotFoundError:
@@ -99,7 +104,7 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 
 
 def _decode(source, name: str | None, draft: bool) -> Image.Image:
-    name = name or (os.fspath(source) if isinstance(source, (str, os.PathLike)) else "<bytes>")
+    name = name or _display_name(source)
     with open_image(source, name) as im:
         try:
             if draft:  # JPEG: decode at 1/8 scale; every byte of the stream is still read and checked

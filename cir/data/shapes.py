@@ -182,13 +182,19 @@ def apply_all(scene: Scene, ops) -> Scene:
     return scene
 
 
+def has_partials(meta: dict) -> bool:
+    """Whether a CIR-Shapes query (`meta` of its triplet) has partial fulfilments: a reference scene
+    and 2+ operations."""
+    return len(meta.get("operations") or []) >= 2 and meta.get("reference_scene") is not None
+
+
 def random_partial(meta: dict, rng: random.Random) -> Image.Image | None:
     """The reference scene of a CIR-Shapes query (`meta` of its triplet) with a random non-empty
     proper subset of its operations applied, rendered: a hard negative that satisfies some of the
-    conditions but not all. None for a single-operation query or a triplet without scenes."""
-    ops, scene = meta.get("operations") or [], meta.get("reference_scene")
-    if len(ops) < 2 or scene is None:
+    conditions but not all. None where the query has no partials (see `has_partials`)."""
+    if not has_partials(meta):
         return None
+    ops, scene = meta["operations"], meta["reference_scene"]
     sub = sorted(rng.sample(range(len(ops)), rng.randint(1, len(ops) - 1)))
     return render(apply_all(Scene.from_json(scene), [Operation.from_json(ops[i]) for i in sub]))
 
