@@ -28,7 +28,7 @@ def step_worker(a) -> dict:
     from cir.data.shapes import generate
     from cir.data.triplets import read_triplets
     from cir.model import build_model
-    from cir.train import parse_args, train_step
+    from cir.train import TrainingObjective, parse_args, train_step
 
     torch.manual_seed(0)
     data = Path(a.tmp) / "data"
@@ -40,11 +40,12 @@ def step_worker(a) -> dict:
     ds = TripletDataset(triplets, [t.noun_phrases for t in triplets], preprocess, model.tokenizer)
     batches = list(DataLoader(ds, batch_size=a.batch_size, collate_fn=collate_triplets))[: a.steps + 1]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    objective = TrainingObjective(model, targs)
     autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.precision == "bf16")
     times = []
     for i, batch in enumerate(batches):
         t0 = time.perf_counter()
-        loss, parts = train_step(model, batch, targs, torch.device("cpu"), autocast)
+        loss, parts = train_step(objective, batch, torch.device("cpu"), autocast)
         opt.zero_grad()
         loss.backward()
         opt.step()

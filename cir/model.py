@@ -93,7 +93,9 @@ class ConTextCIR(nn.Module):
         self.pool = PMA(d, config.fusion_heads, config.pool_seeds, config.mlp_ratio)
         self.head = nn.Linear(d * config.pool_seeds, config.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(1.0 / config.init_temperature).log())
-        self.register_buffer("empty_tokens", self.tokenizer([""])[:, :2], persistent=False)
+        # SOT, EOT; a fresh [1, 2] tensor: the slice's strides (40, 1) make DDP's broadcast refuse it
+        self.register_buffer("empty_tokens", self.tokenizer([""])[:, :2].clone(memory_format=torch.contiguous_format),
+                             persistent=False)
 
     # ------------------------------------------------------------------ encoders
     def _text_width(self) -> int:

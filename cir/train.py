@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -35,7 +36,7 @@ from cir.data.triplets import read_gallery, read_triplets
 from cir.errors import UserError
 from cir.evaluate import evaluate
 from cir.losses import concept_consistency_loss, contrastive_loss, reduce_maps
-from cir.model import ModelConfig, build_model, isolated_maps, span_maps
+from cir.model import ConTextCIR, ModelConfig, build_model, isolated_maps, span_maps
 
 MAX_PHRASES = 10
 
@@ -148,36 +149,46 @@ def gather(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(dnn.all_gather(x))
 
 
-def train_step(model, batch, a, device, autocast) -> tuple[torch.Tensor, dict]:
-    """Forward both losses for one batch. Returns (total loss, {"loss", "contrastive", "cc"})."""
-    core = model.module if hasattr(model, "module") else model
-    ref = batch["reference"].to(device, non_blocking=True)
-    tgt = batch["target"].to(device, non_blocking=True)
-    B = ref.shape[0]
-    hard_rows = batch["hard_rows"].to(device)
-    with autocast():
-        img = core.image_tokens(torch.cat([ref, tgt, batch["hard"].to(device, non_blocking=True)]))
-        img_ref = img[:B]
-        fused_q = core.fuse(img_ref, core.text_tokens(batch["tokens"].to(device)))
-        query = core.embed(fused_q)
-        fused_g = core.fuse(img, core.empty_text(img.shape[0]))
-        gal = core.embed(fused_g)
+class TrainingObjective(nn.Module):
+    """Both losses of a training batch as one module call: what DDP wraps (its gradient sync needs
+    every parameter used inside the forward it wraps) and torch.compile compiles."""
+
+    def __init__(self, model: ConTextCIR, a: argparse.Namespace):
+        super().__init__()
+        self.model, self.a = model, a
+
+    def forward(self, images, tokens, hard_rows, phrase_rows, phrase_positions, phrase_texts):
+        """images [B + B + M, 3, S, S]: references, targets, then M hard negatives (of rows hard_rows
+        [M]); tokens [B, C]; phrase_rows [N], phrase_positions (N lists of token positions) and
+        phrase_texts (N strings) for the CC loss. Returns (total, contrastive, cc), scalars."""
+        m, a, B = self.model, self.a, tokens.shape[0]
+        img = m.image_tokens(images)
+        fused_q = m.fuse(img[:B], m.text_tokens(tokens))
+        query = m.embed(fused_q)
+        gal = m.embed(m.fuse(img, m.empty_text(img.shape[0])))  # every image as f(image, "")
         reference, target = gal[:B], gal[B:2 * B]
         hard = hard_valid = None
         if a.partial_negatives:  # one slot per row (fixed shape for the all-gather), filled where a row has one
-            hard = gal.new_zeros(B, gal.shape[1]).index_copy(0, hard_rows, gal[2 * B:])
-            hard_valid = gather(torch.zeros(B, device=device).index_fill(0, hard_rows, 1.0)) > 0.5
-            hard = gather(hard)
+            hard = gather(gal.new_zeros(B, gal.shape[1]).index_copy(0, hard_rows, gal[2 * B:]))
+            hard_valid = gather(torch.zeros(B, device=gal.device).index_fill(0, hard_rows, 1.0)) > 0.5
         cont = contrastive_loss(gather(query), gather(target), None if a.no_query_negative else gather(reference),
-                                core.logit_scale, hard, hard_valid)
-        cc = torch.zeros((), device=device)
-        if a.lambda_cc > 0 and len(batch["phrase_texts"]):
-            rows = batch["phrase_rows"].to(device)
-            ctx = reduce_maps(span_maps(fused_q.attention, rows, batch["phrase_positions"]), layers=a.cc_maps)
+                                m.logit_scale, hard, hard_valid)
+        cc = torch.zeros((), device=gal.device)
+        if a.lambda_cc > 0 and len(phrase_texts):
+            ctx = reduce_maps(span_maps(fused_q.attention, phrase_rows, phrase_positions), layers=a.cc_maps)
             with torch.no_grad():
-                iso = reduce_maps(isolated_maps(core, img_ref.detach(), rows, batch["phrase_texts"]), layers=a.cc_maps)
+                iso = reduce_maps(isolated_maps(m, img[:B].detach(), phrase_rows, phrase_texts), layers=a.cc_maps)
             cc = concept_consistency_loss(ctx.float(), iso.float(), a.eps)
-        loss = cont + a.lambda_cc * cc
+        return cont + a.lambda_cc * cc, cont, cc
+
+
+def train_step(objective, batch, device, autocast) -> tuple[torch.Tensor, dict]:
+    """`objective` (a TrainingObjective, maybe wrapped by DDP or torch.compile) on one collated batch.
+    Returns (total loss, {"loss", "contrastive", "cc"})."""
+    images = torch.cat([batch["reference"], batch["target"], batch["hard"]]).to(device, non_blocking=True)
+    with autocast():
+        loss, cont, cc = objective(images, batch["tokens"].to(device), batch["hard_rows"].to(device),
+                                   batch["phrase_rows"].to(device), batch["phrase_positions"], batch["phrase_texts"])
     return loss, {"loss": loss.item(), "contrastive": cont.item(), "cc": cc.item()}
 
 
@@ -240,11 +251,12 @@ def main(argv=None) -> int:
     if tensors is not None:
         restore_optimizer(opt, tensors, manifest)
         torch.set_rng_state(tensors["rng.torch"])
-    train_model = model
-    if world > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    objective = TrainingObjective(model, a)
+    if world > 1:  # unused open_clip parameters (its logit scale, text projection) get no gradient
+        objective = torch.nn.parallel.DistributedDataParallel(
+            objective, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
     if a.compile and device.type == "cuda":
-        train_model = torch.compile(train_model)
+        objective = torch.compile(objective)
     use_bf16 = a.precision == "bf16"
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
@@ -285,7 +297,7 @@ def main(argv=None) -> int:
             lr = lr_at(step, a)
             for grp in opt.param_groups:
                 grp["lr"] = lr
-            loss, parts = train_step(train_model, batch, a, device, autocast)
+            loss, parts = train_step(objective, batch, device, autocast)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), a.clip_grad if a.clip_grad > 0 else float("inf"))

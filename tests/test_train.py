@@ -53,6 +53,27 @@ def test_train_resume_evaluate(shapes_data, tmp_path):
     assert "R@1" in r.stdout and "grounding" in r.stdout
 
 
+def test_torchrun_two_processes_match_one(shapes_data, tmp_path):
+    """DDP through torchrun (gloo on CPU): 2 processes x 4 rows follow the 1 process x 8 rows curve,
+    gradient norms included (a missing or doubled all-reduce would change them; Adam would hide it
+    in the loss)."""
+    args = TRAIN + ["--data", str(shapes_data), "--steps", "3", "--val-every", "0", "--precision", "fp32",
+                    "--lambda-cc", "0", "--partial-negatives"]
+    run(args + ["--out", str(tmp_path / "one")])
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] + args[1:]
+        + ["--out", str(tmp_path / "two")])
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3]
+    for ra, rb in zip(a, b):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-4)
+        assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-3)
+    assert json.loads((tmp_path / "two" / "last.json").read_text())["step"] == 3
+    # the CC loss under DDP (each process averages over its own phrases)
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] + args[1:]
+        + ["--out", str(tmp_path / "cc"), "--steps", "2", "--lambda-cc", "0.5"])
+    assert all(r["cc"] > 0 for r in losses(tmp_path / "cc"))
+
+
 def test_ablation_flags_and_user_errors(shapes_data, tmp_path):
     run(TRAIN + ["--data", str(shapes_data), "--out", str(tmp_path / "abl"), "--steps", "1", "--val-every", "0",
                  "--freeze-text", "--freeze-image", "--no-query-negative", "--leaf-nps-only", "--lambda-cc", "0"])
