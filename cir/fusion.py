@@ -4,8 +4,10 @@ Each fusion block runs two pre-LayerNorm residual cross-attentions:
   1. text -> image: every text token attends over the image patches. Its weights are the
      concept maps (a distribution over patches per token) that the CC loss constrains and the
      app draws; they are returned for every layer and head.
-  2. image -> text: the image tokens (CLS + patches) attend over the grounded text tokens (padding
-     masked), so a patch can rewrite itself ("remove the blue star", "make it red"). The output
+  2. image -> text (unless the config turns it off): the image tokens (CLS + patches) attend over
+     the grounded text tokens (padding masked), so a patch can rewrite itself ("remove the blue
+     star", "make it red"). Without it the text reaches the embedding only through pooling over
+     the grounded text tokens (`pool_text`), so it must gather from the right patches. The output
      projections and second feed-forward layers start at zero: every block is the identity at
      step 0 (as in the official code).
 """
@@ -58,15 +60,19 @@ def mlp(width: int, ratio: float) -> nn.Sequential:
 
 
 class FusionBlock(nn.Module):
-    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, image_to_text: bool = True):
         super().__init__()
         self.ln_text, self.ln_patch = nn.LayerNorm(width), nn.LayerNorm(width)
         self.text_to_image = CrossAttention(width, heads)
         self.ln_text_mlp, self.text_mlp = nn.LayerNorm(width), mlp(width, mlp_ratio)
-        self.ln_image, self.ln_text_kv = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.image_to_text = CrossAttention(width, heads)
-        self.ln_image_mlp, self.image_mlp = nn.LayerNorm(width), mlp(width, mlp_ratio)
-        for layer in (self.text_to_image.out, self.text_mlp[2], self.image_to_text.out, self.image_mlp[2]):
+        zero = [self.text_to_image.out, self.text_mlp[2]]
+        self.image_to_text = None
+        if image_to_text:
+            self.ln_image, self.ln_text_kv = nn.LayerNorm(width), nn.LayerNorm(width)
+            self.image_to_text = CrossAttention(width, heads)
+            self.ln_image_mlp, self.image_mlp = nn.LayerNorm(width), mlp(width, mlp_ratio)
+            zero += [self.image_to_text.out, self.image_mlp[2]]
+        for layer in zero:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
@@ -78,6 +84,8 @@ class FusionBlock(nn.Module):
         upd, weights = self.text_to_image(self.ln_text(text), self.ln_patch(patches), need_weights=True)
         text = text + upd
         text = text + self.text_mlp(self.ln_text_mlp(text))
+        if self.image_to_text is None:
+            return text, image, weights
         upd, _ = self.image_to_text(self.ln_image(image), self.ln_text_kv(text), key_padding_mask=text_pad)
         image = image + upd
         image = image + self.image_mlp(self.ln_image_mlp(image))
@@ -93,9 +101,9 @@ class FusionOutput:
 
 
 class Fusion(nn.Module):
-    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float = 4.0, image_to_text: bool = True):
         super().__init__()
-        self.blocks = nn.ModuleList(FusionBlock(width, heads, mlp_ratio) for _ in range(layers))
+        self.blocks = nn.ModuleList(FusionBlock(width, heads, mlp_ratio, image_to_text) for _ in range(layers))
 
     def forward(self, text, image, text_pad, n_prefix: int = 1) -> FusionOutput:
         maps = []

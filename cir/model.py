@@ -37,6 +37,7 @@ class ModelConfig:
     fusion_heads: int = 8
     mlp_ratio: float = 4.0
     pool_seeds: int = 1
+    fusion_image_to_text: bool = True  # image tokens also attend over the text in each fusion block
     pool_text: bool = False  # PMA pools over [fused image tokens; fused text tokens], not the image tokens alone
     embed_dim: int = 512
     init_temperature: float = 0.07
@@ -58,6 +59,8 @@ class ModelConfig:
         unknown = set(d) - known
         if unknown:
             raise UserError(f"unknown model config keys: {sorted(unknown)}")
+        if d.get("fusion_image_to_text") is False and not d.get("pool_text"):
+            raise UserError("fusion_image_to_text false needs pool_text true: otherwise the text never reaches the embedding")
         return ModelConfig(**d)
 
     def to_dict(self) -> dict:
@@ -89,7 +92,7 @@ class ConTextCIR(nn.Module):
         self.patch_proj = nn.Linear(vis_width, d)
         self.cls_proj = nn.Linear(clip.visual.output_dim, d)
         self.text_proj = nn.Linear(self._text_width(), d)
-        self.fusion = Fusion(d, config.fusion_layers, config.fusion_heads, config.mlp_ratio)
+        self.fusion = Fusion(d, config.fusion_layers, config.fusion_heads, config.mlp_ratio, config.fusion_image_to_text)
         self.pool = PMA(d, config.fusion_heads, config.pool_seeds, config.mlp_ratio)
         self.head = nn.Linear(d * config.pool_seeds, config.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(1.0 / config.init_temperature).log())

@@ -39,9 +39,12 @@ def test_text_trimming_is_exact(tiny_model):
     assert pad_both[0, n:].all() and not pad_both[0, :n].any() and not pad_alone.any()
 
 
-def test_pooling_over_text_tokens_ignores_padding():
+@pytest.mark.parametrize("image_to_text", [True, False])
+def test_pooling_over_text_tokens_ignores_padding(image_to_text):
     torch.manual_seed(0)
-    model, _ = build_model(ModelConfig.from_dict(dict(ModelConfig.load("context-cir-tiny").to_dict(), pool_text=True)))
+    cfg = dict(ModelConfig.load("context-cir-tiny").to_dict(), pool_text=True, fusion_image_to_text=image_to_text)
+    model, _ = build_model(ModelConfig.from_dict(cfg))
+    assert (model.fusion.blocks[0].image_to_text is not None) == image_to_text
     model.eval()
     x = torch.randn(2, 3, 63, 63)
     short, long = "make it red", CAPTION + " and move the black square to the top left"
@@ -100,6 +103,8 @@ def test_config_errors():
         build_model(ModelConfig(clip_model="ViT-Q-99"))
     with pytest.raises(UserError, match="unknown model config keys"):
         ModelConfig.from_dict({"clip_model": "cir-tiny", "colour": 1})
+    with pytest.raises(UserError, match="needs pool_text"):
+        ModelConfig.from_dict({"clip_model": "cir-tiny", "fusion_image_to_text": False})
 
 
 def test_checkpoint_roundtrip_export_and_errors(tmp_path, tiny_model):
