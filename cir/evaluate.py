@@ -4,7 +4,8 @@
 
 Prints Recall@1/5/10/50, Recall_subset@1/2/3 (when triplets carry subsets), mAP@5/10/25/50 (when
 some query has several targets), the breakdown by meta.num_modifications and the pointing-game
-grounding hit rate (when meta carries grounding boxes). The reference image is removed from the
+grounding hit rate (when meta carries grounding boxes; maps averaged over layers and heads, and a
+table for every layer and head). The reference image is removed from the
 ranking for CIRR (its protocol) and kept as a hard negative otherwise (`--reference`).
 """
 from __future__ import annotations
@@ -92,11 +93,15 @@ def subset_rankings(query_emb, gallery_emb, gallery: list[str], triplets: list[T
 @torch.no_grad()
 def grounding(model: ConTextCIR, preprocess, triplets: list[Triplet], device, batch_size: int = 64) -> dict | None:
     """Pointing game over meta.grounding spans: hit when the argmax of the phrase map, upsampled to
-    the image, lies inside the box. Returns {"in_context", "isolated" (percent), "count"} or None."""
+    the image, lies inside the box. Returns {"in_context", "isolated" (percent, maps averaged over
+    layers and heads), "count", "per_layer_head": {"in_context", "isolated"} ([L][H] percent, each
+    head's own map)} or None."""
     items = [t for t in triplets if t.meta.get("grounding")]
     if not items:
         return None
+    L, H = model.config.fusion_layers, model.config.fusion_heads
     hits = {"in_context": 0, "isolated": 0}
+    head_hits = {name: torch.zeros(L, H) for name in hits}
     count = 0
     for i in range(0, len(items), batch_size):
         chunk = items[i:i + batch_size]
@@ -117,22 +122,28 @@ def grounding(model: ConTextCIR, preprocess, triplets: list[Triplet], device, ba
         if not rows:
             continue
         rows_t = torch.tensor(rows, device=device)
-        maps = {"in_context": reduce_maps(span_maps(fused.attention, rows_t, positions)),
-                "isolated": reduce_maps(isolated_maps(model, img_tok, rows_t, texts))}
+        maps = {"in_context": span_maps(fused.attention, rows_t, positions),  # [N, L, H, P]
+                "isolated": isolated_maps(model, img_tok, rows_t, texts)}
         for name, m in maps.items():
+            mean = reduce_maps(m)
             for n in range(len(rows)):
-                hits[name] += pointing_hit(m[n], model.grid, sizes[n], boxes[n])
+                hit = pointing_hits(torch.cat([mean[n:n + 1], m[n].flatten(0, 1)]), model.grid, sizes[n], boxes[n])
+                hits[name] += int(hit[0])
+                head_hits[name] += hit[1:].view(L, H).float().cpu()
         count += len(rows)
-    return {name: 100.0 * h / count for name, h in hits.items()} | {"count": count}
+    return ({name: 100.0 * h / count for name, h in hits.items()} | {"count": count}
+            | {"per_layer_head": {name: (100.0 * h / count).tolist() for name, h in head_hits.items()}})
 
 
-def pointing_hit(patch_map: torch.Tensor, grid: int, size: tuple[int, int], box) -> bool:
-    """patch_map [grid*grid]; upsample bilinearly to the image size (W, H); argmax inside box?"""
+def pointing_hits(patch_maps: torch.Tensor, grid: int, size: tuple[int, int], box) -> torch.Tensor:
+    """patch_maps [K, grid*grid], each upsampled bilinearly to the image size (W, H): is its argmax
+    inside box (x0, y0, x1, y1)? -> [K] bool."""
     w, h = size
-    up = F.interpolate(patch_map.float().reshape(1, 1, grid, grid), size=(h, w), mode="bilinear", align_corners=False)
-    y, x = divmod(int(up.flatten().argmax()), w)
+    up = F.interpolate(patch_maps.float().reshape(-1, 1, grid, grid), size=(h, w), mode="bilinear", align_corners=False)
+    idx = up.flatten(1).argmax(1)
+    x, y = idx % w + 0.5, idx // w + 0.5
     x0, y0, x1, y1 = box
-    return x0 <= x + 0.5 <= x1 and y0 <= y + 0.5 <= y1
+    return (x0 <= x) & (x <= x1) & (y0 <= y) & (y <= y1)
 
 
 def evaluate(model: ConTextCIR, preprocess, triplets: list[Triplet], gallery: list[str], device="cpu",
@@ -185,6 +196,9 @@ def format_results(res: dict) -> str:
     if "grounding" in res:
         g = res["grounding"]
         lines.append(f"grounding (pointing game, {g['count']} phrases): in context {g['in_context']:.2f}  isolated {g['isolated']:.2f}")
+        for name, table in g["per_layer_head"].items():
+            lines.append(f"  per head, {name.replace('_', ' ')}: "
+                         + " | ".join(f"layer {l + 1}: " + " ".join(f"{v:.0f}" for v in row) for l, row in enumerate(table)))
     return "\n".join(lines)
 
 

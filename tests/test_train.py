@@ -50,6 +50,8 @@ def test_train_resume_evaluate(shapes_data, tmp_path):
     assert set(res["by_num_modifications"]) <= {"1", "2", "3"}
     assert sum(g["count"] for g in res["by_num_modifications"].values()) == 16
     assert res["grounding"]["count"] > 0 and 0 <= res["grounding"]["in_context"] <= 100
+    per_head = res["grounding"]["per_layer_head"]["in_context"]
+    assert len(per_head) == 2 and all(len(row) == 2 and all(0 <= v <= 100 for v in row) for row in per_head)
     assert "R@1" in r.stdout and "grounding" in r.stdout
 
 
