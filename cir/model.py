@@ -42,6 +42,10 @@ class ModelConfig:
     embed_dim: int = 512
     init_temperature: float = 0.07
 
+    def __post_init__(self):
+        if not self.fusion_image_to_text and not self.pool_text:
+            raise UserError("fusion_image_to_text false needs pool_text true: otherwise the text never reaches the embedding")
+
     @staticmethod
     def load(name_or_path: str) -> "ModelConfig":
         """A config by name (cir/configs/<name>.json) or from a JSON file path."""
@@ -59,8 +63,6 @@ class ModelConfig:
         unknown = set(d) - known
         if unknown:
             raise UserError(f"unknown model config keys: {sorted(unknown)}")
-        if d.get("fusion_image_to_text") is False and not d.get("pool_text"):
-            raise UserError("fusion_image_to_text false needs pool_text true: otherwise the text never reaches the embedding")
         return ModelConfig(**d)
 
     def to_dict(self) -> dict:

@@ -13,6 +13,7 @@ from cir.train import leaf_only, lr_at, parse_args
 TRAIN = [sys.executable, "-m", "cir.train", "--config", "context-cir-tiny", "--batch-size", "8", "--steps", "6",
          "--warmup", "2", "--workers", "0", "--val-every", "3", "--val-limit", "8", "--save-every", "2", "--lambda-cc", "0.5",
          "--eps", "0.0"]
+TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
 def run(args):
@@ -62,7 +63,7 @@ def test_torchrun_two_processes_match_one(shapes_data, tmp_path):
     args = TRAIN + ["--data", str(shapes_data), "--steps", "3", "--val-every", "0", "--precision", "fp32",
                     "--lambda-cc", "0", "--partial-negatives"]
     run(args + ["--out", str(tmp_path / "one")])
-    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] + args[1:]
+    run(TORCHRUN_2 + args[1:]
         + ["--out", str(tmp_path / "two")])
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3]
@@ -71,7 +72,7 @@ def test_torchrun_two_processes_match_one(shapes_data, tmp_path):
         assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-3)
     assert json.loads((tmp_path / "two" / "last.json").read_text())["step"] == 3
     # the CC loss under DDP (each process averages over its own phrases)
-    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] + args[1:]
+    run(TORCHRUN_2 + args[1:]
         + ["--out", str(tmp_path / "cc"), "--steps", "2", "--lambda-cc", "0.5"])
     assert all(r["cc"] > 0 for r in losses(tmp_path / "cc"))
 
