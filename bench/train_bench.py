@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from cir import precision
+
 
 def step_worker(a) -> dict:
     from torch.utils.data import DataLoader
@@ -41,7 +43,8 @@ def step_worker(a) -> dict:
     batches = list(DataLoader(ds, batch_size=a.batch_size, collate_fn=collate_triplets))[: a.steps + 1]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     objective = TrainingObjective(model, targs)
-    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.precision == "bf16")
+    dtype = precision.resolve(a.precision, "cpu")
+    autocast = lambda: precision.autocast("cpu", dtype)
     times = []
     for i, batch in enumerate(batches):
         t0 = time.perf_counter()
@@ -69,7 +72,8 @@ def main(argv=None) -> int:
     p.add_argument("--config", default="context-cir-shapes-small", help="model config (default context-cir-shapes-small)")
     p.add_argument("--batch-size", type=int, default=64, help="triplets per step (default 64)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per setting, after one warm-up (default 5)")
-    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="autocast dtype (default bf16)")
+    p.add_argument("--precision", choices=precision.CHOICES, default="auto",
+                   help="autocast dtype (default auto: bf16 where the CPU has native bf16, else fp32)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--lambda-cc", type=float, default=0.0, help=argparse.SUPPRESS)
     p.add_argument("--tmp", default=None, help=argparse.SUPPRESS)
@@ -84,7 +88,7 @@ def main(argv=None) -> int:
                    "--config", a.config, "--batch-size", str(a.batch_size), "--steps", str(a.steps), "--precision", a.precision]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
             rows.append(json.loads(out.strip().splitlines()[-1]))
-    print(f"config {a.config}, batch {a.batch_size}, {a.precision}, {torch.get_num_threads()} threads")
+    print(f"config {a.config}, batch {a.batch_size}, {precision.resolve(a.precision, 'cpu')}, {torch.get_num_threads()} threads")
     print("| loss | step time (s) | peak RSS (MB) | phrases / batch | query encode p50 (ms) |")
     print("|---|---|---|---|---|")
     for r in rows:

@@ -12,23 +12,27 @@ from typing import Iterator
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, bulk: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is fsynced and renamed onto `path`.
 
     On an exception (or a kill) the destination keeps its previous content. The temporary file's
     name carries the writer's pid; one left behind by a writer that was killed is removed by the
-    next atomic write to the same path."""
+    next atomic write to the same path. `bulk=True` (many files into one folder, e.g. rendered
+    images) skips the fsync and the stale-temporary scan, which lists the whole folder and made
+    writing n files O(n^2); such a writer calls `remove_stale_temporaries(folder)` once instead."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(path)
+    if not bulk:
+        _remove_stale_temporaries(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
         yield tmp
         os.chmod(tmp, 0o644)  # mkstemp makes 0600 (and some writers recreate the file): make it ordinary
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        if not bulk:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -37,8 +41,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 def _remove_stale_temporaries(path: Path) -> None:
     """Delete `.{name}.{pid}.*.tmp` files beside `path` whose writing process no longer exists."""
-    prefix = f".{path.name}."
-    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+    _remove_dead_writers(path.parent.glob(f".{glob.escape(path.name)}.*.tmp"), f".{path.name}.")
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> None:
+    """Delete every atomic-write temporary in `folder` whose writing process no longer exists."""
+    for tmp in Path(folder).glob(".*.tmp"):
+        name = tmp.name[1:-len(".tmp")]
+        _remove_dead_writers([tmp], "." + name.rsplit(".", 2)[0] + ".")
+
+
+def _remove_dead_writers(temporaries, prefix: str) -> None:
+    for tmp in temporaries:
         pid = tmp.name[len(prefix):].split(".", 1)[0]
         if not pid.isdigit() or int(pid) == os.getpid():
             continue

@@ -34,6 +34,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from cir import precision
 from cir.atomic import atomic_path, sha256_file, write_json
 from cir.checkpoint import read_tensors, versions
 from cir.data.loader import load_rgb
@@ -225,6 +226,7 @@ def train_clip(a, device: torch.device) -> None:
     clip, preprocess, tokenizer = build_clip(a.config)
     clip.to(device)
     clip_loss = open_clip.ClipLoss()
+    dtype = precision.resolve(a.precision, device)
 
     def batches():
         for epoch in itertools.count():
@@ -234,7 +236,7 @@ def train_clip(a, device: torch.device) -> None:
 
     def loss_of(batch):
         images, tokens = batch
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.precision == "bf16"):
+        with precision.autocast(device, dtype):
             return clip_loss(*clip(images.to(device), tokens.to(device)))
 
     @torch.no_grad()
@@ -367,8 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("train-clip", help="train CLIP towers on (CIR-Shapes image, scene description) pairs")
     c.add_argument("--config", default="cir-shapes-small",
                    help="open_clip model config: cir/configs/clip/<name>.json or any open_clip name (default cir-shapes-small)")
-    c.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
-                   help="autocast dtype of the forward pass (default bf16, about twice as fast on CPU)")
+    c.add_argument("--precision", choices=precision.CHOICES, default="auto",
+                   help="autocast dtype of the forward pass; auto (default) = bf16 where native (CUDA, CPUs with "
+                        "bf16 instructions), else fp32")
     _training(c, steps=1100, batch=64, lr=5e-4, warmup=100, weight_decay=0.1)
     m = sub.add_parser("train-combiner", help="train a CLIP4Cir Combiner on frozen CLIP features of the triplets")
     m.add_argument("--clip", required=True, help="CLIP checkpoint written by train-clip")

@@ -14,7 +14,6 @@ import argparse
 from collections import defaultdict
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from cir.atomic import write_json
@@ -136,12 +135,18 @@ def grounding(model: ConTextCIR, preprocess, triplets: list[Triplet], device, ba
 
 
 def pointing_hits(patch_maps: torch.Tensor, grid: int, size: tuple[int, int], box) -> torch.Tensor:
-    """patch_maps [K, grid*grid], each upsampled bilinearly to the image size (W, H): is its argmax
-    inside box (x0, y0, x1, y1)? -> [K] bool."""
+    """patch_maps [K, grid*grid]: does the map's point fall inside box (x0, y0, x1, y1) of an image of
+    size (W, H)? -> [K] bool.
+
+    The point is the argmax of the map upsampled bilinearly to the image, taken where bilinear
+    interpolation puts its maximum: the centre of the highest patch (interpolation between patch
+    centres never exceeds its corners). This also settles the constant border strip that
+    `F.interpolate` leaves around edge patches, whose first pixel (the image border) would
+    otherwise be the argmax: with a 3 x 3 grid that is a corner of the cell, not its object."""
     w, h = size
-    up = F.interpolate(patch_maps.float().reshape(-1, 1, grid, grid), size=(h, w), mode="bilinear", align_corners=False)
-    idx = up.flatten(1).argmax(1)
-    x, y = idx % w + 0.5, idx // w + 0.5
+    idx = patch_maps.float().flatten(1).argmax(1)
+    x = (idx % grid + 0.5) * w / grid
+    y = (idx // grid + 0.5) * h / grid
     x0, y0, x1, y1 = box
     return (x0 <= x) & (x <= x1) & (y0 <= y) & (y <= y1)
 

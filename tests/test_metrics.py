@@ -97,6 +97,12 @@ def test_pointing_hits_by_hand():
     maps = torch.stack([peak_top_right, uniform_but_centre])
     assert pointing_hits(maps, 3, (90, 90), (60, 0, 90, 30)).tolist() == [True, False]
     assert pointing_hits(maps, 3, (90, 90), (30, 30, 60, 60)).tolist() == [False, True]
+    # a small object at the centre of the top-right cell: the peak patch's centre (75, 15) is inside
+    assert pointing_hits(maps, 3, (90, 90), (70, 10, 80, 20)).tolist() == [True, False]
+    # two equal top patches: the first (top left, centre (15, 15)) is the point, not a pixel between them
+    two_peaks = torch.zeros(1, 9)
+    two_peaks[0, [0, 2]] = 1.0
+    assert pointing_hits(two_peaks, 3, (90, 90), (10, 10, 20, 20)).tolist() == [True]
 
 
 def test_one_head_grounding_table_equals_the_averaged_number(shapes_data):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import subprocess
 import sys
@@ -51,6 +52,24 @@ def test_deterministic_for_a_seed(tmp_path):
     generate(b, {"test": 6}, seed=5, workers=2, progress=False)
     generate(c, {"test": 6}, seed=6, workers=1, progress=False)
     assert _digest(a) == _digest(b) != _digest(c)
+
+
+def test_rerun_after_a_killed_render_removes_its_temporaries(tmp_path):
+    """Images are written without the per-file folder scan (which made n files cost O(n^2)); a
+    temporary left by a killed renderer (dead pid) goes at the next run, a live writer's stays."""
+    out = tmp_path / "d"
+    generate(out, {"test": 3}, seed=5, workers=1, progress=False)
+    before = _digest(out)
+    folder = out / "images" / "test"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = folder / f".test-000000-ref.png.{dead.stdout.strip()}.abc123.tmp"
+    live = folder / f".test-000000-ref.png.{os.getpid()}.def456.tmp"
+    stale.write_bytes(b"half a png")
+    live.write_bytes(b"being written")
+    generate(out, {"test": 3}, seed=5, workers=1, progress=False)
+    assert not stale.exists() and live.exists()
+    live.unlink()
+    assert _digest(out) == before
 
 
 def test_pixels_match_spec_colors_and_boxes(shapes_data):

@@ -21,7 +21,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from cir.atomic import atomic_path, write_json, write_text
+from cir.atomic import atomic_path, remove_stale_temporaries, write_json, write_text
 from cir.errors import UserError
 
 CANVAS = 128
@@ -414,7 +414,7 @@ def _cell_phrase(rng: random.Random, cell: str) -> str:
 
 def _render_job(job: tuple[str, dict]) -> None:
     path, scene = job
-    with atomic_path(path) as tmp:
+    with atomic_path(path, bulk=True) as tmp:
         render(Scene.from_json(scene)).save(tmp, format="PNG")
 
 
@@ -489,6 +489,7 @@ def generate(out: str | Path, sizes: dict[str, int], seed: int, ks=(1, 2, 3), ph
         all_jobs += jobs
     for split in per_split:
         (out / "images" / split).mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out / "images" / split)  # left by a killed earlier run
     jobs_abs = [(str(out / p), s) for p, s in all_jobs]
     bar = tqdm(total=len(jobs_abs), desc="rendering", unit="img", disable=not progress)
     if workers > 1:

@@ -1,0 +1,35 @@
+"""Autocast precision for training: bf16 where the hardware runs it natively, fp32 elsewhere.
+
+bf16 on a CPU without native bf16 instructions (AVX-512 BF16 / AMX) is emulated: measured on a
+2-core AVX2 EPYC, a 2048^2 matmul ran at 0.3 GFLOPS in bf16 against 100 GFLOPS in fp32, and a
+training step took 50 s instead of 3.4 s. So `auto` checks before choosing bf16."""
+from __future__ import annotations
+
+import torch
+
+CHOICES = ("auto", "bf16", "fp32")
+
+
+def bf16_is_native(device: torch.device | str) -> bool:
+    """True on CUDA GPUs with bf16 support and on CPUs whose oneDNN has native bf16 kernels."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+def resolve(precision: str, device: torch.device | str) -> str:
+    """"auto" -> "bf16" where native, else "fp32"; "bf16" / "fp32" are kept as asked."""
+    if precision not in CHOICES:
+        raise ValueError(f"precision {precision!r} is not one of {CHOICES}")
+    if precision == "auto":
+        return "bf16" if bf16_is_native(device) else "fp32"
+    return precision
+
+
+def autocast(device: torch.device | str, precision: str):
+    """A fresh autocast context for `precision` ("bf16" or "fp32", already resolved)."""
+    device = torch.device(device)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
