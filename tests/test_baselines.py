@@ -10,12 +10,15 @@ import re
 import subprocess
 import sys
 
+import torch
 from open_clip.tokenizer import SimpleTokenizer
+from safetensors.torch import load_file
 
 from cir.baselines import build_parser, main
 from cir.data.shapes import CELLS, Obj, Scene, describe_scene, random_scene
 from cir.data.triplets import read_gallery, read_triplets, write_triplets
 from cir.evaluate import evaluate
+from cir.model import ModelConfig, build_model
 
 
 def structure(x):
@@ -46,6 +49,12 @@ def test_train_and_evaluate_all_baselines(shapes_data, tiny_model, tmp_path, cap
     small = ["--steps", "3", "--batch-size", "16", "--warmup", "1", "--workers", "0"]
     main(["train-clip", "--config", "cir-tiny", "--data", str(shapes_data), "--out", str(clip_dir)] + small)
     clip = str(clip_dir / "clip.safetensors")
+    # the trained CLIP is also a local weights file for ConText-CIR's towers (the paper's recipe: start
+    # from aligned CLIP towers): every tower tensor comes from it
+    cfg = dataclasses.replace(ModelConfig.load("context-cir-tiny"), pretrained=clip)
+    towers = build_model(cfg)[0].clip.state_dict()
+    trained = load_file(clip)
+    assert trained.keys() == towers.keys() and all(torch.equal(trained[k], towers[k]) for k in trained)
     main(["train-combiner", "--clip", clip, "--data", str(shapes_data), "--out", str(comb_dir)] + small)
     main(["train-combiner", "--clip", clip, "--data", str(shapes_data), "--out", str(comb_dir)] + small)
     assert "using cached features" in capsys.readouterr().out
