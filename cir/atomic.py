@@ -41,27 +41,28 @@ def atomic_path(path: str | os.PathLike, bulk: bool = False) -> Iterator[Path]:
 
 def _remove_stale_temporaries(path: Path) -> None:
     """Delete `.{name}.{pid}.*.tmp` files beside `path` whose writing process no longer exists."""
-    _remove_dead_writers(path.parent.glob(f".{glob.escape(path.name)}.*.tmp"), f".{path.name}.")
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        _remove_if_writer_dead(tmp)
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> None:
     """Delete every atomic-write temporary in `folder` whose writing process no longer exists."""
     for tmp in Path(folder).glob(".*.tmp"):
-        name = tmp.name[1:-len(".tmp")]
-        _remove_dead_writers([tmp], "." + name.rsplit(".", 2)[0] + ".")
+        _remove_if_writer_dead(tmp)
 
 
-def _remove_dead_writers(temporaries, prefix: str) -> None:
-    for tmp in temporaries:
-        pid = tmp.name[len(prefix):].split(".", 1)[0]
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:  # the writer is gone: its file can never be completed
-            tmp.unlink(missing_ok=True)
-        except (PermissionError, OverflowError):  # alive (another user's process), or not a pid
-            continue
+def _remove_if_writer_dead(tmp: Path) -> None:
+    """`tmp` is named `.{name}.{pid}.{random}.tmp` (mkstemp's random part has no dots)."""
+    parts = tmp.name[:-len(".tmp")].rsplit(".", 2)
+    pid = parts[-2] if len(parts) == 3 else ""
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:  # the writer is gone: its file can never be completed
+        tmp.unlink(missing_ok=True)
+    except (PermissionError, OverflowError):  # alive (another user's process), or not a pid
+        pass
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
