@@ -8,7 +8,10 @@
 No pretrained CLIP exists offline, so `train-clip` trains the towers of an open_clip config
 (cir/configs/clip/) from scratch with the symmetric CLIP loss on (image, scene description) pairs:
 every reference and target image of train.jsonl, described from its scene metadata in a new random
-order and phrasing each epoch (cir.data.shapes.describe_scene). `train-combiner` trains the Combiner
+order and phrasing each epoch (cir.data.shapes.describe_scene); `--patch-weight` adds a dense loss that
+classifies every patch embedding against the texts of the 84 possible cell contents, which aligns the
+towers region by region (the pretraining ConText-CIR's towers start from, `cir.train --pretrained`).
+`train-combiner` trains the Combiner
 of CLIP4Cir (Baldrati et al.) on frozen CLIP features of (reference, caption) -> target, extracted
 once (cached in its run folder). `evaluate` scores image-only, text-only, the training-free sum
 normalize(image + text) and the Combiner against the CLIP image embeddings of the gallery through
@@ -38,7 +41,7 @@ from cir import precision
 from cir.atomic import atomic_path, sha256_file, write_json
 from cir.checkpoint import read_tensors, versions
 from cir.data.loader import load_rgb
-from cir.data.shapes import Scene, describe_scene
+from cir.data.shapes import CELL_CONTENTS, Scene, cell_contents, describe_scene, patch_cells
 from cir.data.triplets import Triplet, read_triplets
 from cir.errors import UserError
 from cir.evaluate import add_data_flags, autocast, embed_gallery, evaluate, format_results, read_data
@@ -160,8 +163,8 @@ def load_combiner(path: str, clip_path: str) -> Combiner:
 # ----------------------------------------------------------------------------- training
 
 class ScenePairs(Dataset):
-    """(preprocessed image, description tokens) per (image path, scene JSON); the phrasing is drawn
-    from `seed` and the item, so a run is reproducible."""
+    """(preprocessed image, description tokens, cell contents [9]) per (image path, scene JSON); the
+    phrasing is drawn from `seed` and the item, so a run is reproducible."""
 
     def __init__(self, pairs: list[tuple[str, dict]], preprocess, tokenizer, seed: int):
         self.pairs, self.preprocess, self.tokenizer, self.seed = pairs, preprocess, tokenizer, seed
@@ -171,8 +174,9 @@ class ScenePairs(Dataset):
 
     def __getitem__(self, i):
         path, scene = self.pairs[i]
-        text = describe_scene(Scene.from_json(scene), random.Random(f"{self.seed}/{i}"))
-        return self.preprocess(load_rgb(path)), self.tokenizer([text])[0]
+        scene = Scene.from_json(scene)
+        text = describe_scene(scene, random.Random(f"{self.seed}/{i}"))
+        return self.preprocess(load_rgb(path)), self.tokenizer([text])[0], torch.tensor(cell_contents(scene))
 
 
 def train_triplets(a) -> tuple[Path, list[Triplet]]:
@@ -184,9 +188,9 @@ def train_triplets(a) -> tuple[Path, list[Triplet]]:
 
 
 def optimize(module: nn.Module, batches, loss_of, a, out: Path, desc: str, after_step=None) -> float:
-    """a.steps AdamW steps on `loss_of(batch)` over the endless iterator `batches`, with cir.train's
-    warm-up + cosine schedule, gradient clipping and weight decay on weight matrices only; logs
-    OUT/log.jsonl. Returns the last loss."""
+    """a.steps AdamW steps on `loss_of(batch)` -> (loss, {name: float} of its parts to log) over the
+    endless iterator `batches`, with cir.train's warm-up + cosine schedule, gradient clipping and
+    weight decay on weight matrices only; logs OUT/log.jsonl. Returns the last loss."""
     named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
     decays = lambda n, p: p.ndim >= 2 and "token_embedding" not in n
     opt = torch.optim.AdamW([{"params": [p for n, p in named if decays(n, p)], "weight_decay": a.weight_decay},
@@ -199,7 +203,7 @@ def optimize(module: nn.Module, batches, loss_of, a, out: Path, desc: str, after
             lr = lr_at(step, a)
             for group in opt.param_groups:
                 group["lr"] = lr
-            loss = loss_of(batch)
+            loss, parts = loss_of(batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for _, p in named], a.clip_grad if a.clip_grad > 0 else float("inf"))
@@ -207,8 +211,8 @@ def optimize(module: nn.Module, batches, loss_of, a, out: Path, desc: str, after
             if after_step:
                 after_step()
             value = loss.item()
-            log.write(json.dumps({"step": step + 1, "lr": lr, "loss": value}) + "\n")
-            bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.1e}")
+            log.write(json.dumps({"step": step + 1, "lr": lr, "loss": value, **parts}) + "\n")
+            bar.set_postfix(loss=f"{value:.3f}", **{k: f"{v:.3f}" for k, v in parts.items()}, lr=f"{lr:.1e}")
             bar.update()
     module.eval()
     return value
@@ -227,6 +231,10 @@ def train_clip(a, device: torch.device) -> None:
     clip.to(device)
     clip_loss = open_clip.ClipLoss()
     dtype = precision.resolve(a.precision, device)
+    clip.visual.output_tokens = True
+    grid = clip.visual.grid_size[0]
+    cells_of_patches = torch.tensor(patch_cells(grid), device=device)
+    content_tokens = tokenizer(list(CELL_CONTENTS)).to(device)
 
     def batches():
         for epoch in itertools.count():
@@ -235,9 +243,21 @@ def train_clip(a, device: torch.device) -> None:
                                   drop_last=True, num_workers=a.workers, generator=torch.Generator().manual_seed(seed))
 
     def loss_of(batch):
-        images, tokens = batch
+        """CLIP loss on (image, description) + a.patch_weight x cross-entropy of every patch
+        embedding [B, P, E] against the texts of the 84 cell contents, labelled with its cell's."""
+        images, tokens, contents = batch
         with precision.autocast(device, dtype):
-            return clip_loss(*clip(images.to(device), tokens.to(device)))
+            pooled, patches = clip.visual(images.to(device))
+            scene = clip_loss(F.normalize(pooled, dim=-1), clip.encode_text(tokens.to(device), normalize=True),
+                              clip.logit_scale.exp())
+            if a.patch_weight == 0:
+                return scene, {"scene": scene.item()}
+            patch_emb = F.normalize(patches @ clip.visual.proj, dim=-1)
+            logits = clip.logit_scale.exp() * patch_emb @ clip.encode_text(content_tokens, normalize=True).T
+            labels = contents.to(device)[:, cells_of_patches]
+            patch = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+            accuracy = (logits.argmax(-1) == labels).float().mean().item()
+        return scene + a.patch_weight * patch, {"scene": scene.item(), "patch": patch.item(), "patch_acc": accuracy}
 
     @torch.no_grad()
     def clamp_temperature():  # as in CLIP: the logit scale stays at most 100
@@ -300,7 +320,7 @@ def train_combiner(a, device: torch.device) -> None:
 
     def loss_of(idx):  # CLIP4Cir: cross-entropy over the batch's targets, logit scale 100
         pred = combiner(feats["reference"][idx], feats["caption"][idx])
-        return F.cross_entropy(100 * pred @ feats["target"][idx].T, labels)
+        return F.cross_entropy(100 * pred @ feats["target"][idx].T, labels), {}
 
     last = optimize(combiner, batches(), loss_of, a, out, "train-combiner")
     save_weights(out / "combiner.safetensors", combiner,
@@ -372,6 +392,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--precision", choices=precision.CHOICES, default="auto",
                    help="autocast dtype of the forward pass; auto (default) = bf16 where native (CUDA, CPUs with "
                         "bf16 instructions), else fp32")
+    c.add_argument("--patch-weight", type=float, default=0.0,
+                   help="weight of the dense (patch-level) loss: every patch embedding (its token through the "
+                        "visual projection) is classified against the texts of the 84 cell contents (\"small red "
+                        "circle\", ..., \"pink background\") by the cell holding its centre, so the towers align "
+                        "words with image regions (default 0 = the scene-level CLIP loss only)")
     _training(c, steps=1100, batch=64, lr=5e-4, warmup=100, weight_decay=0.1)
     m = sub.add_parser("train-combiner", help="train a CLIP4Cir Combiner on frozen CLIP features of the triplets")
     m.add_argument("--clip", required=True, help="CLIP checkpoint written by train-clip")

@@ -47,7 +47,11 @@ def test_describe_scene_names_everything_and_fits_the_context():
 def test_train_and_evaluate_all_baselines(shapes_data, tiny_model, tmp_path, capsys):
     clip_dir, comb_dir = tmp_path / "clip", tmp_path / "comb"
     small = ["--steps", "3", "--batch-size", "16", "--warmup", "1", "--workers", "0"]
-    main(["train-clip", "--config", "cir-tiny", "--data", str(shapes_data), "--out", str(clip_dir)] + small)
+    main(["train-clip", "--config", "cir-tiny", "--data", str(shapes_data), "--out", str(clip_dir), "--patch-weight", "0.5"]
+         + small)
+    for row in map(json.loads, (clip_dir / "log.jsonl").read_text().splitlines()):  # loss = scene + 0.5 x patch
+        assert abs(row["loss"] - (row["scene"] + 0.5 * row["patch"])) < 1e-4 and 0 <= row["patch_acc"] <= 1
+        assert row["patch"] > 0
     clip = str(clip_dir / "clip.safetensors")
     # the trained CLIP is also a local weights file for ConText-CIR's towers (the paper's recipe: start
     # from aligned CLIP towers): every tower tensor comes from it

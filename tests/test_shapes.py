@@ -11,7 +11,8 @@ import sys
 import numpy as np
 from PIL import Image
 
-from cir.data.shapes import BACKGROUNDS, CELLS, COLORS, Operation, Scene, apply_all, generate, random_partial, render
+from cir.data.shapes import (BACKGROUNDS, CELL_CONTENTS, CELLS, COLORS, Obj, Operation, Scene, apply_all, cell_contents,
+                             generate, patch_cells, random_partial, render)
 from cir.data.triplets import read_gallery, read_triplets
 
 SPEC_COLORS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220), "yellow": (235, 200, 20),
@@ -22,6 +23,19 @@ SPEC_BACKGROUNDS = {"white": (255, 255, 255), "gray": (200, 200, 200), "beige": 
 def test_vocabulary_is_the_spec():
     assert COLORS == SPEC_COLORS and BACKGROUNDS == SPEC_BACKGROUNDS
     assert CELLS[0] == "top left" and CELLS[4] == "center" and CELLS[8] == "bottom right"
+
+
+def test_cell_contents_and_the_cells_of_patches():
+    assert len(CELL_CONTENTS) == 2 * 8 * 5 + 4 == len(set(CELL_CONTENTS))
+    scene = Scene("pink", (Obj("star", "cyan", "small", 0), Obj("circle", "red", "large", 7)))
+    contents = [CELL_CONTENTS[i] for i in cell_contents(scene)]
+    assert contents == ["small cyan star"] + ["pink background"] * 6 + ["large red circle", "pink background"]
+    assert patch_cells(3) == list(range(9))  # one patch per cell
+    # 9 x 9 patches (14 px of a 126 px input): 3 x 3 patches per cell
+    assert patch_cells(9)[:9] == [0, 0, 0, 1, 1, 1, 2, 2, 2] and patch_cells(9)[9 * 4 + 4] == 4
+    assert patch_cells(9)[80] == 8 and patch_cells(9)[9 * 3] == 3
+    # 8 x 8 patches (16 px of 128): patch 2 is centred at x = 40 < 42.7 (cell 0), patch 3 at x = 56 (cell 1)
+    assert patch_cells(8)[:8] == [0, 0, 0, 1, 1, 2, 2, 2]
 
 
 def test_files_and_format(shapes_data):

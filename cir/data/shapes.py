@@ -402,6 +402,27 @@ def describe_scene(scene: Scene, rng: random.Random) -> str:
     return rng.choice(forms).format(bg=scene.background, objs=body)
 
 
+# What each cell holds, as a text: one of 80 objects ("small red circle") or, for an empty cell, the
+# background ("pink background"). Dense (patch-level) CLIP pretraining classifies patches into these.
+CELL_CONTENTS = tuple(f"{size} {color} {shape}" for size in SIZES for color in COLORS for shape in SHAPES) + \
+    tuple(f"{bg} background" for bg in BACKGROUNDS)
+
+
+def cell_contents(scene: Scene) -> list[int]:
+    """Index into CELL_CONTENTS of what each of the 9 cells (row-major) holds."""
+    out = [CELL_CONTENTS.index(f"{scene.background} background")] * 9
+    for o in scene.objects:
+        out[o.cell] = CELL_CONTENTS.index(f"{o.size} {o.color} {o.shape}")
+    return out
+
+
+def patch_cells(grid: int) -> list[int]:
+    """The cell (0..8) holding the centre of each patch of a grid x grid ViT (row-major); the square
+    canvas is resized to the input size as a whole, so patch j's centre is at (j + 0.5) * CANVAS / grid."""
+    centre = [min(2, int((j + 0.5) * CANVAS / grid // CELL)) for j in range(grid)]
+    return [3 * r + c for r in centre for c in centre]
+
+
 def _cell_phrase(rng: random.Random, cell: str) -> str:
     if cell == "center":
         return rng.choice(["in the center", "at the center"])
