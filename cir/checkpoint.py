@@ -26,7 +26,7 @@ from cir.errors import UserError
 
 FORMAT = "context-cir-checkpoint/1"
 TOKEN_EMBEDDING = "clip.token_embedding.weight"
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "assets" / "context-cir-shapes-small.safetensors"
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "assets" / "context-cir-shapes.safetensors"
 
 
 def versions() -> dict:

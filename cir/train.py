@@ -8,8 +8,10 @@ triplet's `noun_phrases` field, else from the parser (cached next to the data). 
 RUN_DIR/last.safetensors (+ .json) with optimizer and RNG state; `--resume` continues from it and
 reproduces the loss curve of an uninterrupted run. Multi-GPU: `torchrun --nproc_per_node N -m cir.train ...`.
 
-Defaults differ from the paper's (lr 2e-5 .. 2e-7 for fine-tuning pretrained CLIP): the shipped
-model is trained from scratch, which needs a larger peak lr (3e-4 here, down to 3e-6).
+Defaults differ from the paper's (lr 2e-5 .. 2e-7 for fine-tuning pretrained CLIP): the fusion and
+pooling start from scratch and the shipped towers from a short CLIP-style pretraining on CIR-Shapes
+(`python -m cir.baselines train-clip --patch-weight 1`), which needs a larger peak lr (3e-4 here,
+down to 3e-6).
 """
 from __future__ import annotations
 
