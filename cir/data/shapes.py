@@ -418,8 +418,9 @@ def cell_contents(scene: Scene) -> list[int]:
 
 def patch_cells(grid: int) -> list[int]:
     """The cell (0..8) holding the centre of each patch of a grid x grid ViT (row-major); the square
-    canvas is resized to the input size as a whole, so patch j's centre is at (j + 0.5) * CANVAS / grid."""
-    centre = [min(2, int((j + 0.5) * CANVAS / grid // CELL)) for j in range(grid)]
+    canvas is resized to the input size as a whole, so patch j's centre lies in cell row/column
+    floor(3 (j + 0.5) / grid)."""
+    centre = [int(3 * (j + 0.5) / grid) for j in range(grid)]
     return [3 * r + c for r in centre for c in centre]
 
 
