@@ -10,6 +10,12 @@ Each fusion block runs two pre-LayerNorm residual cross-attentions:
      the grounded text tokens (`pool_text`), so it must gather from the right patches. The output
      projections and second feed-forward layers start at zero: every block is the identity at
      step 0 (as in the official code).
+
+The concept maps (what the CC loss compares and the app draws) are by default the text -> image
+weights. With `maps="image_to_text"` they come from the image -> text half instead, as in the
+official code: for every text token, how much each patch attends to it, renormalised over the
+patches into a distribution like the default's. That is the attention that decides which patches
+a phrase rewrites, so constraining it cannot be satisfied by maps the embedding ignores.
 """
 from __future__ import annotations
 
@@ -59,9 +65,23 @@ def mlp(width: int, ratio: float) -> nn.Sequential:
     return nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
 
 
+MAP_SOURCES = ("text_to_image", "image_to_text")
+
+
+def patch_distribution(weights: torch.Tensor, n_prefix: int) -> torch.Tensor:
+    """Image -> text weights [B, H, n_prefix + P, T] -> per text token a distribution over the
+    patches [B, H, T, P] (prefix tokens dropped; a token no patch attends to, e.g. padding, gets 0)."""
+    cols = weights[:, :, n_prefix:].transpose(-1, -2)
+    return cols / cols.sum(-1, keepdim=True).clamp_min(torch.finfo(cols.dtype).tiny)
+
+
 class FusionBlock(nn.Module):
-    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, image_to_text: bool = True):
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, image_to_text: bool = True,
+                 maps: str = "text_to_image"):
         super().__init__()
+        if maps not in MAP_SOURCES or (maps == "image_to_text" and not image_to_text):
+            raise ValueError(f"concept maps {maps!r} need one of {MAP_SOURCES} and the image -> text half for the second")
+        self.maps = maps
         self.ln_text, self.ln_patch = nn.LayerNorm(width), nn.LayerNorm(width)
         self.text_to_image = CrossAttention(width, heads)
         self.ln_text_mlp, self.text_mlp = nn.LayerNorm(width), mlp(width, mlp_ratio)
@@ -79,14 +99,18 @@ class FusionBlock(nn.Module):
     def forward(self, text, image, text_pad, n_prefix: int):
         """text [B, T, D], image [B, n_prefix + P, D] (CLS first), text_pad [B, T] bool.
 
-        Returns (text, image, weights [B, H, T, P]) with weights of text tokens over patches."""
+        Returns (text, image, maps [B, H, T, P]): per text token a distribution over the patches."""
         patches = image[:, n_prefix:]
         upd, weights = self.text_to_image(self.ln_text(text), self.ln_patch(patches), need_weights=True)
         text = text + upd
         text = text + self.text_mlp(self.ln_text_mlp(text))
         if self.image_to_text is None:
             return text, image, weights
-        upd, _ = self.image_to_text(self.ln_image(image), self.ln_text_kv(text), key_padding_mask=text_pad)
+        from_image = self.maps == "image_to_text"
+        upd, w_i2t = self.image_to_text(self.ln_image(image), self.ln_text_kv(text), key_padding_mask=text_pad,
+                                        need_weights=from_image)
+        if from_image:
+            weights = patch_distribution(w_i2t, n_prefix)
         image = image + upd
         image = image + self.image_mlp(self.ln_image_mlp(image))
         return text, image, weights
@@ -97,13 +121,14 @@ class FusionOutput:
     image: torch.Tensor  # [B, n_prefix + P, D] fused image tokens
     text: torch.Tensor  # [B, T, D] grounded text tokens
     text_pad: torch.Tensor  # [B, T] bool, True = padding
-    attention: torch.Tensor  # [B, L, H, T, P] text-token -> patch weights, every layer and head
+    attention: torch.Tensor  # [B, L, H, T, P] concept maps: per text token a distribution over patches, every layer and head
 
 
 class Fusion(nn.Module):
-    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float = 4.0, image_to_text: bool = True):
+    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float = 4.0, image_to_text: bool = True,
+                 maps: str = "text_to_image"):
         super().__init__()
-        self.blocks = nn.ModuleList(FusionBlock(width, heads, mlp_ratio, image_to_text) for _ in range(layers))
+        self.blocks = nn.ModuleList(FusionBlock(width, heads, mlp_ratio, image_to_text, maps) for _ in range(layers))
 
     def forward(self, text, image, text_pad, n_prefix: int = 1) -> FusionOutput:
         maps = []

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cir.errors import UserError
-from cir.fusion import PMA, Fusion, FusionOutput
+from cir.fusion import MAP_SOURCES, PMA, Fusion, FusionOutput
 from cir.tokenizer import CaptionTokenizer
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -39,12 +39,17 @@ class ModelConfig:
     pool_seeds: int = 1
     fusion_image_to_text: bool = True  # image tokens also attend over the text in each fusion block
     pool_text: bool = False  # PMA pools over [fused image tokens; fused text tokens], not the image tokens alone
+    concept_maps: str = "text_to_image"  # which attention the CC loss and the app use (cir/fusion.py)
     embed_dim: int = 512
     init_temperature: float = 0.07
 
     def __post_init__(self):
         if not self.fusion_image_to_text and not self.pool_text:
             raise UserError("fusion_image_to_text false needs pool_text true: otherwise the text never reaches the embedding")
+        if self.concept_maps not in MAP_SOURCES:
+            raise UserError(f"concept_maps {self.concept_maps!r}: expected one of {', '.join(MAP_SOURCES)}")
+        if self.concept_maps == "image_to_text" and not self.fusion_image_to_text:
+            raise UserError("concept_maps image_to_text needs fusion_image_to_text true")
 
     @staticmethod
     def load(name_or_path: str) -> "ModelConfig":
@@ -94,7 +99,8 @@ class ConTextCIR(nn.Module):
         self.patch_proj = nn.Linear(vis_width, d)
         self.cls_proj = nn.Linear(clip.visual.output_dim, d)
         self.text_proj = nn.Linear(self._text_width(), d)
-        self.fusion = Fusion(d, config.fusion_layers, config.fusion_heads, config.mlp_ratio, config.fusion_image_to_text)
+        self.fusion = Fusion(d, config.fusion_layers, config.fusion_heads, config.mlp_ratio, config.fusion_image_to_text,
+                             config.concept_maps)
         self.pool = PMA(d, config.fusion_heads, config.pool_seeds, config.mlp_ratio)
         self.head = nn.Linear(d * config.pool_seeds, config.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(1.0 / config.init_temperature).log())

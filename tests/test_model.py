@@ -28,6 +28,33 @@ def test_attention_maps_are_distributions_over_patches(tiny_model):
     assert torch.allclose(fused.attention.sum(-1), torch.ones(B, L, H, T), atol=1e-5)
 
 
+def test_image_to_text_concept_maps_are_the_patches_attention_to_each_token():
+    """concept_maps "image_to_text": for every text token, how much each patch attends to it
+    (recomputed here from the block's own projections), renormalised over the patches."""
+    torch.manual_seed(0)
+    cfg = dict(ModelConfig.load("context-cir-tiny").to_dict(), concept_maps="image_to_text")
+    model, _ = build_model(ModelConfig.from_dict(cfg))
+    seen = {}
+    attn = model.fusion.blocks[0].image_to_text
+    attn.register_forward_hook(lambda mod, args, kwargs, out: seen.update(x=args[0], ctx=args[1], pad=kwargs["key_padding_mask"]),
+                               with_kwargs=True)
+    _, fused = model(torch.randn(2, 3, 63, 63), model.tokenizer([CAPTION, "make it red"]))
+    x, ctx, pad = seen["x"], seen["ctx"], seen["pad"]
+    B, Q, D = x.shape
+    h = attn.heads
+    q = attn.q(x).view(B, Q, h, -1).transpose(1, 2)
+    k = attn.kv(ctx)[..., :D].view(B, ctx.shape[1], h, -1).transpose(1, 2)
+    w = ((q @ k.transpose(-1, -2)) / (D // h) ** 0.5).masked_fill(pad[:, None, None], float("-inf")).softmax(-1)
+    cols = w[:, :, 1:].transpose(-1, -2)  # [B, H, T, P]: CLS dropped
+    expect = cols / cols.sum(-1, keepdim=True)
+    got = fused.attention[:, 0]
+    assert torch.allclose(got[0], expect[0], atol=1e-5)
+    n = int((~pad[1]).sum())  # "make it red": its real tokens are distributions, padding gets zeros
+    assert torch.allclose(got[1, :, :n], expect[1, :, :n], atol=1e-5) and (got[1, :, n:] == 0).all()
+    with pytest.raises(UserError, match="needs fusion_image_to_text"):
+        ModelConfig.from_dict(dict(cfg, fusion_image_to_text=False, pool_text=True))
+
+
 def test_text_trimming_is_exact(tiny_model):
     model, _ = tiny_model
     short, long = "make it red", CAPTION + " and move the black square to the top left"
