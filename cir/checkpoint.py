@@ -129,6 +129,32 @@ def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise UserError(f"cannot read checkpoint {path}: truncated or corrupt ({e})") from None
 
 
+def load_weights(model: torch.nn.Module, path: str | os.PathLike, tensors: dict | None = None,
+                 allow_missing: bool = True) -> list[str]:
+    """Load a checkpoint's weights into `model` (whose config may add modules the checkpoint lacks:
+    e.g. image -> text fusion halves, which start as the identity). Returns the model's keys the
+    checkpoint does not hold (they keep their initialisation); a checkpoint key the model lacks, or
+    one of another shape, is refused with a message naming it."""
+    tensors = read_tensors(path) if tensors is None else tensors
+    state = _decode({k: v for k, v in tensors.items() if not k.startswith(("optimizer.", "rng."))})
+    expected = model.state_dict()
+    if TOKEN_EMBEDDING + ".rows" in state:
+        rows, compact = state.pop(TOKEN_EMBEDDING + ".rows"), state.pop(TOKEN_EMBEDDING + ".compact")
+        full = torch.zeros_like(expected[TOKEN_EMBEDDING])
+        full[rows] = compact.to(full.dtype)
+        state[TOKEN_EMBEDDING] = full
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+    refused = (("missing", [] if allow_missing else missing), ("unexpected", unexpected), ("wrong shape", wrong))
+    if any(keys for _, keys in refused):
+        detail = "; ".join(f"{name}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}" for name, keys in refused if keys)
+        target = "the architecture asked for" if allow_missing else "the architecture its manifest names"
+        raise UserError(f"checkpoint {path} does not fit {target} ({detail})")
+    model.load_state_dict(state, strict=False)
+    return missing
+
+
 def load_checkpoint(path: str | os.PathLike | None = None, device: str | torch.device = "cpu",
                     with_training_state: bool = False):
     """Build the model a checkpoint describes and load its weights (no pretrained download).
@@ -151,21 +177,7 @@ def load_checkpoint(path: str | os.PathLike | None = None, device: str | torch.d
     except Exception as e:  # nonsense values in the manifest's config
         raise UserError(f"checkpoint {path}: its manifest's model config cannot be built "
                         f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
-    state = _decode({k: v for k, v in tensors.items() if not k.startswith(("optimizer.", "rng."))})
-    if TOKEN_EMBEDDING + ".rows" in state:
-        rows, compact = state.pop(TOKEN_EMBEDDING + ".rows"), state.pop(TOKEN_EMBEDDING + ".compact")
-        full = torch.zeros_like(model.state_dict()[TOKEN_EMBEDDING])
-        full[rows] = compact.to(full.dtype)
-        state[TOKEN_EMBEDDING] = full
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
-    if missing or unexpected or wrong:
-        detail = "; ".join(f"{name}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
-                           for name, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys)
-        raise UserError(f"checkpoint {path} does not fit the architecture its manifest names ({detail})")
-    model.load_state_dict(state)
+    load_weights(model, path, tensors, allow_missing=False)
     model.to(device).eval()
     return (model, preprocess, manifest, tensors) if with_training_state else (model, preprocess, manifest)
 

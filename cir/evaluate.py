@@ -3,7 +3,9 @@
     python -m cir.evaluate --checkpoint CKPT --triplets test.jsonl --gallery gallery_test.txt [--json OUT]
 
 Prints Recall@1/5/10/50, Recall_subset@1/2/3 (when triplets carry subsets), mAP@5/10/25/50 (when
-some query has several targets), the breakdown by meta.num_modifications and the pointing-game
+some query has several targets), the breakdowns by meta.num_modifications and by operation type
+(meta.operations), what the first results are (target, own reference, own partial fulfilment,
+other; when meta.partials exist) and the pointing-game
 grounding hit rate (when meta carries grounding boxes; maps averaged over layers and heads, and a
 table for every layer and head). The reference image is removed from the
 ranking for CIRR (its protocol) and kept as a hard negative otherwise (`--reference`).
@@ -171,17 +173,41 @@ def evaluate(model: ConTextCIR, preprocess, triplets: list[Triplet], gallery: li
                                                             [t.reference for t in triplets], SUBSET_KS))
     if any(len(t.targets) > 1 for t in triplets):
         res["map"] = _str_keys(map_at_k(rankings, targets, MAP_KS))
-    groups = defaultdict(list)
+    by_count, by_operation = defaultdict(list), defaultdict(list)
     for i, t in enumerate(triplets):
         if "num_modifications" in t.meta:
-            groups[str(t.meta["num_modifications"])].append(i)
-    if groups:
-        res["by_num_modifications"] = {
-            k: {"recall": _str_keys(recall_at_k([rankings[i] for i in idx], [targets[i] for i in idx], RECALL_KS)),
-                "count": len(idx)} for k, idx in sorted(groups.items())}
+            by_count[str(t.meta["num_modifications"])].append(i)
+        for op_type in {op.get("type") for op in t.meta.get("operations", []) if isinstance(op, dict)} - {None}:
+            by_operation[str(op_type)].append(i)
+    for name, groups in (("by_num_modifications", by_count), ("by_operation", by_operation)):
+        if groups:
+            res[name] = {k: {"recall": _str_keys(recall_at_k([rankings[i] for i in idx], [targets[i] for i in idx],
+                                                             RECALL_KS)), "count": len(idx)}
+                         for k, idx in sorted(groups.items())}
+    if any(t.meta.get("partials") for t in triplets):
+        res["top1"] = top1_outcomes(rankings, triplets)
     if with_grounding and (g := grounding(model, preprocess, triplets, device)) is not None:
         res["grounding"] = g
     return res
+
+
+def top1_outcomes(rankings: list[list[str]], triplets: list[Triplet]) -> dict:
+    """What each query's first result is (CIR-Shapes): a target, the query's own reference, one of its
+    own partial fulfilments (meta.partials: the reference with only some operations applied), or
+    another image. -> counts {"target", "partial", "reference", "other"}."""
+    out = dict.fromkeys(("target", "partial", "reference", "other"), 0)
+    for ranking, t in zip(rankings, triplets):
+        first = ranking[0] if ranking else None
+        partials = [p["path"] for p in t.meta.get("partials", []) if isinstance(p, dict) and "path" in p]
+        if first in t.targets:
+            out["target"] += 1
+        elif first == t.reference:
+            out["reference"] += 1
+        elif first is not None and any(first == p or first.endswith("/" + p) for p in partials):
+            out["partial"] += 1
+        else:
+            out["other"] += 1
+    return out
 
 
 def _str_keys(d: dict) -> dict:
@@ -198,6 +224,11 @@ def format_results(res: dict) -> str:
         lines.append(fmt(res["map"], "mAP"))
     for k, g in res.get("by_num_modifications", {}).items():
         lines.append(f"  {k} modification(s), {g['count']} queries: " + fmt(g["recall"], "R"))
+    for k, g in res.get("by_operation", {}).items():
+        lines.append(f"  with {k}, {g['count']} queries: " + fmt(g["recall"], "R"))
+    if "top1" in res:
+        lines.append("first result: " + ", ".join(f"{v} {k}" for k, v in res["top1"].items())
+                     + " (partial = the query's own reference with only some of its operations applied)")
     if "grounding" in res:
         g = res["grounding"]
         lines.append(f"grounding (pointing game, {g['count']} phrases): in context {g['in_context']:.2f}  isolated {g['isolated']:.2f}")

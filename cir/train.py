@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cir import precision
-from cir.checkpoint import load_checkpoint, save_checkpoint
+from cir.checkpoint import load_checkpoint, load_weights, read_manifest, save_checkpoint
 from cir.data.loader import TripletDataset, collate_triplets
 from cir.data.shapes import has_partials, random_partial
 from cir.data.triplets import read_gallery, read_triplets
@@ -47,7 +47,9 @@ MAX_PHRASES = 10
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m cir.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="context-cir-shapes-small", help="model config name (cir/configs/) or JSON path")
+    p.add_argument("--config", default=None,
+                   help="model config name (cir/configs/) or JSON path (default context-cir-shapes-small; with "
+                        "--init-from: the checkpoint's own, or this one, grown from the checkpoint's weights)")
     p.add_argument("--pretrained", default=None, help="override the config's open_clip pretrained tag or weights file")
     p.add_argument("--data", default=None, help="folder with train.jsonl, val.jsonl, gallery_val.txt")
     p.add_argument("--train", default=None, help="training triplets JSONL (default DATA/train.jsonl)")
@@ -92,16 +94,23 @@ def parse_args(argv=None):
     p.add_argument("--init-from", default=None, metavar="CKPT",
                    help="warm start: weights and step from any checkpoint (e.g. the shipped model-only one), "
                         "fresh optimizer moments; use when OUT/last.safetensors is gone")
+    p.add_argument("--restart-schedule", action="store_true",
+                   help="with --init-from: warm up again from the checkpoint's step and anneal to --steps (default: "
+                        "the warm start sits at its step on the cosine of --steps, without warm-up)")
     p.add_argument("--stop-after", type=int, default=None,
                    help="stop (after saving) once this step is reached, keeping the schedule of --steps")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    a.schedule_start = 0  # the step the lr schedule begins at (main sets it for --restart-schedule and --resume)
+    return a
 
 
 def lr_at(step: int, a) -> float:
-    """Linear warm-up to --lr, then cosine annealing to --min-lr at --steps."""
+    """Linear warm-up to --lr, then cosine annealing to --min-lr at --steps; the schedule begins at
+    step `a.schedule_start` (0, or a warm start's step with --restart-schedule)."""
+    step, steps = step - a.schedule_start, a.steps - a.schedule_start
     if step < a.warmup:
         return a.lr * (step + 1) / a.warmup
-    t = min(1.0, (step - a.warmup) / max(1, a.steps - a.warmup))
+    t = min(1.0, (step - a.warmup) / max(1, steps - a.warmup))
     return a.min_lr + 0.5 * (a.lr - a.min_lr) * (1 + math.cos(math.pi * t))
 
 
@@ -221,15 +230,24 @@ def main(argv=None) -> int:
     if a.resume:
         model, preprocess, manifest, tensors = load_checkpoint(last, device, with_training_state=True)
         start, log_metrics = manifest["step"], manifest.get("metrics", {})
-    elif a.init_from:
+        a.schedule_start = manifest.get("args", {}).get("schedule_start", 0)
+    elif a.init_from and a.config is None:
         model, preprocess, manifest = load_checkpoint(a.init_from, device)
         start, log_metrics, tensors = manifest.get("step", 0), manifest.get("metrics", {}), None
     else:
-        config = ModelConfig.load(a.config)
+        config = ModelConfig.load(a.config or "context-cir-shapes-small")
         if a.pretrained is not None:
             config.pretrained = a.pretrained
         model, preprocess = build_model(config, device)
         start, log_metrics, tensors = 0, {}, None
+        if a.init_from:  # grow: the checkpoint's weights, new modules as initialised
+            new = load_weights(model, a.init_from)
+            manifest = read_manifest(a.init_from)
+            start, log_metrics = manifest.get("step", 0), manifest.get("metrics", {})
+            print(f"warm start from {a.init_from} (step {start}); {len(new)} tensors newly initialised"
+                  + (f": {', '.join(sorted({k.rsplit('.', 1)[0] for k in new}))}" if new else ""))
+    if a.init_from and a.restart_schedule and not a.resume:
+        a.schedule_start = start
     model.train()
     if a.freeze_text:
         for n, prm in model.clip.named_parameters():

@@ -118,3 +118,16 @@ def test_one_head_grounding_table_equals_the_averaged_number(shapes_data):
     assert g["count"] > 20
     for name in ("in_context", "isolated"):
         assert g["per_layer_head"][name] == [[pytest.approx(g[name])]]
+
+
+def test_first_result_outcomes_of_cir_shapes_queries():
+    from cir.data.triplets import Triplet
+    from cir.evaluate import top1_outcomes
+
+    meta = {"partials": [{"path": "images/test/q-partial-0.png", "operations": [0]}]}
+    t = Triplet("q", "/d/images/test/q-ref.png", "remove the red circle and add a star", ["/d/images/test/q-tgt.png"], meta=meta)
+    other = Triplet("r", "/d/images/test/r-ref.png", "remove the star", ["/d/images/test/r-tgt.png"])
+    rankings = [["/d/images/test/q-tgt.png"], ["/d/images/test/q-ref.png", "/d/images/test/q-tgt.png"],
+                ["/d/images/test/q-partial-0.png"], ["/d/images/test/r-tgt.png"], [],
+                ["/d/images/test/q-partial-0.png"]]  # the last row is r's: q's partial is "other" for it
+    assert top1_outcomes(rankings, [t, t, t, t, t, other]) == {"target": 1, "partial": 1, "reference": 1, "other": 3}

@@ -194,3 +194,32 @@ def test_cli(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "cir.data.shapes", "--out", str(tmp_path / "x"), "--num-modifications", "4", "--test", "1"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error:") and "Traceback" not in bad.stderr
+
+
+def test_filler_words_replace_template_words_only_in_training_captions(tmp_path):
+    from cir.data.shapes import HELDOUT_TEMPLATES, filler_words
+
+    words = set(filler_words())
+    heldout = {w for ts in HELDOUT_TEMPLATES.values() for t in ts for w in t.replace("{", " ").replace("}", " ").split()}
+    assert len(words) > 5000 and not words & heldout and not words & (set(COLORS) | set(BACKGROUNDS) | {"circle", "star"})
+    assert "transforms" not in words and "bringing" not in words  # a held-out word's forms are never seen either
+    plain, mixed = tmp_path / "plain", tmp_path / "mixed"
+    generate(plain, {"train": 60, "val": 20}, seed=4, workers=1, progress=False, filler=0.0)
+    generate(mixed, {"train": 60, "val": 20}, seed=4, workers=1, progress=False, filler=0.5)
+    for split in ("train", "val"):
+        a, _ = read_triplets(plain / f"{split}.jsonl")
+        b, _ = read_triplets(mixed / f"{split}.jsonl")
+        assert [t.meta["operations"] for t in a] == [t.meta["operations"] for t in b]  # same scenes and edits
+        changed = sum(x.caption != y.caption for x, y in zip(a, b))
+        if split == "val":
+            assert changed == 0
+            continue
+        assert 10 < changed < 60
+        for x, y in zip(a, b):  # the slots (noun phrases and their boxes) are kept, only template words differ
+            assert [p["text"] for p in x.noun_phrases] == [p["text"] for p in y.noun_phrases]
+            assert [g["box"] for g in x.meta["grounding"]] == [g["box"] for g in y.meta["grounding"]]
+            for p in y.noun_phrases:
+                assert y.caption[p["start"]:p["end"]] == p["text"]
+            new = set(y.caption.replace(".", " ").replace(",", " ").replace(";", " ").split()) - \
+                set(x.caption.replace(".", " ").replace(",", " ").replace(";", " ").split())
+            assert new <= words

@@ -50,6 +50,11 @@ def test_train_resume_evaluate(shapes_data, tmp_path):
     assert set(res["recall"]) == {"1", "5", "10", "50"} and res["count"] == 16 and res["keep_reference"] is True
     assert set(res["by_num_modifications"]) <= {"1", "2", "3"}
     assert sum(g["count"] for g in res["by_num_modifications"].values()) == 16
+    assert set(res["by_operation"]) <= {"add", "remove", "recolor", "reshape", "resize", "move", "background"}
+    test_triplets = [json.loads(line) for line in (shapes_data / "test.jsonl").read_text().splitlines()]
+    assert sum(g["count"] for g in res["by_operation"].values()) == sum(
+        len({op["type"] for op in t["meta"]["operations"]}) for t in test_triplets)
+    assert sum(res["top1"].values()) == 16 and res["top1"]["target"] == round(res["recall"]["1"] * 16 / 100)
     assert res["grounding"]["count"] > 0 and 0 <= res["grounding"]["in_context"] <= 100
     per_head = res["grounding"]["per_layer_head"]["in_context"]
     assert len(per_head) == 2 and all(len(row) == 2 and all(0 <= v <= 100 for v in row) for row in per_head)
@@ -96,6 +101,47 @@ def test_schedule_and_leaf_filter():
     assert lr_at(0, a) == pytest.approx(1e-4) and lr_at(9, a) == pytest.approx(1e-3)
     assert lr_at(10, a) == pytest.approx(1e-3) and lr_at(100, a) == pytest.approx(1e-5)
     assert lr_at(55, a) == pytest.approx((1e-3 + 1e-5) / 2)
+    a.schedule_start = 40  # --restart-schedule from a warm start at step 40: warm-up again, cosine over 40..100
+    assert lr_at(40, a) == pytest.approx(1e-4) and lr_at(50, a) == pytest.approx(1e-3)
+    assert lr_at(75, a) == pytest.approx((1e-3 + 1e-5) / 2) and lr_at(100, a) == pytest.approx(1e-5)
     phrases = [{"text": "the red circle at the top", "start": 0, "end": 25}, {"text": "the red circle", "start": 0, "end": 14},
                {"text": "the top", "start": 18, "end": 25}]
     assert leaf_only(phrases) == phrases[1:]
+
+
+def test_warm_start_grows_a_text_to_image_model_into_both_directions(shapes_data, tmp_path):
+    """--init-from with another --config: the checkpoint's weights, the image -> text halves new and
+    zero-initialised, so the grown model embeds exactly like the checkpoint before training; with
+    --restart-schedule the lr warms up again from the checkpoint's step."""
+    import torch
+
+    from cir.checkpoint import load_checkpoint, load_weights, save_checkpoint
+    from cir.errors import UserError
+    from cir.model import ModelConfig, build_model
+
+    tiny = ModelConfig.load("context-cir-tiny").to_dict()
+    config, both = tmp_path / "tiny-t2i.json", tmp_path / "tiny-both.json"
+    config.write_text(json.dumps(dict(tiny, fusion_image_to_text=False, pool_text=True)))
+    both.write_text(json.dumps(dict(tiny, fusion_image_to_text=True, pool_text=True)))
+    base = tmp_path / "base"
+    run(TRAIN + ["--config", str(config), "--data", str(shapes_data), "--out", str(base), "--steps", "3", "--val-every", "0"])
+    small, _, _ = load_checkpoint(base / "last.safetensors")
+    grown, _ = build_model(ModelConfig.load(str(both)))
+    new = load_weights(grown, base / "last.safetensors")
+    assert new and all(".image_to_text." in k or ".ln_image" in k or ".image_mlp." in k or ".ln_text_kv." in k for k in new)
+    grown.eval()
+    images, texts = torch.rand(3, 3, 64, 64), ["remove the red circle", "", "make the background pink"]
+    with torch.no_grad():
+        assert torch.allclose(small.encode_query(images, texts), grown.encode_query(images, texts), atol=1e-6)
+    save_checkpoint(tmp_path / "grown.safetensors", grown, {"config": grown.config.to_dict()})
+    with pytest.raises(UserError, match="unexpected: fusion.blocks.0"):  # the other way round: keys with no place
+        load_weights(small, tmp_path / "grown.safetensors")
+    out = tmp_path / "grown"
+    r = run(TRAIN + ["--config", str(both), "--init-from", str(base / "last.safetensors"), "--data", str(shapes_data),
+                     "--out", str(out), "--steps", "6", "--val-every", "0", "--restart-schedule", "--lr", "1e-3"])
+    assert "newly initialised" in r.stdout
+    log = losses(out)
+    assert [x["step"] for x in log] == [4, 5, 6]
+    assert log[0]["lr"] == pytest.approx(1e-3 / 2) and log[1]["lr"] == pytest.approx(1e-3)  # warm-up 2 from step 3
+    manifest = json.loads((out / "last.json").read_text())
+    assert manifest["config"]["fusion_image_to_text"] is True and manifest["args"]["schedule_start"] == 3

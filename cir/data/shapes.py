@@ -10,9 +10,11 @@ partial fulfilment of each multi-operation query. Output: `{split}.jsonl` in the
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import math
+import re
 import random
 from dataclasses import asdict, dataclass, replace
 from multiprocessing import Pool
@@ -286,6 +288,27 @@ HELDOUT_TEMPLATES = {
     "background": ["paint {bg_np} {bg}", "{bg_np} needs to become {bg}"],
 }
 JOINS = [" and ", ", then ", "; ", ", and ", ". ", ", ", " and also ", " then "]
+FILLER_WORD = re.compile(r"[a-z]+")
+
+
+@functools.lru_cache(maxsize=1)
+def filler_words() -> tuple[str, ...]:
+    """Words that training captions may carry in place of a template's words: the whole-word entries
+    of the 20,000 most frequent CLIP BPE tokens (3-10 letters), minus every word of the templates
+    (training and held-out: a held-out word, or one starting with its first five letters, is never
+    seen in training), the scene vocabulary and the joins."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    used = " ".join(t for ts in list(TEMPLATES.values()) + list(HELDOUT_TEMPLATES.values()) for t in ts)
+    used += " ".join(["", *JOINS, *COLORS, *SHAPES, *SIZES, *BACKGROUNDS, *CELLS, "please background little big"])
+    used += " ".join(w for pair in RESIZE_WORDS.values() for ws in pair for w in ws)
+    banned = set(FILLER_WORD.findall(used))
+    stems = {w[:5] for ts in HELDOUT_TEMPLATES.values() for t in ts for w in FILLER_WORD.findall(t) if len(w) >= 5}
+    encoder = SimpleTokenizer().encoder
+    return tuple(w for w in (k[:-4] for k, i in sorted(encoder.items(), key=lambda kv: kv[1])
+                             if k.endswith("</w>") and i < 20000)
+                 if w.isascii() and w.isalpha() and w.islower() and 3 <= len(w) <= 10
+                 and w not in banned and w[:5] not in stems)
 RESIZE_WORDS = {"large": (["larger", "bigger"], ["enlarge", "scale up", "grow"]),
                 "small": (["smaller", "tinier"], ["shrink", "scale down", "reduce"])}
 
@@ -323,11 +346,16 @@ class CaptionBuilder:
             self.add_phrase(f"the {size}{o.name}", o.box())
 
 
-def phrase_operation(rng, b: CaptionBuilder, op: Operation, templates: dict) -> None:
-    """Append one operation's clause to the caption builder."""
+def phrase_operation(rng, b: CaptionBuilder, op: Operation, templates: dict,
+                     filler: random.Random | None = None) -> None:
+    """Append one operation's clause to the caption builder. With `filler`, each template word
+    (not the slots) is swapped for a random `filler_words()` entry with probability 1/2."""
     template = rng.choice(templates[op.type])
     for piece in _split_template(template):
         if not piece.startswith("{"):
+            if filler is not None:
+                piece = FILLER_WORD.sub(lambda m: filler.choice(filler_words()) if filler.random() < 0.5 else m.group(),
+                                        piece)
             b.add(piece)
         elif piece == "{obj}":
             b.add_object_ref(rng, op.obj)
@@ -369,14 +397,19 @@ def _split_template(t: str) -> list[str]:
     return out
 
 
-def make_caption(rng, ops: list[Operation], templates: dict) -> CaptionBuilder:
+def make_caption(rng, ops: list[Operation], templates: dict, filler: float = 0.0,
+                 filler_rng: random.Random | None = None) -> CaptionBuilder:
+    """A caption for `ops`; each clause's template words are swapped for random words (see
+    `phrase_operation`) with probability `filler`, drawn from `filler_rng` (so the rest of the
+    caption, and every later scene, is what it would be without filler)."""
     b = CaptionBuilder()
     if rng.random() < 0.15:
         b.add("please ")
     for i, op in enumerate(ops):
         if i:
             b.add(rng.choice(JOINS))
-        phrase_operation(rng, b, op, templates)
+        swap = filler > 0 and filler_rng.random() < filler
+        phrase_operation(rng, b, op, templates, filler_rng if swap else None)
     if rng.random() < 0.3:
         b.add(".")
     return b
@@ -441,8 +474,10 @@ def _render_job(job: tuple[str, dict]) -> None:
 
 
 def build_split(rng: random.Random, split: str, n: int, taken_keys: set, ks: tuple[int, ...], templates: dict,
-                with_partials: bool) -> tuple[list[dict], list[tuple[str, dict]], list[str]]:
-    """Sample n queries. Returns (triplet json objects, render jobs (relpath, scene), gallery relpaths)."""
+                with_partials: bool, filler: float = 0.0, filler_rng: random.Random | None = None
+                ) -> tuple[list[dict], list[tuple[str, dict]], list[str]]:
+    """Sample n queries (`filler`, `filler_rng`: see `make_caption`). Returns (triplet json
+    objects, render jobs (relpath, scene), gallery relpaths)."""
     triplets, jobs, gallery = [], [], []
     keys_here: set = set()
     while len(triplets) < n:
@@ -468,7 +503,7 @@ def build_split(rng: random.Random, split: str, n: int, taken_keys: set, ks: tup
                     jobs.append((p, apply_all(scene, [ops[i] for i in sub]).to_json()))
                     gallery.append(p)
                     partials.append({"path": p, "operations": list(sub)})
-        b = make_caption(rng, ops, templates)
+        b = make_caption(rng, ops, templates, filler, filler_rng)
         triplets.append({
             "id": qid, "reference": ref_path, "caption": b.text, "targets": [tgt_path],
             "noun_phrases": b.phrases,
@@ -492,10 +527,12 @@ def scene_keys(triplet_files) -> set:
 
 
 def generate(out: str | Path, sizes: dict[str, int], seed: int, ks=(1, 2, 3), phrasing: str = "default",
-             workers: int = 2, progress: bool = True, exclude: set | None = None) -> dict:
+             workers: int = 2, progress: bool = True, exclude: set | None = None, filler: float = 0.25) -> dict:
     """Render a CIR-Shapes dataset into `out`; returns the manifest.
 
-    `exclude`: reference-scene keys that no split may use (e.g. another dataset's)."""
+    `exclude`: reference-scene keys that no split may use (e.g. another dataset's). `filler`: the
+    share of training clauses with random words in place of template words (`make_caption`); the
+    scenes, operations and the other splits do not depend on it."""
     out = Path(out)
     templates = TEMPLATES if phrasing == "default" else HELDOUT_TEMPLATES
     rng = random.Random(seed)
@@ -505,8 +542,10 @@ def generate(out: str | Path, sizes: dict[str, int], seed: int, ks=(1, 2, 3), ph
     for split, n in sizes.items():
         if n <= 0:
             continue
-        triplets, jobs, gallery = build_split(random.Random(rng.getrandbits(64)), split, n, taken, ks, templates,
-                                              with_partials=split != "train")
+        split_seed = rng.getrandbits(64)
+        triplets, jobs, gallery = build_split(random.Random(split_seed), split, n, taken, ks, templates,
+                                              with_partials=split != "train", filler=filler if split == "train" else 0.0,
+                                              filler_rng=random.Random(f"filler-{split_seed}"))
         per_split[split] = (triplets, gallery)
         all_jobs += jobs
     for split in per_split:
@@ -529,7 +568,7 @@ def generate(out: str | Path, sizes: dict[str, int], seed: int, ks=(1, 2, 3), ph
                 f.write(json.dumps(t) + "\n")
         write_text(out / f"gallery_{split}.txt", "\n".join(gallery) + "\n")
     manifest = {"dataset": "cir-shapes", "seed": seed, "sizes": {s: len(v[0]) for s, v in per_split.items()},
-                "num_modifications": list(ks), "phrasing": phrasing, "spec": "shared/specs/shapes.md",
+                "num_modifications": list(ks), "phrasing": phrasing, "filler": filler, "spec": "shared/specs/shapes.md",
                 "images": len(all_jobs)}
     write_json(out / "manifest.json", manifest)
     return manifest
@@ -547,6 +586,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated operation counts per caption, drawn uniformly (default 1,2,3)")
     p.add_argument("--phrasing", choices=["default", "heldout"], default="default",
                    help="caption templates: the training ones, or a held-out set never used for training")
+    p.add_argument("--filler", type=float, default=0.25,
+                   help="share of training-caption clauses whose template words are each swapped, with probability "
+                        "1/2, for a random word of the CLIP vocabulary that no template (training or held-out) and "
+                        "no scene description uses, so a model learns to read an operation from its arguments "
+                        "(objects, cells, colors) rather than from one verb; train split only (default 0.25; 0 = off)")
     p.add_argument("--workers", type=int, default=2, help="rendering processes (default 2)")
     p.add_argument("--exclude-scenes", action="append", default=[], metavar="JSONL",
                    help="never reuse a reference scene of this CIR-Shapes triplet file (repeatable), "
@@ -564,8 +608,10 @@ def main(argv: list[str] | None = None) -> int:
         if not Path(f).is_file():
             raise UserError(f"--exclude-scenes: no such file {f}")
     exclude = scene_keys(a.exclude_scenes)
+    if not 0 <= a.filler <= 1:
+        raise UserError(f"--filler must be between 0 and 1, got {a.filler}")
     m = generate(a.out, {"train": a.train, "val": a.val, "test": a.test}, a.seed, ks, a.phrasing, a.workers,
-                 exclude=exclude)
+                 exclude=exclude, filler=a.filler)
     print(f"wrote {m['images']} images and {sum(m['sizes'].values())} triplets to {a.out}")
     return 0
 
