@@ -16,6 +16,7 @@ down to 3e-6).
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -34,7 +35,7 @@ from tqdm import tqdm
 from cir import precision
 from cir.checkpoint import load_checkpoint, load_weights, read_manifest, save_checkpoint
 from cir.data.loader import TripletDataset, collate_triplets
-from cir.data.shapes import has_partials, random_partial
+from cir.data.shapes import has_partials, partial_subsets, random_partials
 from cir.data.triplets import read_gallery, read_triplets
 from cir.errors import UserError
 from cir.evaluate import evaluate
@@ -42,6 +43,7 @@ from cir.losses import concept_consistency_loss, contrastive_loss, reduce_maps
 from cir.model import ConTextCIR, ModelConfig, build_model, isolated_maps, span_maps
 
 MAX_PHRASES = 10
+MAX_PARTIALS = len(partial_subsets(3))  # CIR-Shapes queries have at most 3 operations
 
 
 def parse_args(argv=None):
@@ -67,10 +69,11 @@ def parse_args(argv=None):
     p.add_argument("--eps", type=float, default=0.005, help="CC slack per patch on |A_ctx - A_iso| (default 0.005)")
     p.add_argument("--cc-maps", choices=["mean", "last"], default="mean",
                    help="CC maps averaged over all fusion layers, or the last layer only (heads averaged)")
-    p.add_argument("--partial-negatives", action="store_true",
-                   help="CIR-Shapes: for each multi-operation query render one partial fulfilment (a random proper "
-                        "subset of its operations applied to its reference scene, redrawn every epoch) and use it "
-                        "as a negative for every query of the batch")
+    p.add_argument("--partial-negatives", nargs="?", const=1, default=None, type=partials_count, metavar="N|all",
+                   help="CIR-Shapes: for each multi-operation query render N partial fulfilments (distinct random "
+                        "non-empty proper subsets of its operations applied to its reference scene, redrawn every "
+                        "epoch; 'all' = every one, 2 for 2 operations, 6 for 3) and use them as negatives for every "
+                        "query of the batch (the flag alone: N = 1)")
     p.add_argument("--no-query-negative", action="store_true", help="ablation: drop the query image as an extra negative")
     p.add_argument("--freeze-text", action="store_true", help="ablation: freeze the CLIP text encoder")
     p.add_argument("--freeze-image", action="store_true", help="ablation: freeze the CLIP image encoder")
@@ -104,10 +107,19 @@ def parse_args(argv=None):
     return a
 
 
-def lr_at(step: int, a) -> float:
-    """Linear warm-up to --lr, then cosine annealing to --min-lr at --steps; the schedule begins at
-    step `a.schedule_start` (0, or a warm start's step with --restart-schedule)."""
-    step, steps = step - a.schedule_start, a.steps - a.schedule_start
+def partials_count(value: str) -> int:
+    """--partial-negatives N|all -> partial fulfilments per query (all = MAX_PARTIALS)."""
+    if value == "all":
+        return MAX_PARTIALS
+    if not value.isdigit() or not 1 <= int(value) <= MAX_PARTIALS:
+        raise argparse.ArgumentTypeError(f"expected 1..{MAX_PARTIALS} or 'all', got {value!r}")
+    return int(value)
+
+
+def lr_at(step: int, a, start: int = 0) -> float:
+    """Linear warm-up to a.lr, then cosine annealing to a.min_lr at a.steps; the schedule begins at
+    step `start` (0, or a warm start's step with --restart-schedule)."""
+    step, steps = step - start, a.steps - start
     if step < a.warmup:
         return a.lr * (step + 1) / a.warmup
     t = min(1.0, (step - a.warmup) / max(1, steps - a.warmup))
@@ -133,9 +145,9 @@ def training_phrases(triplets, data_file: Path, a) -> list[list[dict]]:
     return [p[:MAX_PHRASES] for p in phrases]
 
 
-def shapes_partial(t, rng):
-    """A CIR-Shapes partial fulfilment of triplet t (None for 1-operation queries)."""
-    return random_partial(t.meta or {}, rng)
+def shapes_partials(t, rng, count: int):
+    """`count` CIR-Shapes partial fulfilments of triplet t, rendered ([] for 1-operation queries)."""
+    return random_partials(t.meta or {}, rng, count)
 
 
 def file_hash(path: Path) -> str:
@@ -173,7 +185,7 @@ class TrainingObjective(nn.Module):
 
     def forward(self, images, tokens, hard_rows, phrase_rows, phrase_positions, phrase_texts):
         """images [B + B + M, 3, S, S]: references, targets, then M hard negatives (of rows hard_rows
-        [M]); tokens [B, C]; phrase_rows [N], phrase_positions (N lists of token positions) and
+        [M], ascending); tokens [B, C]; phrase_rows [N], phrase_positions (N lists of token positions) and
         phrase_texts (N strings) for the CC loss. Returns (total, contrastive, cc), scalars."""
         m, a, B = self.model, self.a, tokens.shape[0]
         img = m.image_tokens(images)
@@ -182,9 +194,11 @@ class TrainingObjective(nn.Module):
         gal = m.embed(m.fuse(img, m.empty_text(img.shape[0])))  # every image as f(image, "")
         reference, target = gal[:B], gal[B:2 * B]
         hard = hard_valid = None
-        if a.partial_negatives:  # one slot per row (fixed shape for the all-gather), filled where a row has one
-            hard = gather(gal.new_zeros(B, gal.shape[1]).index_copy(0, hard_rows, gal[2 * B:]))
-            hard_valid = gather(torch.zeros(B, device=gal.device).index_fill(0, hard_rows, 1.0)) > 0.5
+        if a.partial_negatives:  # K slots per row (fixed shape for the all-gather), filled where a row has negatives
+            K = a.partial_negatives
+            slots = hard_rows * K + torch.arange(len(hard_rows), device=gal.device) - torch.searchsorted(hard_rows, hard_rows)
+            hard = gather(gal.new_zeros(B * K, gal.shape[1]).index_copy(0, slots, gal[2 * B:]))
+            hard_valid = gather(torch.zeros(B * K, device=gal.device).index_fill(0, slots, 1.0)) > 0.5
         cont = contrastive_loss(gather(query), gather(target), None if a.no_query_negative else gather(reference),
                                 m.logit_scale, hard, hard_valid)
         cc = torch.zeros((), device=gal.device)
@@ -287,7 +301,8 @@ def main(argv=None) -> int:
     if a.partial_negatives and not any(has_partials(t.meta or {}) for t in triplets):
         raise UserError(f"--partial-negatives: no triplet in {train_file} has CIR-Shapes scenes with 2+ operations")
     dataset = TripletDataset(triplets, phrases, preprocess, model.tokenizer,
-                             hard_negative=shapes_partial if a.partial_negatives else None, seed=a.seed)
+                             hard_negatives=functools.partial(shapes_partials, count=a.partial_negatives)
+                             if a.partial_negatives else None, seed=a.seed)
     per_rank = a.batch_size // world
     steps_per_epoch = len(dataset) // a.batch_size
     if steps_per_epoch == 0:
@@ -318,7 +333,7 @@ def main(argv=None) -> int:
                             persistent_workers=False)
         for batch in loader:
             t0 = time.perf_counter()
-            lr = lr_at(step, a)
+            lr = lr_at(step, a, a.schedule_start)
             for grp in opt.param_groups:
                 grp["lr"] = lr
             loss, parts = train_step(objective, batch, device, autocast)

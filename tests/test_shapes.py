@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from cir.data.shapes import (BACKGROUNDS, CELL_CONTENTS, CELLS, COLORS, Obj, Operation, Scene, apply_all, cell_contents,
-                             generate, patch_cells, random_partial, render)
+                             generate, partial_subsets, patch_cells, random_partials, render)
 from cir.data.triplets import read_gallery, read_triplets
 
 SPEC_COLORS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220), "yellow": (235, 200, 20),
@@ -147,21 +147,27 @@ def test_partial_fulfilments_in_gallery(shapes_data):
             assert not np.array_equal(np.asarray(Image.open(path)), target)
 
 
-def test_random_partial_is_one_of_the_gallery_partials(shapes_data):
-    """The training hard negative (--partial-negatives) is pixel-equal to a partial fulfilment the
-    evaluation gallery holds, and over draws covers every one of them."""
+def test_random_partials_are_gallery_partials(shapes_data):
+    """The training hard negatives (--partial-negatives N|all) are pixel-equal to partial fulfilments
+    the evaluation gallery holds: N distinct ones per draw, over draws every one of them, and with
+    count None all 6 of a 3-operation query, in the gallery's order."""
     triplets, _ = read_triplets(shapes_data / "test.jsonl")
     three = next(t for t in triplets if t.meta["num_modifications"] == 3)
     files = {p["path"]: np.asarray(Image.open(shapes_data / p["path"])) for p in three.meta["partials"]}
+    assert [tuple(p["operations"]) for p in three.meta["partials"]] == partial_subsets(3)
+    match = lambda img: [p for p, a in files.items() if np.array_equal(a, np.asarray(img))]
     seen = set()
     for seed in range(60):
-        drawn = np.asarray(random_partial(three.meta, random.Random(seed)))
-        match = [p for p, a in files.items() if np.array_equal(a, drawn)]
-        assert len(match) == 1
-        seen.add(match[0])
+        drawn = random_partials(three.meta, random.Random(seed))
+        assert len(drawn) == 1 and len(match(drawn[0])) == 1
+        seen.add(match(drawn[0])[0])
     assert seen == set(files)  # all 6 proper non-empty subsets are drawn
+    two = [m for img in random_partials(three.meta, random.Random(0), count=2) for m in match(img)]
+    assert len(two) == 2 and two[0] != two[1]
+    assert [m for img in random_partials(three.meta, random.Random(0), count=None) for m in match(img)] == list(files)
     one = next(t for t in triplets if t.meta["num_modifications"] == 1)
-    assert random_partial(one.meta, random.Random(0)) is None and random_partial({}, random.Random(0)) is None
+    assert random_partials(one.meta, random.Random(0)) == [] and random_partials({}, random.Random(0)) == []
+    assert partial_subsets(1) == [] and partial_subsets(2) == [(0,), (1,)]
 
 
 def test_captions_name_every_operation(shapes_data):

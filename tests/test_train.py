@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from cir.train import leaf_only, lr_at, parse_args
 
@@ -28,7 +29,7 @@ def losses(run_dir):
 
 def test_train_resume_evaluate(shapes_data, tmp_path):
     full, split = tmp_path / "full", tmp_path / "split"
-    train = TRAIN + ["--data", str(shapes_data), "--partial-negatives"]  # resumed partial draws must match too
+    train = TRAIN + ["--data", str(shapes_data), "--partial-negatives", "2"]  # resumed partial draws must match too
     run(train + ["--out", str(full)])
     run(train + ["--out", str(split), "--stop-after", "3"])
     assert len(losses(split)) == 3
@@ -101,9 +102,9 @@ def test_schedule_and_leaf_filter():
     assert lr_at(0, a) == pytest.approx(1e-4) and lr_at(9, a) == pytest.approx(1e-3)
     assert lr_at(10, a) == pytest.approx(1e-3) and lr_at(100, a) == pytest.approx(1e-5)
     assert lr_at(55, a) == pytest.approx((1e-3 + 1e-5) / 2)
-    a.schedule_start = 40  # --restart-schedule from a warm start at step 40: warm-up again, cosine over 40..100
-    assert lr_at(40, a) == pytest.approx(1e-4) and lr_at(50, a) == pytest.approx(1e-3)
-    assert lr_at(75, a) == pytest.approx((1e-3 + 1e-5) / 2) and lr_at(100, a) == pytest.approx(1e-5)
+    # --restart-schedule from a warm start at step 40: warm-up again, cosine over 40..100
+    assert lr_at(40, a, 40) == pytest.approx(1e-4) and lr_at(50, a, 40) == pytest.approx(1e-3)
+    assert lr_at(75, a, 40) == pytest.approx((1e-3 + 1e-5) / 2) and lr_at(100, a, 40) == pytest.approx(1e-5)
     phrases = [{"text": "the red circle at the top", "start": 0, "end": 25}, {"text": "the red circle", "start": 0, "end": 14},
                {"text": "the top", "start": 18, "end": 25}]
     assert leaf_only(phrases) == phrases[1:]
@@ -145,3 +146,40 @@ def test_warm_start_grows_a_text_to_image_model_into_both_directions(shapes_data
     assert log[0]["lr"] == pytest.approx(1e-3 / 2) and log[1]["lr"] == pytest.approx(1e-3)  # warm-up 2 from step 3
     manifest = json.loads((out / "last.json").read_text())
     assert manifest["config"]["fusion_image_to_text"] is True and manifest["args"]["schedule_start"] == 3
+
+
+def test_every_partial_fulfilment_is_a_negative_for_every_row(shapes_data):
+    """--partial-negatives all: each multi-operation query brings all its partial fulfilments (2 or
+    6), and the objective's fixed per-row slots hold each of them once: its contrastive loss equals
+    the loss with every rendered partial as a plain extra negative column."""
+    import functools
+
+    from cir.data.loader import TripletDataset, collate_triplets
+    from cir.data.shapes import partial_subsets
+    from cir.data.triplets import read_triplets
+    from cir.losses import contrastive_loss
+    from cir.model import build_model
+    from cir.train import MAX_PARTIALS, TrainingObjective, shapes_partials
+
+    torch.manual_seed(0)
+    model, preprocess = build_model("context-cir-tiny")
+    triplets = read_triplets(shapes_data / "train.jsonl")[0][:12]
+    ds = TripletDataset(triplets, [[] for _ in triplets], preprocess, model.tokenizer,
+                        hard_negatives=functools.partial(shapes_partials, count=MAX_PARTIALS))
+    batch = collate_triplets([ds[i] for i in range(len(triplets))])
+    counts = [len(partial_subsets(t.meta["num_modifications"])) for t in triplets]
+    assert MAX_PARTIALS == 6 and 6 in counts and 2 in counts and 0 in counts
+    assert batch["hard_rows"].tolist() == [b for b, n in enumerate(counts) for _ in range(n)]
+    a = parse_args(["--out", "x", "--lambda-cc", "0", "--partial-negatives", "all"])
+    images = torch.cat([batch["reference"], batch["target"], batch["hard"]])
+    _, cont, _ = TrainingObjective(model, a)(images, batch["tokens"], batch["hard_rows"], batch["phrase_rows"],
+                                             batch["phrase_positions"], batch["phrase_texts"])
+    B = len(triplets)
+    query = model.embed(model.fuse(model.image_tokens(images[:B]), model.text_tokens(batch["tokens"])))
+    gal = model.embed(model.fuse(model.image_tokens(images), model.empty_text(len(images))))
+    expected = contrastive_loss(query, gal[B:2 * B], gal[:B], model.logit_scale, gal[2 * B:])
+    assert cont.item() == pytest.approx(expected.item(), rel=1e-5)
+    fewer = contrastive_loss(query, gal[B:2 * B], gal[:B], model.logit_scale, gal[2 * B:2 * B + 3])
+    assert cont.item() != pytest.approx(fewer.item(), rel=1e-5)  # every partial counts
+    assert parse_args(["--out", "x", "--partial-negatives"]).partial_negatives == 1
+    assert parse_args(["--out", "x", "--partial-negatives", "3"]).partial_negatives == 3

@@ -152,17 +152,17 @@ def image_batches(paths: list[str], preprocess, batch_size: int = 128, workers: 
 
 class TripletDataset(Dataset):
     """Training items: reference and first target image, caption tokens, noun-phrase token spans,
-    and optionally a hard negative image.
+    and optionally hard negative images.
 
-    `phrases[i]` lists the noun phrases of triplet i as {"text", "start", "end"}. `hard_negative`
-    (triplet, rng) -> PIL image or None draws a negative for a triplet (e.g. a CIR-Shapes partial
-    fulfilment); its rng is seeded by (`seed`, `epoch`, index), so a resumed run draws the same ones."""
+    `phrases[i]` lists the noun phrases of triplet i as {"text", "start", "end"}. `hard_negatives`
+    (triplet, rng) -> list of PIL images draws negatives for a triplet (e.g. CIR-Shapes partial
+    fulfilments); its rng is seeded by (`seed`, `epoch`, index), so a resumed run draws the same ones."""
 
     def __init__(self, triplets: list[Triplet], phrases: list[list[dict]], preprocess, tokenizer,
-                 hard_negative: Callable[[Triplet, random.Random], Image.Image | None] | None = None, seed: int = 0):
+                 hard_negatives: Callable[[Triplet, random.Random], list[Image.Image]] | None = None, seed: int = 0):
         self.triplets, self.phrases = triplets, phrases
         self.preprocess, self.tokenizer = preprocess, tokenizer
-        self.hard_negative, self.seed, self.epoch = hard_negative, seed, 0
+        self.hard_negatives, self.seed, self.epoch = hard_negatives, seed, 0
 
     def __len__(self):
         return len(self.triplets)
@@ -171,10 +171,9 @@ class TripletDataset(Dataset):
         t = self.triplets[i]
         spans = [(p["text"], self.tokenizer.span_to_token_positions(t.caption, p["start"], p["end"]))
                  for p in self.phrases[i]]
-        hard = None
-        if self.hard_negative is not None:
-            img = self.hard_negative(t, random.Random(f"{self.seed}/{self.epoch}/{i}"))
-            hard = None if img is None else self.preprocess(img)
+        hard = []
+        if self.hard_negatives is not None:
+            hard = [self.preprocess(img) for img in self.hard_negatives(t, random.Random(f"{self.seed}/{self.epoch}/{i}"))]
         return {"reference": self.preprocess(load_rgb(t.reference)),
                 "target": self.preprocess(load_rgb(t.targets[0])),
                 "tokens": self.tokenizer([t.caption])[0],
@@ -184,19 +183,19 @@ class TripletDataset(Dataset):
 
 def collate_triplets(items: list[dict]) -> dict:
     """Stack a batch; phrases become flat lists: rows [N] (batch index), positions, texts. Hard
-    negatives: "hard" [M, 3, S, S] for the M items that have one, "hard_rows" [M] their batch indices."""
+    negatives: "hard" [M, 3, S, S], all items' in batch order, "hard_rows" [M] their batch indices."""
     rows, positions, texts = [], [], []
     for b, it in enumerate(items):
         for text, pos in it["phrases"]:
             rows.append(b)
             positions.append(pos)
             texts.append(text)
-    hard_rows = [b for b, it in enumerate(items) if it.get("hard") is not None]
+    hard = [(b, img) for b, it in enumerate(items) for img in it.get("hard", [])]
     ref = torch.stack([it["reference"] for it in items])
     return {"reference": ref,
             "target": torch.stack([it["target"] for it in items]),
             "tokens": torch.stack([it["tokens"] for it in items]),
             "phrase_rows": torch.tensor(rows, dtype=torch.long), "phrase_positions": positions,
             "phrase_texts": texts,
-            "hard": torch.stack([items[b]["hard"] for b in hard_rows]) if hard_rows else ref.new_zeros((0, *ref.shape[1:])),
-            "hard_rows": torch.tensor(hard_rows, dtype=torch.long)}
+            "hard": torch.stack([img for _, img in hard]) if hard else ref.new_zeros((0, *ref.shape[1:])),
+            "hard_rows": torch.tensor([b for b, _ in hard], dtype=torch.long)}

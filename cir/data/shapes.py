@@ -190,15 +190,24 @@ def has_partials(meta: dict) -> bool:
     return len(meta.get("operations") or []) >= 2 and meta.get("reference_scene") is not None
 
 
-def random_partial(meta: dict, rng: random.Random) -> Image.Image | None:
-    """The reference scene of a CIR-Shapes query (`meta` of its triplet) with a random non-empty
-    proper subset of its operations applied, rendered: a hard negative that satisfies some of the
-    conditions but not all. None where the query has no partials (see `has_partials`)."""
+def partial_subsets(k: int) -> list[tuple[int, ...]]:
+    """The non-empty proper subsets of k operations (by index), smallest first: the partial
+    fulfilments of a k-operation query (2 for k = 2, 6 for k = 3)."""
+    return [sub for r in range(1, k) for sub in itertools.combinations(range(k), r)]
+
+
+def random_partials(meta: dict, rng: random.Random, count: int | None = 1) -> list[Image.Image]:
+    """Partial fulfilments of a CIR-Shapes query (`meta` of its triplet), rendered: its reference
+    scene with a non-empty proper subset of its operations applied, hard negatives that satisfy some
+    of the conditions but not all. `count` distinct subsets drawn with `rng` (None = every subset);
+    [] where the query has no partials (see `has_partials`)."""
     if not has_partials(meta):
-        return None
+        return []
     ops, scene = meta["operations"], meta["reference_scene"]
-    sub = sorted(rng.sample(range(len(ops)), rng.randint(1, len(ops) - 1)))
-    return render(apply_all(Scene.from_json(scene), [Operation.from_json(ops[i]) for i in sub]))
+    subsets = partial_subsets(len(ops))
+    if count is not None and count < len(subsets):
+        subsets = rng.sample(subsets, count)
+    return [render(apply_all(Scene.from_json(scene), [Operation.from_json(ops[i]) for i in sub])) for sub in subsets]
 
 
 def sample_operations(rng: random.Random, scene: Scene, k: int, tries: int = 50) -> list[Operation] | None:
@@ -497,12 +506,11 @@ def build_split(rng: random.Random, split: str, n: int, taken_keys: set, ks: tup
         gallery += [ref_path, tgt_path]
         partials = []
         if with_partials and k >= 2:
-            for r in range(1, k):
-                for sub in itertools.combinations(range(k), r):
-                    p = f"images/{split}/{qid}-partial-{''.join(map(str, sub))}.png"
-                    jobs.append((p, apply_all(scene, [ops[i] for i in sub]).to_json()))
-                    gallery.append(p)
-                    partials.append({"path": p, "operations": list(sub)})
+            for sub in partial_subsets(k):
+                p = f"images/{split}/{qid}-partial-{''.join(map(str, sub))}.png"
+                jobs.append((p, apply_all(scene, [ops[i] for i in sub]).to_json()))
+                gallery.append(p)
+                partials.append({"path": p, "operations": list(sub)})
         b = make_caption(rng, ops, templates, filler, filler_rng)
         triplets.append({
             "id": qid, "reference": ref_path, "caption": b.text, "targets": [tgt_path],
