@@ -79,7 +79,8 @@ def test_train_and_evaluate_all_baselines(shapes_data, tiny_model, tmp_path, cap
     for method, r in res.items():
         assert structure(r) == structure(reference), method
         assert f"== {method}" in printed
-    assert printed.count("R@1 ") == 4 * (1 + len(reference["by_num_modifications"]))
+    groups = len(reference["by_num_modifications"]) + len(reference["by_operation"])
+    assert printed.count("R@1 ") == 4 * (1 + groups)  # overall, then per number of modifications and per operation
 
     # with the reference as the target, image-only retrieval finds it first for every query (one query per
     # background: a barely trained tiny CLIP embeds scenes of one background within rounding of each other)
