@@ -150,7 +150,7 @@ def test_partial_fulfilments_in_gallery(shapes_data):
 def test_random_partials_are_gallery_partials(shapes_data):
     """The training hard negatives (--partial-negatives N|all) are pixel-equal to partial fulfilments
     the evaluation gallery holds: N distinct ones per draw, over draws every one of them, and with
-    count None all 6 of a 3-operation query, in the gallery's order."""
+    count 6 all 6 of a 3-operation query, in the gallery's order."""
     triplets, _ = read_triplets(shapes_data / "test.jsonl")
     three = next(t for t in triplets if t.meta["num_modifications"] == 3)
     files = {p["path"]: np.asarray(Image.open(shapes_data / p["path"])) for p in three.meta["partials"]}
@@ -164,7 +164,7 @@ def test_random_partials_are_gallery_partials(shapes_data):
     assert seen == set(files)  # all 6 proper non-empty subsets are drawn
     two = [m for img in random_partials(three.meta, random.Random(0), count=2) for m in match(img)]
     assert len(two) == 2 and two[0] != two[1]
-    assert [m for img in random_partials(three.meta, random.Random(0), count=None) for m in match(img)] == list(files)
+    assert [m for img in random_partials(three.meta, random.Random(0), count=6) for m in match(img)] == list(files)
     one = next(t for t in triplets if t.meta["num_modifications"] == 1)
     assert random_partials(one.meta, random.Random(0)) == [] and random_partials({}, random.Random(0)) == []
     assert partial_subsets(1) == [] and partial_subsets(2) == [(0,), (1,)]

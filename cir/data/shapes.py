@@ -196,16 +196,17 @@ def partial_subsets(k: int) -> list[tuple[int, ...]]:
     return [sub for r in range(1, k) for sub in itertools.combinations(range(k), r)]
 
 
-def random_partials(meta: dict, rng: random.Random, count: int | None = 1) -> list[Image.Image]:
+def random_partials(meta: dict, rng: random.Random, count: int = 1) -> list[Image.Image]:
     """Partial fulfilments of a CIR-Shapes query (`meta` of its triplet), rendered: its reference
     scene with a non-empty proper subset of its operations applied, hard negatives that satisfy some
-    of the conditions but not all. `count` distinct subsets drawn with `rng` (None = every subset);
-    [] where the query has no partials (see `has_partials`)."""
+    of the conditions but not all. `count` distinct subsets drawn with `rng` (every subset, in
+    `partial_subsets` order, where count is at least their number); [] where the query has no
+    partials (see `has_partials`)."""
     if not has_partials(meta):
         return []
     ops, scene = meta["operations"], meta["reference_scene"]
     subsets = partial_subsets(len(ops))
-    if count is not None and count < len(subsets):
+    if count < len(subsets):
         subsets = rng.sample(subsets, count)
     return [render(apply_all(Scene.from_json(scene), [Operation.from_json(ops[i]) for i in sub])) for sub in subsets]
 
@@ -505,8 +506,8 @@ def build_split(rng: random.Random, split: str, n: int, taken_keys: set, ks: tup
         jobs += [(ref_path, scene.to_json()), (tgt_path, target.to_json())]
         gallery += [ref_path, tgt_path]
         partials = []
-        if with_partials and k >= 2:
-            for sub in partial_subsets(k):
+        if with_partials:
+            for sub in partial_subsets(k):  # none for k = 1
                 p = f"images/{split}/{qid}-partial-{''.join(map(str, sub))}.png"
                 jobs.append((p, apply_all(scene, [ops[i] for i in sub]).to_json()))
                 gallery.append(p)
