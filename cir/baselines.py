@@ -45,7 +45,7 @@ from cir.data.shapes import CELL_CONTENTS, Scene, cell_contents, describe_scene,
 from cir.data.triplets import Triplet, read_triplets
 from cir.errors import UserError
 from cir.evaluate import add_data_flags, autocast, embed_gallery, evaluate, format_results, read_data
-from cir.model import CONFIG_DIR  # importing cir.model registers cir/configs/clip with open_clip
+from cir.model import CONFIG_DIR, create_towers  # importing cir.model registers cir/configs/clip with open_clip
 from cir.train import lr_at
 
 CLIP_FORMAT = "cir-clip-checkpoint/1"
@@ -107,7 +107,7 @@ def build_clip(name: str):
     if name not in open_clip.list_models():
         known = ", ".join(sorted(p.stem for p in (CONFIG_DIR / "clip").glob("*.json")))
         raise UserError(f"unknown open_clip config {name!r}; this project's: {known} (or any open_clip model name)")
-    clip, _, preprocess = open_clip.create_model_and_transforms(name)
+    clip, _, preprocess = create_towers(name)
     return clip, preprocess, open_clip.get_tokenizer(name)
 
 

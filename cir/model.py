@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -227,6 +228,21 @@ def _check_weights_file(pretrained: str | None) -> None:
                         f"(torch.load weights_only=True: {type(e).__name__}: {first})") from None
 
 
+def create_towers(name: str, pretrained: str | None = None, device: str | torch.device = "cpu"):
+    """`open_clip.create_model_and_transforms(name, pretrained)` -> (clip, train preprocess, eval preprocess),
+    without open_clip's "No pretrained weights loaded ... initialized randomly" warning: here random
+    towers are intended (a checkpoint's weights are loaded into them next, or training starts from scratch)."""
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+    root = logging.getLogger()  # open_clip warns through the root logger
+    root.addFilter(keep)
+    try:
+        return open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
+    finally:
+        root.removeFilter(keep)
+
+
 def build_model(config: ModelConfig | str, device: str | torch.device = "cpu"):
     """Build ConTextCIR and its image preprocessing from a config (name, path or ModelConfig).
 
@@ -240,8 +256,7 @@ def build_model(config: ModelConfig | str, device: str | torch.device = "cpu"):
     # device "meta" builds the architecture without allocating weights (checks of large configs)
     with torch.device("meta") if str(device) == "meta" else contextlib.nullcontext():
         try:
-            clip, _, preprocess = open_clip.create_model_and_transforms(config.clip_model, pretrained=config.pretrained,
-                                                                        device=device)
+            clip, _, preprocess = create_towers(config.clip_model, config.pretrained, device)
         except UserError:
             raise
         except Exception as e:  # RuntimeError (shapes), UnpicklingError, OSError, ... from loading the weights

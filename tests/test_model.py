@@ -2,6 +2,8 @@
 open_clip factory for named models and local weight files, and checkpoints."""
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -110,6 +112,15 @@ def test_named_models_build_through_open_clip():
         cfg = ModelConfig.from_dict(dict(ModelConfig.load(name).to_dict(), pretrained=None))
         model, _ = build_model(cfg, device="meta")
         assert model.grid == grid and model.head.out_features == dim
+
+
+def test_random_towers_build_without_open_clips_warning(caplog):
+    """Random towers are intended (a checkpoint is loaded into them next): open_clip's "initialized
+    randomly" warning is dropped during the build, and the filter is gone afterwards."""
+    with caplog.at_level(logging.WARNING):
+        build_model("context-cir-tiny")
+        logging.warning("No pretrained weights loaded for model 'x' (logged after the build)")
+    assert [r.getMessage() for r in caplog.records] == ["No pretrained weights loaded for model 'x' (logged after the build)"]
 
 
 def test_local_weights_file_as_pretrained(tmp_path, tiny_model):
