@@ -1,10 +1,12 @@
 """Training-step cost of the CC loss, and proof that it costs nothing at inference.
 
-    python -m bench.train_bench [--config context-cir-shapes-small] [--batch-size 64] [--steps 5]
+    python -m bench.train_bench [--config context-cir-shapes-cells-bidir] [--batch-size 64] [--steps 10] [--rounds 3]
 
 Runs each setting in a fresh process (so peak memory is its own): a training step with the
 contrastive loss only (lambda 0) and with the CC loss (isolated phrases batched in one pass),
-on real CIR-Shapes batches; then query-encoding latency of the two resulting models.
+on real CIR-Shapes batches; then query-encoding latency of the two resulting models. The two
+settings alternate for several rounds and the table gives medians over them: on a 2-core machine
+one round's ratio varies by a few tenths.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from cir import precision
 
@@ -69,9 +72,12 @@ def step_worker(a) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.train_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="context-cir-shapes-small", help="model config (default context-cir-shapes-small)")
+    p.add_argument("--config", default="context-cir-shapes-cells-bidir",
+                   help="model config (default context-cir-shapes-cells-bidir, the shipped design)")
     p.add_argument("--batch-size", type=int, default=64, help="triplets per step (default 64)")
-    p.add_argument("--steps", type=int, default=5, help="timed steps per setting, after one warm-up (default 5)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per setting and round, after one warm-up (default 10)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="rounds of (contrastive only, contrastive + CC), each setting in a fresh process (default 3)")
     p.add_argument("--precision", choices=precision.CHOICES, default="auto",
                    help="autocast dtype (default auto: bf16 where the CPU has native bf16, else fp32)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -81,20 +87,28 @@ def main(argv=None) -> int:
     if a.worker:
         print(json.dumps(step_worker(a)))
         return 0
-    rows = []
+    lambdas = (0.0, 0.08)
+    runs = {lam: [] for lam in lambdas}  # lambda -> one worker result per round
     with tempfile.TemporaryDirectory() as tmp:
-        for lam in (0.0, 0.08):
-            cmd = [sys.executable, "-m", "bench.train_bench", "--worker", "--tmp", tmp, "--lambda-cc", str(lam),
-                   "--config", a.config, "--batch-size", str(a.batch_size), "--steps", str(a.steps), "--precision", a.precision]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-            rows.append(json.loads(out.strip().splitlines()[-1]))
-    print(f"config {a.config}, batch {a.batch_size}, {precision.resolve(a.precision, 'cpu')}, {torch.get_num_threads()} threads")
+        for _ in tqdm(range(a.rounds), desc="rounds", unit="round"):
+            for lam in lambdas:
+                cmd = [sys.executable, "-m", "bench.train_bench", "--worker", "--tmp", tmp, "--lambda-cc", str(lam),
+                       "--config", a.config, "--batch-size", str(a.batch_size), "--steps", str(a.steps),
+                       "--precision", a.precision]
+                out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+                runs[lam].append(json.loads(out.strip().splitlines()[-1]))
+    med = lambda lam, key: statistics.median(r[key] for r in runs[lam])
+    print(f"config {a.config}, batch {a.batch_size}, {precision.resolve(a.precision, 'cpu')}, {torch.get_num_threads()} threads, "
+          f"medians of {a.rounds} round(s) of {a.steps} steps")
     print("| loss | step time (s) | peak RSS (MB) | phrases / batch | query encode p50 (ms) |")
     print("|---|---|---|---|---|")
-    for r in rows:
-        name = "contrastive only (λ=0)" if r["lambda_cc"] == 0 else f"contrastive + CC (λ={r['lambda_cc']})"
-        print(f"| {name} | {r['step_s']:.2f} | {r['peak_rss_mb']:.0f} | {r['phrases_per_batch']:.1f} | {r['query_ms_p50']:.1f} |")
-    print(f"CC step / contrastive step: {rows[1]['step_s'] / rows[0]['step_s']:.2f}x")
+    for lam in lambdas:
+        name = "contrastive only (λ=0)" if lam == 0 else f"contrastive + CC (λ={lam})"
+        print(f"| {name} | {med(lam, 'step_s'):.2f} | {max(r['peak_rss_mb'] for r in runs[lam]):.0f} | "
+              f"{med(lam, 'phrases_per_batch'):.1f} | {med(lam, 'query_ms_p50'):.1f} |")
+    ratios = [cc["step_s"] / base["step_s"] for base, cc in zip(runs[0.0], runs[0.08])]
+    print(f"CC step / contrastive step: {med(0.08, 'step_s') / med(0.0, 'step_s'):.2f}x "
+          f"(per round: {', '.join(f'{r:.2f}' for r in ratios)})")
     return 0
 
 
