@@ -11,6 +11,7 @@ import torch
 
 from cir.cli import run_cli
 from cir.errors import UserError
+from cir.ui.access import FileAccess
 from cir.ui.app import CONCURRENCY, MAX_FILE_SIZE, build_demo
 from cir.ui.explorer import Explorer
 
@@ -29,9 +30,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="torch device (default: cuda if available)")
     p.add_argument("--port", type=int, default=7860, help="port to serve on (default 7860)")
     p.add_argument("--share", action="store_true", help="also create a public Gradio share link")
+    p.add_argument("--review-dir", action="append", default=[], metavar="DIR",
+                   help="a folder whose triplet files the Review tab may open, write review logs beside, and show "
+                        "images from (repeatable; default none: visitors upload the files they review)")
     a = p.parse_args(argv)
     explorer = Explorer.load(a.checkpoint, a.index, a.gallery, a.examples, a.device)
-    demo = build_demo(explorer).queue(default_concurrency_limit=CONCURRENCY)
+    access = FileAccess(a.review_dir, explorer.index.paths)
+    demo = build_demo(explorer, access).queue(default_concurrency_limit=CONCURRENCY)
     try:
         demo.launch(server_name="127.0.0.1", server_port=a.port, share=a.share, max_file_size=MAX_FILE_SIZE)
     except OSError as e:  # the port is taken

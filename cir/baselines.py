@@ -41,11 +41,13 @@ from cir import precision
 from cir.atomic import atomic_path, sha256_file, write_json
 from cir.checkpoint import read_tensors, versions
 from cir.data.loader import load_rgb
-from cir.data.shapes import CELL_CONTENTS, Scene, cell_contents, describe_scene, patch_cells
+from cir.data.shapes import CELL_CONTENTS, Scene, describe_scene, patch_contents, patch_distribution_of_box
 from cir.data.triplets import Triplet, read_triplets
 from cir.errors import UserError
 from cir.evaluate import add_data_flags, autocast, embed_gallery, evaluate, format_results, read_data
-from cir.model import CONFIG_DIR, create_towers  # importing cir.model registers cir/configs/clip with open_clip
+from cir.model import (CONFIG_DIR, EOT_ID, create_towers,  # importing cir.model registers cir/configs/clip
+                       text_tower_projection, text_tower_states)
+from cir.tokenizer import CaptionTokenizer
 from cir.train import lr_at
 
 CLIP_FORMAT = "cir-clip-checkpoint/1"
@@ -163,11 +165,13 @@ def load_combiner(path: str, clip_path: str) -> Combiner:
 # ----------------------------------------------------------------------------- training
 
 class ScenePairs(Dataset):
-    """(preprocessed image, description tokens, cell contents [9]) per (image path, scene JSON); the
-    phrasing is drawn from `seed` and the item, so a run is reproducible."""
+    """Per (image path, scene JSON): (preprocessed image, description tokens [C], what covers each
+    patch [P] (CELL_CONTENTS index), token targets [C, P]: for each token of an object's or a cell's
+    words in the description, the uniform distribution over the patches inside its box, else 0).
+    The phrasing is drawn from `seed` and the item, so a run is reproducible."""
 
-    def __init__(self, pairs: list[tuple[str, dict]], preprocess, tokenizer, seed: int):
-        self.pairs, self.preprocess, self.tokenizer, self.seed = pairs, preprocess, tokenizer, seed
+    def __init__(self, pairs: list[tuple[str, dict]], preprocess, tokenizer: CaptionTokenizer, grid: int, seed: int):
+        self.pairs, self.preprocess, self.tokenizer, self.grid, self.seed = pairs, preprocess, tokenizer, grid, seed
 
     def __len__(self):
         return len(self.pairs)
@@ -175,8 +179,13 @@ class ScenePairs(Dataset):
     def __getitem__(self, i):
         path, scene = self.pairs[i]
         scene = Scene.from_json(scene)
-        text = describe_scene(scene, random.Random(f"{self.seed}/{i}"))
-        return self.preprocess(load_rgb(path)), self.tokenizer([text])[0], torch.tensor(cell_contents(scene))
+        text, mentions = describe_scene(scene, random.Random(f"{self.seed}/{i}"))
+        targets = torch.zeros(self.tokenizer.context_length, self.grid ** 2)
+        for start, end, box in mentions:
+            targets[self.tokenizer.span_to_token_positions(text, start, end)] = torch.tensor(
+                patch_distribution_of_box(box, self.grid))
+        return (self.preprocess(load_rgb(path)), self.tokenizer([text])[0],
+                torch.tensor(patch_contents(scene, self.grid)), targets)
 
 
 def train_triplets(a) -> tuple[Path, list[Triplet]]:
@@ -227,37 +236,49 @@ def train_clip(a, device: torch.device) -> None:
     if len(pairs) < a.batch_size:
         raise UserError(f"{len(pairs)} training images are fewer than one batch of {a.batch_size}")
     torch.manual_seed(a.seed)
-    clip, preprocess, tokenizer = build_clip(a.config)
+    clip, preprocess, _ = build_clip(a.config)
     clip.to(device)
     clip_loss = open_clip.ClipLoss()
     dtype = precision.resolve(a.precision, device)
     clip.visual.output_tokens = True
     grid = clip.visual.grid_size[0]
-    cells_of_patches = torch.tensor(patch_cells(grid), device=device)
+    tokenizer = CaptionTokenizer(clip.context_length)
     content_tokens = tokenizer(list(CELL_CONTENTS)).to(device)
 
     def batches():
         for epoch in itertools.count():
             seed = a.seed * 100003 + epoch
-            yield from DataLoader(ScenePairs(pairs, preprocess, tokenizer, seed), batch_size=a.batch_size, shuffle=True,
-                                  drop_last=True, num_workers=a.workers, generator=torch.Generator().manual_seed(seed))
+            yield from DataLoader(ScenePairs(pairs, preprocess, tokenizer, grid, seed), batch_size=a.batch_size,
+                                  shuffle=True, drop_last=True, num_workers=a.workers,
+                                  generator=torch.Generator().manual_seed(seed))
 
     def loss_of(batch):
         """CLIP loss on (image, description) + a.patch_weight x cross-entropy of every patch
-        embedding [B, P, E] against the texts of the 84 cell contents, labelled with its cell's."""
-        images, tokens, contents = batch
+        embedding [B, P, E] against the texts of the 84 cell contents, labelled with what covers it
+        + a.token_weight x cross-entropy of each object's or cell's word tokens [B, C, E] over the
+        image's patches against the patches of its box."""
+        images, tokens, contents, token_targets = (x.to(device) for x in batch)
         with precision.autocast(device, dtype):
-            pooled, patches = clip.visual(images.to(device))
-            scene = clip_loss(F.normalize(pooled, dim=-1), clip.encode_text(tokens.to(device), normalize=True),
-                              clip.logit_scale.exp())
-            if a.patch_weight == 0:
-                return scene, {"scene": scene.item()}
+            pooled, patches = clip.visual(images)
+            words = text_tower_projection(clip, text_tower_states(clip, tokens))  # [B, C, E]
+            text = words[torch.arange(len(tokens), device=device), (tokens == EOT_ID).int().argmax(1)]
+            scale = clip.logit_scale.exp()
+            scene = clip_loss(F.normalize(pooled, dim=-1), F.normalize(text, dim=-1), scale)
+            loss, parts = scene, {"scene": scene.item()}
             patch_emb = F.normalize(patches @ clip.visual.proj, dim=-1)
-            logits = clip.logit_scale.exp() * patch_emb @ clip.encode_text(content_tokens, normalize=True).T
-            labels = contents.to(device)[:, cells_of_patches]
-            patch = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
-            accuracy = (logits.argmax(-1) == labels).float().mean().item()
-        return scene + a.patch_weight * patch, {"scene": scene.item(), "patch": patch.item(), "patch_acc": accuracy}
+            if a.patch_weight:
+                logits = scale * patch_emb @ clip.encode_text(content_tokens, normalize=True).T
+                patch = F.cross_entropy(logits.flatten(0, 1).float(), contents.flatten())
+                loss = loss + a.patch_weight * patch
+                parts |= {"patch": patch.item(), "patch_acc": (logits.argmax(-1) == contents).float().mean().item()}
+            if a.token_weight:
+                log_maps = (scale * F.normalize(words, dim=-1) @ patch_emb.transpose(1, 2)).float().log_softmax(-1)
+                supervised = token_targets.sum(-1) > 0  # [B, C]
+                token = -(token_targets * log_maps).sum(-1)[supervised].mean()
+                hit = token_targets.gather(-1, log_maps.argmax(-1, keepdim=True))[..., 0][supervised] > 0
+                loss = loss + a.token_weight * token
+                parts |= {"token": token.item(), "token_acc": hit.float().mean().item()}
+        return loss, parts
 
     @torch.no_grad()
     def clamp_temperature():  # as in CLIP: the logit scale stays at most 100
@@ -397,6 +418,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "visual projection) is classified against the texts of the 84 cell contents (\"small red "
                         "circle\", ..., \"pink background\") by the cell holding its centre, so the towers align "
                         "words with image regions (default 0 = the scene-level CLIP loss only)")
+    c.add_argument("--token-weight", type=float, default=0.0,
+                   help="weight of the dense word loss: each token of an object's or a cell's words in the "
+                        "description (\"small red circle\", \"top left\"), through the text projection, is "
+                        "softmax-matched over the image's patch embeddings against the patches inside that "
+                        "object's or cell's box, so single words point at regions (default 0 = off)")
     _training(c, steps=1100, batch=64, lr=5e-4, warmup=100, weight_decay=0.1)
     m = sub.add_parser("train-combiner", help="train a CLIP4Cir Combiner on frozen CLIP features of the triplets")
     m.add_argument("--clip", required=True, help="CLIP checkpoint written by train-clip")

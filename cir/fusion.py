@@ -11,6 +11,13 @@ Each fusion block runs two pre-LayerNorm residual cross-attentions:
      projections and second feed-forward layers start at zero: every block is the identity at
      step 0 (as in the official code).
 
+With an attention prior (config `attention_prior` = g > 0), each block's text -> image logits
+are q.k / sqrt(d) + g_h * cos(t, p), where cos(t, p) is the towers' own similarity of text token t
+and patch p in their joint space (text projection of the token's final state; visual projection
+of the patch) and g_h a learned gain per head starting at g. The query projection starts at zero,
+so at step 0 every map is the towers' softmax map: the fusion starts from where the densely
+pretrained towers already point and learns from there.
+
 The concept maps (what the CC loss compares and the app draws) are by default the text -> image
 weights. With `maps="image_to_text"` they come from the image -> text half instead, as in the
 official code: for every text token, how much each patch attends to it, renormalised over the
@@ -38,8 +45,9 @@ class CrossAttention(nn.Module):
         self.kv = nn.Linear(width, 2 * width)
         self.out = nn.Linear(width, width)
 
-    def forward(self, x, ctx, key_padding_mask=None, need_weights: bool = False):
-        """key_padding_mask: [B, K] bool, True = ignore. Returns (out [B, Q, D], weights or None)."""
+    def forward(self, x, ctx, key_padding_mask=None, need_weights: bool = False, bias=None):
+        """key_padding_mask: [B, K] bool, True = ignore; bias: [B, H, Q, K] added to the attention logits,
+        or None. Returns (out [B, Q, D], weights or None)."""
         B, Q, D = x.shape
         h = self.heads
         q = self.q(x).view(B, Q, h, D // h).transpose(1, 2)
@@ -48,6 +56,8 @@ class CrossAttention(nn.Module):
         if key_padding_mask is not None:
             mask = torch.zeros(key_padding_mask.shape, dtype=q.dtype, device=q.device)
             mask = mask.masked_fill(key_padding_mask, float("-inf"))[:, None, None, :]
+        if bias is not None:
+            mask = bias.to(q.dtype) if mask is None else mask + bias.to(q.dtype)
         if need_weights:
             logits = (q @ k.transpose(-1, -2)) * (D // h) ** -0.5
             if mask is not None:
@@ -77,7 +87,7 @@ def patch_distribution(weights: torch.Tensor, n_prefix: int) -> torch.Tensor:
 
 class FusionBlock(nn.Module):
     def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, image_to_text: bool = True,
-                 maps: str = "text_to_image"):
+                 maps: str = "text_to_image", prior_gain: float = 0.0):
         super().__init__()
         if maps not in MAP_SOURCES or (maps == "image_to_text" and not image_to_text):
             raise ValueError(f"concept maps {maps!r} need one of {MAP_SOURCES} and the image -> text half for the second")
@@ -92,16 +102,22 @@ class FusionBlock(nn.Module):
             self.image_to_text = CrossAttention(width, heads)
             self.ln_image_mlp, self.image_mlp = nn.LayerNorm(width), mlp(width, mlp_ratio)
             zero += [self.image_to_text.out, self.image_mlp[2]]
+        self.prior_gain = None
+        if prior_gain:  # the text -> image logits start as gain x the towers' token-patch cosine
+            self.prior_gain = nn.Parameter(torch.full((heads,), float(prior_gain)))
+            zero.append(self.text_to_image.q)
         for layer in zero:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def forward(self, text, image, text_pad, n_prefix: int):
-        """text [B, T, D], image [B, n_prefix + P, D] (CLS first), text_pad [B, T] bool.
+    def forward(self, text, image, text_pad, n_prefix: int, prior=None):
+        """text [B, T, D], image [B, n_prefix + P, D] (CLS first), text_pad [B, T] bool, prior [B, T, P]
+        (the towers' token-patch cosine; used when the block has a prior gain).
 
         Returns (text, image, maps [B, H, T, P]): per text token a distribution over the patches."""
         patches = image[:, n_prefix:]
-        upd, weights = self.text_to_image(self.ln_text(text), self.ln_patch(patches), need_weights=True)
+        bias = None if self.prior_gain is None else self.prior_gain[None, :, None, None] * prior[:, None]
+        upd, weights = self.text_to_image(self.ln_text(text), self.ln_patch(patches), need_weights=True, bias=bias)
         text = text + upd
         text = text + self.text_mlp(self.ln_text_mlp(text))
         if self.image_to_text is None:
@@ -126,14 +142,16 @@ class FusionOutput:
 
 class Fusion(nn.Module):
     def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float = 4.0, image_to_text: bool = True,
-                 maps: str = "text_to_image"):
+                 maps: str = "text_to_image", prior_gain: float = 0.0):
         super().__init__()
-        self.blocks = nn.ModuleList(FusionBlock(width, heads, mlp_ratio, image_to_text, maps) for _ in range(layers))
+        self.blocks = nn.ModuleList(FusionBlock(width, heads, mlp_ratio, image_to_text, maps, prior_gain)
+                                    for _ in range(layers))
 
-    def forward(self, text, image, text_pad, n_prefix: int = 1) -> FusionOutput:
+    def forward(self, text, image, text_pad, n_prefix: int = 1, prior=None) -> FusionOutput:
+        """prior [B, T, P]: the towers' token-patch cosine, for blocks with a prior gain (else None)."""
         maps = []
         for block in self.blocks:
-            text, image, w = block(text, image, text_pad, n_prefix)
+            text, image, w = block(text, image, text_pad, n_prefix, prior)
             maps.append(w)
         return FusionOutput(image=image, text=text, text_pad=text_pad, attention=torch.stack(maps, 1))
 

@@ -41,6 +41,7 @@ class ModelConfig:
     fusion_image_to_text: bool = True  # image tokens also attend over the text in each fusion block
     pool_text: bool = False  # PMA pools over [fused image tokens; fused text tokens], not the image tokens alone
     concept_maps: str = "text_to_image"  # which attention the CC loss and the app use (cir/fusion.py)
+    attention_prior: float = 0.0  # > 0: text -> image logits start from this gain x the towers' token-patch cosine
     embed_dim: int = 512
     init_temperature: float = 0.07
 
@@ -101,7 +102,7 @@ class ConTextCIR(nn.Module):
         self.cls_proj = nn.Linear(clip.visual.output_dim, d)
         self.text_proj = nn.Linear(self._text_width(), d)
         self.fusion = Fusion(d, config.fusion_layers, config.fusion_heads, config.mlp_ratio, config.fusion_image_to_text,
-                             config.concept_maps)
+                             config.concept_maps, config.attention_prior)
         self.pool = PMA(d, config.fusion_heads, config.pool_seeds, config.mlp_ratio)
         self.head = nn.Linear(d * config.pool_seeds, config.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(1.0 / config.init_temperature).log())
@@ -114,27 +115,31 @@ class ConTextCIR(nn.Module):
         return self.clip.text.transformer.width if hasattr(self.clip, "text") else self.clip.transformer.width
 
     def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """images [B, 3, S, S] (preprocessed) -> [B, 1 + P, D]: projected CLS, then patches row-major."""
+        """images [B, 3, S, S] (preprocessed) -> [B, 1 + P, D]: projected CLS, then patches row-major.
+
+        With an attention prior, E more channels follow: each patch's unit embedding in the towers'
+        joint space (zeros for CLS), [B, 1 + P, D + E]; `fuse` splits them off."""
         pooled, patches = self.clip.visual(images)
-        return torch.cat([self.cls_proj(pooled)[:, None], self.patch_proj(patches)], 1)
+        tokens = torch.cat([self.cls_proj(pooled)[:, None], self.patch_proj(patches)], 1)
+        if not self.config.attention_prior:
+            return tokens
+        joint = F.normalize(patches @ self.clip.visual.proj, dim=-1)
+        return torch.cat([tokens, F.pad(joint, (0, 0, 1, 0))], -1)
 
     def text_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens [B, C] (CLIP BPE ids) -> (states [B, T, D], padding mask [B, T] True = padding).
 
-        Sequences are cut after the longest EOT in the batch; the causal text encoder makes this exact."""
+        Sequences are cut after the longest EOT in the batch; the causal text encoder makes this exact.
+        With an attention prior, states carry E more channels: each token's unit embedding in the
+        towers' joint space, [B, T, D + E]."""
         eot = (tokens == EOT_ID).int().argmax(1)
         T = int(eot.max()) + 1
-        tokens = tokens[:, :T]
-        if hasattr(self.clip, "text"):  # open_clip CustomTextCLIP
-            self.clip.text.output_tokens = True
-            _, x = self.clip.text(tokens)
-        else:
-            clip = self.clip
-            cast = clip.transformer.get_cast_dtype()
-            x = clip.token_embedding(tokens).to(cast) + clip.positional_embedding[:T].to(cast)
-            x = clip.ln_final(clip.transformer(x, attn_mask=clip.attn_mask[:T, :T]))
+        x = text_tower_states(self.clip, tokens[:, :T])
         pad = torch.arange(T, device=tokens.device)[None] > eot[:, None]
-        return self.text_proj(x), pad
+        states = self.text_proj(x)
+        if self.config.attention_prior:
+            states = torch.cat([states, F.normalize(text_tower_projection(self.clip, x), dim=-1)], -1)
+        return states, pad
 
     def empty_text(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         states, pad = self.text_tokens(self.empty_tokens)
@@ -142,8 +147,13 @@ class ConTextCIR(nn.Module):
 
     # ------------------------------------------------------------------ fusion and pooling
     def fuse(self, image_tok: torch.Tensor, text: tuple[torch.Tensor, torch.Tensor]) -> FusionOutput:
+        """image_tok from `image_tokens`, text from `text_tokens` or `empty_text`."""
         states, pad = text
-        return self.fusion(states, image_tok, pad, n_prefix=1)
+        if not self.config.attention_prior:
+            return self.fusion(states, image_tok, pad, n_prefix=1)
+        d = self.config.fusion_width
+        prior = states[..., d:] @ image_tok[:, 1:, d:].transpose(1, 2)  # [B, T, P] cosine in the joint space
+        return self.fusion(states[..., :d], image_tok[..., :d], pad, n_prefix=1, prior=prior)
 
     def embed(self, fused: FusionOutput) -> torch.Tensor:
         """Pool the fused image tokens (and, with `pool_text`, the unpadded fused text tokens) into the
@@ -185,6 +195,24 @@ class ConTextCIR(nn.Module):
         g = self.grid
         return [PhraseMaps(t, s, e, pos, c.reshape(*c.shape[:2], g, g).float().cpu(), i.reshape(*i.shape[:2], g, g).float().cpu())
                 for t, (s, e), pos, c, i in zip(phrase_texts, spans, positions, ctx, iso)]
+
+
+def text_tower_states(clip: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """The text tower's final (ln_final) state of every token: tokens [B, T] -> [B, T, W] (causal, so
+    a prefix of a sequence gives the same states as the whole)."""
+    if hasattr(clip, "text"):  # open_clip CustomTextCLIP
+        clip.text.output_tokens = True
+        return clip.text(tokens)[1]
+    T = tokens.shape[1]
+    cast = clip.transformer.get_cast_dtype()
+    x = clip.token_embedding(tokens).to(cast) + clip.positional_embedding[:T].to(cast)
+    return clip.ln_final(clip.transformer(x, attn_mask=clip.attn_mask[:T, :T]))
+
+
+def text_tower_projection(clip: nn.Module, states: torch.Tensor) -> torch.Tensor:
+    """Token states [..., W] into the towers' joint space through the text projection: [..., E]."""
+    proj = clip.text.text_projection if hasattr(clip, "text") else clip.text_projection
+    return proj(states) if isinstance(proj, nn.Linear) else states @ proj
 
 
 def span_maps(attention: torch.Tensor, rows: torch.Tensor, positions: list[list[int]]) -> torch.Tensor:

@@ -119,6 +119,24 @@ def _exact_spans(text: str, cleaned: str) -> list[Span] | None:
     return None
 
 
+SEARCH_WINDOW = 1024  # characters past the cursor (plus 4 per word character) a word is looked for in
+LONG_WORD = 64  # longer words are matched exactly instead of case-insensitively
+
+
+def _find_word(text: str, word: str, cursor: int) -> tuple[int, int] | None:
+    """[start, end) of the first occurrence of cleaned `word` in `text` at or after `cursor`, within
+    a window of SEARCH_WINDOW + 4 x len(word) characters: case-insensitively (full case folding)
+    for words of up to LONG_WORD characters, exactly (`str.find`) for longer ones. Each call costs
+    O(window), so the fallback is linear in the caption (a case-folding search of a long word over
+    the whole text is not: a letter with 4,000 combining marks took 30 s)."""
+    end = min(len(text), cursor + SEARCH_WINDOW + 4 * len(word))
+    if len(word) > LONG_WORD:
+        i = text.find(word, cursor, end)
+        return None if i < 0 else (i, i + len(word))
+    m = regex.compile(regex.escape(word), regex.IGNORECASE | regex.FULLCASE).search(text, cursor, end)
+    return None if m is None else m.span()
+
+
 def _fallback_spans(text: str, cleaned: str, pat) -> list[Span]:
     """Per-character source spans of `cleaned` found by searching its regex words in `text`."""
     spans: list[Span] = [(0, 0)] * len(cleaned)
@@ -135,23 +153,28 @@ def _fallback_spans(text: str, cleaned: str, pat) -> list[Span]:
         for w in pending:
             spans[w.start():w.end()] = [(lo, hi)] * (w.end() - w.start())
         pending.clear()
+        nonlocal pending_chars
+        pending_chars = 0
 
+    pending_chars = 0
     for w in pat.finditer(cleaned):
-        m = regex.compile(regex.escape(w.group()), regex.IGNORECASE | regex.FULLCASE).search(text, cursor)
-        budget = 8 + 4 * sum(p.end() - p.start() for p in pending)
-        skipped = len("".join(text[cursor:m.start()].split())) if m is not None else 0
+        budget = 8 + 4 * pending_chars
+        found = _find_word(text, w.group(), cursor)
+        skipped = len("".join(text[cursor:found[0]].split())) if found is not None else 0
         # not found, found only after implausibly much text, or found so early that the words still
         # pending would come from no text at all (a spurious earlier occurrence): decide later
-        if m is None or skipped > budget or (pending and skipped == 0):
+        if found is None or skipped > budget or (pending and skipped == 0):
             pending.append(w)
+            pending_chars += w.end() - w.start()
             continue
-        fill_gap(m.start())
-        last_start = m.start()
-        if m.group().lower() == w.group():
-            spans[w.start():w.end()] = [(i, i + 1) for i in range(m.start(), m.end())]
+        start, end = found
+        fill_gap(start)
+        last_start = start
+        if text[start:end].lower() == w.group():
+            spans[w.start():w.end()] = [(i, i + 1) for i in range(start, end)]
         else:
-            spans[w.start():w.end()] = [(m.start(), m.end())] * (w.end() - w.start())
-        cursor = m.end()
+            spans[w.start():w.end()] = [(start, end)] * (w.end() - w.start())
+        cursor = end
     fill_gap(len(text))
     return _cover_leftovers(text, spans)
 

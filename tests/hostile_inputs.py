@@ -275,17 +275,17 @@ def free_port() -> int:
 
 
 class served:
-    """`with served(explorer) as url:` the explorer's app on a free loopback port, launched the way
-    app.py launches it (queue, concurrency, upload limit); closed on exit."""
+    """`with served(explorer[, access]) as url:` the explorer's app on a free loopback port, launched
+    the way app.py launches it (queue, concurrency, upload limit); closed on exit."""
 
-    def __init__(self, explorer):
-        self.explorer = explorer
+    def __init__(self, explorer, access=None):
+        self.explorer, self.access = explorer, access
 
     def __enter__(self) -> str:
         from cir.ui import app as ui
 
         port = free_port()
-        self.demo = ui.build_demo(self.explorer).queue(default_concurrency_limit=ui.CONCURRENCY)
+        self.demo = ui.build_demo(self.explorer, self.access).queue(default_concurrency_limit=ui.CONCURRENCY)
         self.demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
                          max_file_size=ui.MAX_FILE_SIZE)
         return f"http://127.0.0.1:{port}/"
@@ -309,3 +309,18 @@ def wait_for_http(url: str, proc=None, timeout: float = 120.0) -> None:
         except OSError:
             time.sleep(0.2)
     raise AssertionError(f"{url} did not answer within {timeout} s")
+
+
+def endpoints(client, wanted: dict[str, str]) -> dict[str, int]:
+    """fn ids of private endpoints by {name: "elem_id:event"} (the page calls them through the same
+    queue; the client is allowed to here, as a browser would)."""
+    by_elem = {c["id"]: c.get("props", {}).get("elem_id") for c in client.config["components"]}
+    ids = {}
+    for i, dep in enumerate(client.config["dependencies"]):
+        for target, event in dep.get("targets", []):
+            for name, key in wanted.items():
+                if f"{by_elem.get(target)}:{event}" == key:
+                    ids[name] = dep.get("id", i)
+    for fn in ids.values():
+        client.endpoints[fn].is_valid = True
+    return ids

@@ -24,6 +24,7 @@ from cir.losses import concept_consistency_loss, reduce_maps
 from cir.model import build_model
 from cir.ui import app as ui
 from cir.ui import review
+from cir.ui.access import FileAccess
 from cir.ui.explorer import Explorer, phrase_spans
 from cir.ui.heatmaps import model_view, phrase_row, select
 
@@ -261,26 +262,27 @@ def test_review_callbacks(ex, demo, tmp_path):
     src = tmp_path / "batch.jsonl"
     write_triplets(src, read_triplets(demo[0] / "examples.jsonl")[0][:3])
     triplets = read_triplets(src)[0]
-    state = ui.review_open(str(src))
-    assert (state["path"], state["pos"]) == (str(src), 0)
-    reference, targets, pieces, caption, note, status = ui.review_show(ex, state)
+    access = FileAccess([tmp_path], ex.index.paths)
+    state = ui.review_open(access, str(src))
+    assert (state["path"], state["pos"]) == (os.path.realpath(src), 0)
+    reference, targets, pieces, caption, note, status = ui.review_show(ex, access, state)
     assert caption == triplets[0].caption and "".join(text for text, _ in pieces) == caption
     assert any(label == "noun phrase" for _, label in pieces) and "Item **1** of 3" in status
-    image, ranked = ui.review_details(ex, state, ui.RANK_OVER[0])
+    image, ranked = ui.review_details(ex, access, state, ui.RANK_OVER[0])
     assert image is not None and "of 6 (file images)" in ranked
-    assert "gallery index" in ui.review_details(ex, state, ui.RANK_OVER[1])[1]
+    assert "gallery index" in ui.review_details(ex, access, state, ui.RANK_OVER[1])[1]
     state = ui.review_decide(state, caption, "", kind="accept")
     state = ui.review_decide(state, "  a better caption ", "typo", kind="accept")  # changed caption: an edit
     log = review.read_decisions(review.review_path(src))
     assert log[triplets[0].id]["decision"] == "accept"
     assert log[triplets[1].id] | {"time": None} == {"id": triplets[1].id, "decision": "edit", "note": "typo",
                                                     "caption": "a better caption", "time": None}
-    assert ui.review_open(str(src))["pos"] == 2  # reopening resumes at the first undecided item
+    assert ui.review_open(access, str(src))["pos"] == 2  # reopening resumes at the first undecided item
     assert ui.review_move(state, -5)["pos"] == 0 and ui.review_move(state, 9)["pos"] == 3
     update, message = ui.review_export(state)
     assert [t.caption for t in read_triplets(update["value"])[0]] == [triplets[0].caption, "a better caption"]
     with pytest.raises(Exception, match="not found"):
-        ui.review_open(str(tmp_path / "missing.jsonl"))
+        ui.review_open(access, str(tmp_path / "missing.jsonl"))
 
 
 # ---------------------------------------------------------------------------- the served app

@@ -15,6 +15,7 @@ import pytest
 from cir.data.triplets import read_triplets, write_triplets
 from cir.ui import app as ui
 from cir.ui import review
+from cir.ui.access import FileAccess
 from cir.ui.explorer import Explorer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,7 +47,7 @@ def served(tmp_path_factory, tiny_checkpoint):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    demo = ui.build_demo(ex).queue(default_concurrency_limit=ui.CONCURRENCY)
+    demo = ui.build_demo(ex, FileAccess([root / "demo"], ex.index.paths)).queue(default_concurrency_limit=ui.CONCURRENCY)
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     yield f"http://127.0.0.1:{port}/", ex, to_review
     demo.close()

@@ -19,7 +19,7 @@ from cir.checkpoint import read_manifest
 from cir.data.triplets import read_gallery, read_triplets, write_triplets
 from cir.index import MANIFEST, GalleryIndex, build_index
 from cir.ui import review
-from hostile_inputs import BAD_KINDS, free_port, wait_for_http, write_images
+from hostile_inputs import BAD_KINDS, endpoints, free_port, wait_for_http, write_images
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
@@ -185,20 +185,6 @@ def test_sigkill_during_index_build(gallery, tiny_checkpoint, tmp_path):
 
 
 # ---------------------------------------------------------------------------- the app, during review
-def review_endpoints(client) -> dict[str, int]:
-    """fn ids of the Review tab's buttons (private endpoints: the page calls them through the same
-    queue; the client is allowed to here, as a browser would)."""
-    by_elem = {c["id"]: c.get("props", {}).get("elem_id") for c in client.config["components"]}
-    ids = {}
-    for i, dep in enumerate(client.config["dependencies"]):
-        for target, event in dep.get("targets", []):
-            if event == "click" and by_elem.get(target) in ("review-open", "review-accept", "review-reject"):
-                ids[by_elem[target].split("-")[1]] = dep.get("id", i)
-    for fn in ids.values():
-        client.endpoints[fn].is_valid = True
-    return ids
-
-
 def test_sigkill_of_the_app_during_review(tiny_checkpoint, shapes_data, tmp_path):
     from gradio_client import Client
 
@@ -208,12 +194,12 @@ def test_sigkill_of_the_app_during_review(tiny_checkpoint, shapes_data, tmp_path
     port = free_port()
     log_file = open(tmp_path / "app.log", "wb")
     proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--checkpoint", str(tiny_checkpoint), "--gallery",
-                             str(shapes_data / "gallery_test.txt"), "--port", str(port), "--device", "cpu"],
-                            cwd=tmp_path, env=ENV, stdout=log_file, stderr=subprocess.STDOUT)
+                             str(shapes_data / "gallery_test.txt"), "--port", str(port), "--device", "cpu",
+                             "--review-dir", str(tmp_path)], cwd=tmp_path, env=ENV, stdout=log_file, stderr=subprocess.STDOUT)
     try:
         wait_for_http(f"http://127.0.0.1:{port}/config", proc)
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-        fn = review_endpoints(client)
+        fn = endpoints(client, {name: f"review-{name}:click" for name in ("open", "accept", "reject")})
         client.predict(str(src), fn_index=fn["open"])
         acknowledged = {}
         for i, t in enumerate(triplets[:7]):

@@ -19,6 +19,7 @@ from cir.index import EMBEDDINGS, FAISS_FILE, MANIFEST, GalleryIndex, build_inde
 from cir.model import ModelConfig, build_model
 from cir.ui import app as ui
 from cir.ui import review
+from cir.ui.access import FileAccess
 from cir.ui.explorer import Explorer
 from hostile_inputs import one_line
 
@@ -162,7 +163,7 @@ def test_review_tab_opens_a_crashed_log(tiny_checkpoint, shapes_data, tmp_path):
     review.append_decision(log, review.decision(triplets[0].id, "accept"))
     review.append_decision(log, review.decision(triplets[1].id, "reject"))
     log.write_bytes(log.read_bytes() + b'{"id": "' + triplets[2].id.encode() + b'", "decision": "acc')
-    state = ui.review_open(str(src))
+    state = ui.review_open(FileAccess([tmp_path]), str(src))
     assert state["pos"] == 2 and set(review.read_decisions(log)) == {triplets[0].id, triplets[1].id}
     state = ui.review_decide(state, triplets[2].caption, "", kind="accept")
     assert state["pos"] == 3 and review.read_decisions(log)[triplets[2].id]["decision"] == "accept"

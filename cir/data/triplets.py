@@ -122,9 +122,9 @@ def _parse_line(obj, base: str, line_no: int, where: str) -> Triplet:
     )
 
 
-def read_triplets(path: str | os.PathLike, skip_bad: bool = False, check_images: bool = True
-                  ) -> tuple[list[Triplet], list[str]]:
-    """Read a triplet JSONL file.
+def read_triplets(path: str | os.PathLike, skip_bad: bool = False, check_images: bool = True,
+                  base: str | os.PathLike | None = None) -> tuple[list[Triplet], list[str]]:
+    """Read a triplet JSONL file; relative image paths are taken from `base` (default: the file's folder).
 
     Returns (triplets, problems). A bad line (invalid JSON, missing field, duplicate id, missing or
     undecodable image) raises a UserError naming file and line, or with `skip_bad` is skipped and
@@ -132,7 +132,7 @@ def read_triplets(path: str | os.PathLike, skip_bad: bool = False, check_images:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"triplet file not found: {path}")
-    base = str(path.parent.resolve())
+    base = str(Path(base or path.parent).resolve())
     checker = _ImageChecker()
     triplets: list[Triplet] = []
     problems: list[str] = []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import tempfile
 import time
 from functools import lru_cache
@@ -22,6 +23,7 @@ from cir.data.loader import load_rgb
 from cir.data.triplets import read_triplets
 from cir.errors import UserError
 from cir.ui import review
+from cir.ui.access import IMAGE_REFUSED, FileAccess
 from cir.ui.explorer import Explorer, as_image, phrase_spans, thumbnail
 from cir.ui.heatmaps import model_view, phrase_row
 
@@ -224,15 +226,19 @@ def add_phrase(caption: str, rows, text: str):
 
 # ---------------------------------------------------------------------------- review tab
 @lru_cache(maxsize=8)
-def _triplets(path: str, mtime: float):
-    return read_triplets(path, skip_bad=True)
+def _triplets(path: str, base: str | None, mtime: float):
+    # images are not checked here: whether one may be read at all is FileAccess.image's call
+    return read_triplets(path, skip_bad=True, check_images=False, base=base)
 
 
-def review_items(path: str):
-    """(triplets, problems) of a triplet file, re-read when it changes."""
-    if not os.path.isfile(path):
-        raise UserError(f"triplet file not found: {path}")
-    return _triplets(os.path.abspath(path), os.path.getmtime(path))
+def review_items(state: dict):
+    """(triplets, problems) of a review state's triplet file, re-read when it changes."""
+    return _triplets(state["path"], state.get("base"), os.path.getmtime(state["path"]))
+
+
+def markdown_literal(text: str) -> str:
+    """`text` shown as itself in gr.Markdown: Markdown and HTML characters escaped."""
+    return re.sub(r"([\\`*_{}\[\]()#+\-.!|~<>&])", r"\\\1", text)
 
 
 def highlight(caption: str, phrases: list[dict]) -> list[tuple[str, str | None]]:
@@ -249,25 +255,41 @@ def highlight(caption: str, phrases: list[dict]) -> list[tuple[str, str | None]]
     return pieces + ([(caption[pos:], None)] if pos < len(caption) else [])
 
 
-@shown
-def review_open(path: str):
-    """Open a triplet file (and its review log, repaired after a crash) at its first undecided item."""
-    path = (path or "").strip()
-    if not path:
-        raise UserError("type the path of a triplet file")
-    triplets, problems = review_items(path)
+def _opened(path: str, base: str | None = None):
+    """A review state at the first undecided item of a triplet file the app may open (and its review
+    log, repaired after a crash); relative image paths are taken from `base` (default: its folder)."""
+    state = {"path": path, "base": base}
+    triplets, problems = review_items(state)
     if not triplets:
-        raise UserError(f"no usable triplets in {path}" + (f" ({problems[0]})" if problems else ""))
+        raise UserError(f"no usable triplets in {os.path.basename(path)}" + (f" ({problems[0]})" if problems else ""))
     decisions = review.open_log(review.review_path(path))
     if problems:
         gr.Warning(f"skipped {len(problems)} bad line(s); first: {problems[0]}")
     # "opened" makes reopening a changed state, so the page refreshes even at the same position
-    return {"path": path, "pos": review.first_undecided(triplets, decisions), "opened": time.time()}
+    return state | {"pos": review.first_undecided(triplets, decisions), "opened": time.time()}
+
+
+@shown
+def review_open(access: FileAccess, path: str):
+    """Open a triplet file typed by the visitor: only inside the review folders."""
+    path = (path or "").strip()
+    if not path:
+        raise UserError("type the path of a triplet file in a review folder, or upload one")
+    return _opened(access.triplet_file(path))
+
+
+@shown
+def review_upload(ex: Explorer, access: FileAccess, uploaded: str | None):
+    """Open an uploaded triplet file (a private copy; its log and export stay beside the copy);
+    its relative image paths are taken from the gallery's folder."""
+    if not uploaded:
+        raise UserError("upload a triplet file (.jsonl)")
+    return _opened(access.adopt_upload(uploaded), ex.root)
 
 
 def _current(state):
     """(triplets, decisions, current triplet or None past the end) of a review state."""
-    triplets, _ = review_items(state["path"])
+    triplets, _ = review_items(state)
     decisions = review.read_decisions(review.review_path(state["path"]))
     pos = state["pos"]
     return triplets, decisions, (triplets[pos] if pos < len(triplets) else None)
@@ -279,42 +301,53 @@ def _caption_and_phrases(ex: Explorer, t, decision: dict | None) -> tuple[str, l
     return caption, t.noun_phrases if t.noun_phrases is not None and caption == t.caption else ex.noun_phrases(caption)
 
 
+def _shown_image(access: FileAccess, path: str):
+    """A thumbnail of an image a triplet file names, or None when the app may not show it."""
+    return thumbnail(path) if access.image(path) else None
+
+
 @shown
-def review_show(ex: Explorer, state):
+def review_show(ex: Explorer, access: FileAccess, state):
     """-> (reference, targets, highlighted caption, caption box, note box, status) of the current item."""
     if not state:
         return None, [], [], "", "", "Open a triplet file to review."
     triplets, decisions, t = _current(state)
     done = sum(x.id in decisions for x in triplets)
-    progress = f"{done} of {len(triplets)} decided · log `{review.review_path(state['path'])}`"
+    progress = f"{done} of {len(triplets)} decided · log {markdown_literal(review.review_path(state['path']).name)}"
     if t is None:
         return None, [], [], "", "", f"**All items decided.** {progress}. Export the accepted ones, or step back."
     d = decisions.get(t.id)
     caption, phrases = _caption_and_phrases(ex, t, d)
-    status = (f"Item **{state['pos'] + 1}** of {len(triplets)} · id `{t.id}` · "
-              f"{'decided: **' + d['decision'] + '**' if d else 'undecided'} · {progress}")
-    return (thumbnail(t.reference), [(thumbnail(p), ex.label(p)) for p in t.targets], highlight(caption, phrases),
-            caption, d["note"] if d else "", status)
+    hidden = [p for p in (t.reference, *t.targets) if not access.image(p)]
+    status = (f"Item **{state['pos'] + 1}** of {len(triplets)} · id {markdown_literal(t.id)} · "
+              f"{'decided: **' + d['decision'] + '**' if d else 'undecided'} · {progress}"
+              + (f" · {len(hidden)} image(s) {IMAGE_REFUSED}" if hidden else ""))
+    targets = [(im, ex.label(p)) for p in t.targets if (im := _shown_image(access, p)) is not None]
+    return (_shown_image(access, t.reference), targets, highlight(caption, phrases), caption,
+            d["note"] if d else "", status)
 
 
 @shown
-def review_details(ex: Explorer, state, over: str):
+def review_details(ex: Explorer, access: FileAccess, state, over: str):
     """-> (heatmap rows of the item's noun phrases over its reference, where the model ranks its target).
 
-    Ranking among the file's images embeds them on first use."""
+    Ranking among the file's images embeds them on first use; only images the app may show count."""
     if not state:
         return None, ""
     triplets, decisions, t = _current(state)
     if t is None:
         return None, ""
+    ident = markdown_literal(t.id)
+    if not access.image(t.reference):
+        return None, f"{ident}: reference {IMAGE_REFUSED}."
     caption, phrases = _caption_and_phrases(ex, t, decisions.get(t.id))
     maps, _ = render_maps(ex, t.reference, caption, phrases)
     gallery = None
     if over == RANK_OVER[0]:
-        gallery = list(dict.fromkeys(p for x in triplets for p in (x.reference, *x.targets)))
-    found = ex.target_rank(t.reference, caption, t.targets, gallery)
-    return maps, (f"`{t.id}`: the model ranks the target **#{found[0]}** of {found[1]} ({over})." if found
-                  else f"`{t.id}`: the target is not in the {over}.")
+        gallery = [p for p in dict.fromkeys(p for x in triplets for p in (x.reference, *x.targets)) if access.image(p)]
+    found = ex.target_rank(t.reference, caption, [p for p in t.targets if access.image(p)], gallery)
+    return maps, (f"{ident}: the model ranks the target **#{found[0]}** of {found[1]} ({over})." if found
+                  else f"{ident}: the target is not in the {over}.")
 
 
 @shown
@@ -336,7 +369,7 @@ def review_move(state, step: int):
     """Go `step` items forward (negative: back)."""
     if not state:
         return state
-    return {**state, "pos": min(max(0, state["pos"] + step), len(review_items(state["path"])[0]))}
+    return {**state, "pos": min(max(0, state["pos"] + step), len(review_items(state)[0]))}
 
 
 @shown
@@ -347,12 +380,14 @@ def review_export(state):
     triplets, decisions, _ = _current(state)
     out = review.export_path(state["path"])
     n = review.export_accepted(triplets, decisions, out)
-    return gr.update(value=str(out), visible=True), f"Wrote {n} accepted triplet(s) to `{out}`."
+    return gr.update(value=str(out), visible=True), f"Wrote {n} accepted triplet(s) to {markdown_literal(out.name)}."
 
 
 # ---------------------------------------------------------------------------- layout
-def build_demo(ex: Explorer) -> gr.Blocks:
-    """The explorer app over `ex`; the caller queues and launches it."""
+def build_demo(ex: Explorer, access: FileAccess | None = None) -> gr.Blocks:
+    """The explorer app over `ex`; the caller queues and launches it. `access` says which server
+    files the Review tab may open (default: none, only uploads, and the gallery's images)."""
+    access = access or FileAccess(gallery_paths=ex.index.paths)
     p = functools.partial
     layers = [("mean over layers", MEAN)] + [(f"layer {i + 1}", str(i)) for i in range(ex.layers)]
     heads = [("mean over heads", MEAN)] + [(f"head {i + 1}", str(i)) for i in range(ex.heads)]
@@ -411,9 +446,12 @@ def build_demo(ex: Explorer) -> gr.Blocks:
         with gr.Tab("Review"):
             state = gr.State(None)
             with gr.Row():
-                review_file = gr.Textbox(label="Triplet file (JSONL)", placeholder="data/pipeline/out.jsonl", scale=4,
-                                         elem_id="review-file")
+                review_file = gr.Textbox(label="Triplet file (JSONL) in a review folder",
+                                         placeholder=access.review_dirs[0] + "/out.jsonl" if access.review_dirs
+                                         else "no review folder: upload a file", scale=4, elem_id="review-file")
                 open_btn = gr.Button("Open", scale=1, elem_id="review-open")
+                review_upload_file = gr.File(label="…or upload one", file_types=[".jsonl"], type="filepath", scale=2,
+                                             elem_id="review-upload")
                 over = gr.Radio(list(RANK_OVER), value=RANK_OVER[0], label="Rank the target among", scale=2)
             review_status = gr.Markdown(elem_id="review-status")
             with gr.Row():
@@ -453,7 +491,7 @@ def build_demo(ex: Explorer) -> gr.Blocks:
             return paths[evt.index]
 
         def on_details(state, over, progress=gr.Progress(track_tqdm=True)):  # shows embedding progress
-            return review_details(ex, state, over)
+            return review_details(ex, access, state, over)
 
         examples.select(on_example, None, [query_path, image, caption, targets, query_info], **private)
         browser.select(on_browsed, [search, page], [query_path, image, targets, query_info], **private)
@@ -472,12 +510,13 @@ def build_demo(ex: Explorer) -> gr.Blocks:
             maps, maps_inputs, maps_outputs, **private)
 
         # buttons and keys only move `state`; the item is shown from its latest value (no stale overwrites)
-        gr.on([open_btn.click, review_file.submit], review_open, review_file, state, **private)
+        gr.on([open_btn.click, review_file.submit], p(review_open, access), review_file, state, **private)
+        review_upload_file.upload(p(review_upload, ex, access), review_upload_file, state, **private)
         accept.click(p(review_decide, kind="accept"), [state, edited, note], state, **private)
         reject.click(p(review_decide, kind="reject"), [state, edited, note], state, **private)
         prev_btn.click(p(review_move, step=-1), state, state, **private)
         next_btn.click(p(review_move, step=1), state, state, **private)
-        state.change(p(review_show, ex), state, [reference, target_images, highlighted, edited, note, review_status],
+        state.change(p(review_show, ex, access), state, [reference, target_images, highlighted, edited, note, review_status],
                      trigger_mode="always_last", **private)
         gr.on([state.change, over.change], on_details, [state, over], [review_maps, rank_md],
               trigger_mode="always_last", **private)

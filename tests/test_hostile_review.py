@@ -1,0 +1,129 @@
+"""The Review tab through the running app's HTTP API: it opens only triplet files inside the
+review folders named at start (or uploads), shows only gallery and review-folder images, writes
+only there, answers every outside path alike, and escapes what a triplet file says; one hostile
+caption does not freeze the server."""
+import json
+import os
+import shutil
+import time
+import urllib.request
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from gradio_client import Client, handle_file
+
+from cir.data.triplets import read_triplets, write_triplets
+from cir.ui import app as ui
+from cir.ui import review
+from cir.ui.access import IMAGE_REFUSED, NO_FOLDERS, REFUSED, FileAccess
+from hostile_inputs import endpoints, served
+
+REVIEW = {"open": "review-file:submit", "upload": "review-upload:upload", "accept": "review-accept:click"}
+
+
+@pytest.fixture
+def folders(tmp_path, shapes_data):
+    """(review folder holding batch.jsonl, outside folder holding secret.jsonl and an image)."""
+    inside, outside = tmp_path / "review", tmp_path / "outside"
+    inside.mkdir()
+    outside.mkdir()
+    triplets = read_triplets(shapes_data / "test.jsonl")[0][:3]
+    write_triplets(inside / "batch.jsonl", triplets)
+    write_triplets(outside / "secret.jsonl", triplets)
+    shutil.copy(triplets[0].reference, outside / "private.png")
+    return inside, outside
+
+
+def error_of(call) -> str:
+    with pytest.raises(Exception) as e:
+        call()
+    return str(e.value)
+
+
+def test_typed_paths_open_only_inside_the_review_folders(ex, folders):
+    inside, outside = folders
+    os.symlink(outside / "secret.jsonl", inside / "link.jsonl")  # a link out of the folder
+    with served(ex, FileAccess([inside], ex.index.paths)) as url:
+        client = Client(url, verbose=False)
+        fn = endpoints(client, REVIEW)
+        client.predict(str(inside / "batch.jsonl"), fn_index=fn["open"])  # inside: opens
+        first = read_triplets(inside / "batch.jsonl")[0][0]
+        client.predict(first.caption, "fine", fn_index=fn["accept"])
+        assert review.read_decisions(review.review_path(inside / "batch.jsonl"))[first.id]["note"] == "fine"
+        refused = {}
+        for path in [outside / "secret.jsonl", outside / "missing.jsonl", "/etc/passwd", "/no/such/file",
+                     inside / "link.jsonl", f"{inside}/../outside/secret.jsonl",
+                     f"/proc/self/root{outside}/secret.jsonl"]:
+            refused[str(path)] = error_of(lambda: client.predict(str(path), fn_index=fn["open"]))
+        assert all(REFUSED in message for message in refused.values()), refused
+        assert len({m.replace(p, "") for p, m in refused.items()}) == 1  # existing or not: the same answer
+        assert sorted(p.name for p in outside.iterdir()) == ["private.png", "secret.jsonl"]  # nothing written there
+
+
+def test_without_review_folders_no_server_file_opens(ex, folders):
+    inside, _ = folders
+    with served(ex) as url:
+        client = Client(url, verbose=False)
+        fn = endpoints(client, REVIEW)
+        assert NO_FOLDERS in error_of(lambda: client.predict(str(inside / "batch.jsonl"), fn_index=fn["open"]))
+    assert list(inside.iterdir()) == [inside / "batch.jsonl"]
+
+
+def test_an_uploaded_file_shows_only_gallery_images_and_writes_beside_its_copy(ex, folders, tmp_path):
+    inside, outside = folders
+    triplets = read_triplets(inside / "batch.jsonl")[0]
+    hostile = [replace(triplets[0], id="[click](javascript:alert(1)) **bold** <b>x</b>",
+                       reference=f"/proc/self/root{outside}/private.png"), triplets[1]]
+    upload = tmp_path / "mine.jsonl"  # absolute image paths: an upload's relative ones are taken from the gallery
+    upload.write_text("".join(json.dumps({"id": t.id, "reference": t.reference, "caption": t.caption,
+                                          "targets": t.targets}) + "\n" for t in hostile))
+    access = FileAccess([], ex.index.paths)
+    with served(ex, access) as url:
+        client = Client(url, verbose=False)
+        client.predict(handle_file(str(upload)), fn_index=endpoints(client, REVIEW)["upload"])
+    copies = list(Path(access.upload_root).rglob("mine.jsonl"))
+    assert len(copies) == 1 and copies[0] != upload
+    # what the page then shows of the copy: the outside reference is not shown, the gallery target is
+    state = ui.review_upload(ex, access, str(upload))  # the upload callback, as the page runs it
+    assert Path(state["path"]).parent.parent == Path(access.upload_root)
+    reference, targets, _, _, _, status = ui.review_show(ex, access, state)
+    assert reference is None and IMAGE_REFUSED in status
+    assert len(targets) == len(hostile[0].targets) and all(im is not None for im, _ in targets)
+    assert "[click](" not in status and "**bold**" not in status and "<b>" not in status  # escaped
+    maps, ranked = ui.review_details(ex, access, state, ui.RANK_OVER[0])
+    assert maps is None and IMAGE_REFUSED in ranked
+    ui.review_decide(state, hostile[0].caption, "", kind="accept")
+    assert review.review_path(state["path"]).is_file() and not review.review_path(upload).exists()
+
+
+def test_a_caption_of_combining_marks_does_not_freeze_the_server(ex):
+    """'a' + 4,000 combining marks used to hold the GIL for ~25 s in the tokenizer (a case-folding
+    search of a 4,000-character word); `GET /config` must answer within a second meanwhile."""
+    caption = "a" + "\u0301" * 4000
+    with served(ex) as url:
+        client = Client(url, verbose=False)
+        image = ex.examples[0].reference
+        job = client.submit(handle_file(image), caption, 5, api_name="/retrieve")
+        latencies = []
+        while not job.done():
+            t0 = time.perf_counter()
+            with urllib.request.urlopen(url + "config", timeout=30) as r:
+                r.read()
+            latencies.append(time.perf_counter() - t0)
+            time.sleep(0.05)
+        job.result(timeout=120)
+    assert latencies and max(latencies) < 1.0, latencies
+
+
+def test_the_caption_fallback_is_linear():
+    from cir.tokenizer import CaptionTokenizer
+
+    tok = CaptionTokenizer(40)
+    times = {}
+    for n in (4000, 16000):
+        t0 = time.perf_counter()
+        ids, spans = tok.encode_with_offsets("a" + "\u0301" * n)
+        times[n] = time.perf_counter() - t0
+        assert spans[0][0] == 0 and spans[-1][1] == n + 1  # every character is covered
+    assert times[16000] < 2.0 and times[16000] < 8 * times[4000] + 0.2, times
