@@ -26,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
                         "(instead of --index)")
     p.add_argument("--examples", default=None,
                    help="triplet JSONL of example queries; default: assets/demo/examples.jsonl with the demo index")
+    p.add_argument("--twin", default=None, metavar="CKPT",
+                   help="a second checkpoint whose phrase maps the Why panel can show beside the first's (e.g. the "
+                        "lambda = 0 twin of a CC model); default: the shipped twin, with the shipped checkpoint")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device (default: cuda if available)")
     p.add_argument("--port", type=int, default=7860, help="port to serve on (default 7860)")
@@ -34,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="a folder whose triplet files the Review tab may open, write review logs beside, and show "
                         "images from (repeatable; default none: visitors upload the files they review)")
     a = p.parse_args(argv)
-    explorer = Explorer.load(a.checkpoint, a.index, a.gallery, a.examples, a.device)
+    explorer = Explorer.load(a.checkpoint, a.index, a.gallery, a.examples, a.device, a.twin)
     access = FileAccess(a.review_dir, explorer.index.paths)
     demo = build_demo(explorer, access).queue(default_concurrency_limit=CONCURRENCY)
     try:

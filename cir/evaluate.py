@@ -5,9 +5,11 @@
 Prints Recall@1/5/10/50, Recall_subset@1/2/3 (when triplets carry subsets), mAP@5/10/25/50 (when
 some query has several targets), the breakdowns by meta.num_modifications and by operation type
 (meta.operations), what the first results are (target, own reference, own partial fulfilment,
-other; when meta.partials exist) and the pointing-game
-grounding hit rate (when meta carries grounding boxes; maps averaged over layers and heads, and a
-table for every layer and head). The reference image is removed from the
+other; when meta.partials exist) and, when meta carries grounding boxes, how the phrase maps
+ground them (cir.grounding; maps averaged over layers and heads): the pointing game over all
+phrases with a table for every layer and head, and for phrases naming a reference object the
+pointing game, energy (map mass inside the box, with its chance level) and distinctness (captions
+whose phrases on disjoint objects peak on different patches). The reference image is removed from the
 ranking for CIRR (its protocol) and kept as a hard negative otherwise (`--reference`).
 """
 from __future__ import annotations
@@ -22,6 +24,7 @@ from cir.atomic import write_json
 from cir.data.loader import image_batches, load_rgb
 from cir.data.triplets import Triplet, read_gallery, read_triplets
 from cir.errors import UserError
+from cir.grounding import box_energy, box_share, distinct_peaks, pointing_hits
 from cir.losses import reduce_maps
 from cir.metrics import map_at_k, recall_at_k, recall_subset_at_k
 from cir.model import ConTextCIR, isolated_maps, span_maps
@@ -93,16 +96,22 @@ def subset_rankings(query_emb, gallery_emb, gallery: list[str], triplets: list[T
 
 @torch.no_grad()
 def grounding(model: ConTextCIR, preprocess, triplets: list[Triplet], device, batch_size: int = 64) -> dict | None:
-    """Pointing game over meta.grounding spans: hit when the argmax of the phrase map, upsampled to
-    the image, lies inside the box. Returns {"in_context", "isolated" (percent, maps averaged over
-    layers and heads), "count", "per_layer_head": {"in_context", "isolated"} ([L][H] percent, each
-    head's own map)} or None."""
+    """Grounding of the phrases in meta.grounding (cir.grounding), maps averaged over layers and heads,
+    in context and isolated. Returns None without such phrases, else {"count", "in_context",
+    "isolated" (pointing game over all phrases, percent), "per_layer_head": {"in_context",
+    "isolated"} ([L][H] percent, each head's own map), "grid", "objects": {"count", "pointing",
+    "energy" (each {"in_context", "isolated"}; energy also "chance"), "distinct": {"captions",
+    "in_context", "isolated"}}} where "objects" counts only phrases naming an object of the
+    reference image (kind "object") and "distinct" the captions with two of them on disjoint boxes."""
     items = [t for t in triplets if t.meta.get("grounding")]
     if not items:
         return None
     L, H = model.config.fusion_layers, model.config.fusion_heads
-    hits = {"in_context": 0, "isolated": 0}
-    head_hits = {name: torch.zeros(L, H) for name in hits}
+    names = ("in_context", "isolated")
+    hits = dict.fromkeys(names, 0)
+    head_hits = {name: torch.zeros(L, H) for name in names}
+    obj = {"count": 0, "pointing": dict.fromkeys(names, 0.0), "energy": dict.fromkeys((*names, "chance"), 0.0),
+           "distinct": {"captions": 0, **dict.fromkeys(names, 0)}}
     count = 0
     for i in range(0, len(items), batch_size):
         chunk = items[i:i + batch_size]
@@ -110,7 +119,7 @@ def grounding(model: ConTextCIR, preprocess, triplets: list[Triplet], device, ba
         images = torch.stack([preprocess(im) for im in pil]).to(device)
         img_tok = model.image_tokens(images)
         fused = model.fuse(img_tok, model.text_tokens(model.tokenizer([t.caption for t in chunk]).to(device)))
-        rows, positions, texts, boxes, sizes = [], [], [], [], []
+        rows, positions, texts, phrases = [], [], [], []
         for b, t in enumerate(chunk):
             for g in t.meta["grounding"]:
                 pos = model.tokenizer.span_to_token_positions(t.caption, g["start"], g["end"])
@@ -118,39 +127,43 @@ def grounding(model: ConTextCIR, preprocess, triplets: list[Triplet], device, ba
                     rows.append(b)
                     positions.append(pos)
                     texts.append(t.caption[g["start"]:g["end"]])
-                    boxes.append(g["box"])
-                    sizes.append(pil[b].size)
+                    phrases.append(g)
         if not rows:
             continue
         rows_t = torch.tensor(rows, device=device)
         maps = {"in_context": span_maps(fused.attention, rows_t, positions),  # [N, L, H, P]
                 "isolated": isolated_maps(model, img_tok, rows_t, texts)}
+        objects = [n for n, g in enumerate(phrases) if g.get("kind", "object") == "object"]
+        obj["count"] += len(objects)
+        for n in objects:
+            obj["energy"]["chance"] += box_share(pil[rows[n]].size, phrases[n]["box"])
         for name, m in maps.items():
-            mean = reduce_maps(m)
+            mean = reduce_maps(m)  # [N, P]
+            peaks = mean.float().argmax(1).tolist()
             for n in range(len(rows)):
-                hit = pointing_hits(torch.cat([mean[n:n + 1], m[n].flatten(0, 1)]), model.grid, sizes[n], boxes[n])
+                size, box = pil[rows[n]].size, phrases[n]["box"]
+                hit = pointing_hits(torch.cat([mean[n:n + 1], m[n].flatten(0, 1)]), model.grid, size, box)
                 hits[name] += int(hit[0])
                 head_hits[name] += hit[1:].view(L, H).float().cpu()
+                if n in objects:
+                    obj["pointing"][name] += int(hit[0])
+                    obj["energy"][name] += float(box_energy(mean[n:n + 1], model.grid, size, box)[0])
+            for b in range(len(chunk)):
+                mine = [n for n in objects if rows[n] == b]
+                distinct = distinct_peaks([peaks[n] for n in mine], [phrases[n]["box"] for n in mine])
+                if distinct is not None:
+                    obj["distinct"]["captions"] += name == "in_context"
+                    obj["distinct"][name] += distinct
         count += len(rows)
-    return ({name: 100.0 * h / count for name, h in hits.items()} | {"count": count}
-            | {"per_layer_head": {name: (100.0 * h / count).tolist() for name, h in head_hits.items()}})
-
-
-def pointing_hits(patch_maps: torch.Tensor, grid: int, size: tuple[int, int], box) -> torch.Tensor:
-    """patch_maps [K, grid*grid]: does the map's point fall inside box (x0, y0, x1, y1) of an image of
-    size (W, H)? -> [K] bool.
-
-    The point is the argmax of the map upsampled bilinearly to the image, taken where bilinear
-    interpolation puts its maximum: the centre of the highest patch (interpolation between patch
-    centres never exceeds its corners). This also settles the constant border strip that
-    `F.interpolate` leaves around edge patches, whose first pixel (the image border) would
-    otherwise be the argmax: with a 3 x 3 grid that is a corner of the cell, not its object."""
-    w, h = size
-    idx = patch_maps.float().flatten(1).argmax(1)
-    x = (idx % grid + 0.5) * w / grid
-    y = (idx // grid + 0.5) * h / grid
-    x0, y0, x1, y1 = box
-    return (x0 <= x) & (x <= x1) & (y0 <= y) & (y <= y1)
+    pct = lambda v, n: 100.0 * v / n if n else float("nan")
+    objects_out = {"count": obj["count"],
+                   "pointing": {k: pct(v, obj["count"]) for k, v in obj["pointing"].items()},
+                   "energy": {k: pct(v, obj["count"]) for k, v in obj["energy"].items()},
+                   "distinct": {"captions": obj["distinct"]["captions"],
+                                **{k: pct(obj["distinct"][k], obj["distinct"]["captions"]) for k in names}}}
+    return ({name: 100.0 * h / count for name, h in hits.items()} | {"count": count, "grid": model.grid}
+            | {"per_layer_head": {name: (100.0 * h / count).tolist() for name, h in head_hits.items()}}
+            | {"objects": objects_out})
 
 
 def evaluate(model: ConTextCIR, preprocess, triplets: list[Triplet], gallery: list[str], device="cpu",
@@ -231,7 +244,15 @@ def format_results(res: dict) -> str:
                      + " (partial = the query's own reference with only some of its operations applied)")
     if "grounding" in res:
         g = res["grounding"]
-        lines.append(f"grounding (pointing game, {g['count']} phrases): in context {g['in_context']:.2f}  isolated {g['isolated']:.2f}")
+        lines.append(f"grounding ({g['grid']} x {g['grid']} patches), pointing game over {g['count']} phrases: "
+                     f"in context {g['in_context']:.2f}  isolated {g['isolated']:.2f}")
+        o = g["objects"]
+        lines.append(f"  phrases naming a reference object ({o['count']}): pointing {o['pointing']['in_context']:.2f} / "
+                     f"{o['pointing']['isolated']:.2f}  energy {o['energy']['in_context']:.2f} / "
+                     f"{o['energy']['isolated']:.2f} (chance {o['energy']['chance']:.2f})  (in context / isolated)")
+        d = o["distinct"]
+        lines.append(f"  distinctness ({d['captions']} captions with phrases on disjoint objects): peaks differ in "
+                     f"{d['in_context']:.2f} / {d['isolated']:.2f}")
         for name, table in g["per_layer_head"].items():
             lines.append(f"  per head, {name.replace('_', ' ')}: "
                          + " | ".join(f"layer {l + 1}: " + " ".join(f"{v:.0f}" for v in row) for l, row in enumerate(table)))

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from cir.checkpoint import save_checkpoint
+from cir.checkpoint import load_checkpoint, save_checkpoint
 from cir.data.loader import load_rgb
 from cir.data.triplets import Triplet, read_gallery, read_triplets, write_triplets
 from cir.errors import UserError
@@ -26,7 +26,7 @@ from cir.ui import app as ui
 from cir.ui import review
 from cir.ui.access import FileAccess
 from cir.ui.explorer import Explorer, phrase_spans
-from cir.ui.heatmaps import model_view, phrase_row, select
+from cir.ui.heatmaps import model_view, overlay, phrase_row, select, shared_norm, upsample
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -321,3 +321,27 @@ def test_app_flags_and_one_line_errors(tmp_path, capsys):
     run = subprocess.run([sys.executable, str(ROOT / "app.py"), "--checkpoint", str(tmp_path / "none.safetensors"),
                           "--gallery", str(tmp_path)], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert run.returncode == 2 and run.stderr.strip().count("\n") == 0 and "checkpoint not found" in run.stderr
+
+
+def test_compare_view_opacity_and_upsampling(demo, tiny_checkpoint):
+    folder, ckpt = demo
+    ex = Explorer.load(ckpt, folder / "index", examples=folder / "examples.jsonl", device="cpu", twin=tiny_checkpoint)
+    t = ex.examples[0]
+    phrases = t.noun_phrases[:2]
+    own, twin = ex.phrase_maps(t.reference, t.caption, phrases), ex.phrase_maps(t.reference, t.caption, phrases, twin=True)
+    twin_model, twin_pre, _ = load_checkpoint(tiny_checkpoint)
+    want = twin_model.phrase_attention(twin_pre(load_rgb(t.reference)), t.caption, [(p["start"], p["end"]) for p in phrases])
+    np.testing.assert_allclose(twin[0].in_context, select(want[0].in_context).numpy(), rtol=1e-5)
+    assert not np.allclose(own[0].in_context, twin[0].in_context)  # two models, two maps
+    single, _ = ui.render_maps(ex, t.reference, t.caption, phrases)
+    both, table = ui.render_maps(ex, t.reference, t.caption, phrases, compare=True)
+    assert both.shape[0] == single.shape[0] and both.shape[1] > single.shape[1] and len(table) == 2
+    # opacity 0 leaves the image as it is; flat patches are blocks, bilinear holds the patch centres' values
+    view = np.asarray(model_view(load_rgb(t.reference)), dtype=np.float32)
+    heat = np.arange(9.0).reshape(3, 3)
+    norm = shared_norm(heat)
+    assert (overlay(view, heat, norm, "inferno", alpha=0.0) == view.round()).all()
+    flat, smooth = upsample(heat, 6), upsample(heat, 6, smooth=True)
+    assert (flat == np.repeat(np.repeat(heat, 2, 0), 2, 1)).all()
+    assert smooth[0, 0] == heat[0, 0] and smooth[-1, -1] == heat[-1, -1] and 0 < smooth[0, 1] - smooth[0, 0] < 1
+    assert not np.array_equal(flat, smooth)

@@ -88,38 +88,6 @@ def test_no_queries_is_an_error():
         map_at_k([], [], [1])
 
 
-def test_pointing_hits_by_hand():
-    from cir.evaluate import pointing_hits
-    peak_top_right = torch.zeros(9)
-    peak_top_right[2] = 1.0  # row 0, column 2 of a 3 x 3 grid
-    uniform_but_centre = torch.full((9,), 0.1)
-    uniform_but_centre[4] = 0.2
-    maps = torch.stack([peak_top_right, uniform_but_centre])
-    assert pointing_hits(maps, 3, (90, 90), (60, 0, 90, 30)).tolist() == [True, False]
-    assert pointing_hits(maps, 3, (90, 90), (30, 30, 60, 60)).tolist() == [False, True]
-    # a small object at the centre of the top-right cell: the peak patch's centre (75, 15) is inside
-    assert pointing_hits(maps, 3, (90, 90), (70, 10, 80, 20)).tolist() == [True, False]
-    # two equal top patches: the first (top left, centre (15, 15)) is the point, not a pixel between them
-    two_peaks = torch.zeros(1, 9)
-    two_peaks[0, [0, 2]] = 1.0
-    assert pointing_hits(two_peaks, 3, (90, 90), (10, 10, 20, 20)).tolist() == [True]
-
-
-def test_one_head_grounding_table_equals_the_averaged_number(shapes_data):
-    """With one layer and one head, the per-head table and the averaged map are the same map."""
-    from cir.data.triplets import read_triplets
-    from cir.evaluate import grounding
-    from cir.model import ModelConfig, build_model
-    torch.manual_seed(0)
-    cfg = dict(ModelConfig.load("context-cir-tiny").to_dict(), fusion_layers=1, fusion_heads=1)
-    model, preprocess = build_model(ModelConfig.from_dict(cfg))
-    triplets = read_triplets(shapes_data / "test.jsonl")[0]
-    g = grounding(model.eval(), preprocess, triplets, "cpu", batch_size=5)
-    assert g["count"] > 20
-    for name in ("in_context", "isolated"):
-        assert g["per_layer_head"][name] == [[pytest.approx(g[name])]]
-
-
 def test_first_result_outcomes_of_cir_shapes_queries():
     from cir.data.triplets import Triplet
     from cir.evaluate import top1_outcomes

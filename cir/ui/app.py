@@ -25,7 +25,7 @@ from cir.errors import UserError
 from cir.ui import review
 from cir.ui.access import IMAGE_REFUSED, FileAccess
 from cir.ui.explorer import Explorer, as_image, phrase_spans, thumbnail
-from cir.ui.heatmaps import model_view, phrase_row
+from cir.ui.heatmaps import ALPHA, compare_row, model_view, phrase_row
 
 CONCURRENCY = 4  # events of one kind served at once (model forwards still take turns, see Explorer.lock)
 MAX_FILE_SIZE = "25mb"  # largest upload the server accepts (launch(max_file_size=...)); images are also
@@ -34,6 +34,7 @@ PER_PAGE = 24
 DEFAULT_EPS = 0.005
 MEAN = "mean"
 RANK_OVER = ("file images", "gallery index")
+UPSAMPLING = ("flat patches", "smooth (bilinear)")
 
 # Review-tab keys: a accept, r reject, n next, p previous (ignored while typing in a field).
 KEYS_JS = """() => {
@@ -186,23 +187,34 @@ def run_retrieve(ex: Explorer, image, query_path, caption: str, k: int, targets)
 
 
 def render_maps(ex: Explorer, image, caption: str, phrases: list[dict], layer: str = MEAN, head: str = MEAN,
-                eps: float = DEFAULT_EPS):
-    """(heatmap rows stacked into one image [H, W, 3] or None, CC table [[phrase, CC]]) of `phrases` over `image`."""
+                eps: float = DEFAULT_EPS, opacity: float = ALPHA, upsampling: str = UPSAMPLING[0],
+                compare: bool = False):
+    """(heatmap rows stacked into one image [H, W, 3] or None, CC table [[phrase, CC]]) of `phrases` over
+    `image`; with `compare` (and a twin model loaded) each row shows both models' maps side by side."""
     results = ex.phrase_maps(image, caption, phrases, _choice(layer), _choice(head), float(eps))
+    twins = ex.phrase_maps(image, caption, phrases, _choice(layer), _choice(head), float(eps), twin=True) \
+        if compare and ex.twin else [None] * len(results)
     view = model_view(as_image(image))
+    alpha, smooth = min(max(float(opacity), 0.0), 1.0), upsampling == UPSAMPLING[1]
     rows, table = [], []
-    for r in results:
+    for r, t in zip(results, twins):
         if r.cc is None:
             table.append([r.text, "cut by the context length"])
             continue
-        title = f"“{r.text}”   CC term {r.cc:.4f}"
-        rows.append(phrase_row(view, r.in_context, r.isolated, title).image)
+        if t is not None:
+            title = f"“{r.text}”   CC term {r.cc:.4f} ({ex.name}) · {t.cc:.4f} ({ex.twin_name})"
+            row = compare_row(view, {ex.name: (r.in_context, r.isolated), ex.twin_name: (t.in_context, t.isolated)},
+                              title, alpha, smooth)
+        else:
+            row = phrase_row(view, r.in_context, r.isolated, f"“{r.text}”   CC term {r.cc:.4f}", alpha, smooth)
+        rows.append(row.image)
         table.append([r.text, round(r.cc, 5)])
     return (np.concatenate(rows) if rows else None), table
 
 
 @shown
-def attention(ex: Explorer, image, caption: str, rows, rows_caption: str, layer: str, head: str, eps: float):
+def attention(ex: Explorer, image, caption: str, rows, rows_caption: str, layer: str, head: str, eps: float,
+              opacity: float = ALPHA, upsampling: str = UPSAMPLING[0], compare: bool = False):
     """Maps of the phrase rows over `image`; rows extracted afresh when they belong to another caption.
 
     -> (phrase rows, their caption, heatmap rows, CC table, info)."""
@@ -210,9 +222,9 @@ def attention(ex: Explorer, image, caption: str, rows, rows_caption: str, layer:
         return rows, rows_caption, None, [], ""
     caption = caption or ""
     phrases = ex.noun_phrases(caption) if caption != rows_caption else phrase_spans(caption, rows)
-    maps, table = render_maps(ex, image, caption, phrases, layer, head, eps)
+    maps, table = render_maps(ex, image, caption, phrases, layer, head, eps, opacity, upsampling, compare)
     scores = [c for _, c in table if isinstance(c, float)]
-    info = f"Maps over **{os.path.basename(image)}** · {len(phrases)} phrase(s)" + (
+    info = f"Maps over **{markdown_literal(os.path.basename(image))}** · {len(phrases)} phrase(s)" + (
         f" · mean CC term (the loss) {sum(scores) / len(scores):.4f}" if scores else "") + truncation_notice(ex, caption)
     return [[p["text"], p["start"], p["end"]] for p in phrases], caption, maps, table, info
 
@@ -435,6 +447,12 @@ def build_demo(ex: Explorer, access: FileAccess | None = None) -> gr.Blocks:
                         layer = gr.Dropdown(layers, value=MEAN, label="Layer")
                         head = gr.Dropdown(heads, value=MEAN, label="Head")
                         eps = gr.Number(DEFAULT_EPS, label="ε of the CC term", minimum=0, step=0.001)
+                        opacity = gr.Slider(0, 1, value=ALPHA, step=0.05, label="Heat opacity", elem_id="opacity")
+                        upsampling = gr.Radio(list(UPSAMPLING), value=UPSAMPLING[0], label="Patches drawn as",
+                                              elem_id="upsampling")
+                        compare = gr.Checkbox(False, label=f"Compare with the {ex.twin_name} model" if ex.twin
+                                              else "Compare (no twin model loaded: app.py --twin CKPT)",
+                                              interactive=ex.twin is not None, elem_id="compare")
                         update = gr.Button("Update maps")
                         maps_info = gr.Markdown(elem_id="maps-info")
                         cc_table = gr.Dataframe(headers=["phrase", "CC term"], interactive=False,
@@ -478,7 +496,7 @@ def build_demo(ex: Explorer, access: FileAccess | None = None) -> gr.Blocks:
         # ------------------------------------------------------------ wiring (only /retrieve is a public API)
         private = {"api_visibility": "private"}
         maps = p(attention, ex)
-        maps_inputs = [maps_image, caption, phrases, rows_caption, layer, head, eps]
+        maps_inputs = [maps_image, caption, phrases, rows_caption, layer, head, eps, opacity, upsampling, compare]
         maps_outputs = [phrases, rows_caption, heatmaps, cc_table, maps_info]
 
         def on_example(evt: gr.SelectData):
@@ -504,7 +522,8 @@ def build_demo(ex: Explorer, access: FileAccess | None = None) -> gr.Blocks:
               [results, table, status, hits, maps_image], api_name="retrieve").success(
             maps, maps_inputs, maps_outputs, **private)
         results.select(on_result, hits, maps_image, **private).success(maps, maps_inputs, maps_outputs, **private)
-        gr.on([update.click, layer.change, head.change, eps.submit], maps, maps_inputs, maps_outputs,
+        gr.on([update.click, layer.change, head.change, eps.submit, opacity.release, upsampling.change, compare.change],
+              maps, maps_inputs, maps_outputs,
               trigger_mode="always_last", **private)
         add.click(add_phrase, [caption, phrases, new_phrase], [phrases, new_phrase], **private).success(
             maps, maps_inputs, maps_outputs, **private)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cir.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
+from cir.checkpoint import DEFAULT_CHECKPOINT, DEFAULT_TWIN, load_checkpoint
 from cir.data.loader import load_rgb
 from cir.data.triplets import Triplet, image_problem, normalize_path, read_gallery, read_triplets
 from cir.errors import UserError
@@ -105,6 +105,12 @@ def _readable(paths: list[str], gallery) -> list[str]:
     return good
 
 
+def model_name(manifest: dict) -> str:
+    """How the app names a checkpoint's model: its CC weight, "λ = 0.08", when training recorded it."""
+    lam = (manifest.get("args") or {}).get("lambda_cc")
+    return f"λ = {lam:g}" if isinstance(lam, (int, float)) else "this model"
+
+
 @lru_cache(maxsize=4096)
 def thumbnail(path: str, size: int = THUMBNAIL) -> Image.Image:
     """A small RGB copy of an image file, for the browser."""
@@ -116,8 +122,14 @@ def thumbnail(path: str, size: int = THUMBNAIL) -> Image.Image:
 class Explorer:
     """Model, preprocessing, gallery index and example triplets; every method takes plain values."""
 
-    def __init__(self, model, preprocess, index: GalleryIndex, examples: list[Triplet] = (), device="cpu"):
+    def __init__(self, model, preprocess, index: GalleryIndex, examples: list[Triplet] = (), device="cpu",
+                 twin=None):
+        """`twin`: (model, preprocess, manifest) of a second checkpoint whose maps the app shows beside
+        this one's (the lambda = 0 twin of the CC model), or None."""
         self.model, self.preprocess, self.index = model.eval(), preprocess, index
+        self.twin = (twin[0].eval(), twin[1]) if twin else None
+        self.twin_name = f"twin, {model_name(twin[2])}" if twin else None
+        self.name = "this model"
         self.examples, self.device = list(examples), torch.device(device)
         self.layers, self.heads = model.config.fusion_layers, model.config.fusion_heads
         self.root = os.path.commonpath([os.path.dirname(p) for p in index.paths]) if index.paths else "/"
@@ -126,15 +138,19 @@ class Explorer:
         self._gallery_embeddings = lru_cache(maxsize=4)(self._embed_paths)
 
     @classmethod
-    def load(cls, checkpoint=None, index=None, gallery=None, examples=None, device=None) -> "Explorer":
+    def load(cls, checkpoint=None, index=None, gallery=None, examples=None, device=None, twin=None) -> "Explorer":
         """Load a checkpoint (default: the shipped one) and the gallery: an index folder, or a folder /
         list file of images embedded now (progress on stderr). Neither: the shipped demo index, and
-        then the shipped examples unless `examples` names others."""
+        then the shipped examples unless `examples` names others. `twin`: a second checkpoint to
+        compare maps with (default: the shipped lambda = 0 twin, with the shipped checkpoint)."""
         if index is not None and gallery is not None:
             raise UserError("give --index or --gallery, not both (--gallery builds an index in memory)")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         checkpoint = Path(checkpoint or DEFAULT_CHECKPOINT)
-        model, preprocess, _ = load_checkpoint(checkpoint, device)
+        model, preprocess, manifest = load_checkpoint(checkpoint, device)
+        if twin is None and checkpoint == Path(DEFAULT_CHECKPOINT) and DEFAULT_TWIN.is_file():
+            twin = DEFAULT_TWIN
+        twin = load_checkpoint(twin, device) if twin else None
         if index is None and gallery is None:
             index, examples = DEFAULT_INDEX, examples or (DEFAULT_EXAMPLES if DEFAULT_EXAMPLES.is_file() else None)
             if not (DEFAULT_INDEX / "manifest.json").is_file():
@@ -156,7 +172,9 @@ class Explorer:
             loaded = GalleryIndex.load(index, checkpoint_path=checkpoint, device=device)
             # paths stored relative (the shipped demo index, so a checkout can move) are taken from the index folder
             loaded.paths = [normalize_path(p, index) for p in loaded.paths]
-        return cls(model, preprocess, loaded, triplets, device)
+        explorer = cls(model, preprocess, loaded, triplets, device, twin)
+        explorer.name = model_name(manifest)
+        return explorer
 
     # ------------------------------------------------------------------ retrieval
     def encode(self, image, caption: str) -> torch.Tensor:
@@ -215,14 +233,18 @@ class Explorer:
         return extract_noun_phrases([caption])[0] if caption.strip() else []
 
     def phrase_maps(self, image, caption: str, phrases: list[dict], layer: int | None = None,
-                    head: int | None = None, eps: float = 0.005) -> list[PhraseResult]:
+                    head: int | None = None, eps: float = 0.005, twin: bool = False) -> list[PhraseResult]:
         """Per phrase: the in-context and isolated maps of one layer/head (None: mean over them) over
-        `image`, and its CC term sum_p ReLU(|A_ctx - A_iso| - eps) (`cir.losses.concept_consistency_loss`)."""
+        `image`, and its CC term sum_p ReLU(|A_ctx - A_iso| - eps) (`cir.losses.concept_consistency_loss`);
+        of the twin model with `twin`."""
         if not phrases:
             return []
-        pixels = self.preprocess(as_image(image)).to(self.device)
+        model, preprocess = self.twin if twin else (self.model, self.preprocess)
+        pixels = preprocess(as_image(image)).to(self.device)
         with self.lock, torch.no_grad():
-            maps = self.model.phrase_attention(pixels, caption, [(p["start"], p["end"]) for p in phrases])
+            maps = model.phrase_attention(pixels, caption, [(p["start"], p["end"]) for p in phrases])
+        layer = None if layer is None or layer >= model.config.fusion_layers else layer
+        head = None if head is None or head >= model.config.fusion_heads else head
         out = []
         for m in maps:
             ctx, iso = select(m.in_context, layer, head), select(m.isolated, layer, head)

@@ -1,9 +1,13 @@
-"""Attention heatmaps of one noun phrase over an image: in context, isolated, and their difference.
+"""Attention heatmaps of one noun phrase over an image, one row per phrase.
 
-One matplotlib figure (Agg canvas, no pyplot, so threads can render at once) per phrase row:
-[in context | isolated | colorbar]  [in context - isolated | colorbar]. The first two panels
-share one colour scale, 0 to the larger maximum of the two maps; the difference uses a
-symmetric diverging scale. Each patch of the model's grid is one flat square over the image.
+One matplotlib figure (Agg canvas, no pyplot, so threads can render at once) per row:
+- `phrase_row`: [in context | isolated | colorbar]  [in context - isolated | colorbar]; the first
+  two panels share one colour scale, 0 to the larger maximum of the two maps; the difference uses
+  a symmetric diverging scale.
+- `compare_row`: the in-context and isolated maps of two models side by side (the CC model and
+  its lambda = 0 twin: the paper's Figure 5), all four panels on one colour scale.
+Each patch of the model's grid is drawn as one flat square over the image, or upsampled
+bilinearly (`smooth`); `alpha` is the heat's opacity over the image.
 """
 from __future__ import annotations
 
@@ -19,12 +23,11 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 CMAP, DIFF_CMAP = "inferno", "RdBu_r"
-ALPHA = 0.6  # heat over image
+ALPHA = 0.6  # default opacity of the heat over the image
 VIEW = 190  # pixels of each panel: the image as the model sees it
 DPI = 100
-# row layout in pixels: three panels, a colorbar after the second and the third, titles above
-WIDTH, HEIGHT, TOP = 760, 250, 52
-PANEL_X, BAR_X, BAR_W = (4, 198, 486), (392, 680), 12
+GAP, BAR_GAP, BAR_W, BAR_SPACE = 4, 4, 12, 60  # panel gap; colorbar gap, width, and the room after it for ticks
+HEIGHT, TOP = 250, 52
 
 
 def select(maps: torch.Tensor, layer: int | None = None, head: int | None = None) -> torch.Tensor:
@@ -44,9 +47,9 @@ def model_view(image: Image.Image, size: int = VIEW) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
-def shared_norm(in_context: np.ndarray, isolated: np.ndarray) -> Normalize:
-    """The one colour scale of both maps: 0 .. the larger maximum."""
-    return Normalize(0.0, max(float(in_context.max()), float(isolated.max()), 1e-12))
+def shared_norm(*maps: np.ndarray) -> Normalize:
+    """The one colour scale of several maps: 0 .. their largest value."""
+    return Normalize(0.0, max(max(float(m.max()) for m in maps), 1e-12))
 
 
 def diff_norm(diff: np.ndarray) -> Normalize:
@@ -54,40 +57,72 @@ def diff_norm(diff: np.ndarray) -> Normalize:
     return Normalize(-m, m)
 
 
-def overlay(view: np.ndarray, heat: np.ndarray, norm: Normalize, cmap: str) -> np.ndarray:
-    """`heat` [g, g] coloured by `cmap` on `norm`'s scale, one flat square per patch, over `view` [S, S, 3]."""
-    rgb = colormaps[cmap](norm(heat))[..., :3]
-    cells = np.arange(view.shape[0]) * heat.shape[0] // view.shape[0]
-    return ((1 - ALPHA) * view + ALPHA * 255 * rgb[cells][:, cells]).round().astype(np.uint8)
+def upsample(heat: np.ndarray, size: int, smooth: bool = False) -> np.ndarray:
+    """[g, g] -> [size, size]: each patch a flat square, or bilinear between patch centres (edges held)."""
+    g = heat.shape[0]
+    if not smooth:
+        cells = np.arange(size) * g // size
+        return heat[cells][:, cells]
+    pos = np.clip((np.arange(size) + 0.5) * g / size - 0.5, 0, g - 1)  # pixel centres in patch-centre units
+    lo = np.floor(pos).astype(int)
+    hi, t = np.minimum(lo + 1, g - 1), pos - lo
+    rows = heat[lo] * (1 - t)[:, None] + heat[hi] * t[:, None]
+    return rows[:, lo] * (1 - t)[None] + rows[:, hi] * t[None]
+
+
+def overlay(view: np.ndarray, heat: np.ndarray, norm: Normalize, cmap: str, alpha: float = ALPHA,
+            smooth: bool = False) -> np.ndarray:
+    """`heat` [g, g] coloured by `cmap` on `norm`'s scale over `view` [S, S, 3] at opacity `alpha`."""
+    rgb = colormaps[cmap](norm(upsample(heat, view.shape[0], smooth)))[..., :3]
+    return ((1 - alpha) * view + alpha * 255 * rgb).round().astype(np.uint8)
 
 
 @dataclass
 class PhraseRow:
-    """A rendered phrase row and the scales it was drawn with."""
+    """A rendered row and the scales it was drawn with."""
 
-    image: np.ndarray  # [HEIGHT, WIDTH, 3] uint8
-    norm: Normalize  # in-context and isolated panels
-    diff_norm: Normalize  # difference panel
+    image: np.ndarray  # [HEIGHT, width, 3] uint8
+    norm: Normalize  # the maps' panels
+    diff_norm: Normalize | None  # the difference panel (phrase rows)
 
 
-def phrase_row(view: Image.Image, in_context: np.ndarray, isolated: np.ndarray, title: str) -> PhraseRow:
-    """Draw one phrase: maps [g, g] over `view` (from `model_view`, VIEW px square). The panels are
-    composed with numpy; matplotlib draws only the text and the two colorbars."""
-    norm, diff = shared_norm(in_context, isolated), in_context - isolated
-    dnorm = diff_norm(diff)
+def _draw(view: Image.Image, title: str, groups: list[tuple[list[tuple[str, np.ndarray]], Normalize, str]],
+          alpha: float, smooth: bool) -> np.ndarray:
+    """Groups of panels [(label, heat)], each group on its norm and cmap and closed by a colorbar.
+    Panels are composed with numpy; matplotlib draws only the text and the colorbars."""
+    width = GAP + sum(len(panels) * (VIEW + GAP) + BAR_GAP + BAR_W + BAR_SPACE for panels, _, _ in groups)
     background = np.asarray(view, dtype=np.float32)
-    fig = Figure(figsize=(WIDTH / DPI, HEIGHT / DPI), dpi=DPI)
+    fig = Figure(figsize=(width / DPI, HEIGHT / DPI), dpi=DPI)
     canvas = FigureCanvasAgg(fig)
     title = title.encode("utf-8", "replace").decode("utf-8")  # lone surrogates (from JSON) crash the font code
-    fig.text(4 / WIDTH, 1 - 14 / HEIGHT, title, fontsize=11, fontweight="bold", va="center")
-    bottom = HEIGHT - TOP - VIEW
-    for x, heat, n, cmap, name in ((PANEL_X[0], in_context, norm, CMAP, "in context"),
-                                   (PANEL_X[1], isolated, norm, CMAP, "isolated"),
-                                   (PANEL_X[2], diff, dnorm, DIFF_CMAP, "in context − isolated")):
-        fig.figimage(overlay(background, heat, n, cmap), xo=x, yo=bottom)
-        fig.text((x + VIEW / 2) / WIDTH, (bottom + VIEW + 10) / HEIGHT, name, fontsize=9, ha="center", va="center")
-    for x, n, cmap in ((BAR_X[0], norm, CMAP), (BAR_X[1], dnorm, DIFF_CMAP)):
-        cax = fig.add_axes((x / WIDTH, (bottom + 8) / HEIGHT, BAR_W / WIDTH, (VIEW - 16) / HEIGHT))
-        fig.colorbar(ScalarMappable(n, cmap), cax=cax).ax.tick_params(labelsize=7)
+    fig.text(4 / width, 1 - 14 / HEIGHT, title, fontsize=11, fontweight="bold", va="center")
+    bottom, x = HEIGHT - TOP - VIEW, GAP
+    for panels, norm, cmap in groups:
+        for label, heat in panels:
+            fig.figimage(overlay(background, heat, norm, cmap, alpha, smooth), xo=x, yo=bottom)
+            fig.text((x + VIEW / 2) / width, (bottom + VIEW + 10) / HEIGHT, label, fontsize=9, ha="center", va="center")
+            x += VIEW + GAP
+        cax = fig.add_axes(((x + BAR_GAP) / width, (bottom + 8) / HEIGHT, BAR_W / width, (VIEW - 16) / HEIGHT))
+        fig.colorbar(ScalarMappable(norm, cmap), cax=cax).ax.tick_params(labelsize=7)
+        x += BAR_GAP + BAR_W + BAR_SPACE
     canvas.draw()
-    return PhraseRow(np.asarray(canvas.buffer_rgba())[..., :3].copy(), norm, dnorm)
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def phrase_row(view: Image.Image, in_context: np.ndarray, isolated: np.ndarray, title: str, alpha: float = ALPHA,
+               smooth: bool = False, diff_scale: float | None = None) -> PhraseRow:
+    """One phrase: maps [g, g] over `view` (from `model_view`, VIEW px square); the difference on
+    ±`diff_scale` when given (a scale shared across phrases), else on its own largest value."""
+    norm, diff = shared_norm(in_context, isolated), in_context - isolated
+    dnorm = Normalize(-diff_scale, diff_scale) if diff_scale else diff_norm(diff)
+    image = _draw(view, title, [([("in context", in_context), ("isolated", isolated)], norm, CMAP),
+                                ([("in context − isolated", diff)], dnorm, DIFF_CMAP)], alpha, smooth)
+    return PhraseRow(image, norm, dnorm)
+
+
+def compare_row(view: Image.Image, maps: dict[str, tuple[np.ndarray, np.ndarray]], title: str, alpha: float = ALPHA,
+                smooth: bool = False) -> PhraseRow:
+    """One phrase under several models: {model name: (in context, isolated) [g, g]}, one colour scale."""
+    norm = shared_norm(*(m for pair in maps.values() for m in pair))
+    panels = [(f"{name}: {kind}", m) for name, pair in maps.items() for kind, m in zip(("in context", "isolated"), pair)]
+    return PhraseRow(_draw(view, title, [(panels, norm, CMAP)], alpha, smooth), norm, None)
