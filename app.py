@@ -12,7 +12,8 @@ import torch
 from cir.cli import run_cli
 from cir.errors import UserError
 from cir.ui.access import FileAccess
-from cir.ui.app import CONCURRENCY, MAX_FILE_SIZE, build_demo
+from cir.ui.app import CONCURRENCY, build_demo
+from cir.ui.limits import MAX_FILE_SIZE
 from cir.ui.explorer import Explorer
 
 

@@ -3,6 +3,7 @@ encoder, noun-phrase extraction and the app's retrieve and attention callbacks; 
 over random Unicode for the noun-phrase -> token-span mapping."""
 import json
 
+import gradio as gr
 import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings
@@ -14,6 +15,7 @@ from cir.errors import UserError
 from cir.phrases import extract_noun_phrases
 from cir.tokenizer import CaptionTokenizer
 from cir.ui import app as ui
+from cir.ui import limits
 from cir.ui import review
 from cir.ui.explorer import phrase_spans
 from hostile_inputs import HOSTILE_CAPTIONS, one_line
@@ -43,6 +45,14 @@ def test_caption_through_encoder_phrases_and_callbacks(ex, name):
     assert len(phrases) <= 10
     assert all(0 <= p["start"] < p["end"] <= len(caption) and caption[p["start"]:p["end"]] == p["text"] for p in phrases)
 
+    if len(caption) > limits.MAX_CAPTION_CHARS:  # refused at the app's entry, in one line
+        for call in (lambda: ui.run_retrieve(ex, image, None, caption, 5, []),
+                     lambda: ui.attention(ex, image, caption, [], None, "mean", "mean", 0.005)):
+            with pytest.raises(gr.Error, match=f"at most {limits.MAX_CAPTION_CHARS:,}") as e:
+                call()
+            assert one_line(str(e.value))
+        caption = caption[:limits.MAX_CAPTION_CHARS]
+        phrases = ex.noun_phrases(caption)
     _, table, status, paths, _ = ui.run_retrieve(ex, image, None, caption, 5, [])
     assert len(paths) == 5 and len(table) == 5
     rows, owner, maps, cc, info = ui.attention(ex, image, caption, [], None, "mean", "mean", 0.005)
@@ -51,7 +61,7 @@ def test_caption_through_encoder_phrases_and_callbacks(ex, name):
     truncated = TOKENIZER.truncated(caption)
     assert ("Caption truncated" in status) == truncated and ("Caption truncated" in info) == truncated
     if name == "10k-characters":
-        assert truncated and "of 10,000 characters are used" in status
+        assert truncated and f"of {limits.MAX_CAPTION_CHARS:,} characters are used" in status
     if name == "more-than-10-phrases":
         assert len(phrases) == 10
     if name in ("empty", "whitespace", "no-noun-phrase"):

@@ -127,3 +127,23 @@ def test_the_caption_fallback_is_linear():
         times[n] = time.perf_counter() - t0
         assert spans[0][0] == 0 and spans[-1][1] == n + 1  # every character is covered
     assert times[16000] < 2.0 and times[16000] < 8 * times[4000] + 0.2, times
+
+
+def test_notes_phrase_rows_and_the_tokenizer_memo_are_bounded(ex, folders):
+    from cir.tokenizer import CACHE_BYTES, CaptionTokenizer
+    from cir.ui import limits
+
+    inside, _ = folders
+    access = FileAccess([inside], ex.index.paths)
+    state = ui.review_open(access, str(inside / "batch.jsonl"))
+    caption = read_triplets(inside / "batch.jsonl")[0][0].caption
+    with pytest.raises(Exception, match=f"at most {limits.MAX_NOTE_CHARS:,}"):
+        ui.review_decide(state, caption, "x" * (limits.MAX_NOTE_CHARS + 1), kind="accept")
+    assert not review.review_path(inside / "batch.jsonl").exists()  # nothing logged
+    rows = [["the red circle", None, None]] * (limits.MAX_PHRASE_ROWS + 1)
+    with pytest.raises(Exception, match=f"at most {limits.MAX_PHRASE_ROWS}"):
+        ui.add_phrase("the red circle", rows, "the red circle")
+    tok = CaptionTokenizer(40)
+    for i in range(30):  # 30 distinct 100k-character captions: about 3 MB of memo each, unbounded before
+        tok.encode_with_offsets(f"{i} " + "make the red circle blue " * 4000)
+    assert tok._encode.used <= CACHE_BYTES and len(tok._encode.entries) < 30

@@ -17,6 +17,7 @@ from cir.checkpoint import load_checkpoint, save_checkpoint
 from cir.errors import UserError
 from cir.model import ModelConfig, build_model
 from cir.ui import app as ui
+from cir.ui import limits
 from hostile_inputs import one_line, served
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -185,7 +186,7 @@ def test_no_file_outside_the_served_folders(ex, tiny_checkpoint):
 
 def test_uploads_are_size_limited(ex):
     limit = 25 * 1024 * 1024
-    assert ui.MAX_FILE_SIZE == "25mb"
+    assert limits.MAX_FILE_SIZE == "25mb"
     with served(ex) as url:
         status, body = upload(url, "big.png", b"\0" * (limit + 1024))
         assert status == 413, (status, body[:200])
@@ -205,7 +206,7 @@ def test_app_py_launches_on_loopback_with_the_upload_limit(tiny_checkpoint, shap
     spec.loader.exec_module(app)
     assert app.main(["--checkpoint", str(tiny_checkpoint), "--gallery", str(shapes_data / "gallery_test.txt"),
                      "--device", "cpu"]) == 0
-    assert seen["server_name"] == "127.0.0.1" and seen["max_file_size"] == ui.MAX_FILE_SIZE and not seen["share"]
+    assert seen["server_name"] == "127.0.0.1" and seen["max_file_size"] == limits.MAX_FILE_SIZE and not seen["share"]
 
 
 def test_the_app_writes_nothing_into_the_source_tree(ex):

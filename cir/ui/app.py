@@ -22,14 +22,12 @@ from gradio import processing_utils
 from cir.data.loader import load_rgb
 from cir.data.triplets import read_triplets
 from cir.errors import UserError
-from cir.ui import review
+from cir.ui import limits, review
 from cir.ui.access import IMAGE_REFUSED, FileAccess
 from cir.ui.explorer import Explorer, as_image, phrase_spans, thumbnail
 from cir.ui.heatmaps import ALPHA, compare_row, model_view, phrase_row
 
 CONCURRENCY = 4  # events of one kind served at once (model forwards still take turns, see Explorer.lock)
-MAX_FILE_SIZE = "25mb"  # largest upload the server accepts (launch(max_file_size=...)); images are also
-# refused above cir.data.loader.MAX_IMAGE_PIXELS
 PER_PAGE = 24
 DEFAULT_EPS = 0.005
 MEAN = "mean"
@@ -173,8 +171,9 @@ def uploaded(image):
 def run_retrieve(ex: Explorer, image, query_path, caption: str, k: int, targets):
     """-> (result thumbnails with rank and score, result table, status, result paths, maps image)."""
     source = query_path or image
+    caption = limits.caption(caption)
     t0 = time.perf_counter()
-    hits = ex.retrieve(source, caption or "", top_k(k, len(ex.index)), targets or [])
+    hits = ex.retrieve(source, caption, top_k(k, len(ex.index)), targets or [])
     ms = (time.perf_counter() - t0) * 1000
     status = f"{len(hits)} results in {ms:.0f} ms (encode + search) over {len(ex.index)} images."
     status += truncation_notice(ex, caption or "")
@@ -220,8 +219,8 @@ def attention(ex: Explorer, image, caption: str, rows, rows_caption: str, layer:
     -> (phrase rows, their caption, heatmap rows, CC table, info)."""
     if not image:
         return rows, rows_caption, None, [], ""
-    caption = caption or ""
-    phrases = ex.noun_phrases(caption) if caption != rows_caption else phrase_spans(caption, rows)
+    caption = limits.caption(caption)
+    phrases = ex.noun_phrases(caption) if caption != rows_caption else phrase_spans(caption, limits.phrase_rows(rows))
     maps, table = render_maps(ex, image, caption, phrases, layer, head, eps, opacity, upsampling, compare)
     scores = [c for _, c in table if isinstance(c, float)]
     info = f"Maps over **{markdown_literal(os.path.basename(image))}** · {len(phrases)} phrase(s)" + (
@@ -232,7 +231,7 @@ def attention(ex: Explorer, image, caption: str, rows, rows_caption: str, layer:
 @shown
 def add_phrase(caption: str, rows, text: str):
     """Append a phrase typed by the user (it must occur in the caption) -> (rows, cleared textbox)."""
-    phrases = phrase_spans(caption or "", [*(rows or []), [text, None, None]])
+    phrases = phrase_spans(limits.caption(caption), limits.phrase_rows([*(rows or []), [text, None, None]]))
     return [[p["text"], p["start"], p["end"]] for p in phrases], ""
 
 
@@ -370,6 +369,7 @@ def review_decide(state, caption: str, note: str, kind: str):
     triplets, _, t = _current(state)
     if t is None:
         raise UserError("all items are decided; step back to change one")
+    caption, note = limits.caption(caption, "the caption"), limits.note(note)
     if kind == "accept" and caption.strip() != t.caption.strip():
         kind = "edit"
     review.append_decision(review.review_path(state["path"]),
@@ -404,7 +404,7 @@ def build_demo(ex: Explorer, access: FileAccess | None = None) -> gr.Blocks:
     layers = [("mean over layers", MEAN)] + [(f"layer {i + 1}", str(i)) for i in range(ex.layers)]
     heads = [("mean over heads", MEAN)] + [(f"head {i + 1}", str(i)) for i in range(ex.heads)]
     n = len(ex.index)
-    with gr.Blocks(title="ConText-CIR Explorer") as demo:
+    with gr.Blocks(title="ConText-CIR Explorer", delete_cache=limits.DELETE_CACHE) as demo:
         gr.Markdown("# ConText-CIR Explorer\nComposed image retrieval: a query image plus a text saying how to change it.")
         with gr.Tab("Retrieve"):
             query_path, targets, hits = gr.State(None), gr.State([]), gr.State([])
