@@ -1,4 +1,4 @@
-"""CIR-Shapes: the embedded, procedurally rendered benchmark (`../shared/specs/shapes.md`).
+"""CIR-Shapes: the embedded, procedurally rendered benchmark (`docs/cir-shapes.md`).
 
     python -m cir.data.shapes --out DIR --train N --val N --test N --seed S
 
@@ -617,7 +617,7 @@ def generate(out: str | Path, sizes: dict[str, int], seed: int, ks=(1, 2, 3), ph
                 f.write(json.dumps(t) + "\n")
         write_text(out / f"gallery_{split}.txt", "\n".join(gallery) + "\n")
     manifest = {"dataset": "cir-shapes", "seed": seed, "sizes": {s: len(v[0]) for s, v in per_split.items()},
-                "num_modifications": list(ks), "phrasing": phrasing, "filler": filler, "spec": "shared/specs/shapes.md",
+                "num_modifications": list(ks), "phrasing": phrasing, "filler": filler, "spec": "docs/cir-shapes.md",
                 "images": len(all_jobs)}
     write_json(out / "manifest.json", manifest)
     return manifest

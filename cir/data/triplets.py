@@ -1,4 +1,4 @@
-"""The project's common triplet format (`../shared/specs/triplets.md`): read, validate, write.
+"""The project's common triplet format (`docs/triplets.md`): read, validate, write.
 
 One JSON object per line: id, reference, caption, targets, [subset], [noun_phrases], [meta].
 Image paths are stored relative to the file's folder (or absolute) and resolved to absolute,
