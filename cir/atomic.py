@@ -1,11 +1,15 @@
-"""Atomic file writes: write a temporary file beside the destination, fsync, then rename."""
+"""Atomic writes: a file is written to a temporary beside the destination, fsynced, then renamed
+onto it; a folder is filled in a staging folder, fsynced, then swapped onto the destination."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import glob
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -31,8 +35,7 @@ def atomic_path(path: str | os.PathLike, bulk: bool = False) -> Iterator[Path]:
         yield tmp
         os.chmod(tmp, 0o644)  # mkstemp makes 0600 (and some writers recreate the file): make it ordinary
         if not bulk:
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
+            fsync_path(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -63,6 +66,56 @@ def _remove_if_writer_dead(tmp: Path) -> None:
         tmp.unlink(missing_ok=True)
     except (PermissionError, OverflowError):  # alive (another user's process), or not a pid
         pass
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """fsync a file, or a folder (its entries: names created or renamed in it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if fn is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Put folder `src` at `dst`. An existing `dst` is swapped out atomically (it ends up at `src`
+    for the caller to delete); where the OS cannot swap, two renames leave it at `src`.old."""
+    if not dst.exists():
+        os.rename(src, dst)
+    elif not _exchange(src, dst):
+        os.rename(dst, src.with_name(src.name + ".old"))
+        os.rename(src, dst)
+    fsync_path(dst.parent)
+
+
+@contextlib.contextmanager
+def staged_dir(path: str | os.PathLike, staging: str | os.PathLike) -> Iterator[Path]:
+    """Yield the empty folder `staging` (emptied if it exists) to write files into; on success
+    they and the folder are fsynced and `replace_dir(staging, path)` puts it at `path`, leaving the
+    previous `path` at `staging` (or `staging`.old) for the caller to delete. On an exception (or
+    a kill) `path` keeps its previous content."""
+    staging = Path(staging)
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    yield staging
+    for f in staging.iterdir():
+        fsync_path(f)
+    fsync_path(staging)
+    replace_dir(staging, Path(path))
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -22,8 +22,6 @@ previous index intact. `update` re-embeds only images whose path or content chan
 from __future__ import annotations
 
 import argparse
-import ctypes
-import errno
 import hashlib
 import io
 import json
@@ -42,7 +40,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from cir.atomic import sha256_file, write_json
+from cir.atomic import atomic_path, sha256_file, staged_dir, write_json
 from cir.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint, model_hash, read_manifest, versions
 from cir.data.loader import BadImage, ImageDataset, load_rgb
 from cir.data.triplets import normalize_path, read_gallery
@@ -277,15 +275,6 @@ def _collate(items):
     return (torch.stack(good) if good else None), [h or "" for _, h, _ in items], [p or "" for _, _, p in items]
 
 
-def _write_npz(path: Path, **arrays) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 @torch.no_grad()
 def embed_images(model, preprocess, paths: list[str], work: Path, key: str, chunk_size: int = 4096,
                  batch_size: int = 128, workers: int = 0, device="cpu", progress: bool = True
@@ -335,8 +324,9 @@ def embed_images(model, preprocess, paths: list[str], work: Path, key: str, chun
             bar.update(len(batch_hashes))
             if len(hashes) == spans[c][1] - spans[c][0]:
                 done[c] = (np.concatenate(rows), hashes, problems)
-                _write_npz(work / f"chunk-{c:06d}.npz", embeddings=done[c][0], paths=np.array(paths[slice(*spans[c])]),
-                           sha256=np.array(hashes), problems=np.array(problems))
+                with atomic_path(work / f"chunk-{c:06d}.npz") as tmp, open(tmp, "wb") as f:
+                    np.savez(f, embeddings=done[c][0], paths=np.array(paths[slice(*spans[c])]),
+                             sha256=np.array(hashes), problems=np.array(problems))
                 rows, hashes, problems, c = [], [], [], next(todo_iter, None)
     emb = np.concatenate([done[c][0] for c in range(len(spans))])
     every = [p for c in range(len(spans)) for p in done[c][2]]
@@ -374,39 +364,6 @@ def hash_files(paths: list[str], workers: int = 4, progress: bool = True) -> lis
 
 
 # ---------------------------------------------------------------------------------------- writing
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
-    fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
-    if fn is None:
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
-        return False
-    raise OSError(err, os.strerror(err), str(b))
-
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Put folder `src` at `dst`. An existing `dst` is swapped out atomically (it ends up at `src`
-    for the caller to delete); where the OS cannot swap, two renames leave it at `src`.old."""
-    if not dst.exists():
-        os.rename(src, dst)
-    elif not _exchange(src, dst):
-        os.rename(dst, src.with_name(src.name + ".old"))
-        os.rename(src, dst)
-    _fsync_dir(dst.parent)
-
-
 def _check_out(out: Path) -> None:
     """Refuse to replace anything but an index or an empty folder."""
     if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / MANIFEST).is_file())):
@@ -417,22 +374,10 @@ def _check_out(out: Path) -> None:
 
 def _write_index(out: Path, work: Path, manifest: dict, embeddings: np.ndarray, index: faiss.Index) -> None:
     """Stage the index folder in `work`/staged, swap it onto `out`, then remove `work`."""
-    staged = work / "staged"
-    shutil.rmtree(staged, ignore_errors=True)
-    staged.mkdir()
-    with open(staged / EMBEDDINGS, "wb") as f:
-        np.save(f, embeddings)
-        f.flush()
-        os.fsync(f.fileno())
-    faiss.write_index(index, str(staged / FAISS_FILE))
-    with open(staged / FAISS_FILE, "rb") as f:
-        os.fsync(f.fileno())
-    with open(staged / MANIFEST, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=1, ensure_ascii=False)
-        f.flush()
-        os.fsync(f.fileno())
-    _fsync_dir(staged)
-    replace_dir(staged, out)
+    with staged_dir(out, work / "staged") as staged:
+        np.save(staged / EMBEDDINGS, embeddings)
+        faiss.write_index(index, str(staged / FAISS_FILE))
+        (staged / MANIFEST).write_text(json.dumps(manifest, indent=1, ensure_ascii=False), encoding="utf-8")
     shutil.rmtree(work)
 
 

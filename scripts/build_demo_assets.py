@@ -19,12 +19,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cir.atomic import write_json  # noqa: E402
+from cir.atomic import replace_dir, write_json  # noqa: E402
 from cir.checkpoint import DEFAULT_CHECKPOINT  # noqa: E402
 from cir.cli import run_cli  # noqa: E402
 from cir.data.shapes import generate, scene_keys  # noqa: E402
 from cir.errors import UserError  # noqa: E402
-from cir.index import MANIFEST, build_index, replace_dir  # noqa: E402
+from cir.index import MANIFEST, build_index  # noqa: E402
 
 SIZE_BUDGET = 2_000_000  # bytes; a warning above it
 

@@ -122,13 +122,14 @@ def killed_at(hook: str, cmd: list[str]) -> subprocess.CompletedProcess:
     in place, the old one and the work folder not yet removed)."""
     code = (
         "import os, signal, sys\n"
+        "import cir.atomic as A\n"
         "import cir.index as I\n"
-        "swap = I.replace_dir\n"
+        "swap = A.replace_dir\n"
         "def hooked(src, dst):\n"
         f"    if {hook!r} == 'after-swap':\n"
         "        swap(src, dst)\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
-        "I.replace_dir = hooked\n"
+        "A.replace_dir = hooked\n"
         "I.main(sys.argv[1:])\n")
     return subprocess.run([sys.executable, "-c", code, *cmd[3:]], cwd=ROOT, env=ENV, capture_output=True,
                           text=True, timeout=300)
