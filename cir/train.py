@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import hashlib
 import json
 import math
 import os
@@ -33,6 +32,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cir import precision
+from cir.atomic import sha256_file
 from cir.checkpoint import load_checkpoint, load_weights, read_manifest, save_checkpoint
 from cir.data.loader import TripletDataset, collate_triplets
 from cir.data.shapes import has_partials, partial_subsets, random_partials
@@ -148,10 +148,6 @@ def training_phrases(triplets, data_file: Path, a) -> list[list[dict]]:
 def shapes_partials(t, rng, count: int):
     """`count` CIR-Shapes partial fulfilments of triplet t, rendered ([] for 1-operation queries)."""
     return random_partials(t.meta or {}, rng, count)
-
-
-def file_hash(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def setup_distributed(device_arg):
@@ -309,7 +305,7 @@ def main(argv=None) -> int:
         raise UserError(f"{len(dataset)} training triplets are fewer than one batch of {a.batch_size}")
     manifest_base = {"config": model.config.to_dict(),
                      "tokenizer": {"type": "clip-bpe", "context_length": model.config.context_length},
-                     "data": {"train": str(train_file), "sha256": file_hash(train_file), "triplets": len(triplets)},
+                     "data": {"train": str(train_file), "sha256": sha256_file(train_file), "triplets": len(triplets)},
                      "phrases": {"source": a.np_backend, "leaf_only": a.leaf_nps_only, "max": MAX_PHRASES},
                      "args": {k: v for k, v in vars(a).items() if k not in ("resume", "stop_after", "init_from")},
                      "token_ids_seen": sorted(token_ids)}
