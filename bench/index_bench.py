@@ -28,7 +28,7 @@ from cir.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint, save_checkpoint
 from cir.data.loader import load_rgb
 from cir.data.shapes import generate
 from cir.data.triplets import read_gallery, read_triplets
-from cir.evaluate import autocast
+from cir.precision import autocast
 from cir.index import GalleryIndex, build_index
 from cir.model import build_model
 

@@ -44,7 +44,7 @@ from cir.data.loader import load_rgb
 from cir.data.shapes import CELL_CONTENTS, Scene, describe_scene, patch_contents, patch_distribution_of_box
 from cir.data.triplets import Triplet, read_triplets
 from cir.errors import UserError
-from cir.evaluate import add_data_flags, autocast, embed_gallery, evaluate, format_results, read_data
+from cir.evaluate import add_data_flags, embed_gallery, evaluate, format_results, read_data
 from cir.model import (CONFIG_DIR, EOT_ID, create_towers,  # importing cir.model registers cir/configs/clip
                        text_tower_projection, text_tower_states)
 from cir.tokenizer import CaptionTokenizer
@@ -310,7 +310,7 @@ def frozen_features(a, train_file: Path, triplets: list[Triplet], out: Path, dev
                            device, a.feature_batch_size, a.workers, progress=True)
     captions = []
     for i in tqdm(range(0, len(triplets), a.feature_batch_size), desc="captions", unit="batch"):
-        with autocast(device):
+        with precision.autocast(device):
             captions.append(encoder.encode_text([t.caption for t in triplets[i:i + a.feature_batch_size]]).float())
     n = len(triplets)
     feats = {"reference": images[:n], "caption": torch.cat(captions), "target": images[n:]}

@@ -28,16 +28,11 @@ from cir.grounding import box_energy, box_share, distinct_peaks, pointing_hits
 from cir.losses import reduce_maps
 from cir.metrics import map_at_k, recall_at_k, recall_subset_at_k
 from cir.model import ConTextCIR, isolated_maps, span_maps
+from cir.precision import autocast
 
 RECALL_KS = (1, 5, 10, 50)
 SUBSET_KS = (1, 2, 3)
 MAP_KS = (5, 10, 25, 50)
-
-
-def autocast(device: torch.device | str):
-    """bf16 autocast on CUDA; a no-op elsewhere (CPU inference stays fp32 for exact rankings)."""
-    device = torch.device(device)
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
 
 @torch.no_grad()

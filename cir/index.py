@@ -45,7 +45,7 @@ from cir.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint, model_hash, read
 from cir.data.loader import BadImage, ImageDataset, load_rgb
 from cir.data.triplets import normalize_path, read_gallery
 from cir.errors import UserError
-from cir.evaluate import autocast
+from cir.precision import autocast
 
 FORMAT = "context-cir-index/1"
 TYPES = ("auto", "flat", "ivf", "ivfpq")
