@@ -40,6 +40,7 @@ from tqdm import tqdm
 from cir import precision
 from cir.atomic import atomic_path, sha256_file, write_json
 from cir.checkpoint import read_tensors, versions
+from cir.cli import positive_int
 from cir.data.loader import load_rgb
 from cir.data.shapes import CELL_CONTENTS, Scene, describe_scene, patch_contents, patch_distribution_of_box
 from cir.data.triplets import Triplet, read_triplets
@@ -374,15 +375,9 @@ def evaluate_baselines(a, device: torch.device) -> None:
 
 # ----------------------------------------------------------------------------- command line
 
-def _positive(s: str) -> int:
-    if not s.isdigit() or int(s) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
-    return int(s)
-
-
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--threads", type=_positive, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="CPU threads for torch (default: all cores; 1 is steadier on a machine shared with other work)")
 
 
@@ -390,8 +385,8 @@ def _training(p: argparse.ArgumentParser, steps: int, batch: int, lr: float, war
     p.add_argument("--data", default=None, help="folder with train.jsonl (as written by python -m cir.data.shapes)")
     p.add_argument("--train", default=None, help="training triplets JSONL (default DATA/train.jsonl)")
     p.add_argument("--out", required=True, help="run folder: checkpoint (.safetensors + .json) and log.jsonl")
-    p.add_argument("--steps", type=_positive, default=steps, help=f"optimizer steps (default {steps})")
-    p.add_argument("--batch-size", type=_positive, default=batch, help=f"training examples per step (default {batch})")
+    p.add_argument("--steps", type=positive_int, default=steps, help=f"optimizer steps (default {steps})")
+    p.add_argument("--batch-size", type=positive_int, default=batch, help=f"training examples per step (default {batch})")
     p.add_argument("--lr", type=float, default=lr, help=f"peak learning rate after warm-up (default {lr:g})")
     p.add_argument("--min-lr", type=float, default=lr / 100, help=f"learning rate at the end of the cosine (default {lr / 100:g})")
     p.add_argument("--warmup", type=int, default=warmup, help=f"linear warm-up steps (default {warmup})")
@@ -426,11 +421,11 @@ def build_parser() -> argparse.ArgumentParser:
     _training(c, steps=1100, batch=64, lr=5e-4, warmup=100, weight_decay=0.1)
     m = sub.add_parser("train-combiner", help="train a CLIP4Cir Combiner on frozen CLIP features of the triplets")
     m.add_argument("--clip", required=True, help="CLIP checkpoint written by train-clip")
-    m.add_argument("--limit", type=_positive, default=None, help="use only the first N training triplets (default all)")
-    m.add_argument("--projection-dim", type=_positive, default=None, help="projection width (default 4 x CLIP embedding dim, as CLIP4Cir)")
-    m.add_argument("--hidden-dim", type=_positive, default=None, help="hidden width of both MLPs (default 8 x CLIP embedding dim)")
+    m.add_argument("--limit", type=positive_int, default=None, help="use only the first N training triplets (default all)")
+    m.add_argument("--projection-dim", type=positive_int, default=None, help="projection width (default 4 x CLIP embedding dim, as CLIP4Cir)")
+    m.add_argument("--hidden-dim", type=positive_int, default=None, help="hidden width of both MLPs (default 8 x CLIP embedding dim)")
     m.add_argument("--dropout", type=float, default=0.5, help="dropout in the Combiner (default 0.5, as CLIP4Cir)")
-    m.add_argument("--feature-batch-size", type=_positive, default=256,
+    m.add_argument("--feature-batch-size", type=positive_int, default=256,
                    help="images or captions per CLIP forward pass when extracting features (default 256)")
     _training(m, steps=1200, batch=512, lr=1e-4, warmup=100, weight_decay=0.0)
     e = sub.add_parser("evaluate", help="score image-only, text-only, sum and (with --combiner) Combiner retrieval")

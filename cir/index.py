@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 from cir.atomic import atomic_path, sha256_file, staged_dir, write_json
 from cir.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint, model_hash, read_manifest, versions
+from cir.cli import positive_int
 from cir.data.loader import BadImage, ImageDataset, load_rgb
 from cir.data.triplets import normalize_path, read_gallery
 from cir.errors import UserError
@@ -514,22 +515,12 @@ def update_index(index_dir: str | os.PathLike, gallery: str | os.PathLike | list
 
 
 # ---------------------------------------------------------------------------------------- command line
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
-
-
 def _add_embedding_flags(p: argparse.ArgumentParser) -> None:
     cuda = torch.cuda.is_available()
-    p.add_argument("--batch-size", type=_positive, default=128, help="images per forward pass (default 128)")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="images per forward pass (default 128)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1) if cuda else 0,
                    help="DataLoader processes decoding images (default: min(8, CPUs) on CUDA, 0 on CPU)")
-    p.add_argument("--chunk-size", type=_positive, default=4096,
+    p.add_argument("--chunk-size", type=positive_int, default=4096,
                    help="images per saved chunk in INDEX_DIR.partial/ (the unit --resume skips; default 4096)")
     p.add_argument("--device", default="cuda" if cuda else "cpu",
                    help="torch device for embedding; bf16 autocast on CUDA (default: cuda if available)")
@@ -548,12 +539,12 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--type", choices=TYPES, default="auto",
                    help=f"faiss index: flat (exact), ivf (IVFFlat), ivfpq (IVF-PQ); auto: flat below {FLAT_MAX:,} "
                         f"images, ivf below {IVF_MAX:,}, else ivfpq")
-    b.add_argument("--nlist", type=_positive, default=None, help="IVF lists (default 4*sqrt(N), at most N/39)")
-    b.add_argument("--pq-m", type=_positive, default=None,
+    b.add_argument("--nlist", type=positive_int, default=None, help="IVF lists (default 4*sqrt(N), at most N/39)")
+    b.add_argument("--pq-m", type=positive_int, default=None,
                    help="IVF-PQ sub-quantisers = bytes per vector code; must divide the embedding dim (default dim/8)")
-    b.add_argument("--train-sample", type=_positive, default=None,
+    b.add_argument("--train-sample", type=positive_int, default=None,
                    help="vectors sampled to train IVF/PQ (default min(N, 64*nlist), for ivfpq at least 9984)")
-    b.add_argument("--nprobe", type=_positive, default=None,
+    b.add_argument("--nprobe", type=positive_int, default=None,
                    help="default IVF lists visited per query, stored in the index; GalleryIndex.nprobe changes it "
                         "at search time (default max(16, nlist/32))")
     _add_embedding_flags(b)
