@@ -135,7 +135,8 @@ def test_browse_pages_and_filter(ex):
     assert ex.browse("no such file", 0)[3] == 0
     query_path, _, targets, _ = ui.pick_browsed(ex, "tgt", 0, 1)
     assert query_path == tgt[1] and targets == []
-    query_path, _, caption, targets, _ = ui.pick_example(ex, 2)
+    query_path, _, caption, targets, _, rows, owner = ui.pick_example(ex, 2)
+    assert rows == [[p["text"], p["start"], p["end"]] for p in ex.examples[2].noun_phrases] and owner == caption
     assert (query_path, caption, targets) == (ex.examples[2].reference, ex.examples[2].caption, ex.examples[2].targets)
 
 

@@ -142,10 +142,12 @@ def example_items(ex: Explorer) -> list:
 
 @shown
 def pick_example(ex: Explorer, index: int):
-    """Example `index` chosen -> (query path, query image, caption, targets, info)."""
+    """Example `index` chosen -> (query path, query image, caption, targets, info, phrase rows, their
+    caption): the Why panel starts from the example's own (gold) noun phrases when it has them."""
     t = ex.examples[index]
-    info = f"Example **{t.id}**: {len(t.targets)} ground-truth target(s), marked ★ in the results."
-    return t.reference, thumbnail(t.reference), t.caption, t.targets, info
+    info = f"Example **{markdown_literal(t.id)}**: {len(t.targets)} ground-truth target(s), marked ★ in the results."
+    rows = [[p["text"], p["start"], p["end"]] for p in t.noun_phrases or []]
+    return t.reference, thumbnail(t.reference), t.caption, t.targets, info, rows, t.caption if rows else None
 
 
 @shown
@@ -511,7 +513,8 @@ def build_demo(ex: Explorer, access: FileAccess | None = None) -> gr.Blocks:
         def on_details(state, over, progress=gr.Progress(track_tqdm=True)):  # shows embedding progress
             return review_details(ex, access, state, over)
 
-        examples.select(on_example, None, [query_path, image, caption, targets, query_info], **private)
+        examples.select(on_example, None, [query_path, image, caption, targets, query_info, phrases, rows_caption],
+                        **private)
         browser.select(on_browsed, [search, page], [query_path, image, targets, query_info], **private)
         search.change(lambda text: browse(ex, text, 0), search, [browser, page, pages_md], trigger_mode="always_last",
                       **private)
