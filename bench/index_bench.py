@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from cir.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint, save_checkpoint
-from cir.data.loader import load_rgb
+from cir.data.images import load_rgb
 from cir.data.shapes import generate
 from cir.data.triplets import read_gallery, read_triplets
 from cir.precision import autocast

@@ -29,7 +29,7 @@ from cir import precision
 def step_worker(a) -> dict:
     from torch.utils.data import DataLoader
 
-    from cir.data.loader import TripletDataset, collate_triplets
+    from cir.data.datasets import TripletDataset, collate_triplets
     from cir.data.shapes import generate
     from cir.data.triplets import read_triplets
     from cir.model import build_model

@@ -41,7 +41,7 @@ from cir import precision
 from cir.atomic import atomic_path, sha256_file, write_json
 from cir.checkpoint import read_tensors, versions
 from cir.cli import positive_int
-from cir.data.loader import load_rgb
+from cir.data.images import load_rgb
 from cir.data.shapes import CELL_CONTENTS, Scene, describe_scene, patch_contents, patch_distribution_of_box
 from cir.data.triplets import Triplet, read_triplets
 from cir.errors import UserError

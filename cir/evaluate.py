@@ -21,7 +21,8 @@ import torch
 from tqdm import tqdm
 
 from cir.atomic import write_json
-from cir.data.loader import image_batches, load_rgb
+from cir.data.datasets import image_batches
+from cir.data.images import load_rgb
 from cir.data.triplets import Triplet, read_gallery, read_triplets
 from cir.errors import UserError
 from cir.grounding import box_energy, box_share, distinct_peaks, pointing_hits

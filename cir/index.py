@@ -11,7 +11,7 @@ Index types: `flat` (exact inner product; auto below 200k images), `ivf` (IVFFla
 5M) and `ivfpq` (IVF with product quantisation). Embeddings are kept so updates and
 re-indexing never re-embed.
 
-Unreadable images (corrupt, truncated, not images, over the pixel limit of cir.data.loader) are
+Unreadable images (corrupt, truncated, not images, over the pixel limit of cir.data.images) are
 skipped: the build completes with the others, names them on stderr and lists them, with their
 one-line reasons, under "skipped" in manifest.json.
 
@@ -43,7 +43,8 @@ from tqdm import tqdm
 from cir.atomic import atomic_path, sha256_file, staged_dir, write_json
 from cir.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint, model_hash, read_manifest, versions
 from cir.cli import positive_int
-from cir.data.loader import BadImage, ImageDataset, load_rgb
+from cir.data.datasets import ImageDataset
+from cir.data.images import BadImage, load_rgb
 from cir.data.triplets import normalize_path, read_gallery
 from cir.errors import UserError
 from cir.precision import autocast

@@ -9,7 +9,7 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from cir.data.loader import load_rgb
+from cir.data.images import load_rgb
 from cir.data.triplets import BadLine, read_triplets
 from cir.errors import UserError
 from cir.phrases import extract_noun_phrases

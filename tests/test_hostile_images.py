@@ -1,4 +1,4 @@
-"""Hostile image files at every entry point: the one loader (cir.data.loader.load_rgb), triplet-file
+"""Hostile image files at every entry point: the one loader (cir.data.images.load_rgb), triplet-file
 reading, the gallery index build (folder and list), the app's in-memory gallery, the app's query
 callbacks and the served upload. Each kind of tests/hostile_inputs.IMAGE_KINDS is either handled
 correctly (the RGB picture a viewer shows) or rejected with a one-line reason naming the file."""
@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from cir.checkpoint import load_checkpoint
-from cir.data.loader import MAX_IMAGE_PIXELS, BadImage, load_rgb, open_image
+from cir.data.images import MAX_IMAGE_PIXELS, BadImage, load_rgb, open_image
 from cir.data.triplets import BadLine, read_gallery, read_triplets
 from cir.errors import UserError
 from cir.index import MANIFEST, GalleryIndex, build_index, update_index
@@ -59,11 +59,11 @@ def test_pixel_limit_is_project_wide():
 
 
 def test_every_image_is_opened_by_the_one_loader():
-    """No code outside cir/data/loader.py opens image files itself (so the limits, EXIF orientation
+    """No code outside cir/data/images.py opens image files itself (so the limits, EXIF orientation
     and mode handling apply everywhere)."""
     root = Path(__file__).resolve().parent.parent
     files = [*root.joinpath("cir").rglob("*.py"), root / "app.py", *root.joinpath("scripts").glob("*.py")]
-    openers = [f"{f.relative_to(root)}:{n}" for f in files if f.name != "loader.py" or f.parent.name != "data"
+    openers = [f"{f.relative_to(root)}:{n}" for f in files if f.name != "images.py" or f.parent.name != "data"
                for n, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1)
                if "Image.open(" in line or "imageio" in line or "cv2.imread" in line]
     assert openers == []

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from cir.checkpoint import load_checkpoint, save_checkpoint
-from cir.data.loader import load_rgb
+from cir.data.images import load_rgb
 from cir.data.shapes import generate
 from cir.data.triplets import read_gallery, read_triplets
 from cir.errors import UserError

@@ -154,7 +154,7 @@ def test_every_partial_fulfilment_is_a_negative_for_every_row(shapes_data):
     the loss with every rendered partial as a plain extra negative column."""
     import functools
 
-    from cir.data.loader import TripletDataset, collate_triplets
+    from cir.data.datasets import TripletDataset, collate_triplets
     from cir.data.shapes import partial_subsets
     from cir.data.triplets import read_triplets
     from cir.losses import contrastive_loss

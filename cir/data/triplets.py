@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterable
 
 from cir.atomic import atomic_path
+from cir.data.images import decode_problem
 from cir.errors import UserError
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -75,8 +76,6 @@ def image_problem(path: str) -> str | None:
     """None when `path` is an image the project's loader reads, else a short reason."""
     if not os.path.isfile(path):
         return f"image not found: {path}"
-    from cir.data.loader import image_problem as decode_problem  # (cir.data.loader imports this module)
-
     why = decode_problem(path)
     return None if why is None else f"image cannot be decoded: {path} ({why})"
 

@@ -1,4 +1,4 @@
-"""PyTorch datasets over triplets and galleries (decoding, preprocessing, tokenising).
+"""Image decoding, free of torch (cir.data.triplets, and so the torch-free cir.synth, check images with it).
 
 `load_rgb` is the project's one image loader (training, evaluation, index builds, the app): every
 image file becomes the RGB picture a viewer shows, or a `BadImage` with a one-line reason.
@@ -17,20 +17,14 @@ image file becomes the RGB picture a viewer shows, or a `BadImage` with a one-li
 from __future__ import annotations
 
 import os
-import random
 import re
 import warnings
-from typing import IO, TYPE_CHECKING, Callable
+from typing import IO
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
-from torch.utils.data import DataLoader, Dataset
 
 from cir.errors import UserError
-
-if TYPE_CHECKING:
-    from cir.data.triplets import Triplet
 
 MAX_IMAGE_PIXELS = 64_000_000  # 64 MP: above any phone photo in common use; 192 MB once decoded to RGB
 MAX_ASPECT = 100  # longer side / shorter side
@@ -121,7 +115,7 @@ def load_rgb(source: str | os.PathLike | IO[bytes], name: str | None = None) -> 
     return _decode(source, name, draft=False)
 
 
-def image_problem(path: str) -> str | None:
+def decode_problem(path: str) -> str | None:
     """None when `load_rgb(path)` would succeed, else its one-line reason (what readers of files
     naming images check up front; JPEGs are decoded at reduced scale, which reads the whole file)."""
     try:
@@ -129,73 +123,3 @@ def image_problem(path: str) -> str | None:
     except BadImage as e:
         return e.reason
     return None
-
-
-class ImageDataset(Dataset):
-    """Preprocessed images of a list of paths: item i -> [3, S, S]."""
-
-    def __init__(self, paths: list[str], preprocess):
-        self.paths, self.preprocess = paths, preprocess
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        return self.preprocess(load_rgb(self.paths[i]))
-
-
-def image_batches(paths: list[str], preprocess, batch_size: int = 128, workers: int = 0, pin: bool = False):
-    """Iterate preprocessed image batches [b, 3, S, S] in order."""
-    return DataLoader(ImageDataset(paths, preprocess), batch_size=batch_size, num_workers=workers,
-                      pin_memory=pin, shuffle=False)
-
-
-class TripletDataset(Dataset):
-    """Training items: reference and first target image, caption tokens, noun-phrase token spans,
-    and optionally hard negative images.
-
-    `phrases[i]` lists the noun phrases of triplet i as {"text", "start", "end"}. `hard_negatives`
-    (triplet, rng) -> list of PIL images draws negatives for a triplet (e.g. CIR-Shapes partial
-    fulfilments); its rng is seeded by (`seed`, `epoch`, index), so a resumed run draws the same ones."""
-
-    def __init__(self, triplets: list[Triplet], phrases: list[list[dict]], preprocess, tokenizer,
-                 hard_negatives: Callable[[Triplet, random.Random], list[Image.Image]] | None = None, seed: int = 0):
-        self.triplets, self.phrases = triplets, phrases
-        self.preprocess, self.tokenizer = preprocess, tokenizer
-        self.hard_negatives, self.seed, self.epoch = hard_negatives, seed, 0
-
-    def __len__(self):
-        return len(self.triplets)
-
-    def __getitem__(self, i):
-        t = self.triplets[i]
-        spans = [(p["text"], self.tokenizer.span_to_token_positions(t.caption, p["start"], p["end"]))
-                 for p in self.phrases[i]]
-        hard = []
-        if self.hard_negatives is not None:
-            hard = [self.preprocess(img) for img in self.hard_negatives(t, random.Random(f"{self.seed}/{self.epoch}/{i}"))]
-        return {"reference": self.preprocess(load_rgb(t.reference)),
-                "target": self.preprocess(load_rgb(t.targets[0])),
-                "tokens": self.tokenizer([t.caption])[0],
-                "phrases": [(text, pos) for text, pos in spans if pos],
-                "hard": hard}
-
-
-def collate_triplets(items: list[dict]) -> dict:
-    """Stack a batch; phrases become flat lists: rows [N] (batch index), positions, texts. Hard
-    negatives: "hard" [M, 3, S, S], all items' in batch order, "hard_rows" [M] their batch indices."""
-    rows, positions, texts = [], [], []
-    for b, it in enumerate(items):
-        for text, pos in it["phrases"]:
-            rows.append(b)
-            positions.append(pos)
-            texts.append(text)
-    hard = [(b, img) for b, it in enumerate(items) for img in it.get("hard", [])]
-    ref = torch.stack([it["reference"] for it in items])
-    return {"reference": ref,
-            "target": torch.stack([it["target"] for it in items]),
-            "tokens": torch.stack([it["tokens"] for it in items]),
-            "phrase_rows": torch.tensor(rows, dtype=torch.long), "phrase_positions": positions,
-            "phrase_texts": texts,
-            "hard": torch.stack([img for _, img in hard]) if hard else ref.new_zeros((0, *ref.shape[1:])),
-            "hard_rows": torch.tensor([b for b, _ in hard], dtype=torch.long)}
