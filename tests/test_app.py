@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from cir.checkpoint import load_checkpoint, save_checkpoint
-from cir.data.loader import load_rgb
+from cir.data.images import load_rgb
 from cir.data.triplets import Triplet, read_gallery, read_triplets, write_triplets
 from cir.errors import UserError
 from cir.evaluate import embed_gallery, embed_queries, rank

@@ -19,7 +19,7 @@ import gradio as gr
 import numpy as np
 from gradio import processing_utils
 
-from cir.data.loader import load_rgb
+from cir.data.images import load_rgb
 from cir.data.triplets import read_triplets
 from cir.errors import UserError
 from cir.ui import limits, review

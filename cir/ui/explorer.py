@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from cir.checkpoint import DEFAULT_CHECKPOINT, DEFAULT_TWIN, load_checkpoint
-from cir.data.loader import load_rgb
+from cir.data.images import load_rgb
 from cir.data.triplets import Triplet, image_problem, normalize_path, read_gallery, read_triplets
 from cir.errors import UserError
 from cir.evaluate import autocast, embed_gallery
