@@ -33,7 +33,7 @@ def step_worker(a) -> dict:
     from cir.data.shapes import generate
     from cir.data.triplets import read_triplets
     from cir.model import build_model
-    from cir.train import TrainingObjective, parse_args, train_step
+    from cir.train import LossConfig, TrainingObjective, parse_args, train_step
 
     torch.manual_seed(0)
     data = Path(a.tmp) / "data"
@@ -45,7 +45,7 @@ def step_worker(a) -> dict:
     ds = TripletDataset(triplets, [t.noun_phrases for t in triplets], preprocess, model.tokenizer)
     batches = list(DataLoader(ds, batch_size=a.batch_size, collate_fn=collate_triplets))[: a.steps + 1]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    objective = TrainingObjective(model, targs)
+    objective = TrainingObjective(model, LossConfig.from_args(targs))
     dtype = precision.resolve(a.precision, "cpu")
     autocast = lambda: precision.autocast("cpu", dtype)
     times = []

@@ -22,6 +22,7 @@ import math
 import os
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -171,39 +172,58 @@ def gather(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(dnn.all_gather(x))
 
 
+@dataclass(frozen=True)
+class LossConfig:
+    """The training loss: contrastive, with the query image as an extra negative when
+    `query_negative` and `partial_negatives` CIR-Shapes partial fulfilments per query as hard
+    negatives (0: none), plus `lambda_cc` x the CC loss (slack `eps` per patch, on maps of all
+    fusion layers averaged, `cc_maps` "mean", or of the last one, "last")."""
+
+    lambda_cc: float
+    eps: float
+    cc_maps: str
+    partial_negatives: int
+    query_negative: bool
+
+    @staticmethod
+    def from_args(a: argparse.Namespace) -> "LossConfig":
+        """The loss of the `parse_args` flags --lambda-cc, --eps, --cc-maps, --partial-negatives, --no-query-negative."""
+        return LossConfig(a.lambda_cc, a.eps, a.cc_maps, a.partial_negatives or 0, not a.no_query_negative)
+
+
 class TrainingObjective(nn.Module):
     """Both losses of a training batch as one module call: what DDP wraps (its gradient sync needs
     every parameter used inside the forward it wraps)."""
 
-    def __init__(self, model: ConTextCIR, a: argparse.Namespace):
+    def __init__(self, model: ConTextCIR, loss: LossConfig):
         super().__init__()
-        self.model, self.a = model, a
+        self.model, self.loss = model, loss
 
     def forward(self, images, tokens, hard_rows, phrase_rows, phrase_positions, phrase_texts):
         """images [B + B + M, 3, S, S]: references, targets, then M hard negatives (of rows hard_rows
         [M], ascending); tokens [B, C]; phrase_rows [N], phrase_positions (N lists of token positions) and
         phrase_texts (N strings) for the CC loss. Returns (total, contrastive, cc), scalars."""
-        m, a, B = self.model, self.a, tokens.shape[0]
+        m, c, B = self.model, self.loss, tokens.shape[0]
         img = m.image_tokens(images)
         fused_q = m.fuse(img[:B], m.text_tokens(tokens))
         query = m.embed(fused_q)
         gal = m.embed(m.fuse(img, m.empty_text(img.shape[0])))  # every image as f(image, "")
         reference, target = gal[:B], gal[B:2 * B]
         hard = hard_valid = None
-        if a.partial_negatives:  # K slots per row (fixed shape for the all-gather), filled where a row has negatives
-            K = a.partial_negatives
+        if c.partial_negatives:  # K slots per row (fixed shape for the all-gather), filled where a row has negatives
+            K = c.partial_negatives
             slots = hard_rows * K + torch.arange(len(hard_rows), device=gal.device) - torch.searchsorted(hard_rows, hard_rows)
             hard = gather(gal.new_zeros(B * K, gal.shape[1]).index_copy(0, slots, gal[2 * B:]))
             hard_valid = gather(torch.zeros(B * K, device=gal.device).index_fill(0, slots, 1.0)) > 0.5
-        cont = contrastive_loss(gather(query), gather(target), None if a.no_query_negative else gather(reference),
+        cont = contrastive_loss(gather(query), gather(target), gather(reference) if c.query_negative else None,
                                 m.logit_scale, hard, hard_valid)
         cc = torch.zeros((), device=gal.device)
-        if a.lambda_cc > 0 and len(phrase_texts):
-            ctx = reduce_maps(span_maps(fused_q.attention, phrase_rows, phrase_positions), layers=a.cc_maps)
+        if c.lambda_cc > 0 and len(phrase_texts):
+            ctx = reduce_maps(span_maps(fused_q.attention, phrase_rows, phrase_positions), layers=c.cc_maps)
             with torch.no_grad():
-                iso = reduce_maps(isolated_maps(m, img[:B].detach(), phrase_rows, phrase_texts), layers=a.cc_maps)
-            cc = concept_consistency_loss(ctx.float(), iso.float(), a.eps)
-        return cont + a.lambda_cc * cc, cont, cc
+                iso = reduce_maps(isolated_maps(m, img[:B].detach(), phrase_rows, phrase_texts), layers=c.cc_maps)
+            cc = concept_consistency_loss(ctx.float(), iso.float(), c.eps)
+        return cont + c.lambda_cc * cc, cont, cc
 
 
 def train_step(objective, batch, device, autocast) -> tuple[torch.Tensor, dict]:
@@ -284,7 +304,7 @@ def main(argv=None) -> int:
     if tensors is not None:
         restore_optimizer(opt, tensors, manifest)
         torch.set_rng_state(tensors["rng.torch"])
-    objective = TrainingObjective(model, a)
+    objective = TrainingObjective(model, LossConfig.from_args(a))
     if world > 1:  # unused open_clip parameters (its logit scale, text projection) get no gradient
         objective = torch.nn.parallel.DistributedDataParallel(
             objective, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)

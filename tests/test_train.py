@@ -159,7 +159,7 @@ def test_every_partial_fulfilment_is_a_negative_for_every_row(shapes_data):
     from cir.data.triplets import read_triplets
     from cir.losses import contrastive_loss
     from cir.model import build_model
-    from cir.train import MAX_PARTIALS, TrainingObjective, shapes_partials
+    from cir.train import MAX_PARTIALS, LossConfig, TrainingObjective, shapes_partials
 
     torch.manual_seed(0)
     model, preprocess = build_model("context-cir-tiny")
@@ -172,7 +172,7 @@ def test_every_partial_fulfilment_is_a_negative_for_every_row(shapes_data):
     assert batch["hard_rows"].tolist() == [b for b, n in enumerate(counts) for _ in range(n)]
     a = parse_args(["--out", "x", "--lambda-cc", "0", "--partial-negatives", "all"])
     images = torch.cat([batch["reference"], batch["target"], batch["hard"]])
-    _, cont, _ = TrainingObjective(model, a)(images, batch["tokens"], batch["hard_rows"], batch["phrase_rows"],
+    _, cont, _ = TrainingObjective(model, LossConfig.from_args(a))(images, batch["tokens"], batch["hard_rows"], batch["phrase_rows"],
                                              batch["phrase_positions"], batch["phrase_texts"])
     B = len(triplets)
     query = model.embed(model.fuse(model.image_tokens(images[:B]), model.text_tokens(batch["tokens"])))
