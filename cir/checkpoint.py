@@ -134,8 +134,8 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike, tensors: dict 
                  allow_missing: bool = True) -> list[str]:
     """Load a checkpoint's weights into `model` (whose config may add modules the checkpoint lacks:
     e.g. image -> text fusion halves, which start as the identity). Returns the model's keys the
-    checkpoint does not hold (they keep their initialisation); a checkpoint key the model lacks, or
-    one of another shape, is refused with a message naming it."""
+    checkpoint does not hold (they keep their initialisation); a checkpoint key the model lacks, one
+    of another shape, or one holding NaN or inf, is refused with a message naming it."""
     tensors = read_tensors(path) if tensors is None else tensors
     state = _decode({k: v for k, v in tensors.items() if not k.startswith(("optimizer.", "rng."))})
     expected = model.state_dict()
@@ -144,6 +144,10 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike, tensors: dict 
         full = torch.zeros_like(expected[TOKEN_EMBEDDING])
         full[rows] = compact.to(full.dtype)
         state[TOKEN_EMBEDDING] = full
+    broken = sorted(k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all())
+    if broken:
+        raise UserError(f"checkpoint {path} holds non-finite weights (NaN or inf) in {len(broken)} tensor(s): "
+                        f"{', '.join(broken[:3])}{' ...' if len(broken) > 3 else ''}")
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)

@@ -58,6 +58,19 @@ def test_checkpoint_with_the_wrong_architecture(tiny_checkpoint, tmp_path):
     assert_user_error(lambda: Explorer.load(wrong, gallery=tmp_path), "does not fit")
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_checkpoint_with_non_finite_weights(tmp_path, shapes_data, bad):
+    """Served with --gallery, such a checkpoint used to give "0 results" silently."""
+    torch.manual_seed(0)
+    model, _ = build_model("context-cir-tiny")
+    with torch.no_grad():
+        model.fusion.blocks[0].text_to_image.q.weight[0, 0] = bad
+    path = tmp_path / "broken.safetensors"
+    save_checkpoint(path, model, {"config": TINY, "step": 0})
+    assert_user_error(lambda: load_checkpoint(path), str(path), "non-finite", "fusion.blocks.0.text_to_image.q.weight")
+    assert_user_error(lambda: Explorer.load(path, gallery=shapes_data / "gallery_test.txt"), "non-finite")
+
+
 @pytest.mark.parametrize("manifest", [None, "{not json", "[1, 2]", json.dumps({"format": "other/9"}),
                                       json.dumps({"format": FORMAT}), "[" * 100_000])
 def test_checkpoint_with_a_bad_manifest(tmp_path, manifest):
