@@ -9,7 +9,10 @@ index type and parameters, every image with its content sha256, versions), `embe
 ([N, E] float32, L2-normalised, row i = image i) and `index.faiss` (a faiss index over the rows).
 Index types: `flat` (exact inner product; auto below 200k images), `ivf` (IVFFlat; auto below
 5M) and `ivfpq` (IVF with product quantisation). Embeddings are kept so updates and
-re-indexing never re-embed.
+re-indexing never re-embed. The manifest stores the paths of the images, the checkpoint and the
+gallery relative to INDEX_DIR (`../` where need be) and they are resolved against it on reading,
+so an index moved or copied together with its images and checkpoint keeps working; absolute
+paths (in older indexes) are read as they are.
 
 Unreadable images (corrupt, truncated, not images, over the pixel limit of cir.data.images) are
 skipped: the build completes with the others, names them on stderr and lists them, with their
@@ -147,7 +150,7 @@ class GalleryIndex:
              device: str | torch.device = "cpu") -> "GalleryIndex":
         """Open INDEX_DIR. With `checkpoint_path`, its sha256 must be the one the index was built with."""
         index_dir = Path(index_dir)
-        manifest = read_index_manifest(index_dir)
+        manifest = read_resolved_manifest(index_dir)
         if checkpoint_path is not None:
             check_checkpoint(manifest, checkpoint_path, index_dir)
         try:
@@ -239,6 +242,24 @@ def read_index_manifest(index_dir: Path) -> dict:
         manifest = manifest if isinstance(manifest, dict) else {}
         raise UserError(f"{index_dir}: unsupported index format {manifest.get('format')!r} (expected {FORMAT})")
     return manifest
+
+
+def read_resolved_manifest(index_dir: Path) -> dict:
+    """`read_index_manifest` with every file path in it absolute: stored relative paths are taken
+    from `index_dir`."""
+    return _with_paths(read_index_manifest(index_dir), lambda p: normalize_path(p, index_dir))
+
+
+def _with_paths(manifest: dict, path) -> dict:
+    """A copy of `manifest` with the function `path` applied to every file path in it: the images',
+    the skipped images', the checkpoint's and the gallery's (None for a list of paths)."""
+    m = dict(manifest, checkpoint=dict(manifest["checkpoint"], path=path(manifest["checkpoint"]["path"])))
+    for key in ("images", "skipped"):
+        if key in m:
+            m[key] = [dict(im, path=path(im["path"])) for im in m[key]]
+    if m.get("gallery") is not None:
+        m["gallery"] = path(m["gallery"])
+    return m
 
 
 def check_checkpoint(manifest: dict, checkpoint_path, index_dir: Path) -> str:
@@ -375,11 +396,14 @@ def _check_out(out: Path) -> None:
 
 
 def _write_index(out: Path, work: Path, manifest: dict, embeddings: np.ndarray, index: faiss.Index) -> None:
-    """Stage the index folder in `work`/staged, swap it onto `out`, then remove `work`."""
+    """Stage the index folder in `work`/staged, swap it onto `out`, then remove `work`. The
+    manifest's file paths are stored relative to `out`."""
+    base = normalize_path(out)
+    stored = _with_paths(manifest, lambda p: os.path.relpath(p, base))
     with staged_dir(out, work / "staged") as staged:
         np.save(staged / EMBEDDINGS, embeddings)
         faiss.write_index(index, str(staged / FAISS_FILE))
-        (staged / MANIFEST).write_text(json.dumps(manifest, indent=1, ensure_ascii=False), encoding="utf-8")
+        (staged / MANIFEST).write_text(json.dumps(stored, indent=1, ensure_ascii=False), encoding="utf-8")
     shutil.rmtree(work)
 
 
@@ -440,7 +464,7 @@ def build_index(out: str | os.PathLike, gallery: str | os.PathLike | list[str], 
     if skipped:
         params = resolve_params(len(paths), config["embed_dim"], index_type, nlist, pq_m, train_sample, nprobe)
     requested = {"type": index_type, "nlist": nlist, "pq_m": pq_m, "train_sample": train_sample, "nprobe": nprobe}
-    manifest = {"format": FORMAT, "checkpoint": {"path": str(checkpoint.resolve()), "sha256": sha},
+    manifest = {"format": FORMAT, "checkpoint": {"path": normalize_path(checkpoint), "sha256": sha},
                 "config": config,
                 "embedding": {"dim": emb.shape[1], "normalization": "l2", "dtype": "float32", "file": EMBEDDINGS},
                 "index": {"requested": requested, "params": params, "metric": "inner_product", "file": FAISS_FILE},
@@ -463,7 +487,7 @@ def update_index(index_dir: str | os.PathLike, gallery: str | os.PathLike | list
     Returns {"images", "kept", "embedded", "removed", "resumed", "type", "seconds"}."""
     t0 = time.time()
     index_dir = Path(index_dir)
-    manifest = read_index_manifest(index_dir)
+    manifest = read_resolved_manifest(index_dir)
     checkpoint = Path(checkpoint or manifest["checkpoint"]["path"])
     if not checkpoint.is_file():
         raise UserError(f"the index's checkpoint {checkpoint} is gone; pass --checkpoint (same sha256 "

@@ -4,14 +4,13 @@
 
 writes OUT/examples.jsonl (the queries, triplet format, paths relative to OUT), OUT/gallery.txt
 (references, targets and partial fulfilments), OUT/images/test/*.png, OUT/manifest.json (the
-dataset's) and OUT/index/ (built with `cir.index` and CKPT, image paths stored relative to the
-index folder so the checkout can move). The seed must be one training never used; give the
+dataset's) and OUT/index/ (built with `cir.index` and CKPT; it stores paths relative to the index
+folder, so the checkout can move). The seed must be one training never used; give the
 training triplet files with --exclude-scenes to keep their scenes out. OUT is replaced at the end.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -19,12 +18,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cir.atomic import replace_dir, write_json  # noqa: E402
+from cir.atomic import replace_dir  # noqa: E402
 from cir.checkpoint import DEFAULT_CHECKPOINT  # noqa: E402
 from cir.cli import run_cli  # noqa: E402
 from cir.data.shapes import generate, scene_keys  # noqa: E402
 from cir.errors import UserError  # noqa: E402
-from cir.index import MANIFEST, build_index  # noqa: E402
+from cir.index import build_index  # noqa: E402
 
 SIZE_BUDGET = 2_000_000  # bytes; a warning above it
 
@@ -47,24 +46,12 @@ def build(out: str | os.PathLike, checkpoint=None, queries: int = 60, seed: int 
     (staging / "test.jsonl").rename(staging / "examples.jsonl")
     (staging / "gallery_test.txt").rename(staging / "gallery.txt")
     build_index(staging / "index", staging / "gallery.txt", checkpoint, device=device, progress=progress)
-    _relative_paths(staging / "index")
     old = out.with_name(out.name + ".staging.old")
     replace_dir(staging, out)
     for leftover in (staging, old):  # the previous demo, wherever the swap left it
         shutil.rmtree(leftover, ignore_errors=True)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     return {"queries": queries, "images": manifest["images"], "bytes": size}
-
-
-def _relative_paths(index_dir: Path) -> None:
-    """Store the index's image and checkpoint paths relative to the index folder."""
-    path = index_dir / MANIFEST
-    m = json.loads(path.read_text(encoding="utf-8"))
-    for im in m["images"]:
-        im["path"] = os.path.relpath(im["path"], index_dir)
-    m["checkpoint"]["path"] = os.path.relpath(m["checkpoint"]["path"], index_dir)
-    m["gallery"] = "../gallery.txt"
-    write_json(path, m)
 
 
 def main(argv: list[str] | None = None) -> int:

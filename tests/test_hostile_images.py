@@ -17,7 +17,7 @@ from cir.checkpoint import load_checkpoint
 from cir.data.images import MAX_IMAGE_PIXELS, BadImage, load_rgb, open_image
 from cir.data.triplets import BadLine, read_gallery, read_triplets
 from cir.errors import UserError
-from cir.index import MANIFEST, GalleryIndex, build_index, update_index
+from cir.index import MANIFEST, GalleryIndex, build_index, read_resolved_manifest, update_index
 from cir.ui import app as ui
 from cir.ui.explorer import Explorer
 from hostile_inputs import (BAD_KINDS, GOOD_KINDS, IMAGE_KINDS, one_line, png_declaring, served, triplet_line,
@@ -97,7 +97,7 @@ def test_index_build_skips_and_lists_bad_files(hostile, tiny_checkpoint, shapes_
     out = tmp_path / "idx"
     r = build_index(out, gallery, tiny_checkpoint, **SMALL)
     err = capfd.readouterr().err
-    manifest = json.loads((out / MANIFEST).read_text())
+    manifest = read_resolved_manifest(out)
     all_paths = read_gallery(gallery)
     bad = {str(gallery / hostile[k].name) for k in BAD_KINDS}
     assert r["skipped"] == len(BAD_KINDS) and r["images"] == len(all_paths) - len(BAD_KINDS)
@@ -122,7 +122,7 @@ def test_index_build_skips_and_lists_bad_files(hostile, tiny_checkpoint, shapes_
     (gallery / "late.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
     r = update_index(out, gallery, tiny_checkpoint, **SMALL)
     assert r["kept"] == len(index) and r["skipped"] == len(BAD_KINDS) + 1
-    assert str(gallery / "late.png") in {s["path"] for s in json.loads((out / MANIFEST).read_text())["skipped"]}
+    assert str(gallery / "late.png") in {s["path"] for s in read_resolved_manifest(out)["skipped"]}
 
     # a gallery of nothing but bad files is a one-line error, and the index there is untouched
     only_bad = tmp_path / "only-bad"

@@ -121,7 +121,7 @@ def test_update_adds_removes_and_reembeds_changed(shapes, tmp_path):
     data, ckpt, full = shapes
     ref = _rows(GalleryIndex.load(full))
     paths = list(ref)
-    index_dir = tmp_path / "idx"
+    index_dir = full.with_name(f"update-{tmp_path.name}")  # beside the original: its relative paths reach the same files
     shutil.copytree(full, index_dir)
     a, b = tmp_path / "a.png", tmp_path / "b.png"
     shutil.copy(paths[0], a)
@@ -144,6 +144,28 @@ def test_update_adds_removes_and_reembeds_changed(shapes, tmp_path):
     assert np.array_equal(again[str(b)], got[str(b)])
     scores, ids = GalleryIndex.load(index_dir).search(again[str(a)][None], 1)
     assert ids[0, 0] == list(again).index(str(a))
+
+
+def test_index_moved_with_its_images_and_checkpoint_embeds_nothing_again(shapes, tmp_path, capsys):
+    """The manifest stores paths relative to the index folder: a copy of the whole tree (index,
+    images, checkpoint) loads and updates on its own files; absolute paths (older indexes) still load."""
+    data, ckpt, full = shapes
+    moved = tmp_path / "moved"
+    shutil.copytree(full.parent, moved)
+    index, gallery, checkpoint = moved / full.name, moved / data.name / "gallery_test.txt", moved / ckpt.name
+    assert main(["update", "--index", str(index), "--gallery", str(gallery), "--device", "cpu", "--workers", "0"]) == 0
+    assert "(34 kept, 0 embedded, 0 resumed, 0 removed," in capsys.readouterr().out
+    copy = GalleryIndex.load(index, checkpoint_path=checkpoint)
+    assert copy.paths == read_gallery(gallery) and all(p.startswith(str(moved) + os.sep) for p in copy.paths)
+    assert copy.manifest["checkpoint"]["path"] == str(checkpoint)
+    assert np.array_equal(copy.embeddings, GalleryIndex.load(full).embeddings)
+    stored = json.loads((index / "manifest.json").read_text())
+    assert not any(os.path.isabs(im["path"]) for im in stored["images"]) and not os.path.isabs(stored["checkpoint"]["path"])
+
+    stored["images"] = [dict(im, path=p) for im, p in zip(stored["images"], copy.paths)]
+    stored["checkpoint"]["path"] = str(checkpoint)
+    (index / "manifest.json").write_text(json.dumps(stored))
+    assert GalleryIndex.load(index, checkpoint_path=checkpoint).paths == copy.paths
 
 
 def test_killed_build_keeps_previous_index_and_resumes(shapes, tmp_path):

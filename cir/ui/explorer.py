@@ -23,7 +23,7 @@ from PIL import Image
 
 from cir.checkpoint import DEFAULT_CHECKPOINT, DEFAULT_TWIN, load_checkpoint
 from cir.data.images import load_rgb
-from cir.data.triplets import Triplet, image_problem, normalize_path, read_gallery, read_triplets
+from cir.data.triplets import Triplet, image_problem, read_gallery, read_triplets
 from cir.errors import UserError
 from cir.evaluate import autocast, embed_gallery
 from cir.index import GalleryIndex
@@ -170,8 +170,6 @@ class Explorer:
             loaded = GalleryIndex.from_embeddings(emb.cpu().numpy(), paths, device=device)
         else:
             loaded = GalleryIndex.load(index, checkpoint_path=checkpoint, device=device)
-            # paths stored relative (the shipped demo index, so a checkout can move) are taken from the index folder
-            loaded.paths = [normalize_path(p, index) for p in loaded.paths]
         explorer = cls(model, preprocess, loaded, triplets, device, twin)
         explorer.name = model_name(manifest)
         return explorer
