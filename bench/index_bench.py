@@ -26,7 +26,7 @@ import torch
 
 from cir.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint, save_checkpoint
 from cir.data.images import load_rgb
-from cir.data.shapes import generate
+from cir.data.shapes.dataset import generate
 from cir.data.triplets import read_gallery, read_triplets
 from cir.precision import autocast
 from cir.index import GalleryIndex, build_index

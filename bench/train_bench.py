@@ -30,7 +30,7 @@ def step_worker(a) -> dict:
     from torch.utils.data import DataLoader
 
     from cir.data.datasets import TripletDataset, collate_triplets
-    from cir.data.shapes import generate
+    from cir.data.shapes.dataset import generate
     from cir.data.triplets import read_triplets
     from cir.model import build_model
     from cir.train import LossConfig, TrainingObjective, parse_args, train_step

@@ -8,7 +8,7 @@
 No pretrained CLIP exists offline, so `train-clip` trains the towers of an open_clip config
 (cir/configs/clip/) from scratch with the symmetric CLIP loss on (image, scene description) pairs:
 every reference and target image of train.jsonl, described from its scene metadata in a new random
-order and phrasing each epoch (cir.data.shapes.describe_scene); `--patch-weight` adds a dense loss that
+order and phrasing each epoch (cir.data.shapes.pretraining_texts.describe_scene); `--patch-weight` adds a dense loss that
 classifies every patch embedding against the texts of the 84 possible cell contents, which aligns the
 towers region by region (the pretraining ConText-CIR's towers start from, `cir.train --pretrained`).
 `train-combiner` trains the Combiner
@@ -42,7 +42,8 @@ from cir.atomic import atomic_path, sha256_file, write_json
 from cir.checkpoint import read_tensors, versions
 from cir.cli import positive_int
 from cir.data.images import load_rgb
-from cir.data.shapes import CELL_CONTENTS, Scene, describe_scene, patch_contents, patch_distribution_of_box
+from cir.data.shapes.pretraining_texts import CELL_CONTENTS, describe_scene, patch_contents, patch_distribution_of_box
+from cir.data.shapes.scene import Scene
 from cir.data.triplets import Triplet, read_triplets
 from cir.errors import UserError
 from cir.evaluate import add_data_flags, embed_gallery, evaluate, format_results, read_data

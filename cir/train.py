@@ -36,7 +36,7 @@ from cir import precision
 from cir.atomic import sha256_file
 from cir.checkpoint import load_checkpoint, load_weights, read_manifest, save_checkpoint
 from cir.data.datasets import TripletDataset, collate_triplets
-from cir.data.shapes import has_partials, partial_subsets, random_partials
+from cir.data.shapes.partials import has_partials, partial_subsets, random_partials
 from cir.data.triplets import read_gallery, read_triplets
 from cir.errors import UserError
 from cir.evaluate import evaluate

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cir.atomic import replace_dir  # noqa: E402
 from cir.checkpoint import DEFAULT_CHECKPOINT  # noqa: E402
 from cir.cli import run_cli  # noqa: E402
-from cir.data.shapes import generate, scene_keys  # noqa: E402
+from cir.data.shapes.dataset import generate, scene_keys  # noqa: E402
 from cir.errors import UserError  # noqa: E402
 from cir.index import build_index  # noqa: E402
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from cir.checkpoint import save_checkpoint
-from cir.data.shapes import generate
+from cir.data.shapes.dataset import generate
 from cir.model import ModelConfig, build_model
 
 

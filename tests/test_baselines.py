@@ -15,7 +15,8 @@ from open_clip.tokenizer import SimpleTokenizer
 from safetensors.torch import load_file
 
 from cir.baselines import build_parser, main
-from cir.data.shapes import CELLS, Obj, Scene, describe_scene, random_scene
+from cir.data.shapes.pretraining_texts import describe_scene
+from cir.data.shapes.scene import CELLS, Obj, Scene, random_scene
 from cir.data.triplets import read_gallery, read_triplets, write_triplets
 from cir.evaluate import evaluate
 from cir.model import ModelConfig, build_model

@@ -15,7 +15,7 @@ import torch
 
 from cir.checkpoint import load_checkpoint, save_checkpoint
 from cir.data.images import load_rgb
-from cir.data.shapes import generate
+from cir.data.shapes.dataset import generate
 from cir.data.triplets import read_gallery, read_triplets
 from cir.errors import UserError
 from cir.index import GalleryIndex, build_index, main, resolve_params, update_index

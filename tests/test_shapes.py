@@ -11,8 +11,11 @@ import sys
 import numpy as np
 from PIL import Image
 
-from cir.data.shapes import (BACKGROUNDS, CELL_CONTENTS, CELLS, COLORS, Obj, Operation, Scene, apply_all, cell_contents,
-                             generate, partial_subsets, patch_cells, random_partials, render)
+from cir.data.shapes.dataset import generate
+from cir.data.shapes.partials import partial_subsets, random_partials
+from cir.data.shapes.pretraining_texts import CELL_CONTENTS, cell_contents, patch_cells
+from cir.data.shapes.render import render
+from cir.data.shapes.scene import BACKGROUNDS, CELLS, COLORS, Obj, Operation, Scene, apply_all
 from cir.data.triplets import read_gallery, read_triplets
 
 SPEC_COLORS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220), "yellow": (235, 200, 20),
@@ -203,7 +206,7 @@ def test_cli(tmp_path):
 
 
 def test_filler_words_replace_template_words_only_in_training_captions(tmp_path):
-    from cir.data.shapes import HELDOUT_TEMPLATES, filler_words
+    from cir.data.shapes.captions import HELDOUT_TEMPLATES, filler_words
 
     words = set(filler_words())
     heldout = {w for ts in HELDOUT_TEMPLATES.values() for t in ts for w in t.replace("{", " ").replace("}", " ").split()}

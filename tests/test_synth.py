@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from cir.cli import run_cli
-from cir.data.shapes import CELLS, Operation, generate as generate_shapes
+from cir.data.shapes.dataset import generate as generate_shapes
+from cir.data.shapes.scene import CELLS, Operation
 from cir.data.triplets import read_triplets
 from cir.errors import UserError
 from cir.synth.__main__ import main, parsers

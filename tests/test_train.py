@@ -155,7 +155,7 @@ def test_every_partial_fulfilment_is_a_negative_for_every_row(shapes_data):
     import functools
 
     from cir.data.datasets import TripletDataset, collate_triplets
-    from cir.data.shapes import partial_subsets
+    from cir.data.shapes.partials import partial_subsets
     from cir.data.triplets import read_triplets
     from cir.losses import contrastive_loss
     from cir.model import build_model

@@ -24,7 +24,8 @@ from datetime import datetime, timezone
 from functools import lru_cache
 
 from cir.atomic import sha256_file
-from cir.data.shapes import CELLS, TEMPLATES, CaptionBuilder, Obj, Operation, Scene, phrase_operation
+from cir.data.shapes.captions import TEMPLATES, CaptionBuilder, phrase_operation
+from cir.data.shapes.scene import CELLS, Obj, Operation, Scene
 from cir.errors import UserError
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 import statistics
 
-from cir.data.shapes import Scene
+from cir.data.shapes.scene import Scene
 from cir.data.triplets import Triplet, read_gallery
 from cir.errors import UserError
 from cir.synth.backends import scene_changes
