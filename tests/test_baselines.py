@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from cir.baselines import build_parser, main
 from cir.data.shapes.pretraining_texts import describe_scene
-from cir.data.shapes.scene import CELLS, Obj, Scene, random_scene
+from cir.data.shapes.scene import CELLS, Obj, Scene, cell_box, random_scene
 from cir.data.triplets import read_gallery, read_triplets, write_triplets
 from cir.evaluate import evaluate
 from cir.model import ModelConfig, build_model
@@ -35,14 +35,18 @@ def test_describe_scene_names_everything_and_fits_the_context():
     bpe = SimpleTokenizer()
     texts = set()
     for scene in scenes:
-        text = describe_scene(scene, rng)
+        text, mentions = describe_scene(scene, rng)
         texts.add(text)
+        # the mentions are each object's words (its box) and each cell's name (the cell's box)
+        words = sorted((f"{o.size} {o.color} {o.shape}", o.box()) for o in scene.objects)
+        cells = sorted((CELLS[o.cell], cell_box(o.cell)) for o in scene.objects)
+        assert sorted((text[s:e], box) for s, e, box in mentions) == sorted(words + cells), text
         assert len(bpe.encode(text)) + 2 <= 40, text  # + start/end tokens: never truncated at 40
         assert re.search(rf"\b{scene.background} background\b|background is {scene.background}$", text), text
         for o in scene.objects:
             phrase = rf"\b{o.size} {o.color} {o.shape} (at|in|on) the {CELLS[o.cell]}(?=,|;| and | on |$)"
             assert re.search(phrase, text), (o, text)
-    assert len({describe_scene(crowded, random.Random(i)) for i in range(20)}) > 5  # order and phrasing vary
+    assert len({describe_scene(crowded, random.Random(i))[0] for i in range(20)}) > 5  # order and phrasing vary
 
 
 def test_train_and_evaluate_all_baselines(shapes_data, tiny_model, tmp_path, capsys):

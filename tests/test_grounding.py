@@ -22,21 +22,6 @@ def test_pointing_hits_by_hand():
     assert pointing_hits(two_peaks, 3, (90, 90), (10, 10, 20, 20)).tolist() == [True]
 
 
-def test_one_head_grounding_table_equals_the_averaged_number(shapes_data):
-    """With one layer and one head, the per-head table and the averaged map are the same map."""
-    from cir.data.triplets import read_triplets
-    from cir.evaluate import grounding
-    from cir.model import ModelConfig, build_model
-    torch.manual_seed(0)
-    cfg = dict(ModelConfig.load("context-cir-tiny").to_dict(), fusion_layers=1, fusion_heads=1)
-    model, preprocess = build_model(ModelConfig.from_dict(cfg))
-    triplets = read_triplets(shapes_data / "test.jsonl")[0]
-    g = grounding(model.eval(), preprocess, triplets, "cpu", batch_size=5)
-    assert g["count"] > 20
-    for name in ("in_context", "isolated"):
-        assert g["per_layer_head"][name] == [[pytest.approx(g[name])]]
-
-
 def test_energy_by_hand():
     # 3 x 3 grid over 90 x 90: patch (r, c) covers [30c, 30c + 30) x [30r, 30r + 30)
     top_right = torch.zeros(1, 9)

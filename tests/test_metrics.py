@@ -1,6 +1,5 @@
 """Retrieval metrics against values computed by hand (in the comments)."""
 import pytest
-import torch
 
 from cir.metrics import map_at_k, recall_at_k, recall_subset_at_k
 

@@ -92,7 +92,7 @@ def query_image(**kwargs) -> gr.Image:
     unreadable file or a decompression bomb fails the event with a one-line reason naming the
     uploaded file (Gradio would fail it with a hidden error, a callback would name the server's
     temp path). With `image_mode=None` the file reaches the callbacks as uploaded, so
-    `cir.data.loader.load_rgb` alone decides orientation, transparency and bit depth. (The check
+    `cir.data.images.load_rgb` alone decides orientation, transparency and bit depth. (The check
     wraps this instance's `preprocess`: a gr.Image subclass would make Gradio write a .pyi stub
     beside this module on every import.)"""
     image = gr.Image(image_mode=None, **kwargs)

@@ -11,7 +11,7 @@ MAX_CAPTION_CHARS = 2000  # a modification text (the model keeps about 150 chara
 MAX_PHRASE_ROWS = 20  # phrase rows drawn at once (each costs a model pass and a figure)
 MAX_NOTE_CHARS = 4000  # a reviewer's note
 MAX_FILE_SIZE = "25mb"  # largest upload the server accepts (images are also refused above
-# cir.data.loader.MAX_IMAGE_PIXELS)
+# cir.data.images.MAX_IMAGE_PIXELS)
 DELETE_CACHE = (3600, 3600)  # every hour, delete uploaded and cached files older than an hour
 
 
