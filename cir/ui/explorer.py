@@ -123,13 +123,13 @@ class Explorer:
     """Model, preprocessing, gallery index and example triplets; every method takes plain values."""
 
     def __init__(self, model, preprocess, index: GalleryIndex, examples: list[Triplet] = (), device="cpu",
-                 twin=None):
+                 twin=None, name: str = "this model"):
         """`twin`: (model, preprocess, manifest) of a second checkpoint whose maps the app shows beside
         this one's (the lambda = 0 twin of the CC model), or None."""
         self.model, self.preprocess, self.index = model.eval(), preprocess, index
         self.twin = (twin[0].eval(), twin[1]) if twin else None
         self.twin_name = f"twin, {model_name(twin[2])}" if twin else None
-        self.name = "this model"
+        self.name = name
         self.examples, self.device = list(examples), torch.device(device)
         self.layers, self.heads = model.config.fusion_layers, model.config.fusion_heads
         self.root = os.path.commonpath([os.path.dirname(p) for p in index.paths]) if index.paths else "/"
@@ -170,9 +170,7 @@ class Explorer:
             loaded = GalleryIndex.from_embeddings(emb.cpu().numpy(), paths, device=device)
         else:
             loaded = GalleryIndex.load(index, checkpoint_path=checkpoint, device=device)
-        explorer = cls(model, preprocess, loaded, triplets, device, twin)
-        explorer.name = model_name(manifest)
-        return explorer
+        return cls(model, preprocess, loaded, triplets, device, twin, model_name(manifest))
 
     # ------------------------------------------------------------------ retrieval
     def encode(self, image, caption: str) -> torch.Tensor:
