@@ -1,6 +1,6 @@
 """Baselines for the CIR-Shapes results table, on a CLIP trained here on CIR-Shapes.
 
-    python -m cir.baselines train-clip --config cir-shapes-small --data DATA_DIR --out RUN_DIR
+    python -m cir.baselines train-clip --config cir-shapes-grid7 --data DATA_DIR --out RUN_DIR
     python -m cir.baselines train-combiner --clip RUN_DIR/clip.safetensors --data DATA_DIR --out RUN_DIR2
     python -m cir.baselines evaluate --clip CLIP_CKPT --triplets test.jsonl --gallery gallery_test.txt \\
         [--combiner RUN_DIR2/combiner.safetensors] [--json OUT]
@@ -404,8 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("train-clip", help="train CLIP towers on (CIR-Shapes image, scene description) pairs")
-    c.add_argument("--config", default="cir-shapes-small",
-                   help="open_clip model config: cir/configs/clip/<name>.json or any open_clip name (default cir-shapes-small)")
+    c.add_argument("--config", default="cir-shapes-grid7",
+                   help="open_clip model config: cir/configs/clip/<name>.json or any open_clip name (default cir-shapes-grid7)")
     c.add_argument("--precision", choices=precision.CHOICES, default="auto",
                    help="autocast dtype of the forward pass; auto (default) = bf16 where native (CUDA, CPUs with "
                         "bf16 instructions), else fp32")

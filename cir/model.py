@@ -1,6 +1,6 @@
 """ConText-CIR: CLIP encoders (built through open_clip) + cross-attention fusion + PMA pooling.
 
-    model, preprocess = build_model("context-cir-shapes-small")      # a config in cir/configs/
+    model, preprocess = build_model("context-cir-shapes-grid7")      # a config in cir/configs/
     q = model.encode_query(images, ["make the red circle blue"])     # [B, E], L2-normalised
     g = model.encode_gallery(images)                                 # f(image, ""), [B, E]
     maps = model.phrase_attention(image, caption, [(5, 19)])         # in-context vs isolated maps
@@ -25,6 +25,7 @@ from cir.tokenizer import CaptionTokenizer
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 open_clip.add_model_config(CONFIG_DIR / "clip")
+open_clip.add_model_config(CONFIG_DIR / "ablations" / "clip")  # towers of the superseded designs
 EOT_ID = 49407
 
 
@@ -55,12 +56,13 @@ class ModelConfig:
 
     @staticmethod
     def load(name_or_path: str) -> "ModelConfig":
-        """A config by name (cir/configs/<name>.json) or from a JSON file path."""
+        """A config by name (cir/configs/<name>.json; superseded designs as ablations/<name>) or a JSON path."""
         path = Path(name_or_path)
         if not path.is_file():
             path = CONFIG_DIR / f"{name_or_path}.json"
         if not path.is_file():
-            names = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+            names = sorted(str(p.relative_to(CONFIG_DIR).with_suffix("")) for p in
+                           [*CONFIG_DIR.glob("*.json"), *CONFIG_DIR.glob("ablations/*.json")])
             raise UserError(f"unknown model config {name_or_path!r}; known: {', '.join(names)} (or a .json path)")
         return ModelConfig.from_dict(json.loads(path.read_text()))
 

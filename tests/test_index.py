@@ -30,7 +30,7 @@ def shapes(tmp_path_factory):
     """(dataset folder, tiny checkpoint path, full index folder) shared by the tests below."""
     root = tmp_path_factory.mktemp("index")
     generate(root / "shapes", {"test": 8}, seed=3, workers=1, progress=False)
-    config = ModelConfig.from_dict(dict(json.loads((ROOT / "cir/configs/context-cir-shapes-small.json").read_text()),
+    config = ModelConfig.from_dict(dict(json.loads((ROOT / "cir/configs/ablations/context-cir-shapes-small.json").read_text()),
                                         fusion_layers=1))
     torch.manual_seed(0)
     model, _ = build_model(config)
