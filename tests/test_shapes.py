@@ -9,11 +9,12 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from cir.data.shapes.dataset import generate
 from cir.data.shapes.partials import partial_subsets, random_partials
-from cir.data.shapes.pretraining_texts import CELL_CONTENTS, cell_contents, patch_cells
+from cir.data.shapes.pretraining_texts import CELL_CONTENTS, patch_contents, patch_distribution_of_box
 from cir.data.shapes.render import render
 from cir.data.shapes.scene import BACKGROUNDS, CELLS, COLORS, Obj, Operation, Scene, apply_all
 from cir.data.triplets import read_gallery, read_triplets
@@ -28,17 +29,21 @@ def test_vocabulary_is_the_spec():
     assert CELLS[0] == "top left" and CELLS[4] == "center" and CELLS[8] == "bottom right"
 
 
-def test_cell_contents_and_the_cells_of_patches():
+def test_patch_contents_and_the_patches_of_a_box():
     assert len(CELL_CONTENTS) == 2 * 8 * 5 + 4 == len(set(CELL_CONTENTS))
-    scene = Scene("pink", (Obj("star", "cyan", "small", 0), Obj("circle", "red", "large", 7)))
-    contents = [CELL_CONTENTS[i] for i in cell_contents(scene)]
-    assert contents == ["small cyan star"] + ["pink background"] * 6 + ["large red circle", "pink background"]
-    assert patch_cells(3) == list(range(9))  # one patch per cell
-    # 9 x 9 patches (14 px of a 126 px input): 3 x 3 patches per cell
-    assert patch_cells(9)[:9] == [0, 0, 0, 1, 1, 1, 2, 2, 2] and patch_cells(9)[9 * 4 + 4] == 4
-    assert patch_cells(9)[80] == 8 and patch_cells(9)[9 * 3] == 3
-    # 8 x 8 patches (16 px of 128): patch 2 is centred at x = 40 < 42.7 (cell 0), patch 3 at x = 56 (cell 1)
-    assert patch_cells(8)[:8] == [0, 0, 0, 1, 1, 2, 2, 2]
+    # 7 x 7 patches over the 128 px canvas: centres at 9.14, 27.43, 45.71, 64, 82.29, 100.57, 118.86
+    circle, star = Obj("circle", "red", "large", 0), Obj("star", "cyan", "small", 8)
+    assert circle.box() == pytest.approx([3.2, 3.2, 39.47, 39.47], abs=0.01)  # holds the centres 9.14 and 27.43
+    assert star.box() == pytest.approx([97.07, 97.07, 116.27, 116.27], abs=0.01)  # holds 100.57 only
+    contents = [CELL_CONTENTS[i] for i in patch_contents(Scene("pink", (circle, star)), 7)]
+    expected = ["pink background"] * 49
+    for j in (0, 1, 7, 8):
+        expected[j] = "large red circle"
+    expected[5 * 7 + 5] = "small cyan star"
+    assert contents == expected
+    assert patch_distribution_of_box(circle.box(), 7) == [0.25 if j in (0, 1, 7, 8) else 0.0 for j in range(49)]
+    # no patch centre inside: the nearest one, (45.71, 45.71) for a box centred at (52.5, 52.5)
+    assert patch_distribution_of_box([50, 50, 55, 55], 7) == [1.0 if j == 2 * 7 + 2 else 0.0 for j in range(49)]
 
 
 def test_files_and_format(shapes_data):

@@ -1,6 +1,6 @@
 """Texts for the CLIP-style pretraining of the towers on CIR-Shapes scenes: whole-scene descriptions
-with their region mentions (`describe_scene`), and what each cell or patch holds (`CELL_CONTENTS`)
-for the dense loss."""
+with their region mentions (`describe_scene`), what covers each patch (`patch_contents`, indices into
+`CELL_CONTENTS`) and the patches of a box (`patch_distribution_of_box`) for the dense losses."""
 from __future__ import annotations
 
 import random
@@ -42,26 +42,10 @@ def describe_scene(scene: Scene, rng: random.Random) -> tuple[str, list[tuple[in
     return form.format(bg=scene.background, objs=body), [(s + offset, e + offset, box) for s, e, box in mentions]
 
 
-# What each cell holds, as a text: one of 80 objects ("small red circle") or, for an empty cell, the
-# background ("pink background"). Dense (patch-level) CLIP pretraining classifies patches into these.
+# What a patch can show, as a text: one of 80 objects ("small red circle") or the background ("pink
+# background"). Dense (patch-level) CLIP pretraining classifies patches into these.
 CELL_CONTENTS = tuple(f"{size} {color} {shape}" for size in SIZES for color in COLORS for shape in SHAPES) + \
     tuple(f"{bg} background" for bg in BACKGROUNDS)
-
-
-def cell_contents(scene: Scene) -> list[int]:
-    """Index into CELL_CONTENTS of what each of the 9 cells (row-major) holds."""
-    out = [CELL_CONTENTS.index(f"{scene.background} background")] * 9
-    for o in scene.objects:
-        out[o.cell] = CELL_CONTENTS.index(f"{o.size} {o.color} {o.shape}")
-    return out
-
-
-def patch_cells(grid: int) -> list[int]:
-    """The cell (0..8) holding the centre of each patch of a grid x grid ViT (row-major); the square
-    canvas is resized to the input size as a whole, so patch j's centre lies in cell row/column
-    floor(3 (j + 0.5) / grid)."""
-    centre = [int(3 * (j + 0.5) / grid) for j in range(grid)]
-    return [3 * r + c for r in centre for c in centre]
 
 
 def patch_contents(scene: Scene, grid: int) -> list[int]:
