@@ -379,6 +379,8 @@ def main(argv=None) -> int:
             if step >= stop:
                 break
     bar.close()
+    if rank == 0 and step == start and not a.resume:  # no step to run (--steps 0): the model as initialised
+        save_checkpoint(last, model, dict(manifest_base, step=step, metrics=log_metrics), optimizer=opt)
     if rank == 0:
         print(f"done at step {step}; checkpoint {last}")
     if world > 1:

@@ -97,6 +97,18 @@ def test_ablation_flags_and_user_errors(shapes_data, tmp_path):
     assert bad.returncode == 2 and "--partial-negatives" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_zero_steps_writes_the_model_as_initialised(shapes_data, tmp_path):
+    from cir.checkpoint import load_checkpoint
+    from cir.model import build_model
+    run(TRAIN + ["--data", str(shapes_data), "--out", str(tmp_path / "z"), "--steps", "0", "--seed", "3"])
+    model, _, manifest = load_checkpoint(tmp_path / "z" / "last.safetensors", "cpu")
+    assert manifest["step"] == 0
+    torch.manual_seed(3)
+    fresh, _ = build_model("context-cir-tiny")
+    got, want = model.state_dict(), fresh.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_schedule_and_leaf_filter():
     a = parse_args(["--out", "x", "--steps", "100", "--warmup", "10", "--lr", "1e-3", "--min-lr", "1e-5"])
     assert lr_at(0, a) == pytest.approx(1e-4) and lr_at(9, a) == pytest.approx(1e-3)
