@@ -4,6 +4,9 @@
     q = model.encode_query(images, ["make the red circle blue"])     # [B, E], L2-normalised
     g = model.encode_gallery(images)                                 # f(image, ""), [B, E]
     maps = model.phrase_attention(image, caption, [(5, 19)])         # in-context vs isolated maps
+
+A config's "method" key picks the model: absent (or "context-cir") gives ConTextCIR, "tmcir"
+gives cir.tmcir.TMCIR (adaptive token fusion) with the same interface (`ComposedRetrieval`).
 """
 from __future__ import annotations
 
@@ -55,8 +58,9 @@ class ModelConfig:
             raise UserError("concept_maps image_to_text needs fusion_image_to_text true")
 
     @staticmethod
-    def load(name_or_path: str) -> "ModelConfig":
-        """A config by name (cir/configs/<name>.json; superseded designs as ablations/<name>) or a JSON path."""
+    def load(name_or_path: str):
+        """A config by name (cir/configs/<name>.json; superseded designs as ablations/<name>) or a JSON path:
+        a ModelConfig, or the config of the method its "method" key names (see `from_dict`)."""
         path = Path(name_or_path)
         if not path.is_file():
             path = CONFIG_DIR / f"{name_or_path}.json"
@@ -67,7 +71,15 @@ class ModelConfig:
         return ModelConfig.from_dict(json.loads(path.read_text()))
 
     @staticmethod
-    def from_dict(d: dict) -> "ModelConfig":
+    def from_dict(d: dict):
+        """A ModelConfig; with "method": "tmcir", a cir.tmcir.TMCIRConfig."""
+        method = d.get("method", "context-cir")
+        if method == "tmcir":
+            from cir.tmcir import TMCIRConfig
+            return TMCIRConfig.from_dict(d)
+        if method != "context-cir":
+            raise UserError(f"unknown method {method!r}: expected context-cir or tmcir")
+        d = {k: v for k, v in d.items() if k != "method"}
         known = {f.name for f in fields(ModelConfig)}
         unknown = set(d) - known
         if unknown:
@@ -90,7 +102,46 @@ class PhraseMaps:
     isolated: torch.Tensor
 
 
-class ConTextCIR(nn.Module):
+class ComposedRetrieval(nn.Module):
+    """The interface training, evaluation, the index and the app use, shared by the methods.
+
+    A subclass provides `tokenizer`, `grid` (patches per side), `logit_scale`, and
+    `image_tokens(images)`, `text_tokens(tokens)` -> (states, pad), `empty_text(batch)`,
+    `fuse(image_tok, text)` -> FusionOutput (its `attention` [B, L, H, T, P]: per text token a
+    distribution over the patches, drawn by the app) and `embed(fused)` -> [B, E]."""
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, FusionOutput]:
+        fused = self.fuse(self.image_tokens(images), self.text_tokens(tokens))
+        return self.embed(fused), fused
+
+    @torch.no_grad()
+    def encode_query(self, images: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        """f(image, text): images [B, 3, S, S] preprocessed, len(texts) == B -> [B, E]."""
+        return self(images, self.tokenizer(texts).to(images.device))[0]
+
+    @torch.no_grad()
+    def encode_gallery(self, images: torch.Tensor) -> torch.Tensor:
+        """f(image, ""): images [B, 3, S, S] -> [B, E]."""
+        return self.embed(self.fuse(self.image_tokens(images), self.empty_text(images.shape[0])))
+
+    @torch.no_grad()
+    def phrase_attention(self, image: torch.Tensor, text: str, spans: list[tuple[int, int]]) -> list[PhraseMaps]:
+        """Maps of each character span of `text` over `image` [3, S, S]: in context and isolated.
+
+        A span whose tokens were cut by the context length gets NaN maps."""
+        dev = image.device
+        img = self.image_tokens(image[None])
+        fused = self.fuse(img, self.text_tokens(self.tokenizer([text]).to(dev)))
+        positions = [self.tokenizer.span_to_token_positions(text, s, e) for s, e in spans]
+        ctx = span_maps(fused.attention, torch.zeros(len(spans), dtype=torch.long, device=dev), positions)
+        phrase_texts = [text[s:e] for s, e in spans]
+        iso = isolated_maps(self, img, torch.zeros(len(spans), dtype=torch.long, device=dev), phrase_texts)
+        g = self.grid
+        return [PhraseMaps(t, s, e, pos, c.reshape(*c.shape[:2], g, g).float().cpu(), i.reshape(*i.shape[:2], g, g).float().cpu())
+                for t, (s, e), pos, c, i in zip(phrase_texts, spans, positions, ctx, iso)]
+
+
+class ConTextCIR(ComposedRetrieval):
     def __init__(self, config: ModelConfig, clip: nn.Module):
         super().__init__()
         self.config = config
@@ -167,37 +218,6 @@ class ConTextCIR(nn.Module):
         pad = torch.cat([image_pad, fused.text_pad], 1)
         return F.normalize(self.head(self.pool(tokens, pad)), dim=-1)
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, FusionOutput]:
-        fused = self.fuse(self.image_tokens(images), self.text_tokens(tokens))
-        return self.embed(fused), fused
-
-    # ------------------------------------------------------------------ inference API
-    @torch.no_grad()
-    def encode_query(self, images: torch.Tensor, texts: list[str]) -> torch.Tensor:
-        """f(image, text): images [B, 3, S, S] preprocessed, len(texts) == B -> [B, E]."""
-        return self(images, self.tokenizer(texts).to(images.device))[0]
-
-    @torch.no_grad()
-    def encode_gallery(self, images: torch.Tensor) -> torch.Tensor:
-        """f(image, ""): images [B, 3, S, S] -> [B, E]."""
-        return self.embed(self.fuse(self.image_tokens(images), self.empty_text(images.shape[0])))
-
-    @torch.no_grad()
-    def phrase_attention(self, image: torch.Tensor, text: str, spans: list[tuple[int, int]]) -> list[PhraseMaps]:
-        """Maps of each character span of `text` over `image` [3, S, S]: in context and isolated.
-
-        A span whose tokens were cut by the context length gets NaN maps."""
-        dev = image.device
-        img = self.image_tokens(image[None])
-        fused = self.fuse(img, self.text_tokens(self.tokenizer([text]).to(dev)))
-        positions = [self.tokenizer.span_to_token_positions(text, s, e) for s, e in spans]
-        ctx = span_maps(fused.attention, torch.zeros(len(spans), dtype=torch.long, device=dev), positions)
-        phrase_texts = [text[s:e] for s, e in spans]
-        iso = isolated_maps(self, img, torch.zeros(len(spans), dtype=torch.long, device=dev), phrase_texts)
-        g = self.grid
-        return [PhraseMaps(t, s, e, pos, c.reshape(*c.shape[:2], g, g).float().cpu(), i.reshape(*i.shape[:2], g, g).float().cpu())
-                for t, (s, e), pos, c, i in zip(phrase_texts, spans, positions, ctx, iso)]
-
 
 def text_tower_states(clip: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """The text tower's final (ln_final) state of every token: tokens [B, T] -> [B, T, W] (causal, so
@@ -233,7 +253,7 @@ def span_maps(attention: torch.Tensor, rows: torch.Tensor, positions: list[list[
     return torch.einsum("nt,nlhtp->nlhp", w, attention[rows])
 
 
-def isolated_maps(model: ConTextCIR, image_tok: torch.Tensor, rows: torch.Tensor, phrases: list[str]) -> torch.Tensor:
+def isolated_maps(model: ComposedRetrieval, image_tok: torch.Tensor, rows: torch.Tensor, phrases: list[str]) -> torch.Tensor:
     """Maps of each phrase encoded alone, f(image, phrase), over image_tok[rows]: [N, L, H, P]."""
     tokens = model.tokenizer(phrases).to(image_tok.device)
     eot = (tokens == EOT_ID).int().argmax(1).tolist()
@@ -273,12 +293,13 @@ def create_towers(name: str, pretrained: str | None = None, device: str | torch.
         root.removeFilter(keep)
 
 
-def build_model(config: ModelConfig | str, device: str | torch.device = "cpu"):
-    """Build ConTextCIR and its image preprocessing from a config (name, path or ModelConfig).
+def build_model(config, device: str | torch.device = "cpu"):
+    """Build the model a config describes (a name, a path, a ModelConfig or a cir.tmcir.TMCIRConfig)
+    and its image preprocessing: ConTextCIR, or TMCIR for a TMCIR config.
 
     The CLIP towers come from `open_clip.create_model_and_transforms(clip_model, pretrained=...)`
     where `pretrained` is an open_clip tag or a local weights file."""
-    if not isinstance(config, ModelConfig):
+    if isinstance(config, (str, os.PathLike)):
         config = ModelConfig.load(config)
     if config.clip_model not in open_clip.list_models():
         raise UserError(f"unknown open_clip model {config.clip_model!r}")
@@ -296,4 +317,12 @@ def build_model(config: ModelConfig | str, device: str | torch.device = "cpu"):
         tower_ctx = getattr(clip, "context_length", config.context_length)
         if tower_ctx < config.context_length:
             raise UserError(f"context_length {config.context_length} exceeds the text tower's {tower_ctx}")
-        return ConTextCIR(config, clip).to(device), preprocess
+        return model_class(config)(config, clip).to(device), preprocess
+
+
+def model_class(config) -> type[ComposedRetrieval]:
+    """The model of a config: ConTextCIR for a ModelConfig, TMCIR for a TMCIRConfig."""
+    if isinstance(config, ModelConfig):
+        return ConTextCIR
+    from cir.tmcir import TMCIR
+    return TMCIR

@@ -1,0 +1,222 @@
+"""TMCIR stage 1, intent-aware cross-modal alignment: pseudo-targets, then the CLIP towers
+fine-tuned contrastively on (pseudo-target image, modification text) pairs.
+
+    python -m cir.align --data data/shapes --out runs/tmcir-align \\
+        --towers-from assets/context-cir-shapes-grid7-step0.safetensors      # oracle pseudo-targets
+    python -m cir.train --init-from runs/tmcir-align/aligned.safetensors --data data/shapes --out runs/tmcir
+
+1. One pseudo-target per training triplet is written to OUT/pseudo_targets/ (`cir.pseudo_targets`;
+   `--generator oracle` for CIR-Shapes, `--generator diffusion --diffusion-weights DIR` for real
+   images); images already there are kept, so an interrupted run resumes.
+2. The towers are fine-tuned with InfoNCE between the pseudo-target's image embedding and the
+   text's (cir.losses.contrastive_loss, averaged over both directions as in CLIP; the paper writes
+   the image -> text one) at the towers' own learnable temperature (clip.logit_scale). Only the
+   towers train; TMCIR's pooling and head are stage 2's.
+3. OUT/last.safetensors (+ .json) holds weights, optimizer and RNG state every --save-every steps
+   (`--resume` continues from it); at the end OUT/aligned.safetensors holds the model at step 0
+   of stage 2, which `cir.train --init-from` starts from. `--steps 0` writes the unaligned towers
+   there: TMCIR without stage 1, on the same towers.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from cir.cli import positive_int
+from cir.pseudo_targets import GENERATORS
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m cir.align", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="tmcir-shapes-grid7",
+                   help="TMCIR model config name (cir/configs/) or JSON path (default tmcir-shapes-grid7)")
+    p.add_argument("--pretrained", default=None, help="override the config's open_clip pretrained tag or weights file")
+    p.add_argument("--towers-from", default=None, metavar="CKPT",
+                   help="take the CLIP towers (clip.* weights) of any checkpoint, e.g. a ConText-CIR one, so both "
+                        "methods start from the same towers")
+    p.add_argument("--data", default=None, help="folder with train.jsonl")
+    p.add_argument("--train", default=None, help="training triplets JSONL (default DATA/train.jsonl)")
+    p.add_argument("--limit", type=positive_int, default=None, help="use the first N training triplets only")
+    p.add_argument("--out", required=True, help="run folder: pseudo_targets/, last.safetensors, aligned.safetensors, log.jsonl")
+    p.add_argument("--generator", choices=GENERATORS, default="oracle",
+                   help="pseudo-targets: oracle (CIR-Shapes: the operations applied to the reference scene, "
+                        "rendered with fresh jitter) or diffusion (an instruction-following diffusers editor)")
+    p.add_argument("--diffusion-weights", default=None, metavar="DIR",
+                   help="--generator diffusion: a local diffusers pipeline folder (InstructPix2Pix-style)")
+    p.add_argument("--diffusion-steps", type=positive_int, default=20, help="denoising steps per image (default 20)")
+    p.add_argument("--guidance-scale", type=float, default=7.5, help="text guidance of the editor (default 7.5)")
+    p.add_argument("--image-guidance-scale", type=float, default=1.5, help="image guidance of the editor (default 1.5)")
+    p.add_argument("--steps", type=int, default=1000, help="optimizer steps; 0 = no alignment (default 1000)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="pairs per step (default 64)")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate after warm-up (default 1e-4)")
+    p.add_argument("--min-lr", type=float, default=1e-6, help="learning rate at the end of the cosine (default 1e-6)")
+    p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps (default 100)")
+    p.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay on matrices (default 1e-2)")
+    p.add_argument("--clip-grad", type=float, default=1.0, help="gradient-norm clipping, 0 = off (default 1.0)")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="autocast dtype (cir.precision): auto = bf16 where the hardware runs it natively, else fp32")
+    p.add_argument("--save-every", type=positive_int, default=100, help="write last.safetensors every N steps (default 100)")
+    p.add_argument("--workers", type=int, default=1, help="data-loading processes (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (pseudo-targets, data order)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch (default: all cores)")
+    p.add_argument("--resume", action="store_true", help="continue exactly from OUT/last.safetensors (weights, optimizer, RNG)")
+    p.add_argument("--stop-after", type=positive_int, default=None,
+                   help="stop (after saving) once this step is reached, keeping the schedule of --steps")
+    a = p.parse_args(argv)
+    if a.steps < 0:
+        p.error("--steps must be 0 or more")
+    if a.generator == "diffusion" and not a.diffusion_weights:
+        p.error("--generator diffusion needs --diffusion-weights DIR")
+    if not (a.data or a.train):
+        p.error("give --data DIR or --train FILE")
+    return a
+
+
+def alignment_loss(model, images, tokens):
+    """InfoNCE between the towers' image embeddings of pseudo-targets [B, 3, S, S] and their text
+    embeddings (the EOT token) of the modification texts [B, C], at clip.logit_scale."""
+    import torch
+    from cir.losses import contrastive_loss
+
+    image = model.image_tokens(images)[:, 0]  # the CLS embedding, unit
+    states, pad = model.text_tokens(tokens)
+    text = states[torch.arange(len(states), device=states.device), (~pad).sum(1) - 1]
+    return contrastive_loss(image, text, None, model.clip.logit_scale)
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    import json
+    import math
+    import random
+
+    import numpy as np
+    import torch
+    from torch.utils.data import DataLoader, Dataset
+    from tqdm import tqdm
+
+    from cir import precision
+    from cir.atomic import sha256_file
+    from cir.checkpoint import load_checkpoint, load_weights, read_tensors, save_checkpoint
+    from cir.data.images import load_rgb
+    from cir.data.triplets import read_triplets
+    from cir.errors import UserError
+    from cir.model import ModelConfig, build_model
+    from cir.pseudo_targets import DiffusionEditor, ShapesOracle, write_pseudo_targets
+    from cir.tmcir import TMCIRConfig
+    from cir.train import lr_at, restore_optimizer, truncate_log
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    out = Path(a.out)
+    last = out / "last.safetensors"
+    train_file = Path(a.train) if a.train else Path(a.data) / "train.jsonl"
+    random.seed(a.seed)
+    np.random.seed(a.seed)
+    torch.manual_seed(a.seed)
+    if a.resume:
+        if not last.is_file():
+            raise UserError(f"--resume: no checkpoint at {last}")
+        model, preprocess, manifest, tensors = load_checkpoint(last, device, with_training_state=True)
+        if manifest.get("stage") != "align":
+            raise UserError(f"--resume: {last} is not a stage-1 (cir.align) checkpoint")
+        start = manifest["step"]
+    else:
+        config = ModelConfig.load(a.config)
+        if not isinstance(config, TMCIRConfig):
+            raise UserError(f"config {a.config!r} is not a TMCIR config (\"method\": \"tmcir\")")
+        if a.pretrained is not None:
+            config.pretrained = a.pretrained
+        model, preprocess = build_model(config, device)
+        if a.towers_from:
+            towers = {k: v for k, v in read_tensors(a.towers_from).items() if k.startswith("clip.")}
+            if not towers:
+                raise UserError(f"{a.towers_from} holds no CLIP towers (clip.* tensors)")
+            load_weights(model, a.towers_from, towers)
+        start, tensors = 0, None
+
+    triplets, _ = read_triplets(train_file, check_images=False)
+    triplets = triplets[:a.limit]
+    if len(triplets) < a.batch_size and a.steps:
+        raise UserError(f"{len(triplets)} training triplets are fewer than one batch of {a.batch_size}")
+    manifest_base = {"config": model.config.to_dict(), "stage": "align",
+                     "tokenizer": {"type": "clip-bpe", "context_length": model.config.context_length},
+                     "data": {"train": str(train_file), "sha256": sha256_file(train_file), "triplets": len(triplets)},
+                     "args": {k: v for k, v in vars(a).items() if k not in ("resume", "stop_after")}}
+    params = [p for p in model.clip.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": a.weight_decay},
+                             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+                            lr=a.lr, betas=(0.9, 0.98), eps=1e-6)
+    if tensors is not None:
+        restore_optimizer(opt, tensors, manifest)
+        torch.set_rng_state(tensors["rng.torch"])
+    out.mkdir(parents=True, exist_ok=True)
+
+    stop = min(a.steps, a.stop_after or a.steps)
+    if stop > start:
+        generator = (ShapesOracle() if a.generator == "oracle" else
+                     DiffusionEditor(a.diffusion_weights, a.diffusion_steps, a.guidance_scale,
+                                     a.image_guidance_scale, str(device)))
+        paths = write_pseudo_targets(triplets, generator, out / "pseudo_targets", a.seed, train_file)
+        manifest_base["pseudo_targets"] = generator.describe()
+        tokens = model.tokenizer([t.caption for t in triplets])
+
+        class Pairs(Dataset):
+            def __len__(self):
+                return len(paths)
+
+            def __getitem__(self, i):
+                return preprocess(load_rgb(paths[i])), tokens[i]
+
+        log_path = out / "log.jsonl"
+        if not a.resume and log_path.exists():
+            log_path.unlink()
+        truncate_log(log_path, start)
+        dtype = precision.resolve(a.precision, device)
+        per_epoch = len(paths) // a.batch_size
+        model.train()
+        bar = tqdm(total=stop, initial=start, desc="align", unit="step")
+        step = start
+        while step < stop:
+            epoch, offset = divmod(step, per_epoch)
+            order = torch.randperm(len(paths), generator=torch.Generator().manual_seed(a.seed * 100003 + epoch))
+            order = order[offset * a.batch_size:per_epoch * a.batch_size].tolist()  # whole batches only
+            loader = DataLoader(torch.utils.data.Subset(Pairs(), order), batch_size=a.batch_size, num_workers=a.workers)
+            for images, toks in loader:
+                lr = lr_at(step, a)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                with precision.autocast(device, dtype):
+                    loss = alignment_loss(model, images.to(device), toks.to(device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                gnorm = torch.nn.utils.clip_grad_norm_(params, a.clip_grad if a.clip_grad > 0 else float("inf"))
+                opt.step()
+                with torch.no_grad():
+                    model.clip.logit_scale.clamp_(0, math.log(100))
+                step += 1
+                with open(log_path, "a") as f:
+                    f.write(json.dumps({"step": step, "lr": lr, "loss": loss.item(), "grad_norm": float(gnorm)}) + "\n")
+                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}")
+                bar.update()
+                if step % a.save_every == 0 or step == stop:
+                    save_checkpoint(last, model, dict(manifest_base, step=step), optimizer=opt)
+                if step >= stop:
+                    break
+        bar.close()
+    if stop < a.steps:
+        print(f"stopped at step {stop} of {a.steps}; continue with --resume")
+        return 0
+    aligned = out / "aligned.safetensors"
+    save_checkpoint(aligned, model, {k: v for k, v in manifest_base.items() if k != "stage"}
+                    | {"step": 0, "alignment": {"steps": a.steps}})
+    print(f"done: {a.steps} alignment steps; stage 2 starts from {aligned}")
+    return 0
+
+
+if __name__ == "__main__":
+    from cir.cli import run_cli
+    run_cli(main)
