@@ -160,6 +160,37 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike, tensors: dict 
     return missing
 
 
+def save_module(path: str | os.PathLike, module: torch.nn.Module, manifest: dict, fmt: str) -> None:
+    """Write one module's weights with `manifest` (+ format, versions) embedded and as JSON beside them
+    (+ sha256), atomically: the checkpoints of the towers (cir.towers) and the Combiner (cir.baselines)."""
+    path = Path(path)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    manifest = dict(manifest, format=fmt, versions=versions())
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"manifest": json.dumps(manifest)})
+    write_json(path.with_suffix(".json"), dict(manifest, sha256=sha256_file(path)))
+
+
+def load_module(path: str | os.PathLike, fmt: str, build) -> tuple[torch.nn.Module, dict]:
+    """A `save_module` checkpoint: check the format, build the module from the manifest (`build(manifest)`) and load its weights."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        with safetensors.safe_open(str(path), "pt") as f:
+            manifest = json.loads((f.metadata() or {}).get("manifest", "{}"))
+    except Exception as e:
+        raise UserError(f"cannot read checkpoint {path}: not a complete safetensors file ({e})") from None
+    if manifest.get("format") != fmt:
+        raise UserError(f"{path} is not a {fmt} checkpoint (its format: {manifest.get('format')!r})")
+    module = build(manifest)
+    try:
+        module.load_state_dict(read_tensors(path))
+    except RuntimeError as e:
+        raise UserError(f"checkpoint {path} does not fit the architecture its manifest names: {str(e)[:300]}") from None
+    return module.eval(), manifest
+
+
 def load_checkpoint(path: str | os.PathLike | None = None, device: str | torch.device = "cpu",
                     with_training_state: bool = False):
     """Build the model a checkpoint describes and load its weights (no pretrained download).

@@ -26,3 +26,29 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)
+
+
+def add_device_flags(p: argparse.ArgumentParser) -> None:
+    """--device, --threads."""
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="CPU threads for torch (default: all cores; 1 is steadier on a machine shared with other work)")
+
+
+def add_training_flags(p: argparse.ArgumentParser, steps: int, batch: int, lr: float, warmup: int,
+                       weight_decay: float) -> None:
+    """The flags of `cir.train.fit` runs (data, run folder, schedule, optimizer, seed) and the device flags."""
+    p.add_argument("--data", default=None, help="folder with train.jsonl (as written by python -m cir.data.shapes)")
+    p.add_argument("--train", default=None, help="training triplets JSONL (default DATA/train.jsonl)")
+    p.add_argument("--out", required=True, help="run folder: checkpoint (.safetensors + .json) and log.jsonl")
+    p.add_argument("--steps", type=positive_int, default=steps, help=f"optimizer steps (default {steps})")
+    p.add_argument("--batch-size", type=positive_int, default=batch, help=f"training examples per step (default {batch})")
+    p.add_argument("--lr", type=float, default=lr, help=f"peak learning rate after warm-up (default {lr:g})")
+    p.add_argument("--min-lr", type=float, default=lr / 100, help=f"learning rate at the end of the cosine (default {lr / 100:g})")
+    p.add_argument("--warmup", type=int, default=warmup, help=f"linear warm-up steps (default {warmup})")
+    p.add_argument("--weight-decay", type=float, default=weight_decay,
+                   help=f"AdamW weight decay of weight matrices (default {weight_decay:g})")
+    p.add_argument("--clip-grad", type=float, default=1.0, help="gradient-norm clipping, 0 = off (default 1.0)")
+    p.add_argument("--workers", type=int, default=1, help="image-loading processes (default 1; 0 = in the main process)")
+    p.add_argument("--seed", type=int, default=0, help="random seed: initialisation, data order, phrasing (default 0)")
+    add_device_flags(p)

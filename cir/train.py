@@ -10,7 +10,7 @@ reproduces the loss curve of an uninterrupted run. Multi-GPU: `torchrun --nproc_
 
 Defaults differ from the paper's (lr 2e-5 .. 2e-7 for fine-tuning pretrained CLIP): the fusion and
 pooling start from scratch and the shipped towers from a short CLIP-style pretraining on CIR-Shapes
-(`python -m cir.baselines train-clip --patch-weight 1`), which needs a larger peak lr (3e-4 here,
+(`python -m cir.towers`), which needs a larger peak lr (3e-4 here,
 down to 3e-6).
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ from cir.atomic import sha256_file
 from cir.checkpoint import load_checkpoint, load_weights, read_manifest, save_checkpoint
 from cir.data.datasets import TripletDataset, collate_triplets
 from cir.data.shapes.partials import has_partials, partial_subsets, random_partials
-from cir.data.triplets import read_gallery, read_triplets
+from cir.data.triplets import Triplet, read_gallery, read_triplets
 from cir.errors import UserError
 from cir.evaluate import evaluate
 from cir.losses import concept_consistency_loss, contrastive_loss, reduce_maps
@@ -297,10 +297,7 @@ def main(argv=None) -> int:
     val = read_triplets(val_file)[0][:a.val_limit] if val_file and a.val_every else None
     val_gal = read_gallery(val_gallery) if val else None
 
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2 and "token_embedding" not in n]
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and (p.ndim < 2 or "token_embedding" in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=a.lr, betas=(0.9, 0.98), eps=1e-6)
+    opt = make_optimizer(model, a)
     if tensors is not None:
         restore_optimizer(opt, tensors, manifest)
         torch.set_rng_state(tensors["rng.torch"])
@@ -386,6 +383,54 @@ def main(argv=None) -> int:
     if world > 1:
         dist.destroy_process_group()
     return 0
+
+
+def make_optimizer(module: nn.Module, a) -> torch.optim.AdamW:
+    """AdamW (0.9, 0.98) over the trainable parameters at a.lr, weight decay a.weight_decay on weight
+    matrices only (not on biases, norms, embeddings' token rows)."""
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    decays = lambda n, p: p.ndim >= 2 and "token_embedding" not in n
+    return torch.optim.AdamW([{"params": [p for n, p in named if decays(n, p)], "weight_decay": a.weight_decay},
+                              {"params": [p for n, p in named if not decays(n, p)], "weight_decay": 0.0}],
+                             lr=a.lr, betas=(0.9, 0.98), eps=1e-6)
+
+
+def fit(module: nn.Module, batches, loss_of, a, out: Path, desc: str, after_step=None) -> float:
+    """a.steps AdamW steps on `loss_of(batch)` -> (loss, {name: float} of its parts to log) over the
+    endless iterator `batches`, with `lr_at`'s warm-up + cosine schedule, `make_optimizer` and gradient
+    clipping; logs OUT/log.jsonl. The loop of the tower pretraining (cir.towers) and the Combiner
+    (cir.baselines), whose runs are short enough to need no --resume. Returns the last loss."""
+    opt = make_optimizer(module, a)
+    trained = [p for group in opt.param_groups for p in group["params"]]
+    out.mkdir(parents=True, exist_ok=True)
+    module.train()
+    with open(out / "log.jsonl", "w") as log, tqdm(total=a.steps, desc=desc, unit="step") as bar:
+        for step, batch in zip(range(a.steps), batches):
+            lr = lr_at(step, a)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            loss, parts = loss_of(batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trained, a.clip_grad if a.clip_grad > 0 else float("inf"))
+            opt.step()
+            if after_step:
+                after_step()
+            value = loss.item()
+            log.write(json.dumps({"step": step + 1, "lr": lr, "loss": value, **parts}) + "\n")
+            bar.set_postfix(loss=f"{value:.3f}", **{k: f"{v:.3f}" for k, v in parts.items()}, lr=f"{lr:.1e}")
+            bar.update()
+    module.eval()
+    return value
+
+
+def read_training_triplets(a) -> tuple[Path, list[Triplet]]:
+    """(a.train or a.data/train.jsonl, its triplets) for a `fit` run; images are checked when loaded."""
+    path = Path(a.train) if a.train else Path(a.data) / "train.jsonl"
+    triplets = read_triplets(path, check_images=False)[0]
+    if not triplets:
+        raise UserError(f"no triplets in {path}")
+    return path, triplets
 
 
 def restore_optimizer(opt: torch.optim.Optimizer, tensors: dict, manifest: dict) -> None:

@@ -1,4 +1,4 @@
-"""Baselines end to end on a tiny open_clip config: train-clip -> train-combiner -> evaluate all four
+"""Baselines end to end on a tiny open_clip config: tower pretraining (cir.towers) -> train-combiner -> evaluate all four
 methods through cir.evaluate's protocol; scene descriptions name everything and fit CLIP's context."""
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch
 from open_clip.tokenizer import SimpleTokenizer
 from safetensors.torch import load_file
 
+from cir import towers as tower_pretraining
 from cir.baselines import build_parser, main
 from cir.data.shapes.pretraining_texts import describe_scene
 from cir.data.shapes.scene import CELLS, Obj, Scene, cell_box, random_scene
@@ -52,11 +53,11 @@ def test_describe_scene_names_everything_and_fits_the_context():
 def test_train_and_evaluate_all_baselines(shapes_data, tiny_model, tmp_path, capsys):
     clip_dir, comb_dir = tmp_path / "clip", tmp_path / "comb"
     small = ["--steps", "3", "--batch-size", "16", "--warmup", "1", "--workers", "0"]
-    main(["train-clip", "--config", "cir-tiny", "--data", str(shapes_data), "--out", str(clip_dir), "--patch-weight", "0.5"]
-         + small)
-    for row in map(json.loads, (clip_dir / "log.jsonl").read_text().splitlines()):  # loss = scene + 0.5 x patch
-        assert abs(row["loss"] - (row["scene"] + 0.5 * row["patch"])) < 1e-4 and 0 <= row["patch_acc"] <= 1
-        assert row["patch"] > 0
+    tower_pretraining.main(["--config", "cir-tiny", "--data", str(shapes_data), "--out", str(clip_dir), "--patch-weight", "0.5",
+                           "--token-weight", "2"] + small)
+    for row in map(json.loads, (clip_dir / "log.jsonl").read_text().splitlines()):  # loss = scene + 0.5 patch + 2 token
+        assert abs(row["loss"] - (row["scene"] + 0.5 * row["patch"] + 2 * row["token"])) < 1e-4
+        assert row["patch"] > 0 and row["token"] > 0 and 0 <= row["patch_acc"] <= 1 and 0 <= row["token_acc"] <= 1
     clip = str(clip_dir / "clip.safetensors")
     # the trained CLIP is also a local weights file for ConText-CIR's towers (the paper's recipe: start
     # from aligned CLIP towers): every tower tensor comes from it
@@ -109,7 +110,7 @@ def test_train_and_evaluate_all_baselines(shapes_data, tiny_model, tmp_path, cap
 
 def test_every_flag_is_explained():
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(sub.choices) == {"train-clip", "train-combiner", "evaluate"}
-    for name, parser in sub.choices.items():
+    assert set(sub.choices) == {"train-combiner", "evaluate"}
+    for name, parser in [*sub.choices.items(), ("cir.towers", tower_pretraining.build_parser())]:
         for action in parser._actions:
             assert action.help, (name, action.dest)

@@ -1,0 +1,198 @@
+"""Tower pretraining: the open_clip image and text towers every CIR-Shapes model starts from.
+
+    python -m cir.towers --data DATA_DIR --out RUN_DIR        # cir-shapes-grid7, the shipped towers' recipe
+    python -m cir.train --pretrained RUN_DIR/clip.safetensors ...
+
+No pretrained CLIP exists offline, so the towers of an open_clip config (cir/configs/clip/) are
+trained from scratch on every reference and target image of train.jsonl, each described from its
+scene metadata in a new random order and phrasing each epoch
+(`cir.data.shapes.pretraining_texts.describe_scene`). Three losses, summed:
+- the symmetric CLIP loss on (image, description);
+- `--patch-weight`: every patch embedding classified against the texts of the 84 things a patch can
+  show (80 objects, 4 backgrounds), labelled with what covers its centre;
+- `--token-weight`: each token of an object's or a cell's words in the description softmax-matched
+  over the image's patch embeddings against the patches inside that object's or cell's box.
+The two dense losses stand in for the dense alignment of a CLIP pretrained on the web. Boxes enter
+only here, never the losses of the fusion trained on top (cir.train). The checkpoint
+(RUN_DIR/clip.safetensors) is the open_clip state dict, loadable as `pretrained`, with its
+manifest embedded and as a .json beside it.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import os
+import random
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from cir import precision
+from cir.atomic import sha256_file
+from cir.checkpoint import load_module, save_module
+from cir.cli import add_training_flags
+from cir.data.images import load_rgb
+from cir.data.shapes.pretraining_texts import CELL_CONTENTS, describe_scene, patch_contents, patch_distribution_of_box
+from cir.data.shapes.scene import Scene
+from cir.errors import UserError
+from cir.model import (CONFIG_DIR, EOT_ID, create_towers,  # importing cir.model registers cir/configs/clip
+                       text_tower_projection, text_tower_states)
+from cir.tokenizer import CaptionTokenizer
+from cir.train import fit, read_training_triplets
+
+TOWERS_FORMAT = "cir-clip-checkpoint/1"
+
+
+def build_towers(name: str):
+    """(CLIP, image preprocessing, tokenizer) of an open_clip config, randomly initialised."""
+    if name not in open_clip.list_models():
+        known = ", ".join(sorted(p.stem for p in [*(CONFIG_DIR / "clip").glob("*.json"),
+                                                  *(CONFIG_DIR / "ablations" / "clip").glob("*.json")]))
+        raise UserError(f"unknown open_clip config {name!r}; this project's: {known} (or any open_clip model name)")
+    clip, _, preprocess = create_towers(name)
+    return clip, preprocess, open_clip.get_tokenizer(name)
+
+
+def load_towers(path: str | os.PathLike):
+    """(CLIP, preprocess, tokenizer) from a `python -m cir.towers` checkpoint."""
+    extras = {}
+
+    def build(manifest):
+        clip, extras["preprocess"], extras["tokenizer"] = build_towers(manifest["clip_model"])
+        return clip
+
+    clip, _ = load_module(path, TOWERS_FORMAT, build)
+    return clip, extras["preprocess"], extras["tokenizer"]
+
+
+class ScenePairs(Dataset):
+    """Per (image path, scene JSON): (preprocessed image, description tokens [C], what covers each
+    patch [P] (CELL_CONTENTS index), token targets [C, P]: for each token of an object's or a cell's
+    words in the description, the uniform distribution over the patches inside its box, else 0).
+    The phrasing is drawn from `seed` and the item, so a run is reproducible."""
+
+    def __init__(self, pairs: list[tuple[str, dict]], preprocess, tokenizer: CaptionTokenizer, grid: int, seed: int):
+        self.pairs, self.preprocess, self.tokenizer, self.grid, self.seed = pairs, preprocess, tokenizer, grid, seed
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, i):
+        path, scene = self.pairs[i]
+        scene = Scene.from_json(scene)
+        text, mentions = describe_scene(scene, random.Random(f"{self.seed}/{i}"))
+        targets = torch.zeros(self.tokenizer.context_length, self.grid ** 2)
+        for start, end, box in mentions:
+            targets[self.tokenizer.span_to_token_positions(text, start, end)] = torch.tensor(
+                patch_distribution_of_box(box, self.grid))
+        return (self.preprocess(load_rgb(path)), self.tokenizer([text])[0],
+                torch.tensor(patch_contents(scene, self.grid)), targets)
+
+
+def train_towers(a, device: torch.device) -> None:
+    """Pretrain the towers of open_clip config a.config; writes OUT/clip.safetensors (+ .json)."""
+    train_file, triplets = read_training_triplets(a)
+    if not all("reference_scene" in t.meta and "target_scene" in t.meta for t in triplets):
+        raise UserError(f"{train_file}: triplets lack meta.reference_scene / target_scene (not CIR-Shapes)")
+    pairs = [(t.reference, t.meta["reference_scene"]) for t in triplets] + \
+            [(t.targets[0], t.meta["target_scene"]) for t in triplets]
+    if len(pairs) < a.batch_size:
+        raise UserError(f"{len(pairs)} training images are fewer than one batch of {a.batch_size}")
+    torch.manual_seed(a.seed)
+    clip, preprocess, _ = build_towers(a.config)
+    clip.to(device)
+    clip_loss = open_clip.ClipLoss()
+    dtype = precision.resolve(a.precision, device)
+    clip.visual.output_tokens = True
+    grid = clip.visual.grid_size[0]
+    tokenizer = CaptionTokenizer(clip.context_length)
+    content_tokens = tokenizer(list(CELL_CONTENTS)).to(device)
+
+    def batches():
+        for epoch in itertools.count():
+            seed = a.seed * 100003 + epoch
+            yield from DataLoader(ScenePairs(pairs, preprocess, tokenizer, grid, seed), batch_size=a.batch_size,
+                                  shuffle=True, drop_last=True, num_workers=a.workers,
+                                  generator=torch.Generator().manual_seed(seed))
+
+    def loss_of(batch):
+        """CLIP loss on (image, description) + a.patch_weight x cross-entropy of every patch
+        embedding [B, P, E] against the 84 CELL_CONTENTS texts, labelled with what covers its centre
+        + a.token_weight x cross-entropy of each object's or cell's word tokens [B, C, E] over the
+        image's patches against the patches of its box."""
+        images, tokens, contents, token_targets = (x.to(device) for x in batch)
+        with precision.autocast(device, dtype):
+            pooled, patches = clip.visual(images)
+            words = text_tower_projection(clip, text_tower_states(clip, tokens))  # [B, C, E]
+            text = words[torch.arange(len(tokens), device=device), (tokens == EOT_ID).int().argmax(1)]
+            scale = clip.logit_scale.exp()
+            scene = clip_loss(F.normalize(pooled, dim=-1), F.normalize(text, dim=-1), scale)
+            loss, parts = scene, {"scene": scene.item()}
+            patch_emb = F.normalize(patches @ clip.visual.proj, dim=-1)
+            if a.patch_weight:
+                logits = scale * patch_emb @ clip.encode_text(content_tokens, normalize=True).T
+                patch = F.cross_entropy(logits.flatten(0, 1).float(), contents.flatten())
+                loss = loss + a.patch_weight * patch
+                parts |= {"patch": patch.item(), "patch_acc": (logits.argmax(-1) == contents).float().mean().item()}
+            if a.token_weight:
+                log_maps = (scale * F.normalize(words, dim=-1) @ patch_emb.transpose(1, 2)).float().log_softmax(-1)
+                supervised = token_targets.sum(-1) > 0  # [B, C]
+                token = -(token_targets * log_maps).sum(-1)[supervised].mean()
+                hit = token_targets.gather(-1, log_maps.argmax(-1, keepdim=True))[..., 0][supervised] > 0
+                loss = loss + a.token_weight * token
+                parts |= {"token": token.item(), "token_acc": hit.float().mean().item()}
+        return loss, parts
+
+    @torch.no_grad()
+    def clamp_temperature():  # as in CLIP: the logit scale stays at most 100
+        clip.logit_scale.clamp_(0, math.log(100))
+
+    out = Path(a.out)
+    last = fit(clip, batches(), loss_of, a, out, "towers", clamp_temperature)
+    save_module(out / "clip.safetensors", clip,
+                {"clip_model": a.config, "step": a.steps, "final_loss": last,
+                 "data": {"train": str(train_file), "sha256": sha256_file(train_file), "images": len(pairs)},
+                 "args": vars(a)}, TOWERS_FORMAT)
+    print(f"wrote {out / 'clip.safetensors'}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m cir.towers", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="cir-shapes-grid7",
+                   help="open_clip model config: cir/configs/clip/<name>.json or any open_clip name (default cir-shapes-grid7)")
+    p.add_argument("--precision", choices=precision.CHOICES, default="auto",
+                   help="autocast dtype of the forward pass; auto (default) = bf16 where native (CUDA, CPUs with "
+                        "bf16 instructions), else fp32")
+    p.add_argument("--patch-weight", type=float, default=1.0,
+                   help="weight of the dense (patch-level) loss: every patch embedding (its token through the "
+                        "visual projection) is classified against the texts of the 84 cell contents (\"small red "
+                        "circle\", ..., \"pink background\") by what covers its centre, so the towers align words "
+                        "with image regions (default 1; 0 = the scene-level CLIP loss only)")
+    p.add_argument("--token-weight", type=float, default=1.0,
+                   help="weight of the dense word loss: each token of an object's or a cell's words in the "
+                        "description (\"small red circle\", \"top left\"), through the text projection, is "
+                        "softmax-matched over the image's patch embeddings against the patches inside that "
+                        "object's or cell's box, so single words point at regions (default 1; 0 = off)")
+    add_training_flags(p, steps=800, batch=128, lr=5e-4, warmup=100, weight_decay=0.1)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
+    a = p.parse_args(argv)
+    if not (a.data or a.train):
+        p.error("give --data DIR or --train FILE")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    train_towers(a, torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu")))
+    return 0
+
+
+if __name__ == "__main__":
+    from cir.cli import run_cli
+    run_cli(main)
