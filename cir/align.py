@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cir.cli import positive_int
+from cir.cli import add_device_flags, positive_int
 from cir.pseudo_targets import GENERATORS
 
 
@@ -59,8 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--save-every", type=positive_int, default=100, help="write last.safetensors every N steps (default 100)")
     p.add_argument("--workers", type=int, default=1, help="data-loading processes (default 1)")
     p.add_argument("--seed", type=int, default=0, help="random seed (pseudo-targets, data order)")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch (default: all cores)")
+    add_device_flags(p)
     p.add_argument("--resume", action="store_true", help="continue exactly from OUT/last.safetensors (weights, optimizer, RNG)")
     p.add_argument("--stop-after", type=positive_int, default=None,
                    help="stop (after saving) once this step is reached, keeping the schedule of --steps")
@@ -106,7 +105,7 @@ def main(argv=None) -> int:
     from cir.model import ModelConfig, build_model
     from cir.pseudo_targets import DiffusionEditor, ShapesOracle, write_pseudo_targets
     from cir.tmcir import TMCIRConfig
-    from cir.train import lr_at, restore_optimizer, truncate_log
+    from cir.train import lr_at, make_optimizer, restore_optimizer, truncate_log
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -117,6 +116,7 @@ def main(argv=None) -> int:
     random.seed(a.seed)
     np.random.seed(a.seed)
     torch.manual_seed(a.seed)
+    triplets = read_triplets(train_file, check_images=False)[0][:a.limit]
     if a.resume:
         if not last.is_file():
             raise UserError(f"--resume: no checkpoint at {last}")
@@ -138,18 +138,14 @@ def main(argv=None) -> int:
             load_weights(model, a.towers_from, towers)
         start, tensors = 0, None
 
-    triplets, _ = read_triplets(train_file, check_images=False)
-    triplets = triplets[:a.limit]
     if len(triplets) < a.batch_size and a.steps:
         raise UserError(f"{len(triplets)} training triplets are fewer than one batch of {a.batch_size}")
     manifest_base = {"config": model.config.to_dict(), "stage": "align",
                      "tokenizer": {"type": "clip-bpe", "context_length": model.config.context_length},
                      "data": {"train": str(train_file), "sha256": sha256_file(train_file), "triplets": len(triplets)},
                      "args": {k: v for k, v in vars(a).items() if k not in ("resume", "stop_after")}}
-    params = [p for p in model.clip.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": a.weight_decay},
-                             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
-                            lr=a.lr, betas=(0.9, 0.98), eps=1e-6)
+    opt = make_optimizer(model.clip, a)
+    params = [p for group in opt.param_groups for p in group["params"]]
     if tensors is not None:
         restore_optimizer(opt, tensors, manifest)
         torch.set_rng_state(tensors["rng.torch"])

@@ -256,3 +256,20 @@ def test_diffusion_backend_edits_with_a_tiny_random_pipeline(shapes_data, tmp_pa
     assert np.asarray(edited).std() > 0 and edited.tobytes() != reference.tobytes()
     with pytest.raises(UserError, match="not a diffusers pipeline folder"):
         DiffusionEditor(tmp_path)
+
+
+def test_the_app_retrieves_and_draws_maps_with_a_tmcir_checkpoint(tmcir, tmp_path, shapes_data):
+    from cir.ui.explorer import Explorer
+
+    model, _ = tmcir
+    path = tmp_path / "tmcir.safetensors"
+    save_checkpoint(path, model, {"config": model.config.to_dict(), "step": 0})
+    ex = Explorer.load(path, gallery=shapes_data / "gallery_test.txt", examples=shapes_data / "test.jsonl", device="cpu")
+    t = ex.examples[0]
+    hits = ex.retrieve(t.reference, t.caption, k=5)
+    assert len(hits) == 5 and hits[0].score >= hits[-1].score
+    results = ex.phrase_maps(t.reference, t.caption, t.noun_phrases, layer=0, head=0)
+    assert len(results) == len(t.noun_phrases)
+    for r in results:
+        assert r.in_context.shape == (model.grid, model.grid)
+        assert abs(float(r.in_context.sum()) - 1) < 1e-4 and r.cc is not None
