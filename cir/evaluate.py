@@ -1,6 +1,9 @@
-"""Evaluate a checkpoint on triplets and a gallery.
+"""Evaluate a checkpoint on triplets and a gallery, or on CIRR and CIRCO in their official layouts.
 
     python -m cir.evaluate --checkpoint CKPT --triplets test.jsonl --gallery gallery_test.txt [--json OUT]
+    python -m cir.evaluate --checkpoint CKPT --dataset cirr --root ROOT --split val [--images DIR] [--index DIR]
+    python -m cir.evaluate --checkpoint CKPT --dataset cirr --root ROOT --split test1 --submission OUT_DIR
+    python -m cir.evaluate --checkpoint CKPT --dataset circo --root ROOT --split val|test [--submission OUT_DIR]
 
 Prints Recall@1/5/10/50, Recall_subset@1/2/3 (when triplets carry subsets), mAP@5/10/25/50 (when
 some query has several targets), the breakdowns by meta.num_modifications and by operation type
@@ -11,16 +14,29 @@ phrases with a table for every layer and head, and for phrases naming a referenc
 pointing game, energy (map mass inside the box, with its chance level) and distinctness (captions
 whose phrases on disjoint objects peak on different patches). The reference image is removed from the
 ranking for CIRR (its protocol) and kept as a hard negative otherwise (`--reference`).
+
+The benchmarks follow their official protocols. CIRR (cir.data.cirr): Recall@1/5/10/50 with the
+reference removed and Recall_subset@1/2/3 over the query's img_set members minus the reference,
+taken from the same ranking. CIRCO (cir.data.circo): mAP@5/10/25/50 over all ground truths,
+Recall@5/10/25/50 on target_img_id alone, mAP@10 per semantic aspect; the reference stays in the
+ranking. The test splits (CIRR test1, CIRCO test) have no public ground truth: they are never
+scored, `--submission` writes the files their servers take (cir.submission). One ranking serves
+every number and file: cosine similarity descending, equal scores in gallery order (galleries are
+sorted by path). The gallery is embedded once per run, or taken from an index of `cir.index`.
 """
 from __future__ import annotations
 
 import argparse
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from cir.atomic import write_json
+from cir.checkpoint import DEFAULT_CHECKPOINT
+from cir.data.circo import SPLITS as CIRCO_SPLITS, read_circo
+from cir.data.cirr import SPLITS as CIRR_SPLITS, cirr_image_names, read_cirr
 from cir.data.datasets import image_batches
 from cir.data.images import load_rgb
 from cir.data.triplets import Triplet, read_gallery, read_triplets
@@ -32,8 +48,13 @@ from cir.model import ConTextCIR, isolated_maps, span_maps
 from cir.precision import autocast
 
 RECALL_KS = (1, 5, 10, 50)
+CIRCO_RECALL_KS = (5, 10, 25, 50)
 SUBSET_KS = (1, 2, 3)
+SPLITS = {"cirr": CIRR_SPLITS, "circo": CIRCO_SPLITS}
+TEST_SPLITS = {"cirr": "test1", "circo": "test"}  # no public ground truth: submission files only
 MAP_KS = (5, 10, 25, 50)
+RANK_DEPTH = 50  # gallery images ranked per query: the largest K, and the depth of the submission files
+SCORE_BLOCK = 1 << 24  # query x gallery scores sorted at once
 
 
 @torch.no_grad()
@@ -66,28 +87,32 @@ def default_keep_reference(triplets: list[Triplet]) -> bool:
     return not any(t.meta.get("dataset") == "cirr" for t in triplets)
 
 
+def ranked(query_emb: torch.Tensor, gallery_emb: torch.Tensor, gallery: list[str], triplets: list[Triplet],
+           keep_reference: bool, k: int) -> tuple[list[list[str]], list[list[str]]]:
+    """(top-k gallery paths per query, its subset members in gallery minus its reference) from one
+    ranking: cosine similarity descending, ties broken by gallery position (galleries are sorted by
+    path, so equal scores rank by path). The reference is dropped from the top-k unless kept (a row
+    then holds min(k, N - 1) paths); the members are that same ranking restricted to them, so
+    Recall_subset and Recall agree on ties. query_emb [Q, E], gallery_emb [N, E]."""
+    pos = {p: i for i, p in enumerate(gallery)}
+    step = max(1, SCORE_BLOCK // max(1, len(gallery)))
+    top, members = [], []
+    for start in range(0, len(triplets), step):
+        scores = query_emb[start:start + step] @ gallery_emb.T  # [B, N]
+        order = scores.sort(dim=1, descending=True, stable=True).indices[:, :k + 1].tolist()
+        for row, t, s in zip(order, triplets[start:start + step], scores):
+            drop = None if keep_reference else pos.get(t.reference)
+            top.append([gallery[i] for i in row if i != drop][:k])
+            own = sorted({pos[m] for m in t.subset or [] if m in pos} - {pos.get(t.reference)})
+            by_score = s[own].sort(descending=True, stable=True).indices.tolist() if own else []
+            members.append([gallery[own[j]] for j in by_score])
+    return top, members
+
+
 def rank(query_emb: torch.Tensor, gallery_emb: torch.Tensor, gallery: list[str], triplets: list[Triplet],
          keep_reference: bool, k: int) -> list[list[str]]:
-    """Top-k gallery paths per query by cosine similarity (the reference dropped unless kept)."""
-    scores = query_emb @ gallery_emb.T
-    if not keep_reference:
-        pos = {p: i for i, p in enumerate(gallery)}
-        for q, t in enumerate(triplets):
-            if t.reference in pos:
-                scores[q, pos[t.reference]] = float("-inf")
-    top = scores.topk(min(k, len(gallery)), dim=1).indices.tolist()
-    return [[gallery[i] for i in row] for row in top]
-
-
-def subset_rankings(query_emb, gallery_emb, gallery: list[str], triplets: list[Triplet]) -> list[list[str]]:
-    """Each query's subset members (in the gallery) sorted by score."""
-    pos = {p: i for i, p in enumerate(gallery)}
-    out = []
-    for q, t in enumerate(triplets):
-        members = [m for m in (t.subset or []) if m in pos]
-        s = (query_emb[q] @ gallery_emb[[pos[m] for m in members]].T).tolist() if members else []
-        out.append([m for _, m in sorted(zip(s, members), key=lambda x: -x[0])])
-    return out
+    """The top-k gallery paths per query of `ranked`."""
+    return ranked(query_emb, gallery_emb, gallery, triplets, keep_reference, k)[0]
 
 
 @torch.no_grad()
@@ -162,37 +187,77 @@ def grounding(model: ConTextCIR, preprocess, triplets: list[Triplet], device, ba
             | {"objects": objects_out})
 
 
-def evaluate(model: ConTextCIR, preprocess, triplets: list[Triplet], gallery: list[str], device="cpu",
-             keep_reference: bool | None = None, batch_size: int = 128, with_grounding: bool = True,
-             progress: bool = False, gallery_emb: torch.Tensor | None = None) -> dict:
-    """All metrics of the module docstring, as the `--json` dict (percent values)."""
+def retrieve(model: ConTextCIR, preprocess, triplets: list[Triplet], gallery: list[str], device="cpu",
+             keep_reference: bool | None = None, batch_size: int = 128, progress: bool = False,
+             gallery_emb: torch.Tensor | None = None) -> tuple[list[list[str]], list[list[str]], bool]:
+    """(top RANK_DEPTH paths per query, its subset members, keep_reference) as `ranked` gives them.
+    The gallery is embedded once, unless `gallery_emb` [N, E] (L2-normalised rows) is given."""
     model.eval()
     if keep_reference is None:
         keep_reference = default_keep_reference(triplets)
     if gallery_emb is None:
         gallery_emb = embed_gallery(model, gallery, preprocess, device, batch_size, progress=progress)
     q = embed_queries(model, triplets, preprocess, device, batch_size, progress=progress)
-    rankings = rank(q, gallery_emb, gallery, triplets, keep_reference, max(max(RECALL_KS), max(MAP_KS)))
+    top, members = ranked(q, gallery_emb.to(q.device), gallery, triplets, keep_reference, RANK_DEPTH)
+    return top, members, keep_reference
+
+
+def protocol_metrics(triplets: list[Triplet], rankings: list[list[str]], members: list[list[str]]) -> dict:
+    """{"recall", ["recall_subset"], ["map"]} (each {"k": percent}) as the triplets' benchmark defines them.
+
+    CIRCO (meta.dataset "circo"): mAP@5/10/25/50 over all ground truths, Recall@5/10/25/50 on
+    target_img_id (each triplet's first target) alone. Otherwise Recall@1/5/10/50 on any target,
+    Recall_subset@1/2/3 on `members` when triplets carry subsets, mAP@5/10/25/50 when some query
+    has several targets. A UserError when no query has a target (a test split has none)."""
+    if not any(t.targets for t in triplets):
+        raise UserError(f"none of the {len(triplets)} queries has a target (a test split?), so nothing can be "
+                        "scored; write the test-server files with --submission OUT_DIR")
     targets = [set(t.targets) for t in triplets]
-    res: dict = {"recall": _str_keys(recall_at_k(rankings, targets, RECALL_KS)), "count": len(triplets),
-                 "keep_reference": keep_reference}
+    if any(t.meta.get("dataset") == "circo" for t in triplets):
+        return {"recall": _str_keys(recall_at_k(rankings, [t.targets[:1] for t in triplets], CIRCO_RECALL_KS)),
+                "map": _str_keys(map_at_k(rankings, targets, MAP_KS))}
+    res = {"recall": _str_keys(recall_at_k(rankings, targets, RECALL_KS))}
     if any(t.subset for t in triplets):
-        sub = subset_rankings(q, gallery_emb, gallery, triplets)
-        res["recall_subset"] = _str_keys(recall_subset_at_k(sub, targets, [t.subset or [] for t in triplets],
+        res["recall_subset"] = _str_keys(recall_subset_at_k(members, targets, [t.subset or [] for t in triplets],
                                                             [t.reference for t in triplets], SUBSET_KS))
     if any(len(t.targets) > 1 for t in triplets):
         res["map"] = _str_keys(map_at_k(rankings, targets, MAP_KS))
-    by_count, by_operation = defaultdict(list), defaultdict(list)
+    return res
+
+
+def evaluate(model: ConTextCIR, preprocess, triplets: list[Triplet], gallery: list[str], device="cpu",
+             keep_reference: bool | None = None, batch_size: int = 128, with_grounding: bool = True,
+             progress: bool = False, gallery_emb: torch.Tensor | None = None) -> dict:
+    """All metrics of the module docstring, as the `--json` dict (percent values)."""
+    rankings, members, keep_reference = retrieve(model, preprocess, triplets, gallery, device, keep_reference,
+                                                 batch_size, progress, gallery_emb)
+    return evaluate_rankings(model, preprocess, triplets, rankings, members, keep_reference, device, with_grounding)
+
+
+def evaluate_rankings(model: ConTextCIR, preprocess, triplets: list[Triplet], rankings: list[list[str]],
+                      members: list[list[str]], keep_reference: bool, device="cpu", with_grounding: bool = True
+                      ) -> dict:
+    """The `--json` dict of `evaluate` from the rankings of `retrieve`."""
+    targets = [set(t.targets) for t in triplets]
+    res: dict = protocol_metrics(triplets, rankings, members) | {"count": len(triplets),
+                                                                 "keep_reference": keep_reference}
+    by_count, by_operation, by_aspect = defaultdict(list), defaultdict(list), defaultdict(list)
     for i, t in enumerate(triplets):
         if "num_modifications" in t.meta:
             by_count[str(t.meta["num_modifications"])].append(i)
         for op_type in {op.get("type") for op in t.meta.get("operations", []) if isinstance(op, dict)} - {None}:
             by_operation[str(op_type)].append(i)
+        for aspect in dict.fromkeys(t.meta.get("semantic_aspects", [])):
+            by_aspect[str(aspect)].append(i)
     for name, groups in (("by_num_modifications", by_count), ("by_operation", by_operation)):
         if groups:
             res[name] = {k: {"recall": _str_keys(recall_at_k([rankings[i] for i in idx], [targets[i] for i in idx],
                                                              RECALL_KS)), "count": len(idx)}
                          for k, idx in sorted(groups.items())}
+    if by_aspect and "map" in res:  # CIRCO's semantic mAP@10
+        res["by_semantic_aspect"] = {k: {"map": _str_keys(map_at_k([rankings[i] for i in idx],
+                                                                   [targets[i] for i in idx], [10])),
+                                         "count": len(idx)} for k, idx in sorted(by_aspect.items())}
     if any(t.meta.get("partials") for t in triplets):
         res["top1"] = top1_outcomes(rankings, triplets)
     if with_grounding and (g := grounding(model, preprocess, triplets, device)) is not None:
@@ -235,6 +300,8 @@ def format_results(res: dict) -> str:
         lines.append(f"  {k} modification(s), {g['count']} queries: " + fmt(g["recall"], "R"))
     for k, g in res.get("by_operation", {}).items():
         lines.append(f"  with {k}, {g['count']} queries: " + fmt(g["recall"], "R"))
+    for k, g in res.get("by_semantic_aspect", {}).items():
+        lines.append(f"  aspect {k}, {g['count']} queries: " + fmt(g["map"], "mAP"))
     if "top1" in res:
         lines.append("first result: " + ", ".join(f"{v} {k}" for k, v in res["top1"].items())
                      + " (partial = the query's own reference with only some of its operations applied)")
@@ -255,10 +322,10 @@ def format_results(res: dict) -> str:
     return "\n".join(lines)
 
 
-def add_data_flags(p: argparse.ArgumentParser) -> None:
+def add_data_flags(p: argparse.ArgumentParser, required: bool = True) -> None:
     """The flags every evaluation command shares: what to evaluate on and how to rank."""
-    p.add_argument("--triplets", required=True, help="triplet JSONL file to evaluate")
-    p.add_argument("--gallery", required=True, help="gallery: a folder of images or a text file of paths")
+    p.add_argument("--triplets", required=required, help="triplet JSONL file to evaluate")
+    p.add_argument("--gallery", required=required, help="gallery: a folder of images or a text file of paths")
     p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     p.add_argument("--reference", choices=["auto", "keep", "remove"], default="auto",
                    help="keep the reference image in the ranking as a negative, or remove it (auto: remove for CIRR only)")
@@ -279,22 +346,91 @@ def read_data(a: argparse.Namespace) -> tuple[list[Triplet], list[str], bool | N
     return triplets, gallery, None if a.reference == "auto" else a.reference == "keep"
 
 
+def read_benchmark(dataset: str, root: str, split: str, images: str | None) -> tuple[list[Triplet], list[str]]:
+    """(triplets, gallery) of a CIRR or CIRCO split read from its official layout under `root`."""
+    if dataset == "cirr":
+        return read_cirr(root, split, images)
+    return read_circo(root, split, images)
+
+
+def _check_flags(a: argparse.Namespace) -> None:
+    """Either --dataset with --root, or --triplets with --gallery; --submission only with --dataset."""
+    if a.dataset is None:
+        if a.triplets is None or a.gallery is None:
+            raise UserError("give --triplets and --gallery, or --dataset cirr|circo with --root")
+        for flag in ("root", "split", "images", "submission"):
+            if getattr(a, flag) is not None:
+                raise UserError(f"--{flag} needs --dataset cirr|circo")
+        return
+    if a.root is None:
+        raise UserError(f"--dataset {a.dataset} needs --root, the folder holding the dataset")
+    if a.triplets is not None or a.gallery is not None:
+        raise UserError(f"--dataset {a.dataset} reads --root; --triplets and --gallery are for triplet JSONL files")
+    a.split = a.split or "val"
+    if a.split not in SPLITS[a.dataset]:
+        raise UserError(f"--split: {a.dataset} has the splits {', '.join(SPLITS[a.dataset])}, not {a.split!r}")
+    if a.split == TEST_SPLITS[a.dataset] and a.submission is None:
+        raise UserError(f"{a.dataset} {a.split} has no public ground truth, so it cannot be scored here; "
+                        "pass --submission OUT_DIR to write the files its test server takes")
+
+
 def main(argv: list[str] | None = None) -> int:
     from cir.checkpoint import load_checkpoint
+    from cir.index import embeddings_of, read_resolved_manifest
+    from cir.submission import write_submission
 
     p = argparse.ArgumentParser(prog="python -m cir.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default=None, help="model checkpoint (.safetensors); default: the shipped one in assets/")
-    add_data_flags(p)
+    p.add_argument("--checkpoint", default=None,
+                   help="model checkpoint (.safetensors); default: the one --index was built with, else the "
+                        "shipped one in assets/")
+    add_data_flags(p, required=False)
+    p.add_argument("--dataset", choices=sorted(SPLITS), default=None,
+                   help="evaluate a benchmark in its official layout under --root instead of --triplets/--gallery")
+    p.add_argument("--root", default=None,
+                   help="the dataset folder: CIRR's (captions/, image_splits/, img_raw/ or CLIP4Cir's cirr/, dev/, "
+                        "...) or CIRCO's (annotations/, COCO2017_unlabeled/unlabeled2017/)")
+    p.add_argument("--split", default=None,
+                   help="cirr: train, val or test1; circo: val or test (default val); the test splits need --submission")
+    p.add_argument("--images", default=None,
+                   help="image folder, if not where the layout puts it: CIRR's folder holding train/, dev/ and test1/ "
+                        "(default ROOT/img_raw or ROOT), CIRCO's folder of COCO jpgs (default "
+                        "ROOT/COCO2017_unlabeled/unlabeled2017)")
+    p.add_argument("--index", default=None,
+                   help="gallery index folder from python -m cir.index build: its stored embeddings are used "
+                        "instead of embedding the gallery (it must hold every gallery image, built with the checkpoint)")
+    p.add_argument("--submission", default=None,
+                   help="write the test-server submission files of --split into this folder (CIRR: "
+                        "cirr-SPLIT-recall.json and cirr-SPLIT-recall_subset.json; CIRCO: circo-SPLIT.json)")
     p.add_argument("--no-grounding", action="store_true", help="skip the pointing-game grounding measure")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device (default: cuda if available)")
     a = p.parse_args(argv)
-    triplets, gallery, keep = read_data(a)
-    model, preprocess, _ = load_checkpoint(a.checkpoint, a.device)
-    res = evaluate(model, preprocess, triplets, gallery, a.device, keep, a.batch_size, not a.no_grounding, progress=True)
-    print(format_results(res))
-    if a.json:
-        write_json(a.json, res)
+    _check_flags(a)
+    if a.dataset is None:
+        triplets, gallery, keep = read_data(a)
+    else:
+        triplets, gallery = read_benchmark(a.dataset, a.root, a.split, a.images)
+        if not triplets:
+            raise UserError(f"{a.dataset} {a.split} under {a.root} has no queries")
+        keep = None if a.reference == "auto" else a.reference == "keep"
+    checkpoint = a.checkpoint
+    if a.index is not None and checkpoint is None:
+        checkpoint = read_resolved_manifest(Path(a.index))["checkpoint"]["path"]
+    model, preprocess, _ = load_checkpoint(checkpoint, a.device)
+    gallery_emb = None
+    if a.index is not None:
+        gallery_emb = torch.from_numpy(embeddings_of(a.index, gallery, checkpoint or DEFAULT_CHECKPOINT))
+    rankings, members, keep = retrieve(model, preprocess, triplets, gallery, a.device, keep, a.batch_size,
+                                       progress=True, gallery_emb=gallery_emb)
+    if a.submission is not None:
+        names = cirr_image_names(a.root, a.split, a.images) if a.dataset == "cirr" else None
+        for path in write_submission(a.submission, a.dataset, a.split, triplets, rankings, members, names):
+            print(f"wrote {path}")
+    if any(t.targets for t in triplets):
+        res = evaluate_rankings(model, preprocess, triplets, rankings, members, keep, a.device, not a.no_grounding)
+        print(format_results(res))
+        if a.json:
+            write_json(a.json, res)
     return 0
 
 

@@ -150,17 +150,7 @@ class GalleryIndex:
              device: str | torch.device = "cpu") -> "GalleryIndex":
         """Open INDEX_DIR. With `checkpoint_path`, its sha256 must be the one the index was built with."""
         index_dir = Path(index_dir)
-        manifest = read_resolved_manifest(index_dir)
-        if checkpoint_path is not None:
-            check_checkpoint(manifest, checkpoint_path, index_dir)
-        try:
-            emb = np.load(index_dir / EMBEDDINGS, mmap_mode="r")
-        except (OSError, ValueError, EOFError) as e:  # missing, truncated or not a .npy file
-            raise UserError(f"{index_dir}: {EMBEDDINGS} cannot be read ({type(e).__name__}: "
-                            f"{' '.join(str(e).split())}); rebuild the index") from None
-        if emb.shape != (manifest["count"], manifest["embedding"]["dim"]):
-            raise UserError(f"{index_dir}: {EMBEDDINGS} has shape {emb.shape}, the manifest says "
-                            f"({manifest['count']}, {manifest['embedding']['dim']}); rebuild the index")
+        manifest, emb = open_embeddings(index_dir, checkpoint_path)
         index = None
         if torch.device(device).type != "cuda":
             try:
@@ -228,6 +218,39 @@ class GalleryIndex:
             out.append((q[i:i + step] @ self._gpu.T).topk(k, dim=1))
         return (torch.cat([s for s, _ in out]).float().cpu().numpy(),
                 torch.cat([i for _, i in out]).cpu().numpy().astype(np.int64))
+
+
+def open_embeddings(index_dir: str | os.PathLike, checkpoint_path: str | os.PathLike | None = None
+                    ) -> tuple[dict, np.ndarray]:
+    """(resolved manifest, embeddings [N, E] float32 memory-mapped) of INDEX_DIR, checked against each
+    other. With `checkpoint_path`, its sha256 must be the one the index was built with."""
+    index_dir = Path(index_dir)
+    manifest = read_resolved_manifest(index_dir)
+    if checkpoint_path is not None:
+        check_checkpoint(manifest, checkpoint_path, index_dir)
+    try:
+        emb = np.load(index_dir / EMBEDDINGS, mmap_mode="r")
+    except (OSError, ValueError, EOFError) as e:  # missing, truncated or not a .npy file
+        raise UserError(f"{index_dir}: {EMBEDDINGS} cannot be read ({type(e).__name__}: "
+                        f"{' '.join(str(e).split())}); rebuild the index") from None
+    if emb.shape != (manifest["count"], manifest["embedding"]["dim"]):
+        raise UserError(f"{index_dir}: {EMBEDDINGS} has shape {emb.shape}, the manifest says "
+                        f"({manifest['count']}, {manifest['embedding']['dim']}); rebuild the index")
+    return manifest, emb
+
+
+def embeddings_of(index_dir: str | os.PathLike, paths: list[str], checkpoint_path: str | os.PathLike
+                  ) -> np.ndarray:
+    """The stored embeddings [len(paths), E] float32 of `paths` (absolute, normalised), in that order,
+    from the index at INDEX_DIR built with `checkpoint_path`; a UserError naming the first path the
+    index lacks."""
+    manifest, emb = open_embeddings(index_dir, checkpoint_path)
+    row = {im["path"]: i for i, im in enumerate(manifest["images"])}
+    missing = [p for p in paths if p not in row]
+    if missing:
+        raise UserError(f"index {index_dir} lacks {len(missing)} of the {len(paths)} gallery images, e.g. "
+                        f"{missing[0]}; build it over them with: python -m cir.index build --gallery ...")
+    return np.ascontiguousarray(emb[[row[p] for p in paths]], dtype=np.float32)
 
 
 def read_index_manifest(index_dir: Path) -> dict:

@@ -98,3 +98,64 @@ def test_first_result_outcomes_of_cir_shapes_queries():
                 ["/d/images/test/q-partial-0.png"], ["/d/images/test/r-tgt.png"], [],
                 ["/d/images/test/q-partial-0.png"]]  # the last row is r's: q's partial is "other" for it
     assert top1_outcomes(rankings, [t, t, t, t, t, other]) == {"target": 1, "partial": 1, "reference": 1, "other": 3}
+
+
+def _circo(targets, qid="0"):
+    from cir.data.triplets import Triplet
+    return Triplet(qid, "ref", "caption", targets, meta={"dataset": "circo"})
+
+
+def test_circo_recall_counts_the_target_only():
+    from cir.evaluate import protocol_metrics
+
+    # the issue's minimal case: ranking [2, 1, 3], ground truths [1, 2], target 1 -> a miss at rank 1
+    assert recall_at_k([[2, 1, 3]], [[1]], [1]) == {1: 0.0}
+    # CIRCO's Ks: ground truth 2 in the top 5, the target 1 at rank 6
+    ranking = [2, 4, 5, 6, 7, 1, 8]
+    got = protocol_metrics([_circo([1, 2])], [ranking], [[]])
+    assert got["recall"] == {"5": 0.0, "10": 100.0, "25": 100.0, "50": 100.0}
+    # AP@5 = (1/1) / min(5, 2) = 0.5; AP@10 = (1/1 + 2/6) / 2 = 0.6667
+    assert got["map"] == pytest.approx({"5": 50.0, "10": 200 / 3, "25": 200 / 3, "50": 200 / 3})
+    assert set(got) == {"recall", "map"}  # no Recall@1 and no subset metric for CIRCO
+
+
+def test_protocol_metrics_refuses_queries_without_targets():
+    from cir.errors import UserError
+    from cir.evaluate import protocol_metrics
+
+    with pytest.raises(UserError, match="none of the 2 queries has a target"):
+        protocol_metrics([_circo([]), _circo([], "1")], [[1], [1]], [[], []])
+
+
+def _ranked(scores, gallery, reference, subset, k):
+    """`cir.evaluate.ranked` for one query whose scores against the gallery are `scores`."""
+    import torch
+
+    from cir.data.triplets import Triplet
+    from cir.evaluate import ranked
+
+    query = torch.eye(len(gallery))[:1]            # [1, N]: scores = the first row of the gallery matrix
+    gallery_emb = torch.tensor([scores]).T.expand(-1, len(gallery)).contiguous()  # [N, N], column 0 = scores
+    t = Triplet("q", reference, "c", ["t"], subset=subset)
+    (top,), (members,) = ranked(query, gallery_emb, gallery, [t], keep_reference=False, k=k)
+    return top, members
+
+
+def test_ranking_breaks_ties_by_gallery_position():
+    top, members = _ranked([0.5, 0.9, 0.5, 0.9, 0.1], ["a", "b", "c", "d", "e"], "e", ["c", "a", "d"], 3)
+    assert top == ["b", "d", "a"]   # 0.9 (b before d), then 0.5 (a before c)
+    assert members == ["d", "a", "c"]
+
+
+def test_equal_scores_rank_members_as_the_full_ranking():
+    gallery = ["a", "b", "c", "d", "e", "f"]
+    top, members = _ranked([0.3] * 6, gallery, "a", ["c", "b", "a", "d"], 50)
+    assert top == ["b", "c", "d", "e", "f"] and members == ["b", "c", "d"]
+    # the target b is first in both: R@1 and Rsubset@1 agree
+    assert recall_at_k([top], [{"b"}], [1]) == {1: 100.0}
+    assert recall_subset_at_k([members], [{"b"}], [["c", "b", "a", "d"]], ["a"], [1]) == {1: 100.0}
+
+
+def test_k_at_least_the_gallery_drops_the_reference():
+    top, _ = _ranked([0.9, 0.1, 0.5, 0.7], ["ref", "x", "y", "z"], "ref", None, 10)
+    assert top == ["z", "y", "x"]   # 3 = N - 1 paths, the reference not among them
