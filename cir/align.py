@@ -14,15 +14,16 @@ fine-tuned contrastively on (pseudo-target image, modification text) pairs.
    towers train; TMCIR's pooling and head are stage 2's.
 3. OUT/last.safetensors (+ .json) holds weights, optimizer and RNG state every --save-every steps
    (`--resume` continues from it); at the end OUT/aligned.safetensors holds the model at step 0
-   of stage 2, which `cir.train --init-from` starts from. `--steps 0` writes the unaligned towers
-   there: TMCIR without stage 1, on the same towers.
+   of stage 2, which `cir.train --init-from` starts from. `--no-alignment` writes the unaligned
+   towers there: TMCIR without stage 1, on the same towers.
 """
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from cir.cli import add_device_flags, positive_int
+from cir.cli import add_training_flags, positive_int
+from cir.data.images import load_rgb
 from cir.pseudo_targets import GENERATORS
 
 
@@ -35,10 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--towers-from", default=None, metavar="CKPT",
                    help="take the CLIP towers (clip.* weights) of any checkpoint, e.g. a ConText-CIR one, so both "
                         "methods start from the same towers")
-    p.add_argument("--data", default=None, help="folder with train.jsonl")
-    p.add_argument("--train", default=None, help="training triplets JSONL (default DATA/train.jsonl)")
+    add_training_flags(p, steps=1000, batch=64, lr=1e-4, warmup=100, weight_decay=1e-2)
     p.add_argument("--limit", type=positive_int, default=None, help="use the first N training triplets only")
-    p.add_argument("--out", required=True, help="run folder: pseudo_targets/, last.safetensors, aligned.safetensors, log.jsonl")
     p.add_argument("--generator", choices=GENERATORS, default="oracle",
                    help="pseudo-targets: oracle (CIR-Shapes: the operations applied to the reference scene, "
                         "rendered with fresh jitter) or diffusion (an instruction-following diffusers editor)")
@@ -47,30 +46,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--diffusion-steps", type=positive_int, default=20, help="denoising steps per image (default 20)")
     p.add_argument("--guidance-scale", type=float, default=7.5, help="text guidance of the editor (default 7.5)")
     p.add_argument("--image-guidance-scale", type=float, default=1.5, help="image guidance of the editor (default 1.5)")
-    p.add_argument("--steps", type=int, default=1000, help="optimizer steps; 0 = no alignment (default 1000)")
-    p.add_argument("--batch-size", type=positive_int, default=64, help="pairs per step (default 64)")
-    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate after warm-up (default 1e-4)")
-    p.add_argument("--min-lr", type=float, default=1e-6, help="learning rate at the end of the cosine (default 1e-6)")
-    p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps (default 100)")
-    p.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay on matrices (default 1e-2)")
-    p.add_argument("--clip-grad", type=float, default=1.0, help="gradient-norm clipping, 0 = off (default 1.0)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="autocast dtype (cir.precision): auto = bf16 where the hardware runs it natively, else fp32")
     p.add_argument("--save-every", type=positive_int, default=100, help="write last.safetensors every N steps (default 100)")
-    p.add_argument("--workers", type=int, default=1, help="data-loading processes (default 1)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (pseudo-targets, data order)")
-    add_device_flags(p)
+    p.add_argument("--no-alignment", action="store_true",
+                   help="skip stage 1: write the towers as they are to OUT/aligned.safetensors (TMCIR without stage 1)")
     p.add_argument("--resume", action="store_true", help="continue exactly from OUT/last.safetensors (weights, optimizer, RNG)")
     p.add_argument("--stop-after", type=positive_int, default=None,
                    help="stop (after saving) once this step is reached, keeping the schedule of --steps")
     a = p.parse_args(argv)
-    if a.steps < 0:
-        p.error("--steps must be 0 or more")
     if a.generator == "diffusion" and not a.diffusion_weights:
         p.error("--generator diffusion needs --diffusion-weights DIR")
     if not (a.data or a.train):
         p.error("give --data DIR or --train FILE")
     return a
+
+
+class PseudoTargetPairs:
+    """Stage 1's training pairs: item i -> (pseudo-target image `paths[i]` preprocessed [3, S, S],
+    its modification text's tokens `tokens[i]` [C])."""
+
+    def __init__(self, paths: list[str], tokens, preprocess):
+        self.paths, self.tokens, self.preprocess = paths, tokens, preprocess
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return self.preprocess(load_rgb(self.paths[i])), self.tokens[i]
 
 
 def alignment_loss(model, images, tokens):
@@ -93,13 +96,12 @@ def main(argv=None) -> int:
 
     import numpy as np
     import torch
-    from torch.utils.data import DataLoader, Dataset
+    from torch.utils.data import DataLoader
     from tqdm import tqdm
 
     from cir import precision
     from cir.atomic import sha256_file
     from cir.checkpoint import load_checkpoint, load_weights, read_tensors, save_checkpoint
-    from cir.data.images import load_rgb
     from cir.data.triplets import read_triplets
     from cir.errors import UserError
     from cir.model import ModelConfig, build_model
@@ -138,7 +140,8 @@ def main(argv=None) -> int:
             load_weights(model, a.towers_from, towers)
         start, tensors = 0, None
 
-    if len(triplets) < a.batch_size and a.steps:
+    steps = 0 if a.no_alignment else a.steps
+    if len(triplets) < a.batch_size and steps:
         raise UserError(f"{len(triplets)} training triplets are fewer than one batch of {a.batch_size}")
     manifest_base = {"config": model.config.to_dict(), "stage": "align",
                      "tokenizer": {"type": "clip-bpe", "context_length": model.config.context_length},
@@ -151,22 +154,14 @@ def main(argv=None) -> int:
         torch.set_rng_state(tensors["rng.torch"])
     out.mkdir(parents=True, exist_ok=True)
 
-    stop = min(a.steps, a.stop_after or a.steps)
+    stop = min(steps, a.stop_after or steps)
     if stop > start:
         generator = (ShapesOracle() if a.generator == "oracle" else
                      DiffusionEditor(a.diffusion_weights, a.diffusion_steps, a.guidance_scale,
                                      a.image_guidance_scale, str(device)))
         paths = write_pseudo_targets(triplets, generator, out / "pseudo_targets", a.seed, train_file)
         manifest_base["pseudo_targets"] = generator.describe()
-        tokens = model.tokenizer([t.caption for t in triplets])
-
-        class Pairs(Dataset):
-            def __len__(self):
-                return len(paths)
-
-            def __getitem__(self, i):
-                return preprocess(load_rgb(paths[i])), tokens[i]
-
+        pairs = PseudoTargetPairs(paths, model.tokenizer([t.caption for t in triplets]), preprocess)
         log_path = out / "log.jsonl"
         if not a.resume and log_path.exists():
             log_path.unlink()
@@ -180,7 +175,7 @@ def main(argv=None) -> int:
             epoch, offset = divmod(step, per_epoch)
             order = torch.randperm(len(paths), generator=torch.Generator().manual_seed(a.seed * 100003 + epoch))
             order = order[offset * a.batch_size:per_epoch * a.batch_size].tolist()  # whole batches only
-            loader = DataLoader(torch.utils.data.Subset(Pairs(), order), batch_size=a.batch_size, num_workers=a.workers)
+            loader = DataLoader(torch.utils.data.Subset(pairs, order), batch_size=a.batch_size, num_workers=a.workers)
             for images, toks in loader:
                 lr = lr_at(step, a)
                 for group in opt.param_groups:
@@ -203,13 +198,13 @@ def main(argv=None) -> int:
                 if step >= stop:
                     break
         bar.close()
-    if stop < a.steps:
-        print(f"stopped at step {stop} of {a.steps}; continue with --resume")
+    if stop < steps:
+        print(f"stopped at step {stop} of {steps}; continue with --resume")
         return 0
     aligned = out / "aligned.safetensors"
     save_checkpoint(aligned, model, {k: v for k, v in manifest_base.items() if k != "stage"}
-                    | {"step": 0, "alignment": {"steps": a.steps}})
-    print(f"done: {a.steps} alignment steps; stage 2 starts from {aligned}")
+                    | {"step": 0, "alignment": {"steps": steps}})
+    print(f"done: {steps} alignment steps; stage 2 starts from {aligned}")
     return 0
 
 

@@ -72,19 +72,20 @@ class ModelConfig:
 
     @staticmethod
     def from_dict(d: dict):
-        """A ModelConfig; with "method": "tmcir", a cir.tmcir.TMCIRConfig."""
+        """The config of the method d["method"] names: a ModelConfig (no method, or "context-cir")
+        or a cir.tmcir.TMCIRConfig ("tmcir")."""
+        from cir.tmcir import TMCIRConfig
+
+        classes = {"context-cir": ModelConfig, "tmcir": TMCIRConfig}
         method = d.get("method", "context-cir")
-        if method == "tmcir":
-            from cir.tmcir import TMCIRConfig
-            return TMCIRConfig.from_dict(d)
-        if method != "context-cir":
-            raise UserError(f"unknown method {method!r}: expected context-cir or tmcir")
+        if method not in classes:
+            raise UserError(f"unknown method {method!r}: expected one of {', '.join(classes)}")
+        config_class = classes[method]
         d = {k: v for k, v in d.items() if k != "method"}
-        known = {f.name for f in fields(ModelConfig)}
-        unknown = set(d) - known
+        unknown = set(d) - {f.name for f in fields(config_class)}
         if unknown:
             raise UserError(f"unknown model config keys: {sorted(unknown)}")
-        return ModelConfig(**d)
+        return config_class(**d)
 
     def to_dict(self) -> dict:
         return asdict(self)

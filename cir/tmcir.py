@@ -34,13 +34,12 @@ The paper leaves open, and this implementation chooses:
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cir.errors import UserError
 from cir.fusion import PMA, FusionOutput
 from cir.model import EOT_ID, ComposedRetrieval, text_tower_projection, text_tower_states
 from cir.tokenizer import CaptionTokenizer
@@ -48,6 +47,8 @@ from cir.tokenizer import CaptionTokenizer
 
 @dataclass
 class TMCIRConfig:
+    """Read through cir.model.ModelConfig.load / from_dict (the "method" key picks this class)."""
+
     clip_model: str  # an open_clip model name (built in, or one of cir/configs/clip/*.json)
     method: str = "tmcir"
     pretrained: str | None = None  # open_clip pretrained tag or a local weights file; None = random init
@@ -61,18 +62,6 @@ class TMCIRConfig:
     # the maps are one layer and one head (what the app's layer and head selectors read)
     fusion_layers = 1
     fusion_heads = 1
-
-    def __post_init__(self):
-        if self.method != "tmcir":
-            raise UserError(f"a TMCIR config has method 'tmcir', not {self.method!r}")
-
-    @staticmethod
-    def from_dict(d: dict) -> "TMCIRConfig":
-        known = {f.name for f in fields(TMCIRConfig)}
-        unknown = set(d) - known
-        if unknown:
-            raise UserError(f"unknown TMCIR config keys: {sorted(unknown)}")
-        return TMCIRConfig(**d)
 
     def to_dict(self) -> dict:
         return asdict(self)
