@@ -8,6 +8,9 @@ triplet's `noun_phrases` field, else from the parser (cached next to the data). 
 RUN_DIR/last.safetensors (+ .json) with optimizer and RNG state; `--resume` continues from it and
 reproduces the loss curve of an uninterrupted run. Multi-GPU: `torchrun --nproc_per_node N -m cir.train ...`.
 
+TMCIR (cir/tmcir.py) trains here too, its stage 2: `--init-from` the stage-1 output of
+`python -m cir.align`, with `--lambda-cc 0 --no-query-negative` for the paper's loss.
+
 Defaults differ from the paper's (lr 2e-5 .. 2e-7 for fine-tuning pretrained CLIP): the fusion and
 pooling start from scratch and the shipped towers from a short CLIP-style pretraining on CIR-Shapes
 (`python -m cir.towers`), which needs a larger peak lr (3e-4 here,
