@@ -343,7 +343,7 @@ def test_evaluate_reuses_an_index(cirr, tiny_checkpoint, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--dataset", "circo", "--root", ".", "--split", "train"], r"--split: circo has the splits val, test, not 'train'"),
+    (["--dataset", "circo", "--root", ".", "--split", "train"], r"circo has the splits val, test, not 'train' \(CIRCO has no training split\)"),
     (["--dataset", "cirr"], r"--dataset cirr needs --root"),
     (["--triplets", "t.jsonl", "--gallery", "g", "--submission", "out"], r"--submission needs --dataset"),
     (["--dataset", "cirr", "--root", ".", "--triplets", "t.jsonl"], r"--triplets and --gallery are for triplet JSONL"),
@@ -351,3 +351,15 @@ def test_evaluate_reuses_an_index(cirr, tiny_checkpoint, tmp_path, monkeypatch):
 def test_evaluate_flag_mistakes(argv, message):
     with pytest.raises(UserError, match=message):
         _run(*argv)
+
+
+def test_export_cirr_as_triplet_files(cirr, tmp_path):
+    from cir.data.benchmarks import main
+    from cir.data.triplets import read_gallery, read_triplets
+
+    main(["--dataset", "cirr", "--root", str(cirr), "--split", "val", "--out", str(tmp_path / "out")])
+    triplets, gallery = read_cirr(cirr, "val")
+    assert read_triplets(tmp_path / "out" / "val.jsonl")[0] == triplets
+    assert read_gallery(tmp_path / "out" / "gallery_val.txt") == gallery
+    with pytest.raises(UserError, match=r"circo has the splits val, test, not 'train' \(CIRCO has no training split\)"):
+        main(["--dataset", "circo", "--root", str(cirr), "--split", "train", "--out", str(tmp_path / "out")])
