@@ -258,13 +258,18 @@ def test_diffusion_backend_edits_with_a_tiny_random_pipeline(shapes_data, tmp_pa
         DiffusionEditor(tmp_path)
 
 
-def test_the_app_retrieves_and_draws_maps_with_a_tmcir_checkpoint(tmcir, tmp_path, shapes_data):
+def test_the_index_and_the_app_take_a_tmcir_checkpoint(tmcir, tmp_path, shapes_data):
+    from cir.index import GalleryIndex, build_index
     from cir.ui.explorer import Explorer
 
-    model, _ = tmcir
+    model, preprocess = tmcir
     path = tmp_path / "tmcir.safetensors"
     save_checkpoint(path, model, {"config": model.config.to_dict(), "step": 0})
-    ex = Explorer.load(path, gallery=shapes_data / "gallery_test.txt", examples=shapes_data / "test.jsonl", device="cpu")
+    build_index(tmp_path / "index", shapes_data / "gallery_test.txt", path, batch_size=8)
+    index = GalleryIndex.load(tmp_path / "index", checkpoint_path=path)
+    first = torch.stack([preprocess(load_rgb(p)) for p in index.paths[:3]])
+    assert np.allclose(np.asarray(index.embeddings)[:3], model.encode_gallery(first).numpy(), atol=1e-5)
+    ex = Explorer.load(path, index=tmp_path / "index", examples=shapes_data / "test.jsonl", device="cpu")
     t = ex.examples[0]
     hits = ex.retrieve(t.reference, t.caption, k=5)
     assert len(hits) == 5 and hits[0].score >= hits[-1].score
