@@ -358,9 +358,11 @@ def _check_flags(a: argparse.Namespace) -> None:
     if a.triplets is not None or a.gallery is not None:
         raise UserError(f"--dataset {a.dataset} reads --root; --triplets and --gallery are for triplet JSONL files")
     a.split = a.split or "val"
-    if a.split == TEST_SPLITS[a.dataset] and a.submission is None:
+    if a.split == TEST_SPLITS[a.dataset] and (a.submission is None or a.json is not None):
         raise UserError(f"{a.dataset} {a.split} has no public ground truth, so it cannot be scored here; "
-                        "pass --submission OUT_DIR to write the files its test server takes")
+                        "pass --submission OUT_DIR (not --json) to write the files its test server takes")
+    if a.dataset == "cirr" and a.submission is not None and a.reference == "keep":
+        raise UserError("--reference keep: CIRR's server takes rankings without the reference")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -347,6 +347,10 @@ def test_evaluate_reuses_an_index(cirr, tiny_checkpoint, tmp_path, monkeypatch):
     (["--dataset", "cirr"], r"--dataset cirr needs --root"),
     (["--triplets", "t.jsonl", "--gallery", "g", "--submission", "out"], r"--submission needs --dataset"),
     (["--dataset", "cirr", "--root", ".", "--triplets", "t.jsonl"], r"--triplets and --gallery are for triplet JSONL"),
+    (["--dataset", "circo", "--root", ".", "--split", "test", "--submission", "o", "--json", "r.json"],
+     r"circo test has no public ground truth.*\(not --json\)"),
+    (["--dataset", "cirr", "--root", ".", "--split", "test1", "--submission", "o", "--reference", "keep"],
+     r"--reference keep: CIRR's server takes rankings without the reference"),
 ])
 def test_evaluate_flag_mistakes(argv, message):
     with pytest.raises(UserError, match=message):
