@@ -50,7 +50,7 @@ class TMCIRConfig:
     """Read through cir.model.ModelConfig.load / from_dict (the "method" key picks this class)."""
 
     clip_model: str  # an open_clip model name (built in, or one of cir/configs/clip/*.json)
-    method: str = "tmcir"
+    method: str = "tmcir"  # the key cir.model.ModelConfig.from_dict picks the config class by
     pretrained: str | None = None  # open_clip pretrained tag or a local weights file; None = random init
     context_length: int = 77
     pool_heads: int = 8
