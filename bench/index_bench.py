@@ -83,7 +83,7 @@ def recall_at_10(ids: np.ndarray, exact: np.ndarray) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.index_bench", description=__doc__,
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m bench.index_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None,
                    help="model checkpoint; default: the shipped one, or a random context-cir-shapes-grid7 "

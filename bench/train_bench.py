@@ -70,7 +70,7 @@ def step_worker(a) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.train_bench", description=__doc__,
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m bench.train_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="context-cir-shapes-grid7",
                    help="model config (default context-cir-shapes-grid7, the shipped design)")

@@ -28,7 +28,7 @@ from cir.pseudo_targets import GENERATORS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m cir.align", description=__doc__,
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m cir.align", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="tmcir-shapes-grid7",
                    help="TMCIR model config name (cir/configs/) or JSON path (default tmcir-shapes-grid7)")

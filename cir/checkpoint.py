@@ -224,15 +224,15 @@ def model_hash(path: str | os.PathLike) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m cir.checkpoint", description=__doc__,
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m cir.checkpoint", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    e = sub.add_parser("export", help="write a model-only checkpoint (for shipping)")
+    e = sub.add_parser("export", allow_abbrev=False, help="write a model-only checkpoint (for shipping)")
     e.add_argument("--checkpoint", required=True, help="training checkpoint (.safetensors) to export")
     e.add_argument("--out", required=True, help="output .safetensors path (a .json manifest is written beside it)")
     e.add_argument("--dtype", choices=DTYPES, default="fp16",
                    help="weight storage: fp32, fp16 (default; half the size) or int8 (per-row quantised matrices, a quarter)")
-    s = sub.add_parser("show", help="print a checkpoint's manifest")
+    s = sub.add_parser("show", allow_abbrev=False, help="print a checkpoint's manifest")
     s.add_argument("checkpoint", help="a .safetensors checkpoint")
     a = p.parse_args(argv)
     if a.cmd == "show":

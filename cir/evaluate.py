@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     from cir.index import embeddings_of, read_resolved_manifest
     from cir.submission import write_submission
 
-    p = argparse.ArgumentParser(prog="python -m cir.evaluate", description=__doc__,
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m cir.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None,
                    help="model checkpoint (.safetensors); default: the one --index was built with, else the "

@@ -577,10 +577,10 @@ def _add_embedding_flags(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m cir.index", description=__doc__,
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m cir.index", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build", help="embed a gallery and write a new index folder")
+    b = sub.add_parser("build", allow_abbrev=False, help="embed a gallery and write a new index folder")
     b.add_argument("--checkpoint", default=None, help="model checkpoint (.safetensors); default: the shipped one in assets/")
     b.add_argument("--gallery", required=True, help="gallery: a folder of images or a text file of paths")
     b.add_argument("--out", required=True, help="index folder to write (an existing index there is replaced atomically)")
@@ -596,7 +596,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="default IVF lists visited per query, stored in the index; GalleryIndex.nprobe changes it "
                         "at search time (default max(16, nlist/32))")
     _add_embedding_flags(b)
-    u = sub.add_parser("update", help="bring an index up to date with a changed gallery (embeds only new images)")
+    u = sub.add_parser("update", allow_abbrev=False, help="bring an index up to date with a changed gallery (embeds only new images)")
     u.add_argument("--index", required=True, help="index folder written by `build`")
     u.add_argument("--gallery", required=True, help="the gallery now: a folder of images or a text file of paths")
     u.add_argument("--checkpoint", default=None,

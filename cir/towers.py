@@ -161,7 +161,7 @@ def train_towers(a, device: torch.device) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m cir.towers", description=__doc__,
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m cir.towers", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="cir-shapes-grid7",
                    help="open_clip model config: cir/configs/clip/<name>.json or any open_clip name (default cir-shapes-grid7)")

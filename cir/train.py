@@ -51,7 +51,7 @@ MAX_PARTIALS = len(partial_subsets(3))  # CIR-Shapes queries have at most 3 oper
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m cir.train", description=__doc__,
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m cir.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None,
                    help="model config name (cir/configs/) or JSON path (default context-cir-shapes-grid7; with "

@@ -55,7 +55,7 @@ def build(out: str | os.PathLike, checkpoint=None, queries: int = 60, seed: int 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None, help="checkpoint the index is built with (default: the shipped one)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "assets" / "demo"),
                    help="demo folder to (re)place (default: assets/demo)")

@@ -47,7 +47,7 @@ def export_benchmark(dataset: str, root, split: str, out: str | os.PathLike, ima
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m cir.data.benchmarks", description=__doc__,
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m cir.data.benchmarks", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=sorted(SPLITS), required=True, help="the benchmark")
     p.add_argument("--root", required=True, help="the dataset folder in its official layout (see cir.data.cirr, cir.data.circo)")

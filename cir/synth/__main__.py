@@ -36,7 +36,7 @@ def parsers() -> dict[str, argparse.ArgumentParser]:
     from cir.synth.stages import PROMPTS
 
     fmt = argparse.RawDescriptionHelpFormatter
-    g = _Parser(prog="python -m cir.synth", description=__doc__, formatter_class=fmt)
+    g = _Parser(allow_abbrev=False, prog="python -m cir.synth", description=__doc__, formatter_class=fmt)
     g.add_argument("--pairs", required=True,
                    help='pairs file: one JSON object per line {"id", "reference", "target", ["meta"]}, image paths '
                         "relative to the file")
@@ -78,14 +78,14 @@ def parsers() -> dict[str, argparse.ArgumentParser]:
                    help='openai backend: also ask for response_format {"type": "json_object"} (OpenAI, vLLM and '
                         "Ollama support it)")
 
-    s = _Parser(prog="python -m cir.synth pairs-from-shapes",
+    s = _Parser(allow_abbrev=False, prog="python -m cir.synth pairs-from-shapes",
                 description="Make a pairs file from a CIR-Shapes split: each triplet's reference and target, with "
                             "the reference and target scenes and the operations in meta.")
     s.add_argument("--data", required=True, help="CIR-Shapes folder (written by python -m cir.data.shapes)")
     s.add_argument("--split", default="train", help="split whose {split}.jsonl is read (default train)")
     s.add_argument("--out", required=True, help="pairs JSONL to write (image paths relative to it)")
 
-    r = _Parser(prog="python -m cir.synth report", description=report_doc, formatter_class=fmt)
+    r = _Parser(allow_abbrev=False, prog="python -m cir.synth report", description=report_doc, formatter_class=fmt)
     r.add_argument("--triplets", required=True, help="triplet JSONL written by python -m cir.synth")
     r.add_argument("--checkpoint", default=None, help="also rank the true targets with this model checkpoint (.safetensors)")
     r.add_argument("--gallery", default=None,

@@ -16,7 +16,7 @@ from cir.errors import UserError
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m cir.data.shapes", description=__doc__,
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m cir.data.shapes", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output folder (created; existing files are overwritten)")
     p.add_argument("--train", type=int, default=0, help="number of training triplets (default 0)")
