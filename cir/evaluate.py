@@ -21,8 +21,9 @@ taken from the same ranking. CIRCO (cir.data.circo): mAP@5/10/25/50 over all gro
 Recall@5/10/25/50 on target_img_id alone, mAP@10 per semantic aspect; the reference stays in the
 ranking. The test splits (CIRR test1, CIRCO test) have no public ground truth: they are never
 scored, `--submission` writes the files their servers take (cir.submission). One ranking serves
-every number and file: cosine similarity descending, equal scores in gallery order (galleries are
-sorted by path). The gallery is embedded once per run, or taken from an index of `cir.index`.
+every number and file: cosine similarity descending, equal scores in gallery order (the CIRR and
+CIRCO readers and gallery folders sort by path; a gallery list file keeps its order). The gallery
+is embedded once per run, or taken from an index of `cir.index`.
 """
 from __future__ import annotations
 
@@ -88,9 +89,9 @@ def default_keep_reference(triplets: list[Triplet]) -> bool:
 def ranked(query_emb: torch.Tensor, gallery_emb: torch.Tensor, gallery: list[str], triplets: list[Triplet],
            keep_reference: bool, k: int) -> tuple[list[list[str]], list[list[str]]]:
     """(top-k gallery paths per query, its subset members in gallery minus its reference) from one
-    ranking: cosine similarity descending, ties broken by gallery position (galleries are sorted by
-    path, so equal scores rank by path). The reference is dropped from the top-k unless kept (a row
-    then holds min(k, N - 1) paths); the members are that same ranking restricted to them, so
+    ranking: cosine similarity descending, ties broken by position in `gallery` (by path for the
+    benchmark readers and gallery folders). The reference is dropped from the top-k unless kept (a
+    row then holds min(k, N - 1) paths); the members are that same ranking restricted to them, so
     Recall_subset and Recall agree on ties. query_emb [Q, E], gallery_emb [N, E]."""
     pos = {p: i for i, p in enumerate(gallery)}
     step = max(1, SCORE_BLOCK // max(1, len(gallery)))
