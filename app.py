@@ -4,21 +4,41 @@ attention in context vs isolated), and review triplet files.
     python app.py                                   # shipped checkpoint + demo gallery, no downloads
     python app.py --checkpoint CKPT --gallery FOLDER_OR_LIST [--examples triplets.jsonl]
     python app.py --checkpoint CKPT --index INDEX_DIR  # an index from `python -m cir.index build`
+    python app.py --host 0.0.0.0 --port 8080        # reachable from other machines (a container, a Space)
+
+The address defaults come from GRADIO_SERVER_NAME and GRADIO_SERVER_PORT (or PORT) when they are set,
+as Hugging Face Spaces and most container hosts set them; otherwise 127.0.0.1:7860.
 """
 import argparse
-
-import torch
+import os
 
 from cir.cli import run_cli
 from cir.errors import UserError
-from cir.ui.access import FileAccess
-from cir.ui.app import CONCURRENCY, build_demo
-from cir.ui.limits import MAX_FILE_SIZE
-from cir.ui.explorer import Explorer
+
+HOST_ENV, PORT_ENVS = "GRADIO_SERVER_NAME", ("GRADIO_SERVER_PORT", "PORT")
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def port_number(text: str) -> int:
+    """argparse type: a TCP port, 1 to 65535."""
+    if not text.strip().isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number from 1 to 65535, got {text!r}")
+    return int(text)
+
+
+def default_port() -> int:
+    """The first of PORT_ENVS that is set, else 7860; a set value that is no port is a UserError."""
+    for name in PORT_ENVS:
+        if os.environ.get(name):
+            try:
+                return port_number(os.environ[name])
+            except argparse.ArgumentTypeError as e:
+                raise UserError(f"the environment variable {name} (the default of --port): {e}") from None
+    return 7860
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--checkpoint", default=None, help="model checkpoint (.safetensors); default: the shipped one in assets/")
     p.add_argument("--index", default=None,
                    help="gallery index folder built with this checkpoint; default: assets/demo/index (unless --gallery)")
@@ -30,21 +50,46 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--twin", default=None, metavar="CKPT",
                    help="a second checkpoint whose phrase maps the Why panel can show beside the first's (e.g. the "
                         "lambda = 0 twin of a CC model); default: the shipped twin, with the shipped checkpoint")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="torch device (default: cuda if available)")
-    p.add_argument("--port", type=int, default=7860, help="port to serve on (default 7860)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--host", default=os.environ.get(HOST_ENV) or "127.0.0.1",
+                   help=f"address to serve on: 0.0.0.0 for every interface (default: ${HOST_ENV}, else 127.0.0.1, "
+                        "this machine only)")
+    p.add_argument("--port", type=port_number, default=None,
+                   help="port to serve on, 1 to 65535 (default: $GRADIO_SERVER_PORT, else $PORT, else 7860)")
     p.add_argument("--share", action="store_true", help="also create a public Gradio share link")
     p.add_argument("--review-dir", action="append", default=[], metavar="DIR",
                    help="a folder whose triplet files the Review tab may open, write review logs beside, and show "
                         "images from (repeatable; default none: visitors upload the files they review)")
     a = p.parse_args(argv)
+    a.port = a.port or default_port()
+    return a
+
+
+def launch(demo, host: str, port: int, share: bool, max_file_size: str) -> None:
+    """demo.launch, its start-up failures told in terms of this app's flags."""
+    try:
+        demo.launch(server_name=host, server_port=port, share=share, max_file_size=max_file_size)
+    except OSError:  # the port is taken, or the address is not one of this machine's
+        raise UserError(f"cannot serve on {host}:{port}: the port is in use or {host} is not an address of this "
+                        "machine; choose another with --port or --host") from None
+    except ValueError as e:
+        if "share" not in str(e):
+            raise
+        raise UserError(f"the app cannot reach itself at http://{host}:{port}/ (a proxy setting such as http_proxy "
+                        "without no_proxy=localhost?); fix that, or start it with --share") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    from cir.ui.access import FileAccess
+    from cir.ui.app import CONCURRENCY, build_demo
+    from cir.ui.explorer import Explorer
+    from cir.ui.limits import MAX_FILE_SIZE
+
     explorer = Explorer.load(a.checkpoint, a.index, a.gallery, a.examples, a.device, a.twin)
     access = FileAccess(a.review_dir, explorer.index.paths)
-    demo = build_demo(explorer, access).queue(default_concurrency_limit=CONCURRENCY)
-    try:
-        demo.launch(server_name="127.0.0.1", server_port=a.port, share=a.share, max_file_size=MAX_FILE_SIZE)
-    except OSError as e:  # the port is taken
-        raise UserError(f"cannot serve on port {a.port}: {e}") from None
+    launch(build_demo(explorer, access).queue(default_concurrency_limit=CONCURRENCY), a.host, a.port, a.share,
+           MAX_FILE_SIZE)
     return 0
 
 

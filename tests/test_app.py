@@ -4,6 +4,7 @@ CC terms, noun-phrase editing, the review log (crash recovery, resume, export), 
 import importlib.util
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from cir.checkpoint import load_checkpoint, save_checkpoint
 from cir.data.images import load_rgb
@@ -23,10 +25,11 @@ from cir.evaluate import embed_gallery, embed_queries, rank
 from cir.losses import concept_consistency_loss, reduce_maps
 from cir.model import build_model
 from cir.ui import app as ui
-from cir.ui import review
+from cir.ui import limits, review
 from cir.ui.access import FileAccess
+from cir.ui.card import looks_like_shapes, model_card
 from cir.ui.explorer import Explorer, phrase_spans
-from cir.ui.heatmaps import model_view, overlay, phrase_row, select, shared_norm, upsample
+from cir.ui.heatmaps import BOX_COLOUR, VIEW, model_view, outline, overlay, phrase_row, select, shared_norm, upsample, view_box
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -319,9 +322,60 @@ def test_app_flags_and_one_line_errors(tmp_path, capsys):
         assert flag in help_text
     with pytest.raises(UserError, match="not both"):
         app.main(["--index", "x", "--gallery", "y"])
+    for argv, message in ((["--port", "99999"], "from 1 to 65535, got '99999'"), (["--port", "http"], "got 'http'"),
+                          (["--gal", "x"], "unrecognized arguments: --gal")):  # no abbreviations of --gallery
+        with pytest.raises(SystemExit) as e:
+            app.parse_args(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    # the address: flags, else the environment (as Spaces set it), else 127.0.0.1:7860
+    assert (lambda a: (a.host, a.port))(app.parse_args([])) == ("127.0.0.1", 7860)
+    assert (lambda a: (a.host, a.port))(app.parse_args(["--host", "0.0.0.0", "--port", "8080"])) == ("0.0.0.0", 8080)
+    os.environ["PORT"] = "9001"
+    try:
+        assert app.parse_args([]).port == 9001 and app.parse_args(["--port", "9002"]).port == 9002
+        os.environ["PORT"] = "99999"
+        with pytest.raises(UserError, match="PORT .*from 1 to 65535"):
+            app.parse_args([])
+    finally:
+        del os.environ["PORT"]
+    # a taken port is told in terms of the flags, in one line
+    import gradio as gr
+    with gr.Blocks() as blank:
+        gr.Markdown("x")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        with pytest.raises(UserError, match=r"cannot serve on 127\.0\.0\.1:\d+: the port is in use .*--port"):
+            app.launch(blank, "127.0.0.1", busy.getsockname()[1], False, "1mb")
+    # --help parses before the model code is imported
+    probe = ("import runpy, sys; sys.argv = ['app.py', '--help']\ntry: runpy.run_path('app.py', run_name='__main__')\n"
+             "except SystemExit: pass\nprint(sorted(m for m in ('torch', 'gradio', 'cir.ui.app') if m in sys.modules))")
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert "--host" in run.stdout and run.stdout.strip().endswith("[]"), run.stdout[-300:]
     run = subprocess.run([sys.executable, str(ROOT / "app.py"), "--checkpoint", str(tmp_path / "none.safetensors"),
                           "--gallery", str(tmp_path)], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert run.returncode == 2 and run.stderr.strip().count("\n") == 0 and "checkpoint not found" in run.stderr
+
+
+def test_every_argument_parser_refuses_abbreviations():
+    """`--step 2` is an error, never `--steps 2`: every parser of the project is built with allow_abbrev=False."""
+    sources = [*ROOT.joinpath("cir").rglob("*.py"), ROOT / "app.py", *ROOT.joinpath("bench").glob("*.py"),
+               *ROOT.joinpath("scripts").glob("*.py")]
+    calls = [(path.relative_to(ROOT), m.group(0)) for path in sources
+             for m in re.finditer(r"(?<!class )\b(ArgumentParser|_Parser|add_parser)\((?:[^()]|\([^()]*\))*\)", path.read_text())]
+    assert len(calls) >= 12 and [c for c in calls if "allow_abbrev=False" not in c[1]] == []
+
+
+def test_data_url_images_are_size_limited():
+    from gradio.data_classes import FileData
+
+    big = "data:image/png;base64," + "A" * (4 * limits.MAX_FILE_MB * 2 ** 20 // 3 + 8)
+    with pytest.raises(UserError, match=f"at most {limits.MAX_FILE_MB} MB"):
+        limits.data_url(big)
+    limits.data_url(big[:1_000_000])
+    limits.data_url("/a/file.png")
+    with pytest.raises(ui.gr.Error, match=f"at most {limits.MAX_FILE_MB} MB"):
+        ui.query_image().preprocess(FileData(path="query.png", url=big))
 
 
 def test_compare_view_opacity_and_upsampling(demo, tiny_checkpoint):
@@ -346,3 +400,77 @@ def test_compare_view_opacity_and_upsampling(demo, tiny_checkpoint):
     assert (flat == np.repeat(np.repeat(heat, 2, 0), 2, 1)).all()
     assert smooth[0, 0] == heat[0, 0] and smooth[-1, -1] == heat[-1, -1] and 0 < smooth[0, 1] - smooth[0, 0] < 1
     assert not np.array_equal(flat, smooth)
+
+
+def test_gold_phrases_boxes_and_shared_difference_scale(ex):
+    t = next(x for x in ex.examples if x.noun_phrases and x.meta.get("grounding"))
+    # a typed caption that is an example's: its gold phrases, not spaCy's re-parse
+    rows, owner, image, table, info = ui.attention(ex, t.reference, t.caption, [], None, "mean", "mean", 0.005)
+    assert rows == [[p["text"], p["start"], p["end"]] for p in t.noun_phrases] and "(gold)" in info
+    boxes = ex.boxes(t.reference, t.caption)
+    assert boxes == {(g["start"], g["end"]): g["box"] for g in t.meta["grounding"]}
+    assert f"{sum((p['start'], p['end']) in boxes for p in t.noun_phrases)} known box(es) outlined" in info
+    assert ex.boxes(t.targets[0], t.caption) == {}  # a box belongs to the reference only
+    assert "(spaCy)" in ui.attention(ex, t.reference, t.caption + " now", [], None, "mean", "mean", 0.005)[4]
+    # the outline: a box in image pixels -> view pixels of the centre crop, drawn inside the panel
+    assert view_box([0, 0, 64, 64], (128, 128)) == (0, 0, VIEW // 2, VIEW // 2)
+    assert view_box([50, 0, 100, 100], (200, 100)) == (0, 0, VIEW // 2, VIEW - 1)  # 50 px cut on each side
+    panel = outline(np.zeros((VIEW, VIEW, 3), np.uint8), (10, 20, 30, 40))
+    assert (panel[20, 10:31] == BOX_COLOUR).all() and (panel[30, 10] == BOX_COLOUR).all() and not panel[30, 20].any()
+    with_boxes, _ = ui.render_maps(ex, t.reference, t.caption, t.noun_phrases, boxes=boxes)
+    without, _ = ui.render_maps(ex, t.reference, t.caption, t.noun_phrases)
+    assert with_boxes.shape == without.shape and not np.array_equal(with_boxes, without)
+    # one difference scale: every difference panel on +- the largest difference of all phrases
+    maps = ex.phrase_maps(t.reference, t.caption, t.noun_phrases)
+    largest = max(float(np.abs(r.in_context - r.isolated).max()) for r in maps)
+    view = model_view(load_rgb(t.reference))
+    rows_shared = [phrase_row(view, r.in_context, r.isolated, f"“{r.text}”   CC term {r.cc:.4f}",
+                              diff_scale=largest) for r in maps]
+    assert all(r.diff_norm.vmax == pytest.approx(largest) for r in rows_shared)
+    shared, _ = ui.render_maps(ex, t.reference, t.caption, t.noun_phrases, shared_scale=True)
+    assert np.array_equal(shared, np.concatenate([r.image for r in rows_shared]))
+    assert not np.array_equal(shared, without)
+
+
+def test_queries_labels_card_and_export(ex, demo, tmp_path):
+    t = ex.examples[0]
+    with pytest.raises(ui.gr.Error, match="type a modification"):
+        ui.run_retrieve(ex, t.reference, None, "  ", 5, [])
+    assert ui.example_items(ex)[0][1] == t.caption  # whole captions, never cut
+    # a gallery image that is an example's reference says so
+    page = next(p for p in range(9) if t.reference in ex.browse("", p, ui.PER_PAGE)[0])
+    info = ui.pick_browsed(ex, "", page, ex.browse("", page, ui.PER_PAGE)[0].index(t.reference))[3]
+    assert f"reference of example **{ui.markdown_literal(t.id)}**" in info
+    # the model card and the notice for photos
+    card = model_card(ex)
+    assert "sharp.safetensors" in card and "synthetic scenes" in card and f"{len(ex.index):,} images" in card
+    assert looks_like_shapes(load_rgb(t.reference))
+    x, y = np.meshgrid(np.linspace(0, 1, 96), np.linspace(0, 1, 96))
+    photo = tmp_path / "photo.png"
+    Image.fromarray((np.stack([x, y, x * y], -1) * 255).astype(np.uint8)).save(photo)
+    assert "unlike the training data" in ui.uploaded(str(photo))[2]
+    assert "unlike" not in ui.uploaded(t.reference)[2]
+    assert "unlike the training data" in ui.run_retrieve(ex, str(photo), None, "make it red", 3, [])[2]
+    # export: CSV rows and a JSON record of exactly the shown results and CC terms
+    gallery, table, status, paths, _ = ui.run_retrieve(ex, None, t.reference, t.caption, 4, t.targets)
+    cc = [["the red circle", 0.0123]]
+    update, message = ui.export_results(ex, str(tmp_path), None, t.reference, t.caption, paths, table, cc)
+    csv_path, json_path = update["value"]
+    lines = Path(csv_path).read_text().splitlines()
+    assert lines[0] == "rank,score,image,target,path" and len(lines) == 5
+    assert lines[1].split(",")[:3] == ["1", str(table[0][1]), table[0][2]]
+    record = json.loads(Path(json_path).read_text())
+    assert [r["path"] for r in record["results"]] == paths and record["modification"] == t.caption
+    assert [r["target"] for r in record["results"]] == [p in t.targets for p in paths]
+    assert record["cc_terms"] == [{"phrase": "the red circle", "cc": 0.0123}] and record["query"] == t.reference
+    with pytest.raises(ui.gr.Error, match="retrieve first"):
+        ui.export_results(ex, str(tmp_path), None, None, "", [], [], [])
+
+
+def test_gallery_without_examples_shows_an_empty_state(demo):
+    folder, ckpt = demo
+    bare = Explorer.load(ckpt, gallery=folder / "gallery.txt", device="cpu")
+    demo_app = ui.build_demo(bare)
+    by_id = {b.elem_id: b for b in demo_app.blocks.values() if getattr(b, "elem_id", None)}
+    assert not by_id["examples"].visible and by_id["no-examples"].visible
+    assert "--examples" in by_id["no-examples"].value

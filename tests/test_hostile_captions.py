@@ -53,6 +53,11 @@ def test_caption_through_encoder_phrases_and_callbacks(ex, name):
             assert one_line(str(e.value))
         caption = caption[:limits.MAX_CAPTION_CHARS]
         phrases = ex.noun_phrases(caption)
+    if not caption.strip():  # an empty modification asks for one instead of searching
+        with pytest.raises(gr.Error, match="type a modification") as e:
+            ui.run_retrieve(ex, image, None, caption, 5, [])
+        assert one_line(str(e.value))
+        caption += "."  # still no noun phrase
     _, table, status, paths, _ = ui.run_retrieve(ex, image, None, caption, 5, [])
     assert len(paths) == 5 and len(table) == 5
     rows, owner, maps, cc, info = ui.attention(ex, image, caption, [], None, "mean", "mean", 0.005)
@@ -92,10 +97,9 @@ def test_surrogates_cannot_reach_files(tmp_path):
 def test_hostile_widget_values(ex):
     """Values no widget sends but the HTTP API can: odd top-k, phrase rows with odd spans."""
     image = ex.examples[0].reference
-    for k in (0, -5, 3.7, "7", 10 ** 12):
-        paths = ui.run_retrieve(ex, image, None, "make it red", k, [])[3]
-        assert 1 <= len(paths) <= len(ex.index)
-    for k in (float("nan"), float("inf"), None, "many"):
+    for k, n in ((0, 1), (-5, 1), ("7", 7), (7.0, 7), (" 3 ", 3), (10 ** 12, len(ex.index))):
+        assert len(ui.run_retrieve(ex, image, None, "make it red", k, [])[3]) == n
+    for k in (float("nan"), float("inf"), None, "many", "abc", 2.7, "2.7", True, False, [3]):
         with pytest.raises(ui.gr.Error) as e:
             ui.run_retrieve(ex, image, None, "make it red", k, [])
         assert one_line(e.value.message) and "top k" in e.value.message

@@ -7,7 +7,10 @@ the `Explorer`; `build_demo` only lays out components and wires them.
 """
 from __future__ import annotations
 
+import csv
 import functools
+import io
+import json
 import os
 import re
 import tempfile
@@ -19,13 +22,15 @@ import gradio as gr
 import numpy as np
 from gradio import processing_utils
 
+from cir.atomic import write_text
 from cir.data.images import load_rgb
 from cir.data.triplets import read_triplets
 from cir.errors import UserError
 from cir.ui import limits, review
 from cir.ui.access import IMAGE_REFUSED, FileAccess
-from cir.ui.explorer import Explorer, as_image, phrase_spans, thumbnail
-from cir.ui.heatmaps import ALPHA, compare_row, model_view, phrase_row
+from cir.ui.card import OUT_OF_DOMAIN, looks_like_shapes, model_card
+from cir.ui.explorer import Explorer, as_image, grounding_boxes, phrase_spans, thumbnail
+from cir.ui.heatmaps import ALPHA, compare_row, model_view, phrase_row, view_box
 
 CONCURRENCY = 4  # events of one kind served at once (model forwards still take turns, see Explorer.lock)
 PER_PAGE = 24
@@ -33,11 +38,32 @@ DEFAULT_EPS = 0.005
 MEAN = "mean"
 RANK_OVER = ("file images", "gallery index")
 UPSAMPLING = ("flat patches", "smooth (bilinear)")
+NO_EXAMPLES = ("No example queries with this gallery: start the app with `--examples triplets.jsonl` to add some, "
+               "or pick a query under **Gallery** or upload one.")
 
-# Review-tab keys: a accept, r reject, n next, p previous (ignored while typing in a field).
-KEYS_JS = """() => {
+# Narrow windows: the Why panel's columns stack and the heatmap image scales to the window's width
+# (without a width of its own it collapsed to 0 x 0); gallery labels wrap instead of being cut.
+# Added by the page-load script (Gradio 6 takes css only in launch(), which callers may call bare).
+CSS = """
+#heatmaps .image-container, #heatmaps .image-container > button, #heatmaps .image-frame,
+#review-maps .image-container, #review-maps .image-container > button, #review-maps .image-frame {
+  width: 100% !important; height: auto !important; }
+#heatmaps img, #review-maps img { width: 100% !important; height: auto !important; max-height: none !important;
+  object-fit: contain; }
+@media (max-width: 640px) {
+  #why-row { flex-direction: column; } #why-row > * { min-width: 0 !important; width: 100%; }
+  #examples .grid-container, #browser .grid-container { grid-template-columns: repeat(2, minmax(0, 1fr)) !important; }
+}
+.caption-label { white-space: normal !important; overflow-wrap: anywhere; max-width: 100% !important; }
+"""
+
+# The page's script: the app's CSS, and the Review-tab keys: a accept, r reject, n next, p previous (ignored while typing in a field).
+PAGE_JS = """() => {
   if (window.cirKeys) return;
   window.cirKeys = true;
+  const style = document.createElement("style");
+  style.textContent = %s;
+  document.head.appendChild(style);
   const ids = {a: "review-accept", r: "review-reject", n: "review-next", p: "review-prev"};
   document.addEventListener("keydown", (e) => {
     const t = e.target;
@@ -101,6 +127,7 @@ def query_image(**kwargs) -> gr.Image:
     def preprocess(payload):
         name = getattr(payload, "orig_name", None) or "the uploaded image"
         try:
+            limits.data_url(getattr(payload, "url", None))
             if payload is not None and payload.path:
                 load_rgb(payload.path, name)
             return gradio_preprocess(payload)
@@ -116,12 +143,30 @@ def query_image(**kwargs) -> gr.Image:
 
 
 def top_k(k, n: int) -> int:
-    """The slider's k as a whole number in [1, n] (the API may send anything)."""
+    """The slider's k as a whole number clamped to [1, n]: an int, or a float or string holding one
+    (the API may send anything; "abc", 2.7 and True are refused)."""
     try:
-        k = int(k)
+        if isinstance(k, bool) or not float(k).is_integer():
+            raise ValueError
+        k = int(float(k))
     except (TypeError, ValueError, OverflowError):
         raise UserError(f"top k must be a whole number from 1 to {n}, got {k!r}") from None
     return min(max(1, k), max(1, n))
+
+
+def top_k_slider(n: int, **kwargs) -> gr.Slider:
+    """A gr.Slider for top k over `n` images whose value is read by `top_k` (Gradio's own check
+    fails on a string with a hidden generic error, and passes 2.7 or True on)."""
+    slider = gr.Slider(1, min(100, n), value=min(10, n), step=1, **kwargs)
+
+    def preprocess(payload):
+        try:
+            return top_k(payload, n)
+        except UserError as e:
+            raise gr.Error(str(e)) from None
+
+    slider.preprocess = preprocess
+    return slider
 
 
 def truncation_notice(ex: Explorer, caption: str) -> str:
@@ -137,7 +182,7 @@ def truncation_notice(ex: Explorer, caption: str) -> str:
 
 # ---------------------------------------------------------------------------- retrieve tab
 def example_items(ex: Explorer) -> list:
-    return [(thumbnail(t.reference), t.caption if len(t.caption) <= 70 else t.caption[:67] + "...") for t in ex.examples]
+    return [(thumbnail(t.reference), t.caption) for t in ex.examples]
 
 
 @shown
@@ -161,12 +206,23 @@ def browse(ex: Explorer, text: str, page: int):
 def pick_browsed(ex: Explorer, text: str, page: int, index: int):
     """Image `index` of a gallery page chosen -> (query path, query image, targets, info)."""
     path = ex.browse(text, page, PER_PAGE)[0][index]
-    return path, thumbnail(path), [], f"Gallery image **{ex.label(path)}** (no ground truth)."
+    info = f"Gallery image **{markdown_literal(ex.label(path))}**"
+    t = ex.example_of(path)
+    if t is not None:
+        return path, thumbnail(path), [], info + (f": the reference of example **{markdown_literal(t.id)}**; pick it "
+                                                  "under Examples for its caption and ground truth.")
+    return path, thumbnail(path), [], info + " (no ground truth)."
 
 
+def domain_notice(image) -> str:
+    """'' or a warning that the query image looks unlike the model's training scenes."""
+    return "" if looks_like_shapes(as_image(image)) else " " + OUT_OF_DOMAIN
+
+
+@shown
 def uploaded(image):
     """The user uploaded or cleared the query image: it is the query now, without ground truth."""
-    return None, [], "Uploaded image (no ground truth)." if image else ""
+    return None, [], ("Uploaded image (no ground truth)." + domain_notice(image)) if image else ""
 
 
 @shown
@@ -174,6 +230,8 @@ def run_retrieve(ex: Explorer, image, query_path, caption: str, k: int, targets)
     """-> (result thumbnails with rank and score, result table, status, result paths, maps image)."""
     source = query_path or image
     caption = limits.caption(caption)
+    if not caption.strip():
+        raise UserError("type a modification first: what should change in the query image?")
     t0 = time.perf_counter()
     hits = ex.retrieve(source, caption, top_k(k, len(ex.index)), targets or [])
     ms = (time.perf_counter() - t0) * 1000
@@ -182,32 +240,70 @@ def run_retrieve(ex: Explorer, image, query_path, caption: str, k: int, targets)
     if targets:
         found = ex.target_rank(source, caption or "", targets)
         status += f" Ground truth: rank **{found[0]}** of {found[1]}." if found else " Ground truth: not in this gallery."
+    if not query_path:
+        status += domain_notice(source)
     gallery = [(thumbnail(h.path), f"#{h.rank} · {h.score:.3f}" + (" · ★ target" if h.is_target else "")) for h in hits]
     table = [[h.rank, round(h.score, 4), ex.label(h.path), "★" if h.is_target else ""] for h in hits]
     return gallery, table, status, [h.path for h in hits], source
 
 
+def results_record(ex: Explorer, query, caption: str, hits: list[str], table, cc_table) -> dict:
+    """The retrieval and the Why panel's CC terms as one plain record (what the export writes)."""
+    rows = [dict(zip(("rank", "score", "image", "target"), r)) for r in table or []]
+    for row, path in zip(rows, hits or []):
+        row["path"], row["target"] = path, bool(row.get("target"))
+    return {"model": ex.name, "checkpoint": ex.checkpoint, "query": query, "modification": caption,
+            "results": rows, "cc_terms": [{"phrase": p, "cc": c} for p, c in cc_table or []]}
+
+
+@shown
+def export_results(ex: Explorer, exports: str, query, query_path, caption: str, hits, table, cc_table):
+    """Write the current results as CSV (one row per result) and JSON (results and CC terms) into a
+    fresh folder under `exports` -> (the two files for download, message)."""
+    if not hits:
+        raise UserError("retrieve first: there are no results to export")
+    record = results_record(ex, query_path or query, caption, hits, table, cc_table)
+    folder = tempfile.mkdtemp(prefix="results-", dir=exports)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, ["rank", "score", "image", "target", "path"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(record["results"])
+    csv_path, json_path = os.path.join(folder, "results.csv"), os.path.join(folder, "results.json")
+    write_text(csv_path, text.getvalue())
+    write_text(json_path, json.dumps(record, ensure_ascii=False, indent=1) + "\n")
+    return gr.update(value=[csv_path, json_path], visible=True), f"Exported {len(record['results'])} results."
+
+
 def render_maps(ex: Explorer, image, caption: str, phrases: list[dict], layer: str = MEAN, head: str = MEAN,
                 eps: float = DEFAULT_EPS, opacity: float = ALPHA, upsampling: str = UPSAMPLING[0],
-                compare: bool = False):
+                compare: bool = False, shared_scale: bool = False, boxes: dict | None = None):
     """(heatmap rows stacked into one image [H, W, 3] or None, CC table [[phrase, CC]]) of `phrases` over
-    `image`; with `compare` (and a twin model loaded) each row shows both models' maps side by side."""
+    `image`; with `compare` (and a twin model loaded) each row shows both models' maps side by side;
+    with `shared_scale` every difference panel uses one scale, ± the largest difference of all phrases;
+    `boxes` {(start, end): box in `image` pixels} are outlined on their phrase's row."""
     results = ex.phrase_maps(image, caption, phrases, _choice(layer), _choice(head), float(eps))
     twins = ex.phrase_maps(image, caption, phrases, _choice(layer), _choice(head), float(eps), twin=True) \
         if compare and ex.twin else [None] * len(results)
-    view = model_view(as_image(image))
+    full = as_image(image)
+    view = model_view(full)
     alpha, smooth = min(max(float(opacity), 0.0), 1.0), upsampling == UPSAMPLING[1]
+    drawn = [r for r in results if r.cc is not None]
+    diff_scale = max((float(np.abs(r.in_context - r.isolated).max()) for r in drawn), default=0.0) \
+        if shared_scale else None
     rows, table = [], []
     for r, t in zip(results, twins):
         if r.cc is None:
             table.append([r.text, "cut by the context length"])
             continue
+        box = (boxes or {}).get((r.start, r.end))
+        box = view_box(box, full.size) if box else None
         if t is not None:
             title = f"“{r.text}”   CC term {r.cc:.4f} ({ex.name}) · {t.cc:.4f} ({ex.twin_name})"
             row = compare_row(view, {ex.name: (r.in_context, r.isolated), ex.twin_name: (t.in_context, t.isolated)},
-                              title, alpha, smooth)
+                              title, alpha, smooth, box)
         else:
-            row = phrase_row(view, r.in_context, r.isolated, f"“{r.text}”   CC term {r.cc:.4f}", alpha, smooth)
+            row = phrase_row(view, r.in_context, r.isolated, f"“{r.text}”   CC term {r.cc:.4f}", alpha, smooth,
+                             diff_scale or None, box)
         rows.append(row.image)
         table.append([r.text, round(r.cc, 5)])
     return (np.concatenate(rows) if rows else None), table
@@ -215,17 +311,27 @@ def render_maps(ex: Explorer, image, caption: str, phrases: list[dict], layer: s
 
 @shown
 def attention(ex: Explorer, image, caption: str, rows, rows_caption: str, layer: str, head: str, eps: float,
-              opacity: float = ALPHA, upsampling: str = UPSAMPLING[0], compare: bool = False):
-    """Maps of the phrase rows over `image`; rows extracted afresh when they belong to another caption.
+              opacity: float = ALPHA, upsampling: str = UPSAMPLING[0], compare: bool = False,
+              shared_scale: bool = False):
+    """Maps of the phrase rows over `image`; for another caption than the rows', its phrases afresh:
+    an example's gold ones when it is an example's caption, else spaCy's. The boxes an example's
+    grounding gives are outlined when `image` is that example's reference.
 
     -> (phrase rows, their caption, heatmap rows, CC table, info)."""
     if not image:
         return rows, rows_caption, None, [], ""
     caption = limits.caption(caption)
-    phrases = ex.noun_phrases(caption) if caption != rows_caption else phrase_spans(caption, limits.phrase_rows(rows))
-    maps, table = render_maps(ex, image, caption, phrases, layer, head, eps, opacity, upsampling, compare)
+    if caption != rows_caption:
+        phrases, source = ex.caption_phrases(caption)
+    else:
+        phrases, source = phrase_spans(caption, limits.phrase_rows(rows)), None
+    boxes = ex.boxes(image, caption)
+    maps, table = render_maps(ex, image, caption, phrases, layer, head, eps, opacity, upsampling, compare,
+                              shared_scale, boxes)
     scores = [c for _, c in table if isinstance(c, float)]
+    outlined = sum((p["start"], p["end"]) in boxes for p in phrases)
     info = f"Maps over **{markdown_literal(os.path.basename(image))}** · {len(phrases)} phrase(s)" + (
+        f" ({source})" if source else "") + (f" · {outlined} known box(es) outlined" if outlined else "") + (
         f" · mean CC term (the loss) {sum(scores) / len(scores):.4f}" if scores else "") + truncation_notice(ex, caption)
     return [[p["text"], p["start"], p["end"]] for p in phrases], caption, maps, table, info
 
@@ -354,7 +460,7 @@ def review_details(ex: Explorer, access: FileAccess, state, over: str):
     if not access.image(t.reference):
         return None, f"{ident}: reference {IMAGE_REFUSED}."
     caption, phrases = _caption_and_phrases(ex, t, decisions.get(t.id))
-    maps, _ = render_maps(ex, t.reference, caption, phrases)
+    maps, _ = render_maps(ex, t.reference, caption, phrases, boxes=grounding_boxes(t) if caption == t.caption else None)
     gallery = None
     if over == RANK_OVER[0]:
         gallery = [p for p in dict.fromkeys(p for x in triplets for p in (x.reference, *x.targets)) if access.image(p)]
@@ -402,12 +508,15 @@ def build_demo(ex: Explorer, access: FileAccess | None = None) -> gr.Blocks:
     """The explorer app over `ex`; the caller queues and launches it. `access` says which server
     files the Review tab may open (default: none, only uploads, and the gallery's images)."""
     access = access or FileAccess(gallery_paths=ex.index.paths)
+    exports = tempfile.mkdtemp(prefix="cir-exports-")
     p = functools.partial
     layers = [("mean over layers", MEAN)] + [(f"layer {i + 1}", str(i)) for i in range(ex.layers)]
     heads = [("mean over heads", MEAN)] + [(f"head {i + 1}", str(i)) for i in range(ex.heads)]
     n = len(ex.index)
     with gr.Blocks(title="ConText-CIR Explorer", delete_cache=limits.DELETE_CACHE) as demo:
         gr.Markdown("# ConText-CIR Explorer\nComposed image retrieval: a query image plus a text saying how to change it.")
+        with gr.Accordion("About this model", open=False, elem_id="model-card"):
+            gr.Markdown(model_card(ex))
         with gr.Tab("Retrieve"):
             query_path, targets, hits = gr.State(None), gr.State([]), gr.State([])
             with gr.Row():
@@ -417,12 +526,14 @@ def build_demo(ex: Explorer, access: FileAccess | None = None) -> gr.Blocks:
                     query_info = gr.Markdown()
                     caption = gr.Textbox(label="Modification", placeholder="e.g. make the red circle blue",
                                          elem_id="caption")
-                    k = gr.Slider(1, min(100, n), value=min(10, n), step=1, label="Top k")
+                    k = top_k_slider(n, label="Top k")
                     go = gr.Button("Retrieve", variant="primary", elem_id="retrieve")
                 with gr.Column(scale=2):
                     with gr.Tab("Examples"):
-                        examples = gr.Gallery(example_items(ex), label="Example queries (click one)", columns=6,
-                                              height=340, allow_preview=False, elem_id="examples")
+                        examples = gr.Gallery(example_items(ex), label="Example queries (click one)", columns=4,
+                                              height=340, allow_preview=False, elem_id="examples",
+                                              visible=bool(ex.examples))
+                        gr.Markdown(NO_EXAMPLES, visible=not ex.examples, elem_id="no-examples")
                     with gr.Tab("Gallery"):
                         with gr.Row():
                             search = gr.Textbox(label="File name contains", scale=3)
@@ -430,19 +541,25 @@ def build_demo(ex: Explorer, access: FileAccess | None = None) -> gr.Blocks:
                         first, page, page_info = browse(ex, "", 0)
                         page = gr.State(page)
                         pages_md = gr.Markdown(page_info)
-                        browser = gr.Gallery(first, label="Gallery (click an image to query with it)", columns=8,
-                                             height=340, allow_preview=False)
+                        browser = gr.Gallery(first, label="Gallery (click an image to query with it)", columns=6,
+                                             height=340, allow_preview=False, elem_id="browser")
             status = gr.Markdown(elem_id="status")
             results = gr.Gallery(label="Results (click one to see the maps over it)", columns=5, height="auto",
                                  allow_preview=False, elem_id="results")
-            with gr.Accordion("Scores", open=False):
-                table = gr.Dataframe(headers=["rank", "score", "image", "target"], interactive=False)
+            with gr.Accordion("Scores and export", open=False):
+                table = gr.Dataframe(headers=["rank", "score", "image", "target"], type="array", interactive=False)
+                with gr.Row():
+                    export_btn = gr.Button("Export results (CSV + JSON)", elem_id="export-results")
+                    export_info = gr.Markdown(elem_id="export-info")
+                export_files = gr.File(label="Results", file_count="multiple", interactive=False, visible=False,
+                                       elem_id="export-files")
             with gr.Accordion("Why: per-phrase attention, in context vs isolated", open=True):
                 maps_image, rows_caption = gr.State(None), gr.State(None)
-                with gr.Row():
-                    with gr.Column(scale=1):
+                with gr.Row(elem_id="why-row"):
+                    with gr.Column(scale=1, min_width=280):
                         phrases = gr.Dataframe(headers=["phrase", "start", "end"], datatype=["str", "number", "number"],
-                                               type="array", interactive=True, label="Noun phrases (spaCy; editable)")
+                                               type="array", interactive=True,
+                                               label="Noun phrases (an example's gold ones, else spaCy's; editable)")
                         with gr.Row():
                             new_phrase = gr.Textbox(label="Add a phrase of the caption", scale=3)
                             add = gr.Button("Add", scale=1)
@@ -455,12 +572,15 @@ def build_demo(ex: Explorer, access: FileAccess | None = None) -> gr.Blocks:
                         compare = gr.Checkbox(False, label=f"Compare with the {ex.twin_name} model" if ex.twin
                                               else "Compare (no twin model loaded: app.py --twin CKPT)",
                                               interactive=ex.twin is not None, elem_id="compare")
+                        shared_scale = gr.Checkbox(False, label="One difference scale for all phrases",
+                                                   elem_id="shared-scale")
                         update = gr.Button("Update maps")
                         maps_info = gr.Markdown(elem_id="maps-info")
-                        cc_table = gr.Dataframe(headers=["phrase", "CC term"], interactive=False,
+                        cc_table = gr.Dataframe(headers=["phrase", "CC term"], type="array", interactive=False,
                                                 label="CC term: Σ over patches of ReLU(|A_ctx − A_iso| − ε)")
-                    with gr.Column(scale=2):
-                        gr.Markdown("Per phrase: in context | isolated (one colour scale) | their difference")
+                    with gr.Column(scale=2, min_width=280):
+                        gr.Markdown("Per phrase: in context | isolated (one colour scale) | their difference; "
+                                    "a known box of the phrase is outlined in green")
                         heatmaps = gr.Image(show_label=False, format="png", interactive=False, elem_id="heatmaps")
 
         with gr.Tab("Review"):
@@ -498,7 +618,8 @@ def build_demo(ex: Explorer, access: FileAccess | None = None) -> gr.Blocks:
         # ------------------------------------------------------------ wiring (only /retrieve is a public API)
         private = {"api_visibility": "private"}
         maps = p(attention, ex)
-        maps_inputs = [maps_image, caption, phrases, rows_caption, layer, head, eps, opacity, upsampling, compare]
+        maps_inputs = [maps_image, caption, phrases, rows_caption, layer, head, eps, opacity, upsampling, compare,
+                       shared_scale]
         maps_outputs = [phrases, rows_caption, heatmaps, cc_table, maps_info]
 
         def on_example(evt: gr.SelectData):
@@ -525,9 +646,12 @@ def build_demo(ex: Explorer, access: FileAccess | None = None) -> gr.Blocks:
               [results, table, status, hits, maps_image], api_name="retrieve").success(
             maps, maps_inputs, maps_outputs, **private)
         results.select(on_result, hits, maps_image, **private).success(maps, maps_inputs, maps_outputs, **private)
-        gr.on([update.click, layer.change, head.change, eps.submit, opacity.release, upsampling.change, compare.change],
+        gr.on([update.click, layer.change, head.change, eps.submit, opacity.release, upsampling.change, compare.change,
+               shared_scale.change],
               maps, maps_inputs, maps_outputs,
               trigger_mode="always_last", **private)
+        export_btn.click(p(export_results, ex, exports), [image, query_path, caption, hits, table, cc_table],
+                         [export_files, export_info], **private)
         add.click(add_phrase, [caption, phrases, new_phrase], [phrases, new_phrase], **private).success(
             maps, maps_inputs, maps_outputs, **private)
 
@@ -543,5 +667,5 @@ def build_demo(ex: Explorer, access: FileAccess | None = None) -> gr.Blocks:
         gr.on([state.change, over.change], on_details, [state, over], [review_maps, rank_md],
               trigger_mode="always_last", **private)
         export.click(review_export, state, [export_file, export_md], **private)
-        demo.load(None, js=KEYS_JS)
+        demo.load(None, js=PAGE_JS % json.dumps(CSS))
     return demo

@@ -105,6 +105,17 @@ def _readable(paths: list[str], gallery) -> list[str]:
     return good
 
 
+def grounding_boxes(t: Triplet) -> dict[tuple[int, int], list[float]]:
+    """{(start, end): box} of a triplet's grounded phrases (meta "grounding", boxes in reference pixels)."""
+    out = {}
+    for g in t.meta.get("grounding") or []:
+        try:
+            out[int(g["start"]), int(g["end"])] = [float(v) for v in g["box"]][:4]
+        except (KeyError, TypeError, ValueError):
+            continue
+    return {span: box for span, box in out.items() if len(box) == 4}
+
+
 def model_name(manifest: dict) -> str:
     """How the app names a checkpoint's model: its CC weight, "λ = 0.08", when training recorded it."""
     lam = (manifest.get("args") or {}).get("lambda_cc")
@@ -123,10 +134,12 @@ class Explorer:
     """Model, preprocessing, gallery index and example triplets; every method takes plain values."""
 
     def __init__(self, model, preprocess, index: GalleryIndex, examples: list[Triplet] = (), device="cpu",
-                 twin=None, name: str = "this model"):
+                 twin=None, name: str = "this model", checkpoint: str | None = None, manifest: dict | None = None):
         """`twin`: (model, preprocess, manifest) of a second checkpoint whose maps the app shows beside
-        this one's (the lambda = 0 twin of the CC model), or None."""
+        this one's (the lambda = 0 twin of the CC model), or None. `checkpoint` and `manifest` (the
+        model's file and what training recorded) are shown on the page's model card."""
         self.model, self.preprocess, self.index = model.eval(), preprocess, index
+        self.checkpoint, self.manifest = checkpoint, manifest or {}
         self.twin = (twin[0].eval(), twin[1]) if twin else None
         self.twin_name = f"twin, {model_name(twin[2])}" if twin else None
         self.name = name
@@ -170,7 +183,7 @@ class Explorer:
             loaded = GalleryIndex.from_embeddings(emb.cpu().numpy(), paths, device=device)
         else:
             loaded = GalleryIndex.load(index, checkpoint_path=checkpoint, device=device)
-        return cls(model, preprocess, loaded, triplets, device, twin, model_name(manifest))
+        return cls(model, preprocess, loaded, triplets, device, twin, model_name(manifest), str(checkpoint), manifest)
 
     # ------------------------------------------------------------------ retrieval
     def encode(self, image, caption: str) -> torch.Tensor:
@@ -222,11 +235,34 @@ class Explorer:
         rel = os.path.relpath(path, self.root)
         return path if rel.startswith("..") else rel
 
+    def example_of(self, image: str | None = None, caption: str | None = None) -> Triplet | None:
+        """The first example query whose reference is `image` (same file) and, when given, whose
+        caption is `caption`; or, with only `caption`, the first example with that caption."""
+        real = os.path.realpath(image) if isinstance(image, (str, os.PathLike)) else None
+        for t in self.examples:
+            if (image is None or os.path.realpath(t.reference) == real) and caption in (None, t.caption):
+                return t
+        return None
+
     # ------------------------------------------------------------------ phrases and attention
     @staticmethod
     def noun_phrases(caption: str) -> list[dict]:
         """The caption's noun phrases (spaCy), as the training pipeline extracts them."""
         return extract_noun_phrases([caption])[0] if caption.strip() else []
+
+    def caption_phrases(self, caption: str) -> tuple[list[dict], str]:
+        """(noun phrases, where they come from): an example's gold ones when `caption` is an example's
+        caption that carries them, else spaCy's."""
+        t = self.example_of(caption=caption) if caption.strip() else None
+        if t is not None and t.noun_phrases:
+            return [dict(p) for p in t.noun_phrases], "gold"
+        return self.noun_phrases(caption), "spaCy"
+
+    def boxes(self, image, caption: str) -> dict[tuple[int, int], list[float]]:
+        """{(start, end) of a phrase: its box [x0, y0, x1, y1] in `image`'s pixels}, from the grounding
+        of the example whose reference is `image` and whose caption is `caption` ({} when none)."""
+        t = self.example_of(image, caption) if image is not None else None
+        return grounding_boxes(t) if t is not None else {}
 
     def phrase_maps(self, image, caption: str, phrases: list[dict], layer: int | None = None,
                     head: int | None = None, eps: float = 0.005, twin: bool = False) -> list[PhraseResult]:

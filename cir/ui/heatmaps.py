@@ -7,7 +7,8 @@ One matplotlib figure (Agg canvas, no pyplot, so threads can render at once) per
 - `compare_row`: the in-context and isolated maps of two models side by side (the CC model and
   its lambda = 0 twin: the paper's Figure 5), all four panels on one colour scale.
 Each patch of the model's grid is drawn as one flat square over the image, or upsampled
-bilinearly (`smooth`); `alpha` is the heat's opacity over the image.
+bilinearly (`smooth`); `alpha` is the heat's opacity over the image. A phrase's box, when known
+(the grounding of an example query), is outlined on every panel of its row.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 CMAP, DIFF_CMAP = "inferno", "RdBu_r"
+BOX_COLOUR, BOX_WIDTH = (0, 255, 128), 2  # outline of a phrase's known box
 ALPHA = 0.6  # default opacity of the heat over the image
 VIEW = 190  # pixels of each panel: the image as the model sees it
 DPI = 100
@@ -45,6 +47,26 @@ def model_view(image: Image.Image, size: int = VIEW) -> Image.Image:
     w, h = image.size
     left, top = (w - size) // 2, (h - size) // 2
     return image.crop((left, top, left + size, top + size))
+
+
+def view_box(box, size: tuple[int, int], view: int = VIEW) -> tuple[int, int, int, int]:
+    """A box [x0, y0, x1, y1] in pixels of an image of `size` (w, h) -> in `model_view` pixels, clipped."""
+    w, h = size
+    s = view / min(w, h)
+    left, top = (max(view, round(w * s)) - view) // 2, (max(view, round(h * s)) - view) // 2
+    x0, y0, x1, y1 = (round(box[0] * s) - left, round(box[1] * s) - top, round(box[2] * s) - left,
+                      round(box[3] * s) - top)
+    clip = lambda v: min(max(v, 0), view - 1)
+    return clip(x0), clip(y0), clip(x1), clip(y1)
+
+
+def outline(panel: np.ndarray, box: tuple[int, int, int, int], colour=BOX_COLOUR, width: int = BOX_WIDTH) -> np.ndarray:
+    """`panel` [S, S, 3] with the rectangle `box` (view pixels, inclusive) drawn `width` px wide inside it."""
+    x0, y0, x1, y1 = box
+    out = panel.copy()
+    out[y0:y0 + width, x0:x1 + 1] = out[max(y0, y1 - width + 1):y1 + 1, x0:x1 + 1] = colour
+    out[y0:y1 + 1, x0:x0 + width] = out[y0:y1 + 1, max(x0, x1 - width + 1):x1 + 1] = colour
+    return out
 
 
 def shared_norm(*maps: np.ndarray) -> Normalize:
@@ -87,9 +109,10 @@ class PhraseRow:
 
 
 def _draw(view: Image.Image, title: str, groups: list[tuple[list[tuple[str, np.ndarray]], Normalize, str]],
-          alpha: float, smooth: bool) -> np.ndarray:
-    """Groups of panels [(label, heat)], each group on its norm and cmap and closed by a colorbar.
-    Panels are composed with numpy; matplotlib draws only the text and the colorbars."""
+          alpha: float, smooth: bool, box: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    """Groups of panels [(label, heat)], each group on its norm and cmap and closed by a colorbar;
+    `box` (view pixels) outlined on every panel. Panels are composed with numpy; matplotlib draws
+    only the text and the colorbars."""
     width = GAP + sum(len(panels) * (VIEW + GAP) + BAR_GAP + BAR_W + BAR_SPACE for panels, _, _ in groups)
     background = np.asarray(view, dtype=np.float32)
     fig = Figure(figsize=(width / DPI, HEIGHT / DPI), dpi=DPI)
@@ -99,7 +122,8 @@ def _draw(view: Image.Image, title: str, groups: list[tuple[list[tuple[str, np.n
     bottom, x = HEIGHT - TOP - VIEW, GAP
     for panels, norm, cmap in groups:
         for label, heat in panels:
-            fig.figimage(overlay(background, heat, norm, cmap, alpha, smooth), xo=x, yo=bottom)
+            panel = overlay(background, heat, norm, cmap, alpha, smooth)
+            fig.figimage(outline(panel, box) if box else panel, xo=x, yo=bottom)
             fig.text((x + VIEW / 2) / width, (bottom + VIEW + 10) / HEIGHT, label, fontsize=9, ha="center", va="center")
             x += VIEW + GAP
         cax = fig.add_axes(((x + BAR_GAP) / width, (bottom + 8) / HEIGHT, BAR_W / width, (VIEW - 16) / HEIGHT))
@@ -110,19 +134,22 @@ def _draw(view: Image.Image, title: str, groups: list[tuple[list[tuple[str, np.n
 
 
 def phrase_row(view: Image.Image, in_context: np.ndarray, isolated: np.ndarray, title: str, alpha: float = ALPHA,
-               smooth: bool = False, diff_scale: float | None = None) -> PhraseRow:
+               smooth: bool = False, diff_scale: float | None = None,
+               box: tuple[int, int, int, int] | None = None) -> PhraseRow:
     """One phrase: maps [g, g] over `view` (from `model_view`, VIEW px square); the difference on
-    ±`diff_scale` when given (a scale shared across phrases), else on its own largest value."""
+    ±`diff_scale` when given (a scale shared across phrases), else on its own largest value; `box`
+    (from `view_box`) outlined."""
     norm, diff = shared_norm(in_context, isolated), in_context - isolated
     dnorm = Normalize(-diff_scale, diff_scale) if diff_scale else diff_norm(diff)
     image = _draw(view, title, [([("in context", in_context), ("isolated", isolated)], norm, CMAP),
-                                ([("in context − isolated", diff)], dnorm, DIFF_CMAP)], alpha, smooth)
+                                ([("in context − isolated", diff)], dnorm, DIFF_CMAP)], alpha, smooth, box)
     return PhraseRow(image, norm, dnorm)
 
 
 def compare_row(view: Image.Image, maps: dict[str, tuple[np.ndarray, np.ndarray]], title: str, alpha: float = ALPHA,
-                smooth: bool = False) -> PhraseRow:
-    """One phrase under several models: {model name: (in context, isolated) [g, g]}, one colour scale."""
+                smooth: bool = False, box: tuple[int, int, int, int] | None = None) -> PhraseRow:
+    """One phrase under several models: {model name: (in context, isolated) [g, g]}, one colour scale;
+    `box` (from `view_box`) outlined."""
     norm = shared_norm(*(m for pair in maps.values() for m in pair))
     panels = [(f"{name}: {kind}", m) for name, pair in maps.items() for kind, m in zip(("in context", "isolated"), pair)]
-    return PhraseRow(_draw(view, title, [(panels, norm, CMAP)], alpha, smooth), norm, None)
+    return PhraseRow(_draw(view, title, [(panels, norm, CMAP)], alpha, smooth, box), norm, None)

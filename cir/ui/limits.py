@@ -10,8 +10,9 @@ from cir.errors import UserError
 MAX_CAPTION_CHARS = 2000  # a modification text (the model keeps about 150 characters of it)
 MAX_PHRASE_ROWS = 20  # phrase rows drawn at once (each costs a model pass and a figure)
 MAX_NOTE_CHARS = 4000  # a reviewer's note
-MAX_FILE_SIZE = "25mb"  # largest upload the server accepts (images are also refused above
-# cir.data.images.MAX_IMAGE_PIXELS)
+MAX_FILE_MB = 25  # largest upload the server accepts, and largest data: URL image inside a request
+# (images are also refused above cir.data.images.MAX_IMAGE_PIXELS)
+MAX_FILE_SIZE = f"{MAX_FILE_MB}mb"  # as Gradio's launch(max_file_size=) takes it
 DELETE_CACHE = (3600, 3600)  # every hour, delete uploaded and cached files older than an hour
 
 
@@ -34,3 +35,12 @@ def note(text: str | None) -> str:
     if len(text) > MAX_NOTE_CHARS:
         raise UserError(f"the note has {len(text):,} characters; at most {MAX_NOTE_CHARS:,} are kept")
     return text
+
+
+def data_url(url: str | None) -> None:
+    """UserError when `url` is a data: URL whose content exceeds MAX_FILE_MB (base64: 3 bytes per 4 characters)."""
+    if isinstance(url, str) and url[:5].lower() == "data:":
+        size = (len(url) - url.find(",") - 1) * 3 // 4
+        if size > MAX_FILE_MB * 1024 * 1024:
+            raise UserError(f"the image sent inside the request has {size / 2**20:,.0f} MB; at most {MAX_FILE_MB} MB "
+                            "are accepted")

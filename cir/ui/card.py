@@ -1,0 +1,44 @@
+"""What the page says about the loaded model: its card, and a notice for queries unlike its training data.
+
+The shipped models know only CIR-Shapes: synthetic scenes of a few flat-coloured shapes on a plain
+background. Such a scene is made of a handful of colours, so `looks_like_shapes` asks whether a
+dozen coarse colours cover nearly all of an image; a photo (a portrait, a cat) spreads over many.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from PIL import Image
+
+COLOURS, COVER = 12, 0.9  # a scene: its 12 most common coarse colours cover at least 90 % of its pixels
+OUT_OF_DOMAIN = ("⚠ **This image looks unlike the training data**: the model knows only synthetic CIR-Shapes "
+                 "scenes (flat shapes on a plain background), so its results for a photo say little.")
+
+
+def looks_like_shapes(image: Image.Image) -> bool:
+    """Whether `image` is made of a few flat colours, as a CIR-Shapes scene is."""
+    small = np.asarray(image.convert("RGB").resize((64, 64), Image.NEAREST)).astype(np.int64) // 16  # 16 levels
+    counts = np.bincount((small[..., 0] * 256 + small[..., 1] * 16 + small[..., 2]).ravel(), minlength=4096)
+    return np.sort(counts)[::-1][:COLOURS].sum() >= COVER * counts.sum()
+
+
+def model_card(ex) -> str:
+    """Markdown: which model is loaded (file, CC weight, step, architecture), what it was trained on,
+    its recorded validation numbers, and the gallery it searches."""
+    m, cfg = ex.manifest, ex.model.config
+    data = m.get("data") or {}
+    step = m.get("step")
+    lines = [f"**Model** `{os.path.basename(ex.checkpoint or 'in memory')}` ({ex.name}"
+             + (f", {step:,} training steps" if isinstance(step, int) else "") + f"): a {cfg.fusion_layers}-layer, "
+             f"{cfg.fusion_heads}-head fusion over a {ex.model.grid} × {ex.model.grid} patch grid.",
+             "**Trained on** CIR-Shapes" + (f" ({data['triplets']:,} triplets)" if isinstance(data.get("triplets"), int)
+                                           else "") + ": synthetic scenes of flat-coloured shapes on a plain "
+             "background. It knows nothing else: a photo still returns shape scenes."]
+    recall = ((m.get("metrics") or {}).get("val_recall")) or {}
+    if recall:
+        lines.append("**Validation** " + ", ".join(f"R@{k} {v:g}" for k, v in recall.items())
+                     + (f" (at step {m['metrics']['step']:,})" if isinstance(m["metrics"].get("step"), int) else "")
+                     + ".")
+    lines.append(f"**Gallery** {len(ex.index):,} images · {len(ex.examples)} example queries.")
+    return "\n\n".join(lines)
