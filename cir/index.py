@@ -616,9 +616,8 @@ def main(argv: list[str] | None = None) -> int:
                   resume=a.resume, progress=True)
     if a.cmd == "build":
         r = build_index(a.out, a.gallery, a.checkpoint, a.type, a.nlist, a.pq_m, a.train_sample, a.nprobe, **common)
-        print(f"wrote {a.out}: {r['images']} images ({r['embedded']} embedded, {r['resumed']} resumed, "
-              f"{r['skipped']} unreadable skipped), "
-              f"{r['type']} index, {r['seconds']:.1f} s")
+        print(f"wrote {a.out}: {r['images']} images indexed, {r['skipped']} unreadable skipped ({r['embedded']} "
+              f"files read now, {r['resumed']} resumed from an earlier run), {r['type']} index, {r['seconds']:.1f} s")
     else:
         r = update_index(a.index, a.gallery, a.checkpoint, a.retrain, **common)
         print(f"updated {a.index}: {r['images']} images ({r['kept']} kept, {r['embedded']} embedded, "

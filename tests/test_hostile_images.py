@@ -134,6 +134,20 @@ def test_index_build_skips_and_lists_bad_files(hostile, tiny_checkpoint, shapes_
     assert (out / MANIFEST).read_bytes() == before
 
 
+def test_index_build_summary_adds_up(hostile, tiny_checkpoint, tmp_path, capsys):
+    """The CLI's one-line summary: images indexed + unreadable skipped = files read."""
+    from cir.index import main
+
+    gallery = tmp_path / "gallery"
+    write_images(gallery)
+    main(["build", "--gallery", str(gallery), "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "idx"),
+          "--batch-size", "4", "--workers", "0", "--device", "cpu"])
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    n = len(read_gallery(gallery))
+    assert (f"{n - len(BAD_KINDS)} images indexed, {len(BAD_KINDS)} unreadable skipped ({n} files read now, "
+            "0 resumed from an earlier run)") in line, line
+
+
 def test_index_build_from_a_list_file_with_resume(hostile, tiny_checkpoint, tmp_path, capfd):
     """The skip list survives an interrupted build: chunks record their problems, a resumed build
     reports the same skipped files without reading them again."""
