@@ -2,6 +2,7 @@
 same manifest as a JSON file beside it for people and tools. Never pickle.
 
     python -m cir.checkpoint export --checkpoint runs/x/last.safetensors --out assets/model.safetensors --dtype int8
+    python -m cir.checkpoint show --checkpoint assets/context-cir-shapes.safetensors    # print its manifest
 
 A training checkpoint also carries the optimizer state and RNG state so `--resume` continues
 exactly. An exported checkpoint keeps the model only, in fp32, fp16 or int8 (weight matrices
@@ -233,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--dtype", choices=DTYPES, default="fp16",
                    help="weight storage: fp32, fp16 (default; half the size) or int8 (per-row quantised matrices, a quarter)")
     s = sub.add_parser("show", allow_abbrev=False, help="print a checkpoint's manifest")
-    s.add_argument("checkpoint", help="a .safetensors checkpoint")
+    s.add_argument("--checkpoint", required=True, help="a .safetensors checkpoint")
     a = p.parse_args(argv)
     if a.cmd == "show":
         print(json.dumps(read_manifest(a.checkpoint), indent=2))

@@ -79,6 +79,17 @@ def test_checkpoint_with_a_bad_manifest(tmp_path, manifest):
     assert_user_error(lambda: load_checkpoint(path), str(path))
 
 
+def test_checkpoint_show_takes_the_checkpoint_flag(tiny_checkpoint, capsys):
+    """`show --checkpoint FILE` like every other tool; a positional file is an argument error."""
+    from cir.checkpoint import main
+
+    assert main(["show", "--checkpoint", str(tiny_checkpoint)]) == 0
+    assert json.loads(capsys.readouterr().out) == read_manifest(tiny_checkpoint)
+    with pytest.raises(SystemExit) as e:
+        main(["show", str(tiny_checkpoint)])
+    assert e.value.code == 2 and "--checkpoint" in capsys.readouterr().err
+
+
 def test_truncated_checkpoint(tiny_checkpoint, tmp_path):
     data = tiny_checkpoint.read_bytes()
     header = int.from_bytes(data[:8], "little")
