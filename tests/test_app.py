@@ -202,12 +202,15 @@ def test_phrase_editing(ex):
         phrase_spans(caption, [["a green star", None, None]])
     rows, cleared = ui.add_phrase(caption, [["blue", 20, 24]], "small")
     assert rows == [["blue", 20, 24], ["small", 44, 49]] and cleared == ""
-    # the attention callback re-extracts phrases for a new caption, keeps edited ones otherwise
+    # the attention callback re-extracts phrases for a new caption (spaCy's: no example has it), keeps edited ones
     t = ex.examples[0]
-    rows, owner, image, table, info = ui.attention(ex, t.reference, t.caption, [], None, "mean", "mean", 0.005)
-    assert owner == t.caption and [r[0] for r in rows] == [p["text"] for p in ex.noun_phrases(t.caption)]
-    kept = ui.attention(ex, t.reference, t.caption, rows[:1], owner, "0", "1", 0.0)
-    assert kept[0] == rows[:1] and len(kept[3]) == 1 and kept[2] is not None
+    caption = t.caption + " please"
+    rows, owner, image, table, info = ui.attention(ex, t.reference, caption, [], None, "mean", "mean", 0.005)
+    assert owner == caption and [r[0] for r in rows] == [p["text"] for p in ex.noun_phrases(caption)]
+    assert "(spaCy)" in info
+    kept = ui.attention(ex, t.reference, caption, rows[:1], owner, "0", "1", 0.0)
+    assert kept[0] == rows[:1] and len(kept[3]) == 1 and kept[2] is not None and "(edited)" in kept[4]
+    assert "(spaCy)" in ui.attention(ex, t.reference, caption, rows, owner, "mean", "mean", 0.005)[4]
 
 
 # ---------------------------------------------------------------------------- review

@@ -314,24 +314,25 @@ def attention(ex: Explorer, image, caption: str, rows, rows_caption: str, layer:
               opacity: float = ALPHA, upsampling: str = UPSAMPLING[0], compare: bool = False,
               shared_scale: bool = False):
     """Maps of the phrase rows over `image`; for another caption than the rows', its phrases afresh:
-    an example's gold ones when it is an example's caption, else spaCy's. The boxes an example's
+    an example's gold ones when it is an example's caption, else spaCy's (the info names which, or
+    "edited" for rows that differ from those). The boxes an example's
     grounding gives are outlined when `image` is that example's reference.
 
     -> (phrase rows, their caption, heatmap rows, CC table, info)."""
     if not image:
         return rows, rows_caption, None, [], ""
     caption = limits.caption(caption)
-    if caption != rows_caption:
-        phrases, source = ex.caption_phrases(caption)
-    else:
-        phrases, source = phrase_spans(caption, limits.phrase_rows(rows)), None
+    phrases, source = ex.caption_phrases(caption)
+    if caption == rows_caption:
+        rows = phrase_spans(caption, limits.phrase_rows(rows))
+        phrases, source = rows, source if rows == phrases else "edited"
     boxes = ex.boxes(image, caption)
     maps, table = render_maps(ex, image, caption, phrases, layer, head, eps, opacity, upsampling, compare,
                               shared_scale, boxes)
     scores = [c for _, c in table if isinstance(c, float)]
     outlined = sum((p["start"], p["end"]) in boxes for p in phrases)
     info = f"Maps over **{markdown_literal(os.path.basename(image))}** · {len(phrases)} phrase(s)" + (
-        f" ({source})" if source else "") + (f" · {outlined} known box(es) outlined" if outlined else "") + (
+        f" ({source})") + (f" · {outlined} known box(es) outlined" if outlined else "") + (
         f" · mean CC term (the loss) {sum(scores) / len(scores):.4f}" if scores else "") + truncation_notice(ex, caption)
     return [[p["text"], p["start"], p["end"]] for p in phrases], caption, maps, table, info
 
