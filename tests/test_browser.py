@@ -1,6 +1,7 @@
 """The explorer in headless Chromium (Debian's /usr/bin/chromium, driven by Playwright): pick an
-example, retrieve, see k results and the heatmaps; in the review tab accept an item with the 'a'
-key and find it in the review log. Screenshots of both tabs go to test-artifacts/.
+example, retrieve, see k results and the heatmaps at phone, tablet and desktop widths; the model
+card; an uploaded photo gets the out-of-domain notice; in the review tab accept an item with the 'a'
+key and find it in the review log. Screenshots go to test-artifacts/.
 
 Skipped only where Chromium (or Playwright) is missing and the CI variable is unset."""
 import importlib.util
@@ -10,7 +11,9 @@ import shutil
 import socket
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from cir.data.triplets import read_triplets, write_triplets
 from cir.ui import app as ui
@@ -24,6 +27,7 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-f
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TIMEOUT = 60_000  # ms, for anything the server computes
 K = 10
+WIDTHS = (390, 768, 1400)  # px: a phone, a tablet, a desktop window
 
 try:
     from playwright.sync_api import expect, sync_playwright
@@ -51,6 +55,41 @@ def served(tmp_path_factory, tiny_checkpoint):
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     yield f"http://127.0.0.1:{port}/", ex, to_review
     demo.close()
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_retrieve_at_every_width(served, width, tmp_path):
+    url, ex, _ = served
+    artifacts = ROOT / "test-artifacts"
+    artifacts.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": width, "height": 900})
+            page.set_default_timeout(TIMEOUT)
+            expect.set_options(timeout=TIMEOUT)
+            page.goto(url)
+            page.get_by_text("About this model").click()
+            expect(page.locator("#model-card")).to_contain_text("synthetic scenes")
+            page.locator("#examples img").first.click()
+            expect(page.locator("#caption textarea")).to_have_value(ex.examples[0].caption)
+            page.locator("#retrieve").click()
+            expect(page.locator("#results img")).to_have_count(K)
+            expect(page.locator("#maps-info")).to_contain_text("(gold)")
+            heatmaps = page.locator("#heatmaps img")
+            heatmaps.scroll_into_view_if_needed()
+            expect(heatmaps).to_be_visible()
+            box = heatmaps.bounding_box()
+            assert box["width"] >= min(250, width * 0.6) and box["height"] >= 200, box  # was 0 x 0 at <= 640 px
+            assert 0 <= box["x"] and box["x"] + box["width"] <= width + 1  # inside the window, no sideways scroll
+            page.screenshot(path=str(artifacts / f"explorer-retrieve-{width}.png"), full_page=True)
+            if width == WIDTHS[0]:  # an uploaded photo is told it is unlike the training scenes
+                x, y = np.meshgrid(np.linspace(0, 1, 96), np.linspace(0, 1, 96))
+                Image.fromarray((np.stack([x, y, x * y], -1) * 255).astype(np.uint8)).save(tmp_path / "photo.png")
+                page.locator("#query-image input[type=file]").set_input_files(str(tmp_path / "photo.png"))
+                expect(page.get_by_text("looks unlike the training data")).to_be_visible()
+        finally:
+            browser.close()
 
 
 def test_retrieve_and_review_in_the_browser(served):
