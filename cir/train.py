@@ -336,6 +336,9 @@ def main(argv=None) -> int:
     if rank == 0:
         truncate_log(log_path, start)
     stop = min(a.steps, a.stop_after or a.steps)
+    if rank == 0:
+        print(startup_summary(a, model, device, dtype, world, train_file, len(triplets), len(val or []), start, stop),
+              flush=True)
     bar = tqdm(total=stop, initial=start, desc="train", unit="step", disable=rank != 0)
     step = start
     while step < stop:
@@ -364,8 +367,8 @@ def main(argv=None) -> int:
                 rec = {"step": step, "lr": lr, **parts, "grad_norm": float(gnorm), "sec": time.perf_counter() - t0}
                 with open(log_path, "a") as f:
                     f.write(json.dumps(rec) + "\n")
-                bar.set_postfix(loss=f"{parts['loss']:.3f}", cont=f"{parts['contrastive']:.3f}", cc=f"{parts['cc']:.3f}",
-                                lr=f"{lr:.1e}")
+                bar.set_postfix(loss=loss_text(parts["loss"]), cont=loss_text(parts["contrastive"]),
+                                cc=loss_text(parts["cc"]), lr=f"{lr:.1e}")
                 bar.update()
                 if val and a.val_every and (step % a.val_every == 0 or step == a.steps):
                     res = evaluate(model, preprocess, val, val_gal, device, with_grounding=False)
@@ -386,6 +389,28 @@ def main(argv=None) -> int:
     if world > 1:
         dist.destroy_process_group()
     return 0
+
+
+def loss_text(value: float) -> str:
+    """A loss as the progress bar shows it: 4 significant digits, so a CC term of 8e-4 never reads 0.000."""
+    return f"{value:.4g}"
+
+
+def startup_summary(a, model: ConTextCIR, device: torch.device, dtype: str, world: int, train_file: Path,
+                    n_train: int, n_val: int, start: int, stop: int) -> str:
+    """What a run is about to do, printed before its first step: config, parameters, device and
+    precision, data sizes, schedule and losses, run folder."""
+    total = sum(p.numel() for p in model.parameters())
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return "\n".join([
+        f"model   {a.config or model.config.clip_model}: {total / 1e6:.2f} M parameters, {trained / 1e6:.2f} M trained"
+        + (" (resumed)" if a.resume else f" (from {a.init_from})" if a.init_from else ""),
+        f"device  {device} x {world}, {dtype} precision" + (f", {torch.get_num_threads()} CPU threads"
+                                                             if device.type == "cpu" else ""),
+        f"data    {n_train:,} training triplets ({train_file})" + (f", {n_val:,} validation queries" if n_val else ""),
+        f"steps   {start:,} -> {stop:,} of {a.steps:,}, batch {a.batch_size}, lr {a.lr:g} -> {a.min_lr:g} "
+        f"(warm-up {a.warmup}), lambda_cc {a.lambda_cc:g}",
+        f"out     {a.out}"])
 
 
 def make_optimizer(module: nn.Module, a) -> torch.optim.AdamW:
@@ -421,7 +446,7 @@ def fit(module: nn.Module, batches, loss_of, a, out: Path, desc: str, after_step
                 after_step()
             value = loss.item()
             log.write(json.dumps({"step": step + 1, "lr": lr, "loss": value, **parts}) + "\n")
-            bar.set_postfix(loss=f"{value:.3f}", **{k: f"{v:.3f}" for k, v in parts.items()}, lr=f"{lr:.1e}")
+            bar.set_postfix(loss=loss_text(value), **{k: loss_text(v) for k, v in parts.items()}, lr=f"{lr:.1e}")
             bar.update()
     module.eval()
     return value
