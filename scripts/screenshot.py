@@ -27,6 +27,7 @@ def main() -> None:
         expect.set_options(timeout=60_000)
         page.goto(a.url)
         page.locator("#examples img").nth(a.example).click()
+        expect(page.locator("#caption textarea")).not_to_have_value("")  # the example's caption is in
         page.locator("#retrieve").click()
         expect(page.locator("#status")).to_contain_text("results")
         expect(page.locator("#heatmaps img")).to_be_visible()
