@@ -275,6 +275,7 @@ def test_review_callbacks(ex, demo, tmp_path):
     reference, targets, pieces, caption, note, status = ui.review_show(ex, access, state)
     assert caption == triplets[0].caption and "".join(text for text, _ in pieces) == caption
     assert any(label == "noun phrase" for _, label in pieces) and "Item **1** of 3" in status
+    assert [label for _, label in targets] == [os.path.basename(p) for p in triplets[0].targets]  # short names
     image, ranked = ui.review_details(ex, access, state, ui.RANK_OVER[0])
     assert image is not None and "of 6 (file images)" in ranked
     assert "gallery index" in ui.review_details(ex, access, state, ui.RANK_OVER[1])[1]

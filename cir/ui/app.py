@@ -442,7 +442,7 @@ def review_show(ex: Explorer, access: FileAccess, state):
     status = (f"Item **{state['pos'] + 1}** of {len(triplets)} · id {markdown_literal(t.id)} · "
               f"{'decided: **' + d['decision'] + '**' if d else 'undecided'} · {progress}"
               + (f" · {len(hidden)} image(s) {IMAGE_REFUSED}" if hidden else ""))
-    targets = [(im, ex.label(p)) for p in t.targets if (im := _shown_image(access, p)) is not None]
+    targets = [(im, os.path.basename(p)) for p in t.targets if (im := _shown_image(access, p)) is not None]
     return (_shown_image(access, t.reference), targets, highlight(caption, phrases), caption,
             d["note"] if d else "", status)
 
@@ -597,8 +597,8 @@ def build_demo(ex: Explorer, access: FileAccess | None = None) -> gr.Blocks:
             review_status = gr.Markdown(elem_id="review-status")
             with gr.Row():
                 reference = gr.Image(label="Reference", height=260, interactive=False, format="png")
-                target_images = gr.Gallery(label="Target(s)", columns=2, height=260, object_fit="contain",
-                                           fit_columns=False, allow_preview=False)
+                target_images = gr.Gallery(label="Target(s)", columns=1, height=260, object_fit="contain",
+                                           allow_preview=False)  # one per row: the reference's size
                 with gr.Column():
                     rank_md = gr.Markdown(elem_id="review-rank")
                     highlighted = gr.HighlightedText(label="Caption", color_map={"noun phrase": "#fcd34d"})
