@@ -287,6 +287,20 @@ def test_review_callbacks(ex, demo, tmp_path):
                                                     "caption": "a better caption", "time": None}
     assert ui.review_open(access, str(src))["pos"] == 2  # reopening resumes at the first undecided item
     assert ui.review_move(state, -5)["pos"] == 0 and ui.review_move(state, 9)["pos"] == 3
+    # filters: only the items of one kind; undo takes the latest decision back and goes to its item
+    undecided = ui.review_filter(state, "undecided")
+    assert undecided["pos"] == 2 and ui.review_move(undecided, 1)["pos"] == 3 and ui.review_move(undecided, -1)["pos"] == 2
+    accepted = ui.review_filter(state, "accepted")
+    assert accepted["pos"] == 0 and ui.review_move(accepted, 1)["pos"] == 1 and ui.review_move(accepted, 2)["pos"] == 3
+    assert "2 of 3 decided (1 undecided, 2 accepted, 0 rejected)" in ui.review_show(ex, access, state)[5]
+    assert "No more rejected items" in ui.review_show(ex, access, ui.review_filter(state, "rejected"))[5]
+    undone = ui.review_undo(state)
+    assert undone["pos"] == 1 and triplets[1].id not in review.read_decisions(review.review_path(src))
+    assert ui.review_undo(undone)["pos"] == 0 and review.read_decisions(review.review_path(src)) == {}
+    with pytest.raises(Exception, match="nothing to undo"):
+        ui.review_undo(undone)
+    state = ui.review_decide(ui.review_decide(undone | {"pos": 0}, triplets[0].caption, "", kind="accept"),
+                             "  a better caption ", "typo", kind="accept")
     update, message = ui.review_export(state)
     assert [t.caption for t in read_triplets(update["value"])[0]] == [triplets[0].caption, "a better caption"]
     with pytest.raises(Exception, match="not found"):

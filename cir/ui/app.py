@@ -37,6 +37,7 @@ PER_PAGE = 24
 DEFAULT_EPS = 0.005
 MEAN = "mean"
 RANK_OVER = ("file images", "gallery index")
+SHOW = ("all", "undecided", "accepted", "rejected")  # the Review tab's filter; "accepted" includes edits
 UPSAMPLING = ("flat patches", "smooth (bilinear)")
 NO_EXAMPLES = ("No example queries with this gallery: start the app with `--examples triplets.jsonl` to add some, "
                "or pick a query under **Gallery** or upload one.")
@@ -57,14 +58,14 @@ CSS = """
 .caption-label { white-space: normal !important; overflow-wrap: anywhere; max-width: 100% !important; }
 """
 
-# The page's script: the app's CSS, and the Review-tab keys: a accept, r reject, n next, p previous (ignored while typing in a field).
+# The page's script: the app's CSS, and the Review-tab keys: u undo, a accept, r reject, n next, p previous (ignored while typing in a field).
 PAGE_JS = """() => {
   if (window.cirKeys) return;
   window.cirKeys = true;
   const style = document.createElement("style");
   style.textContent = %s;
   document.head.appendChild(style);
-  const ids = {a: "review-accept", r: "review-reject", n: "review-next", p: "review-prev"};
+  const ids = {a: "review-accept", r: "review-reject", n: "review-next", p: "review-prev", u: "review-undo"};
   document.addEventListener("keydown", (e) => {
     const t = e.target;
     if (e.ctrlKey || e.metaKey || e.altKey || (t && (t.isContentEditable || /^(INPUT|TEXTAREA|SELECT)$/.test(t.tagName)))) return;
@@ -432,10 +433,14 @@ def review_show(ex: Explorer, access: FileAccess, state):
     if not state:
         return None, [], [], "", "", "Open a triplet file to review."
     triplets, decisions, t = _current(state)
-    done = sum(x.id in decisions for x in triplets)
-    progress = f"{done} of {len(triplets)} decided · log {markdown_literal(review.review_path(state['path']).name)}"
+    counts = {kind: sum(_shown_as(decisions.get(x.id)) == kind for x in triplets) for kind in SHOW[1:]}
+    progress = (f"{len(triplets) - counts['undecided']} of {len(triplets)} decided ("
+                + ", ".join(f"{n} {kind}" for kind, n in counts.items()) + ")"
+                + f" · log {markdown_literal(review.review_path(state['path']).name)}")
     if t is None:
-        return None, [], [], "", "", f"**All items decided.** {progress}. Export the accepted ones, or step back."
+        show = state.get("show", SHOW[0])
+        done = "All items decided." if show == SHOW[0] else f"No more {show} items."
+        return None, [], [], "", "", f"**{done}** {progress}. Export the accepted ones, or step back."
     d = decisions.get(t.id)
     caption, phrases = _caption_and_phrases(ex, t, d)
     hidden = [p for p in (t.reference, *t.targets) if not access.image(p)]
@@ -483,14 +488,56 @@ def review_decide(state, caption: str, note: str, kind: str):
         kind = "edit"
     review.append_decision(review.review_path(state["path"]),
                            review.decision(t.id, kind, note, caption.strip() if kind == "edit" else None))
-    return {**state, "pos": min(state["pos"] + 1, len(triplets))}
+    return review_move(state, 1)
 
 
+def _shown_as(decision: dict | None) -> str:
+    """The SHOW filter an item with this decision belongs to (besides "all")."""
+    return "undecided" if decision is None else "rejected" if decision["decision"] == "reject" else "accepted"
+
+
+@shown
 def review_move(state, step: int):
-    """Go `step` items forward (negative: back)."""
+    """Go `step` items forward (negative: back) among those the state's filter shows; past the last
+    one forward is the end (all shown items done), and back stops at the first."""
     if not state:
         return state
-    return {**state, "pos": min(max(0, state["pos"] + step), len(review_items(state)[0]))}
+    triplets, decisions, _ = _current(state)
+    show = state.get("show", SHOW[0])
+    shown_at = [i for i, t in enumerate(triplets) if show == SHOW[0] or _shown_as(decisions.get(t.id)) == show]
+    pos = state["pos"]
+    for _ in range(abs(step)):
+        if step > 0:
+            pos = next((i for i in shown_at if i > pos), len(triplets))
+        else:
+            pos = next((i for i in reversed(shown_at) if i < pos), pos)
+    return {**state, "pos": pos}
+
+
+@shown
+def review_filter(state, show: str):
+    """Show only the items of one kind (SHOW): go to the first of them."""
+    if not state:
+        return state
+    if show not in SHOW:
+        raise UserError(f"show one of {', '.join(SHOW)}")
+    return review_move({**state, "show": show, "pos": -1}, 1)
+
+
+@shown
+def review_undo(state):
+    """Take back the most recent decision still in effect (an "undo" record), and go to its item."""
+    if not state:
+        raise UserError("open a triplet file first")
+    log = review.review_path(state["path"])
+    undone = review.last_undoable(log)
+    if undone is None:
+        raise UserError("nothing to undo: no decision is in effect")
+    review.append_decision(log, review.decision(undone, review.UNDO))
+    triplets, _ = review_items(state)
+    pos = next(i for i, t in enumerate(triplets) if t.id == undone) if any(t.id == undone for t in triplets) \
+        else state["pos"]
+    return {**state, "pos": pos, "show": SHOW[0]}
 
 
 @shown
@@ -594,6 +641,7 @@ def build_demo(ex: Explorer, access: FileAccess | None = None) -> gr.Blocks:
                 review_upload_file = gr.File(label="…or upload one", file_types=[".jsonl"], type="filepath", scale=2,
                                              elem_id="review-upload")
                 over = gr.Radio(list(RANK_OVER), value=RANK_OVER[0], label="Rank the target among", scale=2)
+                show_only = gr.Radio(list(SHOW), value=SHOW[0], label="Show", scale=2, elem_id="review-show")
             review_status = gr.Markdown(elem_id="review-status")
             with gr.Row():
                 reference = gr.Image(label="Reference", height=260, interactive=False, format="png")
@@ -609,6 +657,7 @@ def build_demo(ex: Explorer, access: FileAccess | None = None) -> gr.Blocks:
                 accept = gr.Button("Accept (a)", variant="primary", elem_id="review-accept")
                 reject = gr.Button("Reject (r)", variant="stop", elem_id="review-reject")
                 next_btn = gr.Button("Next ▶ (n)", elem_id="review-next")
+                undo = gr.Button("Undo last decision (u)", elem_id="review-undo")
                 export = gr.Button("Export accepted", elem_id="review-export")
             export_md = gr.Markdown()
             export_file = gr.File(label="Exported triplets", interactive=False, visible=False)
@@ -663,6 +712,8 @@ def build_demo(ex: Explorer, access: FileAccess | None = None) -> gr.Blocks:
         reject.click(p(review_decide, kind="reject"), [state, edited, note], state, **private)
         prev_btn.click(p(review_move, step=-1), state, state, **private)
         next_btn.click(p(review_move, step=1), state, state, **private)
+        undo.click(review_undo, state, state, **private)
+        show_only.input(review_filter, [state, show_only], state, **private)
         state.change(p(review_show, ex, access), state, [reference, target_images, highlighted, edited, note, review_status],
                      trigger_mode="always_last", **private)
         gr.on([state.change, over.change], on_details, [state, over], [review_maps, rank_md],

@@ -1,9 +1,10 @@
 """Annotators' decisions on a triplet file, logged beside it, and the export of the accepted ones.
 
 `data/x.jsonl` is reviewed into `data/x.review.jsonl`: one JSON object per decision,
-`{"id", "decision": "accept" | "reject" | "edit", "note", "time"[, "caption"]}` ("edit" accepts the
-triplet with `caption` replacing its caption). Every decision is appended and fsynced on its own,
-and the latest one per id counts. A last line cut short by a crash is dropped on reading (and
+`{"id", "decision": "accept" | "reject" | "edit" | "undo", "note", "time"[, "caption"]}` ("edit"
+accepts the triplet with `caption` replacing its caption; "undo" takes the item's decision back, so
+it is undecided again). Every decision is appended and fsynced on its own, and the latest one per
+id counts. A last line cut short by a crash is dropped on reading (and
 from the file by `open_log`), every complete line is kept. `export_accepted` writes the accepted
 and edited triplets to `data/x.accepted.jsonl`; an edited one loses its noun phrases and grounding
 spans (character spans of the old caption; the project recomputes noun phrases when absent).
@@ -20,7 +21,8 @@ from pathlib import Path
 from cir.data.triplets import Triplet, write_triplets
 from cir.errors import UserError
 
-DECISIONS = ("accept", "reject", "edit")
+DECISIONS = ("accept", "reject", "edit", "undo")
+UNDO = "undo"
 _append_lock = threading.Lock()
 
 
@@ -59,12 +61,24 @@ def _split(data: bytes, path: Path) -> tuple[list[dict], int]:
     return records, good
 
 
-def read_decisions(path: str | os.PathLike) -> dict[str, dict]:
-    """The latest decision per triplet id in a review log ({} when there is none yet)."""
+def read_records(path: str | os.PathLike) -> list[dict]:
+    """Every record of a review log in the order written ([] when there is none yet)."""
     path = Path(path)
-    if not path.is_file():
-        return {}
-    return {r["id"]: r for r in _split(path.read_bytes(), path)[0]}
+    return _split(path.read_bytes(), path)[0] if path.is_file() else []
+
+
+def read_decisions(path: str | os.PathLike) -> dict[str, dict]:
+    """The latest decision per triplet id in a review log; ids whose latest record is an undo are undecided."""
+    latest = {r["id"]: r for r in read_records(path)}
+    return {i: r for i, r in latest.items() if r["decision"] != UNDO}
+
+
+def last_undoable(path: str | os.PathLike) -> str | None:
+    """The id of the most recently logged decision still in effect (what "undo" takes back), or None."""
+    records = read_records(path)
+    current = {r["id"]: n for n, r in enumerate(records)}
+    return next((r["id"] for n, r in reversed(list(enumerate(records)))
+                 if r["decision"] != UNDO and current[r["id"]] == n), None)
 
 
 def open_log(path: str | os.PathLike) -> dict[str, dict]:
