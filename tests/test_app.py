@@ -302,7 +302,10 @@ def test_review_callbacks(ex, demo, tmp_path):
     state = ui.review_decide(ui.review_decide(undone | {"pos": 0}, triplets[0].caption, "", kind="accept"),
                              "  a better caption ", "typo", kind="accept")
     update, message = ui.review_export(state)
-    assert [t.caption for t in read_triplets(update["value"])[0]] == [triplets[0].caption, "a better caption"]
+    accepted_file, log_file = update["value"]
+    assert [t.caption for t in read_triplets(accepted_file)[0]] == [triplets[0].caption, "a better caption"]
+    assert log_file == str(review.review_path(src)) and review.read_decisions(log_file) == review.read_decisions(
+        review.review_path(src))
     with pytest.raises(Exception, match="not found"):
         ui.review_open(access, str(tmp_path / "missing.jsonl"))
 

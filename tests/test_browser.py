@@ -127,8 +127,20 @@ def test_retrieve_and_review_in_the_browser(served):
             expect(page.locator("#review-rank")).to_contain_text(f"{second}: the model ranks the target")
             expect(page.locator("#review-maps img")).to_be_visible()
             page.screenshot(path=str(artifacts / "explorer-review.png"), full_page=True)
+            # reject the second, undo it with 'u', then show only the accepted ones
+            page.keyboard.press("r")
+            expect(status).to_contain_text("Item 3 of")
+            page.keyboard.press("u")
+            expect(status).to_contain_text("Item 2 of")
+            expect(status).to_contain_text("0 rejected")
+            page.locator("#review-show").get_by_text("accepted").click()
+            expect(status).to_contain_text("Item 1 of")
+            page.locator("#review-export").click()
+            expect(page.locator("#review-downloads")).to_contain_text("batch.review")
         finally:
             browser.close()
     log = review.review_path(to_review).read_text().splitlines()
     first = read_triplets(to_review)[0][0]
-    assert [(r["id"], r["decision"]) for r in map(json.loads, log)] == [(first.id, "accept")]
+    second = read_triplets(to_review)[0][1]
+    assert [(r["id"], r["decision"]) for r in map(json.loads, log)] == [(first.id, "accept"), (second.id, "reject"),
+                                                                        (second.id, "undo")]

@@ -542,13 +542,14 @@ def review_undo(state):
 
 @shown
 def review_export(state):
-    """Write the accepted triplets beside the input -> (file download update, message)."""
+    """Write the accepted triplets beside the input -> (downloads: that export and the review log, message)."""
     if not state:
         raise UserError("open a triplet file first")
     triplets, decisions, _ = _current(state)
-    out = review.export_path(state["path"])
+    out, log = review.export_path(state["path"]), review.review_path(state["path"])
     n = review.export_accepted(triplets, decisions, out)
-    return gr.update(value=str(out), visible=True), f"Wrote {n} accepted triplet(s) to {markdown_literal(out.name)}."
+    files = [str(out)] + ([str(log)] if log.is_file() else [])
+    return gr.update(value=files, visible=True), f"Wrote {n} accepted triplet(s) to {markdown_literal(out.name)}."
 
 
 # ---------------------------------------------------------------------------- layout
@@ -660,7 +661,8 @@ def build_demo(ex: Explorer, access: FileAccess | None = None) -> gr.Blocks:
                 undo = gr.Button("Undo last decision (u)", elem_id="review-undo")
                 export = gr.Button("Export accepted", elem_id="review-export")
             export_md = gr.Markdown()
-            export_file = gr.File(label="Exported triplets", interactive=False, visible=False)
+            export_file = gr.File(label="Accepted triplets and the review log", file_count="multiple",
+                                  interactive=False, visible=False, elem_id="review-downloads")
             gr.Markdown("Noun-phrase attention over the reference (mean over layers and heads): "
                         "in context | isolated (one colour scale) | their difference")
             review_maps = gr.Image(show_label=False, format="png", interactive=False, elem_id="review-maps")
