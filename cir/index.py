@@ -5,7 +5,7 @@
     python -m cir.index update --index INDEX_DIR --gallery FOLDER_OR_LIST
 
 INDEX_DIR holds `manifest.json` (checkpoint sha256, model config, embedding dim, normalisation,
-index type and parameters, every image with its content sha256, versions), `embeddings.npy`
+index type and parameters, every image with its content sha256, integrity hashes, versions), `embeddings.npy`
 ([N, E] float32, L2-normalised, row i = image i) and `index.faiss` (a faiss index over the rows).
 Index types: `flat` (exact inner product; auto below 200k images), `ivf` (IVFFlat; auto below
 5M) and `ivfpq` (IVF with product quantisation). Embeddings are kept so updates and
@@ -21,10 +21,17 @@ one-line reasons, under "skipped" in manifest.json.
 A build embeds in chunks saved to INDEX_DIR.partial/ (`--resume` skips finished chunks), stages
 the new folder there and swaps it onto INDEX_DIR in one rename: a kill at any moment leaves the
 previous index intact. `update` re-embeds only images whose path or content changed.
+
+Opening an index checks it: the manifest's keys and types, its image count, and the "integrity"
+hashes stored at build (one of the ordered image content hashes, one of each data file), so a
+reordered or cut image list or a changed vector file is refused with one line instead of giving
+wrong results. A build or update holds an exclusive lock (INDEX_DIR.lock); a second one to the
+same folder is refused while it runs.
 """
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import io
 import json
@@ -43,6 +50,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from contextlib import contextmanager
+
 from cir.atomic import atomic_path, sha256_file, staged_dir, write_json
 from cir.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint, model_hash, read_manifest, versions
 from cir.cli import positive_int
@@ -52,7 +61,7 @@ from cir.data.triplets import normalize_path, read_gallery
 from cir.errors import UserError
 from cir.precision import autocast
 
-FORMAT = "context-cir-index/1"
+FORMAT = "context-cir-index/2"  # /2: integrity hashes in the manifest
 TYPES = ("auto", "flat", "ivf", "ivfpq")
 FLAT_MAX = 200_000  # auto: exact search below this many images
 IVF_MAX = 5_000_000  # auto: IVFFlat below this many, IVF-PQ above
@@ -153,6 +162,7 @@ class GalleryIndex:
         manifest, emb = open_embeddings(index_dir, checkpoint_path)
         index = None
         if torch.device(device).type != "cuda":
+            check_integrity(manifest, index_dir, files=(FAISS_FILE,))
             try:
                 index = faiss.read_index(str(index_dir / FAISS_FILE))
             except RuntimeError as e:  # faiss reports a missing or damaged file as RuntimeError
@@ -228,6 +238,7 @@ def open_embeddings(index_dir: str | os.PathLike, checkpoint_path: str | os.Path
     manifest = read_resolved_manifest(index_dir)
     if checkpoint_path is not None:
         check_checkpoint(manifest, checkpoint_path, index_dir)
+    check_integrity(manifest, index_dir)
     try:
         emb = np.load(index_dir / EMBEDDINGS, mmap_mode="r")
     except (OSError, ValueError, EOFError) as e:  # missing, truncated or not a .npy file
@@ -263,8 +274,54 @@ def read_index_manifest(index_dir: Path) -> dict:
         raise UserError(f"{path} is not a valid index manifest ({type(e).__name__}: {e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         manifest = manifest if isinstance(manifest, dict) else {}
-        raise UserError(f"{index_dir}: unsupported index format {manifest.get('format')!r} (expected {FORMAT})")
+        raise UserError(f"{index_dir}: unsupported index format {manifest.get('format')!r} (expected {FORMAT}); "
+                        "rebuild it with: python -m cir.index build")
+    _check_manifest_fields(manifest, index_dir)
     return manifest
+
+
+# key -> the type its value must have; "a.b" is key b of the dict at a, "images[]" every list item
+MANIFEST_FIELDS = {"checkpoint": dict, "checkpoint.path": str, "checkpoint.sha256": str, "config": dict,
+                   "embedding": dict, "embedding.dim": int, "index": dict, "index.params": dict,
+                   "index.params.type": str, "index.requested": dict, "count": int, "images": list,
+                   "images[]": dict, "images[].path": str, "images[].sha256": str, "integrity": dict,
+                   "integrity.images": str, "integrity.embeddings": str, "integrity.faiss": str}
+
+
+def _check_manifest_fields(manifest: dict, index_dir: Path) -> None:
+    """A one-line UserError naming the first key of MANIFEST_FIELDS that is missing or of the wrong type."""
+    for key, kind in MANIFEST_FIELDS.items():
+        values = [manifest]
+        for part in key.split("."):
+            items = part.endswith("[]")
+            values = [v.get(part.removesuffix("[]")) if isinstance(v, dict) else None for v in values]
+            if items:
+                values = [x for v in values if isinstance(v, list) for x in v]
+        bad = next((v for v in values if not isinstance(v, kind) or (kind is int and isinstance(v, bool))), ...)
+        if bad is not ...:
+            what = "lacks" if bad is None else f"has a {type(bad).__name__} at"
+            raise UserError(f"{index_dir}: {MANIFEST} {what} {key!r} (expected {kind.__name__}); rebuild the index")
+    if len(manifest["images"]) != manifest["count"]:
+        raise UserError(f"{index_dir}: {MANIFEST} lists {len(manifest['images'])} images but its count is "
+                        f"{manifest['count']}; rebuild the index")
+
+
+def images_hash(images: list[dict]) -> str:
+    """The integrity hash of an image list: sha256 over the images' content hashes, in row order."""
+    return hashlib.sha256("\n".join(im["sha256"] for im in images).encode()).hexdigest()
+
+
+def check_integrity(manifest: dict, index_dir: Path, files=(EMBEDDINGS,)) -> None:
+    """Refuse (one line) an index whose image list or whose data `files` (EMBEDDINGS, FAISS_FILE)
+    are not the ones it was built with."""
+    if images_hash(manifest["images"]) != manifest["integrity"]["images"]:
+        raise UserError(f"{index_dir}: the image list in {MANIFEST} was changed after the build (its hash "
+                        "differs); rebuild the index")
+    for name in files:
+        key = "embeddings" if name == EMBEDDINGS else "faiss"
+        if (index_dir / name).is_file() and sha256_file(index_dir / name) != manifest["integrity"][key]:
+            raise UserError(f"{index_dir}: {name} is not the file the index was built with (its sha256 "
+                            "differs); rebuild the index")
 
 
 def read_resolved_manifest(index_dir: Path) -> dict:
@@ -293,6 +350,8 @@ def check_checkpoint(manifest: dict, checkpoint_path, index_dir: Path) -> str:
     if have != want:
         raise UserError(f"checkpoint {checkpoint_path} (sha256 {have}) is not the one index {index_dir} was built "
                         f"with (sha256 {want}); rebuild the index with: python -m cir.index build")
+    if manifest["config"] != read_manifest(checkpoint_path)["config"]:
+        raise UserError(f"{index_dir}: the model config in {MANIFEST} is not its checkpoint's; rebuild the index")
     return have
 
 
@@ -426,8 +485,30 @@ def _write_index(out: Path, work: Path, manifest: dict, embeddings: np.ndarray, 
     with staged_dir(out, work / "staged") as staged:
         np.save(staged / EMBEDDINGS, embeddings)
         faiss.write_index(index, str(staged / FAISS_FILE))
+        stored["integrity"] = {"images": images_hash(stored["images"]), "embeddings": sha256_file(staged / EMBEDDINGS),
+                               "faiss": sha256_file(staged / FAISS_FILE)}
         (staged / MANIFEST).write_text(json.dumps(stored, indent=1, ensure_ascii=False), encoding="utf-8")
     shutil.rmtree(work)
+
+
+@contextmanager
+def build_lock(out: Path):
+    """Hold OUT.lock exclusively while a build or update writes OUT; a second one is refused. The
+    file is removed on release (a holder that locked a file already removed checks the inode)."""
+    lock = out.with_name(out.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if not lock.exists() or os.stat(lock).st_ino != os.fstat(f.fileno()).st_ino:
+                raise BlockingIOError
+        except BlockingIOError:
+            raise UserError(f"another build or update of {out} is running (it holds {lock}); wait for it") from None
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _versions() -> dict:
@@ -474,29 +555,30 @@ def build_index(out: str | os.PathLike, gallery: str | os.PathLike | list[str], 
     Returns {"images", "embedded", "resumed", "type", "seconds"}."""
     t0 = time.time()
     out, checkpoint = Path(out), Path(checkpoint or DEFAULT_CHECKPOINT)
-    _check_out(out)
-    paths = _gallery_paths(gallery)
-    config = read_manifest(checkpoint)["config"]
-    params = resolve_params(len(paths), config["embed_dim"], index_type, nlist, pq_m, train_sample, nprobe)
-    model, preprocess, _ = load_checkpoint(checkpoint, device)
-    sha = model_hash(checkpoint)
-    work = _work_dir(out, resume, progress)
-    emb, hashes, resumed, skipped = embed_images(model, preprocess, paths, work, _plan_key(sha, paths), chunk_size,
-                                                 batch_size, workers, device, progress)
-    paths, emb, hashes, skipped = _drop_skipped(paths, emb, hashes, skipped, gallery)
-    if skipped:
+    with build_lock(out):
+        _check_out(out)
+        paths = _gallery_paths(gallery)
+        config = read_manifest(checkpoint)["config"]
         params = resolve_params(len(paths), config["embed_dim"], index_type, nlist, pq_m, train_sample, nprobe)
-    requested = {"type": index_type, "nlist": nlist, "pq_m": pq_m, "train_sample": train_sample, "nprobe": nprobe}
-    manifest = {"format": FORMAT, "checkpoint": {"path": normalize_path(checkpoint), "sha256": sha},
-                "config": config,
-                "embedding": {"dim": emb.shape[1], "normalization": "l2", "dtype": "float32", "file": EMBEDDINGS},
-                "index": {"requested": requested, "params": params, "metric": "inner_product", "file": FAISS_FILE},
-                "count": len(paths), "gallery": str(gallery) if isinstance(gallery, (str, os.PathLike)) else None,
-                "images": [{"path": p, "sha256": h} for p, h in zip(paths, hashes)], "skipped": skipped,
-                "versions": _versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    _write_index(out, work, manifest, emb, make_faiss_index(emb, params))
-    return {"images": len(paths), "embedded": len(paths) + len(skipped) - resumed, "resumed": resumed,
-            "skipped": len(skipped), "type": params["type"], "seconds": time.time() - t0}
+        model, preprocess, _ = load_checkpoint(checkpoint, device)
+        sha = model_hash(checkpoint)
+        work = _work_dir(out, resume, progress)
+        emb, hashes, resumed, skipped = embed_images(model, preprocess, paths, work, _plan_key(sha, paths), chunk_size,
+                                                     batch_size, workers, device, progress)
+        paths, emb, hashes, skipped = _drop_skipped(paths, emb, hashes, skipped, gallery)
+        if skipped:
+            params = resolve_params(len(paths), config["embed_dim"], index_type, nlist, pq_m, train_sample, nprobe)
+        requested = {"type": index_type, "nlist": nlist, "pq_m": pq_m, "train_sample": train_sample, "nprobe": nprobe}
+        manifest = {"format": FORMAT, "checkpoint": {"path": normalize_path(checkpoint), "sha256": sha},
+                    "config": config,
+                    "embedding": {"dim": emb.shape[1], "normalization": "l2", "dtype": "float32", "file": EMBEDDINGS},
+                    "index": {"requested": requested, "params": params, "metric": "inner_product", "file": FAISS_FILE},
+                    "count": len(paths), "gallery": str(gallery) if isinstance(gallery, (str, os.PathLike)) else None,
+                    "images": [{"path": p, "sha256": h} for p, h in zip(paths, hashes)], "skipped": skipped,
+                    "versions": _versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        _write_index(out, work, manifest, emb, make_faiss_index(emb, params))
+        return {"images": len(paths), "embedded": len(paths) + len(skipped) - resumed, "resumed": resumed,
+                "skipped": len(skipped), "type": params["type"], "seconds": time.time() - t0}
 
 
 def update_index(index_dir: str | os.PathLike, gallery: str | os.PathLike | list[str], checkpoint=None,
@@ -510,56 +592,58 @@ def update_index(index_dir: str | os.PathLike, gallery: str | os.PathLike | list
     Returns {"images", "kept", "embedded", "removed", "resumed", "type", "seconds"}."""
     t0 = time.time()
     index_dir = Path(index_dir)
-    manifest = read_resolved_manifest(index_dir)
-    checkpoint = Path(checkpoint or manifest["checkpoint"]["path"])
-    if not checkpoint.is_file():
-        raise UserError(f"the index's checkpoint {checkpoint} is gone; pass --checkpoint (same sha256 "
-                        f"{manifest['checkpoint']['sha256']})")
-    sha = check_checkpoint(manifest, checkpoint, index_dir)
-    paths = _gallery_paths(gallery)
-    old_rows = {im["path"]: (i, im["sha256"]) for i, im in enumerate(manifest["images"])}
-    current = hash_files(paths, max(workers, 4), progress)
-    keep = {p: old_rows[p][0] for p, h in zip(paths, current) if p in old_rows and old_rows[p][1] == h}
-    new = [p for p in paths if p not in keep]
-    old_emb = np.load(index_dir / EMBEDDINGS, mmap_mode="r")
-    work = _work_dir(index_dir, resume, progress)
-    if new:
-        model, preprocess, _ = load_checkpoint(checkpoint, device)
-        new_emb, new_hashes, resumed, skipped = embed_images(model, preprocess, new, work, _plan_key(sha, new),
-                                                             chunk_size, batch_size, workers, device, progress)
-        attempted = len(new)
-        new, new_emb, new_hashes, skipped = _drop_skipped(new, new_emb, new_hashes, skipped, gallery, must_keep_one=False)
-        unreadable = {s["path"] for s in skipped}
-        paths = [p for p in paths if p not in unreadable]
-        if not paths:
-            raise UserError(f"no image of the gallery {gallery} can be read")
-    else:
-        new_emb, new_hashes, resumed, skipped, attempted = np.zeros((0, old_emb.shape[1]), np.float32), [], 0, [], 0
-        work.mkdir(exist_ok=True)
-    emb = np.empty((len(paths), old_emb.shape[1]), np.float32)
-    kept_rows = [i for i, p in enumerate(paths) if p in keep]
-    emb[kept_rows] = old_emb[[keep[paths[i]] for i in kept_rows]]
-    emb[[i for i, p in enumerate(paths) if p not in keep]] = new_emb  # `new` is in gallery order
-    fresh = iter(new_hashes)
-    hashes = [old_rows[p][1] if p in keep else next(fresh) for p in paths]
-    req = manifest["index"]["requested"]
-    params = resolve_params(len(paths), emb.shape[1], req["type"], req["nlist"], req["pq_m"], req["train_sample"], req["nprobe"])
-    if retrain or params["type"] != manifest["index"]["params"]["type"]:
-        index = make_faiss_index(emb, params)
-    else:
-        params = manifest["index"]["params"]
-        index = faiss.read_index(str(index_dir / FAISS_FILE))
-        index.reset()
-        index.add(emb)
-    manifest = dict(manifest, count=len(paths), images=[{"path": p, "sha256": h} for p, h in zip(paths, hashes)],
-                    skipped=skipped,
-                    gallery=str(gallery) if isinstance(gallery, (str, os.PathLike)) else None,
-                    versions=_versions(), updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    manifest["index"] = dict(manifest["index"], params=params)
-    removed = len(set(old_rows) - set(paths))
-    _write_index(index_dir, work, manifest, emb, index)
-    return {"images": len(paths), "kept": len(keep), "embedded": attempted - resumed, "removed": removed,
-            "resumed": resumed, "skipped": len(skipped), "type": params["type"], "seconds": time.time() - t0}
+    with build_lock(index_dir):
+        manifest = read_resolved_manifest(index_dir)
+        checkpoint = Path(checkpoint or manifest["checkpoint"]["path"])
+        if not checkpoint.is_file():
+            raise UserError(f"the index's checkpoint {checkpoint} is gone; pass --checkpoint (same sha256 "
+                            f"{manifest['checkpoint']['sha256']})")
+        sha = check_checkpoint(manifest, checkpoint, index_dir)
+        check_integrity(manifest, index_dir, files=(EMBEDDINGS, FAISS_FILE))
+        paths = _gallery_paths(gallery)
+        old_rows = {im["path"]: (i, im["sha256"]) for i, im in enumerate(manifest["images"])}
+        current = hash_files(paths, max(workers, 4), progress)
+        keep = {p: old_rows[p][0] for p, h in zip(paths, current) if p in old_rows and old_rows[p][1] == h}
+        new = [p for p in paths if p not in keep]
+        old_emb = np.load(index_dir / EMBEDDINGS, mmap_mode="r")
+        work = _work_dir(index_dir, resume, progress)
+        if new:
+            model, preprocess, _ = load_checkpoint(checkpoint, device)
+            new_emb, new_hashes, resumed, skipped = embed_images(model, preprocess, new, work, _plan_key(sha, new),
+                                                                 chunk_size, batch_size, workers, device, progress)
+            attempted = len(new)
+            new, new_emb, new_hashes, skipped = _drop_skipped(new, new_emb, new_hashes, skipped, gallery, must_keep_one=False)
+            unreadable = {s["path"] for s in skipped}
+            paths = [p for p in paths if p not in unreadable]
+            if not paths:
+                raise UserError(f"no image of the gallery {gallery} can be read")
+        else:
+            new_emb, new_hashes, resumed, skipped, attempted = np.zeros((0, old_emb.shape[1]), np.float32), [], 0, [], 0
+            work.mkdir(exist_ok=True)
+        emb = np.empty((len(paths), old_emb.shape[1]), np.float32)
+        kept_rows = [i for i, p in enumerate(paths) if p in keep]
+        emb[kept_rows] = old_emb[[keep[paths[i]] for i in kept_rows]]
+        emb[[i for i, p in enumerate(paths) if p not in keep]] = new_emb  # `new` is in gallery order
+        fresh = iter(new_hashes)
+        hashes = [old_rows[p][1] if p in keep else next(fresh) for p in paths]
+        req = manifest["index"]["requested"]
+        params = resolve_params(len(paths), emb.shape[1], req["type"], req["nlist"], req["pq_m"], req["train_sample"], req["nprobe"])
+        if retrain or params["type"] != manifest["index"]["params"]["type"]:
+            index = make_faiss_index(emb, params)
+        else:
+            params = manifest["index"]["params"]
+            index = faiss.read_index(str(index_dir / FAISS_FILE))
+            index.reset()
+            index.add(emb)
+        manifest = dict(manifest, count=len(paths), images=[{"path": p, "sha256": h} for p, h in zip(paths, hashes)],
+                        skipped=skipped,
+                        gallery=str(gallery) if isinstance(gallery, (str, os.PathLike)) else None,
+                        versions=_versions(), updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        manifest["index"] = dict(manifest["index"], params=params)
+        removed = len(set(old_rows) - set(paths))
+        _write_index(index_dir, work, manifest, emb, index)
+        return {"images": len(paths), "kept": len(keep), "embedded": attempted - resumed, "removed": removed,
+                "resumed": resumed, "skipped": len(skipped), "type": params["type"], "seconds": time.time() - t0}
 
 
 # ---------------------------------------------------------------------------------------- command line

@@ -1,0 +1,114 @@
+"""A damaged gallery index is refused with one line when it is opened, never searched with wrong
+answers: a reordered or cut image list, changed vector files, missing manifest keys, a config that
+is not the checkpoint's. Two builds to one folder never run at once."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import faiss
+import numpy as np
+import pytest
+
+from cir.data.triplets import read_gallery
+from cir.errors import UserError
+from cir.index import EMBEDDINGS, FAISS_FILE, MANIFEST, GalleryIndex, build_index, build_lock, update_index
+from cir.ui.explorer import Explorer
+
+
+@pytest.fixture(scope="module")
+def index(tmp_path_factory, tiny_checkpoint, shapes_data):
+    out = tmp_path_factory.mktemp("integrity") / "idx"
+    build_index(out, read_gallery(shapes_data / "gallery_test.txt")[:12], tiny_checkpoint, chunk_size=8, batch_size=8)
+    return out
+
+
+@pytest.fixture
+def copy(index, tmp_path):
+    shutil.copytree(index, tmp_path / "idx")
+    return tmp_path / "idx"
+
+
+def edit_manifest(folder, change) -> None:
+    manifest = json.loads((folder / MANIFEST).read_text())
+    change(manifest)
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+
+
+def refused(call, *fragments) -> str:
+    with pytest.raises(UserError) as e:
+        call()
+    message = str(e.value)
+    assert "\n" not in message and all(f in message for f in fragments), message
+    return message
+
+
+def test_an_intact_index_opens_and_its_hashes_are_stored(index, tiny_checkpoint):
+    loaded = GalleryIndex.load(index, checkpoint_path=tiny_checkpoint)
+    assert len(loaded) == 12 and set(loaded.manifest["integrity"]) == {"images", "embeddings", "faiss"}
+    scores, ids = loaded.search(loaded.embeddings[:3], k=1)
+    assert ids[:, 0].tolist() == [0, 1, 2]  # each vector finds itself
+
+
+def test_reordered_image_list(copy, tiny_checkpoint):
+    edit_manifest(copy, lambda m: m["images"].reverse())
+    refused(lambda: GalleryIndex.load(copy, checkpoint_path=tiny_checkpoint), "image list", "rebuild")
+
+
+def test_image_list_cut_to_ten(copy, tiny_checkpoint):
+    edit_manifest(copy, lambda m: m.update(images=m["images"][:10]))
+    refused(lambda: GalleryIndex.load(copy, checkpoint_path=tiny_checkpoint), "lists 10 images but its count is 12")
+
+
+def test_scrambled_embeddings(copy, tiny_checkpoint):
+    emb = np.load(copy / EMBEDDINGS)
+    np.save(copy / EMBEDDINGS, emb[::-1].copy())  # same shape and norms, rows swapped
+    refused(lambda: GalleryIndex.load(copy, checkpoint_path=tiny_checkpoint), EMBEDDINGS, "rebuild")
+
+
+def test_scrambled_faiss_vectors(index, copy, tiny_checkpoint):
+    emb = np.load(copy / EMBEDDINGS)
+    scrambled = faiss.IndexFlatIP(emb.shape[1])
+    scrambled.add(np.ascontiguousarray(emb[::-1]))
+    faiss.write_index(scrambled, str(copy / FAISS_FILE))
+    refused(lambda: GalleryIndex.load(copy, checkpoint_path=tiny_checkpoint), FAISS_FILE, "rebuild")
+    before = (copy / MANIFEST).read_bytes()
+    refused(lambda: update_index(copy, GalleryIndex.load(index).paths, tiny_checkpoint), FAISS_FILE)
+    assert (copy / MANIFEST).read_bytes() == before
+
+
+@pytest.mark.parametrize("damage, key", [
+    (lambda m: m.pop("count"), "'count'"),
+    (lambda m: m.pop("checkpoint"), "'checkpoint'"),
+    (lambda m: m["images"][3].pop("path"), "'images[].path'"),
+    (lambda m: m.update(count="12"), "has a str at 'count'"),
+    (lambda m: m.pop("integrity"), "'integrity'"),
+])
+def test_missing_or_mistyped_manifest_keys(copy, tiny_checkpoint, damage, key):
+    edit_manifest(copy, damage)
+    refused(lambda: GalleryIndex.load(copy, checkpoint_path=tiny_checkpoint), MANIFEST, key)
+    cli = subprocess.run([sys.executable, "-m", "cir.index", "update", "--index", str(copy), "--gallery", str(copy)],
+                         capture_output=True, text=True)
+    assert cli.returncode == 2 and key in cli.stderr and "Traceback" not in cli.stderr
+    assert len(cli.stderr.strip().splitlines()) == 1, cli.stderr
+
+
+def test_manifest_config_that_is_not_the_checkpoints(copy, tiny_checkpoint):
+    edit_manifest(copy, lambda m: m["config"].update(clip_model="ViT-L-14"))
+    refused(lambda: GalleryIndex.load(copy, checkpoint_path=tiny_checkpoint), "model config")
+    refused(lambda: Explorer.load(tiny_checkpoint, copy, device="cpu"), "model config")
+
+
+def test_a_second_build_to_the_same_folder_is_refused(tiny_checkpoint, shapes_data, tmp_path):
+    out = tmp_path / "busy"
+    with build_lock(out):
+        cli = subprocess.run([sys.executable, "-m", "cir.index", "build", "--checkpoint", str(tiny_checkpoint),
+                              "--gallery", str(shapes_data / "gallery_test.txt"), "--out", str(out)],
+                             capture_output=True, text=True)
+        assert cli.returncode == 2 and "another build or update" in cli.stderr and "Traceback" not in cli.stderr
+        refused(lambda: build_index(out, shapes_data / "gallery_test.txt", tiny_checkpoint), "another build or update")
+    assert not out.exists() and not (tmp_path / "busy.lock").exists()
+    build_index(out, read_gallery(shapes_data / "gallery_test.txt")[:4], tiny_checkpoint)  # free again
+    assert len(GalleryIndex.load(out)) == 4 and not (tmp_path / "busy.lock").exists()
