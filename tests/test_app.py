@@ -292,7 +292,7 @@ def test_review_callbacks(ex, demo, tmp_path):
     assert undecided["pos"] == 2 and ui.review_move(undecided, 1)["pos"] == 3 and ui.review_move(undecided, -1)["pos"] == 2
     accepted = ui.review_filter(state, "accepted")
     assert accepted["pos"] == 0 and ui.review_move(accepted, 1)["pos"] == 1 and ui.review_move(accepted, 2)["pos"] == 3
-    assert "2 of 3 decided (1 undecided, 2 accepted, 0 rejected)" in ui.review_show(ex, access, state)[5]
+    assert "2 of 3 decided (1 undecided, 2 accepted, 0 rejected, " in ui.review_show(ex, access, state)[5]
     assert "No more rejected items" in ui.review_show(ex, access, ui.review_filter(state, "rejected"))[5]
     undone = ui.review_undo(state)
     assert undone["pos"] == 1 and triplets[1].id not in review.read_decisions(review.review_path(src))
@@ -308,6 +308,34 @@ def test_review_callbacks(ex, demo, tmp_path):
         review.review_path(src))
     with pytest.raises(Exception, match="not found"):
         ui.review_open(access, str(tmp_path / "missing.jsonl"))
+
+
+def test_review_flags_captions_that_miss_a_change(ex, demo, tmp_path):
+    """The check of `python -m cir.synth report` reaches the Review tab: a caption that misses a change
+    between reference and target is flagged in the status and found by the "flagged" filter."""
+    from dataclasses import replace
+
+    triplets = read_triplets(demo[0] / "examples.jsonl")[0][:4]
+    vague = replace(triplets[1], caption="make it nicer", noun_phrases=None,
+                    meta={k: v for k, v in triplets[1].meta.items() if k != "grounding"})
+    src = tmp_path / "batch.jsonl"
+    write_triplets(src, [triplets[0], vague, *triplets[2:]])
+    changes = ui.changed_objects(vague)[1]
+    assert ui.missing_changes(vague, vague.caption) == [names[0] for names in changes] and changes
+    expected = [i for i, t in enumerate(read_triplets(src)[0]) if ui.missing_changes(t, t.caption)]
+    assert 1 in expected and all(not ui.missing_changes(t, t.caption) for i, t in enumerate(triplets) if i not in expected)
+    access = FileAccess([tmp_path], ex.index.paths)
+    state = ui.review_open(access, str(src))
+    flagged = ui.review_filter(state, "flagged")
+    assert flagged["pos"] == expected[0]
+    status = ui.review_show(ex, access, flagged | {"pos": 1})[5]
+    assert f"The caption misses {len(changes)} change(s)" in status and changes[0][0] in status
+    assert f"{len(expected)} flagged)" in status
+    visited = [flagged["pos"]]
+    while (flagged := ui.review_move(flagged, 1))["pos"] < len(triplets):
+        visited.append(flagged["pos"])
+    assert visited == expected
+    assert ui.missing_changes(replace(vague, meta={}), "x") is None  # nothing to check against
 
 
 # ---------------------------------------------------------------------------- the served app

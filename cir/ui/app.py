@@ -26,6 +26,7 @@ from cir.atomic import write_text
 from cir.data.images import load_rgb
 from cir.data.triplets import read_triplets
 from cir.errors import UserError
+from cir.synth.report import changed_objects, mentions
 from cir.ui import limits, review
 from cir.ui.access import IMAGE_REFUSED, FileAccess
 from cir.ui.card import OUT_OF_DOMAIN, looks_like_shapes, model_card
@@ -37,7 +38,8 @@ PER_PAGE = 24
 DEFAULT_EPS = 0.005
 MEAN = "mean"
 RANK_OVER = ("file images", "gallery index")
-SHOW = ("all", "undecided", "accepted", "rejected")  # the Review tab's filter; "accepted" includes edits
+SHOW = ("all", "undecided", "accepted", "rejected", "flagged")  # the Review tab's filter; "accepted" includes
+# edits; "flagged": the caption misses a change between reference and target (as `python -m cir.synth report` finds)
 UPSAMPLING = ("flat patches", "smooth (bilinear)")
 NO_EXAMPLES = ("No example queries with this gallery: start the app with `--examples triplets.jsonl` to add some, "
                "or pick a query under **Gallery** or upload one.")
@@ -352,6 +354,21 @@ def _triplets(path: str, base: str | None, mtime: float):
     return read_triplets(path, skip_bad=True, check_images=False, base=base)
 
 
+def missing_changes(t, caption: str) -> list[str] | None:
+    """The changes between a triplet's reference and target that `caption` does not mention (the
+    check of `python -m cir.synth report`); None when the triplet carries no scenes or stage outputs."""
+    try:
+        changes = changed_objects(t)[1]
+    except (UserError, KeyError, TypeError, ValueError, IndexError):
+        return None
+    return [names[0] for names in changes if not mentions(caption, names)]
+
+
+@lru_cache(maxsize=8)
+def _flagged(path: str, base: str | None, mtime: float) -> frozenset[str]:
+    return frozenset(t.id for t in _triplets(path, base, mtime)[0] if missing_changes(t, t.caption))
+
+
 def review_items(state: dict):
     """(triplets, problems) of a review state's triplet file, re-read when it changes."""
     return _triplets(state["path"], state.get("base"), os.path.getmtime(state["path"]))
@@ -433,7 +450,8 @@ def review_show(ex: Explorer, access: FileAccess, state):
     if not state:
         return None, [], [], "", "", "Open a triplet file to review."
     triplets, decisions, t = _current(state)
-    counts = {kind: sum(_shown_as(decisions.get(x.id)) == kind for x in triplets) for kind in SHOW[1:]}
+    counts = {kind: sum(_shown_as(decisions.get(x.id)) == kind for x in triplets) for kind in SHOW[1:4]}
+    counts["flagged"] = len(_flagged(state["path"], state.get("base"), os.path.getmtime(state["path"])))
     progress = (f"{len(triplets) - counts['undecided']} of {len(triplets)} decided ("
                 + ", ".join(f"{n} {kind}" for kind, n in counts.items()) + ")"
                 + f" · log {markdown_literal(review.review_path(state['path']).name)}")
@@ -444,9 +462,12 @@ def review_show(ex: Explorer, access: FileAccess, state):
     d = decisions.get(t.id)
     caption, phrases = _caption_and_phrases(ex, t, d)
     hidden = [p for p in (t.reference, *t.targets) if not access.image(p)]
+    missing = missing_changes(t, caption)
     status = (f"Item **{state['pos'] + 1}** of {len(triplets)} · id {markdown_literal(t.id)} · "
               f"{'decided: **' + d['decision'] + '**' if d else 'undecided'} · {progress}"
-              + (f" · {len(hidden)} image(s) {IMAGE_REFUSED}" if hidden else ""))
+              + (f" · {len(hidden)} image(s) {IMAGE_REFUSED}" if hidden else "")
+              + (f"\n\n⚠ **The caption misses {len(missing)} change(s)** between reference and target: "
+                 + ", ".join(markdown_literal(m) for m in missing) + "." if missing else ""))
     targets = [(im, os.path.basename(p)) for p in t.targets if (im := _shown_image(access, p)) is not None]
     return (_shown_image(access, t.reference), targets, highlight(caption, phrases), caption,
             d["note"] if d else "", status)
@@ -504,7 +525,9 @@ def review_move(state, step: int):
         return state
     triplets, decisions, _ = _current(state)
     show = state.get("show", SHOW[0])
-    shown_at = [i for i, t in enumerate(triplets) if show == SHOW[0] or _shown_as(decisions.get(t.id)) == show]
+    flagged = _flagged(state["path"], state.get("base"), os.path.getmtime(state["path"])) if show == "flagged" else ()
+    shown_at = [i for i, t in enumerate(triplets) if show == SHOW[0] or t.id in flagged
+                or _shown_as(decisions.get(t.id)) == show]
     pos = state["pos"]
     for _ in range(abs(step)):
         if step > 0:
