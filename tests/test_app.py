@@ -29,7 +29,8 @@ from cir.ui import limits, review
 from cir.ui.access import FileAccess
 from cir.ui.card import looks_like_shapes, model_card
 from cir.ui.explorer import Explorer, phrase_spans
-from cir.ui.heatmaps import BOX_COLOUR, VIEW, model_view, outline, overlay, phrase_row, select, shared_norm, upsample, view_box
+from cir.ui.heatmaps import (BOX_COLOUR, GAP, HEIGHT, TOP, VIEW, model_view, outline, overlay, phrase_row, select,
+                             shared_norm, upsample, view_box)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -479,6 +480,18 @@ def test_gold_phrases_boxes_and_shared_difference_scale(ex):
     shared, _ = ui.render_maps(ex, t.reference, t.caption, t.noun_phrases, shared_scale=True)
     assert np.array_equal(shared, np.concatenate([r.image for r in rows_shared]))
     assert not np.array_equal(shared, without)
+    # the per-head grid: one row of H panels per layer, each panel the overlay of that head's in-context map
+    grid, table = ui.render_maps(ex, t.reference, t.caption, t.noun_phrases[:1], grid=True)
+    heads = maps[0].heads
+    assert heads.shape[:2] == (ex.layers, ex.heads) and len(table) == 1
+    assert grid.shape[0] == ex.layers * HEIGHT
+    norm = shared_norm(*heads.reshape(-1, *heads.shape[-2:]))
+    background = np.asarray(view, dtype=np.float32)
+    for layer, head in ((0, 0), (ex.layers - 1, ex.heads - 1)):
+        top, left = layer * HEIGHT + TOP, GAP + head * (VIEW + GAP)
+        want = overlay(background, heads[layer, head], norm, "inferno")
+        panel = grid[top:top + VIEW, left:left + VIEW]
+        assert np.abs(panel.astype(int) - want.astype(int)).max() <= 1
 
 
 def test_queries_labels_card_and_export(ex, demo, tmp_path):

@@ -31,7 +31,7 @@ from cir.ui import limits, review
 from cir.ui.access import IMAGE_REFUSED, FileAccess
 from cir.ui.card import OUT_OF_DOMAIN, looks_like_shapes, model_card
 from cir.ui.explorer import Explorer, as_image, grounding_boxes, phrase_spans, thumbnail
-from cir.ui.heatmaps import ALPHA, compare_row, model_view, phrase_row, view_box
+from cir.ui.heatmaps import ALPHA, compare_row, head_grid, model_view, phrase_row, view_box
 
 CONCURRENCY = 4  # events of one kind served at once (model forwards still take turns, see Explorer.lock)
 PER_PAGE = 24
@@ -279,14 +279,15 @@ def export_results(ex: Explorer, exports: str, query, query_path, caption: str, 
 
 def render_maps(ex: Explorer, image, caption: str, phrases: list[dict], layer: str = MEAN, head: str = MEAN,
                 eps: float = DEFAULT_EPS, opacity: float = ALPHA, upsampling: str = UPSAMPLING[0],
-                compare: bool = False, shared_scale: bool = False, boxes: dict | None = None):
+                compare: bool = False, shared_scale: bool = False, boxes: dict | None = None, grid: bool = False):
     """(heatmap rows stacked into one image [H, W, 3] or None, CC table [[phrase, CC]]) of `phrases` over
-    `image`; with `compare` (and a twin model loaded) each row shows both models' maps side by side;
+    `image`; with `grid` each phrase shows its in-context maps of every layer and head instead; with
+    `compare` (and a twin model loaded) each row shows both models' maps side by side;
     with `shared_scale` every difference panel uses one scale, ± the largest difference of all phrases;
     `boxes` {(start, end): box in `image` pixels} are outlined on their phrase's row."""
     results = ex.phrase_maps(image, caption, phrases, _choice(layer), _choice(head), float(eps))
     twins = ex.phrase_maps(image, caption, phrases, _choice(layer), _choice(head), float(eps), twin=True) \
-        if compare and ex.twin else [None] * len(results)
+        if compare and ex.twin and not grid else [None] * len(results)
     full = as_image(image)
     view = model_view(full)
     alpha, smooth = min(max(float(opacity), 0.0), 1.0), upsampling == UPSAMPLING[1]
@@ -300,7 +301,9 @@ def render_maps(ex: Explorer, image, caption: str, phrases: list[dict], layer: s
             continue
         box = (boxes or {}).get((r.start, r.end))
         box = view_box(box, full.size) if box else None
-        if t is not None:
+        if grid:
+            row = head_grid(view, r.heads, f"“{r.text}”   in context, every layer and head", alpha, smooth, box)
+        elif t is not None:
             title = f"“{r.text}”   CC term {r.cc:.4f} ({ex.name}) · {t.cc:.4f} ({ex.twin_name})"
             row = compare_row(view, {ex.name: (r.in_context, r.isolated), ex.twin_name: (t.in_context, t.isolated)},
                               title, alpha, smooth, box)
@@ -315,7 +318,7 @@ def render_maps(ex: Explorer, image, caption: str, phrases: list[dict], layer: s
 @shown
 def attention(ex: Explorer, image, caption: str, rows, rows_caption: str, layer: str, head: str, eps: float,
               opacity: float = ALPHA, upsampling: str = UPSAMPLING[0], compare: bool = False,
-              shared_scale: bool = False):
+              shared_scale: bool = False, grid: bool = False):
     """Maps of the phrase rows over `image`; for another caption than the rows', its phrases afresh:
     an example's gold ones when it is an example's caption, else spaCy's (the info names which, or
     "edited" for rows that differ from those). The boxes an example's
@@ -331,7 +334,7 @@ def attention(ex: Explorer, image, caption: str, rows, rows_caption: str, layer:
         phrases, source = rows, source if rows == phrases else "edited"
     boxes = ex.boxes(image, caption)
     maps, table = render_maps(ex, image, caption, phrases, layer, head, eps, opacity, upsampling, compare,
-                              shared_scale, boxes)
+                              shared_scale, boxes, grid)
     scores = [c for _, c in table if isinstance(c, float)]
     outlined = sum((p["start"], p["end"]) in boxes for p in phrases)
     info = f"Maps over **{markdown_literal(os.path.basename(image))}** · {len(phrases)} phrase(s)" + (
@@ -646,6 +649,8 @@ def build_demo(ex: Explorer, access: FileAccess | None = None) -> gr.Blocks:
                                               interactive=ex.twin is not None, elem_id="compare")
                         shared_scale = gr.Checkbox(False, label="One difference scale for all phrases",
                                                    elem_id="shared-scale")
+                        grid = gr.Checkbox(False, label="Every layer and head (a grid of in-context maps)",
+                                           elem_id="head-grid")
                         update = gr.Button("Update maps")
                         maps_info = gr.Markdown(elem_id="maps-info")
                         cc_table = gr.Dataframe(headers=["phrase", "CC term"], type="array", interactive=False,
@@ -694,7 +699,7 @@ def build_demo(ex: Explorer, access: FileAccess | None = None) -> gr.Blocks:
         private = {"api_visibility": "private"}
         maps = p(attention, ex)
         maps_inputs = [maps_image, caption, phrases, rows_caption, layer, head, eps, opacity, upsampling, compare,
-                       shared_scale]
+                       shared_scale, grid]
         maps_outputs = [phrases, rows_caption, heatmaps, cc_table, maps_info]
 
         def on_example(evt: gr.SelectData):
@@ -722,7 +727,7 @@ def build_demo(ex: Explorer, access: FileAccess | None = None) -> gr.Blocks:
             maps, maps_inputs, maps_outputs, **private)
         results.select(on_result, hits, maps_image, **private).success(maps, maps_inputs, maps_outputs, **private)
         gr.on([update.click, layer.change, head.change, eps.submit, opacity.release, upsampling.change, compare.change,
-               shared_scale.change],
+               shared_scale.change, grid.change],
               maps, maps_inputs, maps_outputs,
               trigger_mode="always_last", **private)
         export_btn.click(p(export_results, ex, exports), [image, query_path, caption, hits, table, cc_table],

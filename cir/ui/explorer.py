@@ -45,7 +45,8 @@ class Hit(NamedTuple):
 
 @dataclass
 class PhraseResult:
-    """One phrase's maps [g, g] (None when the phrase was cut by the context length) and CC term."""
+    """One phrase's maps [g, g] (None when the phrase was cut by the context length) and CC term;
+    `heads`: its in-context maps of every layer and head [L, H, g, g]."""
 
     text: str
     start: int
@@ -53,6 +54,7 @@ class PhraseResult:
     in_context: np.ndarray | None
     isolated: np.ndarray | None
     cc: float | None
+    heads: np.ndarray | None = None
 
 
 def as_image(image: str | os.PathLike | Image.Image) -> Image.Image:
@@ -284,5 +286,5 @@ class Explorer:
                 out.append(PhraseResult(m.text, m.start, m.end, None, None, None))
                 continue
             cc = float(concept_consistency_loss(ctx.flatten()[None], iso.flatten()[None], eps))
-            out.append(PhraseResult(m.text, m.start, m.end, ctx.numpy(), iso.numpy(), cc))
+            out.append(PhraseResult(m.text, m.start, m.end, ctx.numpy(), iso.numpy(), cc, m.in_context.numpy()))
         return out

@@ -6,6 +6,7 @@ One matplotlib figure (Agg canvas, no pyplot, so threads can render at once) per
   a symmetric diverging scale.
 - `compare_row`: the in-context and isolated maps of two models side by side (the CC model and
   its lambda = 0 twin: the paper's Figure 5), all four panels on one colour scale.
+- `head_grid`: the in-context maps of every layer (one row each) and head, on one colour scale.
 Each patch of the model's grid is drawn as one flat square over the image, or upsampled
 bilinearly (`smooth`); `alpha` is the heat's opacity over the image. A phrase's box, when known
 (the grounding of an example query), is outlined on every panel of its row.
@@ -153,3 +154,15 @@ def compare_row(view: Image.Image, maps: dict[str, tuple[np.ndarray, np.ndarray]
     norm = shared_norm(*(m for pair in maps.values() for m in pair))
     panels = [(f"{name}: {kind}", m) for name, pair in maps.items() for kind, m in zip(("in context", "isolated"), pair)]
     return PhraseRow(_draw(view, title, [(panels, norm, CMAP)], alpha, smooth, box), norm, None)
+
+
+def head_grid(view: Image.Image, heads: np.ndarray, title: str, alpha: float = ALPHA, smooth: bool = False,
+              box: tuple[int, int, int, int] | None = None) -> PhraseRow:
+    """One phrase's in-context maps of every layer and head, `heads` [L, H, g, g]: one row per layer,
+    one panel per head, all on one colour scale; `box` outlined."""
+    norm = shared_norm(*heads.reshape(-1, *heads.shape[-2:]))
+    rows = [_draw(view, title if layer == 0 else "", [([(f"layer {layer + 1} · head {h + 1}", m)
+                                                         for h, m in enumerate(per_head)], norm, CMAP)],
+                  alpha, smooth, box)
+            for layer, per_head in enumerate(heads)]
+    return PhraseRow(np.concatenate(rows), norm, None)
