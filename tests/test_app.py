@@ -515,8 +515,9 @@ def test_queries_labels_card_and_export(ex, demo, tmp_path):
     assert "unlike the training data" in ui.run_retrieve(ex, str(photo), None, "make it red", 3, [])[2]
     # export: CSV rows and a JSON record of exactly the shown results and CC terms
     gallery, table, status, paths, _ = ui.run_retrieve(ex, None, t.reference, t.caption, 4, t.targets)
-    cc = [["the red circle", 0.0123]]
-    update, message = ui.export_results(ex, str(tmp_path), None, t.reference, t.caption, paths, table, cc)
+    rows = [[p["text"], p["start"], p["end"]] for p in t.noun_phrases[:2]]
+    update, message = ui.export_results(ex, str(tmp_path), None, t.reference, t.caption, paths, table, paths[1], rows,
+                                        t.caption, "0", "mean", 0.0)
     csv_path, json_path = update["value"]
     lines = Path(csv_path).read_text().splitlines()
     assert lines[0] == "rank,score,image,target,path" and len(lines) == 5
@@ -524,7 +525,13 @@ def test_queries_labels_card_and_export(ex, demo, tmp_path):
     record = json.loads(Path(json_path).read_text())
     assert [r["path"] for r in record["results"]] == paths and record["modification"] == t.caption
     assert [r["target"] for r in record["results"]] == [p in t.targets for p in paths]
-    assert record["cc_terms"] == [{"phrase": "the red circle", "cc": 0.0123}] and record["query"] == t.reference
+    assert record["query"] == t.reference and record["maps"]["image"] == paths[1]
+    want = ex.phrase_maps(paths[1], t.caption, t.noun_phrases[:2], layer=0, eps=0.0)
+    got = record["maps"]["phrases"]
+    assert [(m["phrase"], m["start"], m["end"]) for m in got] == [tuple(r) for r in rows]
+    assert [m["cc"] for m in got] == pytest.approx([r.cc for r in want])
+    np.testing.assert_allclose(got[1]["in_context"], want[1].in_context, atol=1e-6)
+    np.testing.assert_allclose(got[0]["isolated"], want[0].isolated, atol=1e-6)
     with pytest.raises(ui.gr.Error, match="retrieve first"):
         ui.export_results(ex, str(tmp_path), None, None, "", [], [], [])
 

@@ -250,22 +250,34 @@ def run_retrieve(ex: Explorer, image, query_path, caption: str, k: int, targets)
     return gallery, table, status, [h.path for h in hits], source
 
 
-def results_record(ex: Explorer, query, caption: str, hits: list[str], table, cc_table) -> dict:
-    """The retrieval and the Why panel's CC terms as one plain record (what the export writes)."""
+def results_record(ex: Explorer, query, caption: str, hits: list[str], table, maps_over=None, maps=(),
+                   layer: str = MEAN, head: str = MEAN, eps: float = DEFAULT_EPS) -> dict:
+    """The retrieval and the Why panel's maps (`PhraseResult`s over the image `maps_over`) as one
+    plain record (what the export writes)."""
     rows = [dict(zip(("rank", "score", "image", "target"), r)) for r in table or []]
     for row, path in zip(rows, hits or []):
         row["path"], row["target"] = path, bool(row.get("target"))
+    as_list = lambda a: None if a is None else np.asarray(a, dtype=float).round(6).tolist()
     return {"model": ex.name, "checkpoint": ex.checkpoint, "query": query, "modification": caption,
-            "results": rows, "cc_terms": [{"phrase": p, "cc": c} for p, c in cc_table or []]}
+            "results": rows, "maps": {"image": maps_over, "layer": layer, "head": head, "eps": float(eps), "phrases": [
+                {"phrase": r.text, "start": r.start, "end": r.end, "cc": r.cc, "in_context": as_list(r.in_context),
+                 "isolated": as_list(r.isolated)} for r in maps]}}
 
 
 @shown
-def export_results(ex: Explorer, exports: str, query, query_path, caption: str, hits, table, cc_table):
-    """Write the current results as CSV (one row per result) and JSON (results and CC terms) into a
-    fresh folder under `exports` -> (the two files for download, message)."""
+def export_results(ex: Explorer, exports: str, query, query_path, caption: str, hits, table, maps_over=None,
+                   rows=None, rows_caption=None, layer: str = MEAN, head: str = MEAN, eps: float = DEFAULT_EPS):
+    """Write the current results as CSV (one row per result) and JSON (results, and the Why panel's
+    phrase maps and CC terms over `maps_over` as it shows them) into a fresh folder under `exports`
+    -> (the two files for download, message)."""
     if not hits:
         raise UserError("retrieve first: there are no results to export")
-    record = results_record(ex, query_path or query, caption, hits, table, cc_table)
+    caption = limits.caption(caption)
+    maps = []
+    if maps_over and rows and caption == rows_caption:
+        phrases = phrase_spans(caption, limits.phrase_rows(rows))
+        maps = ex.phrase_maps(maps_over, caption, phrases, _choice(layer), _choice(head), float(eps))
+    record = results_record(ex, query_path or query, caption, hits, table, maps_over, maps, layer, head, eps)
     folder = tempfile.mkdtemp(prefix="results-", dir=exports)
     text = io.StringIO()
     writer = csv.DictWriter(text, ["rank", "score", "image", "target", "path"], lineterminator="\n")
@@ -730,7 +742,8 @@ def build_demo(ex: Explorer, access: FileAccess | None = None) -> gr.Blocks:
                shared_scale.change, grid.change],
               maps, maps_inputs, maps_outputs,
               trigger_mode="always_last", **private)
-        export_btn.click(p(export_results, ex, exports), [image, query_path, caption, hits, table, cc_table],
+        export_btn.click(p(export_results, ex, exports),
+                         [image, query_path, caption, hits, table, maps_image, phrases, rows_caption, layer, head, eps],
                          [export_files, export_info], **private)
         add.click(add_phrase, [caption, phrases, new_phrase], [phrases, new_phrase], **private).success(
             maps, maps_inputs, maps_outputs, **private)
