@@ -311,6 +311,45 @@ def test_review_callbacks(ex, demo, tmp_path):
         ui.review_open(access, str(tmp_path / "missing.jsonl"))
 
 
+def test_two_annotators_on_one_file_at_once(ex, demo, tmp_path):
+    """Two annotators decide every item of one file at the same time: both sets of decisions are kept
+    under their names, each sees only their own, and the agreement is reported."""
+    import threading
+
+    src = tmp_path / "shared.jsonl"
+    triplets = read_triplets(demo[0] / "examples.jsonl")[0][:6]
+    write_triplets(src, triplets)
+    access = FileAccess([tmp_path], ex.index.paths)
+    plans = {"ada": ["accept"] * 6, "bob": ["accept", "reject", "accept", "accept", "reject", "accept"]}
+
+    def annotate(name: str):
+        state = ui.review_annotator(ui.review_open(access, str(src)), name)
+        for kind in plans[name]:
+            state = ui.review_decide(state, triplets[state["pos"]].caption, f"by {name}", kind=kind)
+
+    workers = [threading.Thread(target=annotate, args=(name,)) for name in plans]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    log = review.review_path(src)
+    for name, kinds in plans.items():
+        mine = review.read_decisions(log, name)
+        assert [mine[t.id]["decision"] for t in triplets] == kinds and all(r["annotator"] == name for r in mine.values())
+    assert review.agreement(log) == (2, 6, pytest.approx(4 / 6))
+    state = ui.review_annotator(ui.review_open(access, str(src)), "bob")
+    status = ui.review_show(ex, access, ui.review_move(state, -6))[5]
+    assert "by **bob**" in status and "2 annotators, agreement 67% on 6 item(s)" in status
+    assert "(0 undecided, 4 accepted, 2 rejected" in status
+    carol = ui.review_annotator(state, "carol")  # a third annotator starts from the beginning
+    assert carol["pos"] == 0 and "(6 undecided" in ui.review_show(ex, access, carol)[5]
+    with pytest.raises(ui.gr.Error, match="at most"):
+        ui.review_annotator(state, "x" * 200)
+    # undo takes back only the annotator's own latest decision
+    ui.review_undo(state)
+    assert triplets[5].id not in review.read_decisions(log, "bob") and triplets[5].id in review.read_decisions(log, "ada")
+
+
 def test_review_flags_captions_that_miss_a_change(ex, demo, tmp_path):
     """The check of `python -m cir.synth report` reaches the Review tab: a caption that misses a change
     between reference and target is flagged in the status and found by the "flagged" filter."""

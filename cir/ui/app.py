@@ -443,7 +443,7 @@ def review_upload(ex: Explorer, access: FileAccess, uploaded: str | None):
 def _current(state):
     """(triplets, decisions, current triplet or None past the end) of a review state."""
     triplets, _ = review_items(state)
-    decisions = review.read_decisions(review.review_path(state["path"]))
+    decisions = review.read_decisions(review.review_path(state["path"]), state.get("annotator", ""))
     pos = state["pos"]
     return triplets, decisions, (triplets[pos] if pos < len(triplets) else None)
 
@@ -467,9 +467,14 @@ def review_show(ex: Explorer, access: FileAccess, state):
     triplets, decisions, t = _current(state)
     counts = {kind: sum(_shown_as(decisions.get(x.id)) == kind for x in triplets) for kind in SHOW[1:4]}
     counts["flagged"] = len(_flagged(state["path"], state.get("base"), os.path.getmtime(state["path"])))
-    progress = (f"{len(triplets) - counts['undecided']} of {len(triplets)} decided ("
+    who = state.get("annotator", "")
+    people, shared, agree = review.agreement(review.review_path(state["path"]))
+    progress = (f"{len(triplets) - counts['undecided']} of {len(triplets)} decided"
+                + (f" by **{markdown_literal(who)}**" if who else "") + " ("
                 + ", ".join(f"{n} {kind}" for kind, n in counts.items()) + ")"
-                + f" · log {markdown_literal(review.review_path(state['path']).name)}")
+                + f" · log {markdown_literal(review.review_path(state['path']).name)}"
+                + (f" · {people} annotators, agreement {agree:.0%} on {shared} item(s) decided by several"
+                   if agree is not None else ""))
     if t is None:
         show = state.get("show", SHOW[0])
         done = "All items decided." if show == SHOW[0] else f"No more {show} items."
@@ -523,7 +528,8 @@ def review_decide(state, caption: str, note: str, kind: str):
     if kind == "accept" and caption.strip() != t.caption.strip():
         kind = "edit"
     review.append_decision(review.review_path(state["path"]),
-                           review.decision(t.id, kind, note, caption.strip() if kind == "edit" else None))
+                           review.decision(t.id, kind, note, caption.strip() if kind == "edit" else None,
+                                           state.get("annotator", "")))
     return review_move(state, 1)
 
 
@@ -553,6 +559,17 @@ def review_move(state, step: int):
 
 
 @shown
+def review_annotator(state, name: str):
+    """Review as the annotator `name` ('' for unnamed): their own decisions are shown, logged and
+    exported; go to their first undecided item."""
+    if not state:
+        return state
+    state = {**state, "annotator": limits.annotator(name)}
+    triplets, decisions, _ = _current(state)
+    return {**state, "pos": review.first_undecided(triplets, decisions)}
+
+
+@shown
 def review_filter(state, show: str):
     """Show only the items of one kind (SHOW): go to the first of them."""
     if not state:
@@ -568,10 +585,10 @@ def review_undo(state):
     if not state:
         raise UserError("open a triplet file first")
     log = review.review_path(state["path"])
-    undone = review.last_undoable(log)
+    undone = review.last_undoable(log, state.get("annotator", ""))
     if undone is None:
         raise UserError("nothing to undo: no decision is in effect")
-    review.append_decision(log, review.decision(undone, review.UNDO))
+    review.append_decision(log, review.decision(undone, review.UNDO, annotator=state.get("annotator", "")))
     triplets, _ = review_items(state)
     pos = next(i for i, t in enumerate(triplets) if t.id == undone) if any(t.id == undone for t in triplets) \
         else state["pos"]
@@ -683,6 +700,8 @@ def build_demo(ex: Explorer, access: FileAccess | None = None) -> gr.Blocks:
                                              elem_id="review-upload")
                 over = gr.Radio(list(RANK_OVER), value=RANK_OVER[0], label="Rank the target among", scale=2)
                 show_only = gr.Radio(list(SHOW), value=SHOW[0], label="Show", scale=2, elem_id="review-show")
+                annotator = gr.Textbox(label="Annotator (your name)", scale=1, elem_id="review-annotator",
+                                       max_length=limits.MAX_NAME_CHARS)
             review_status = gr.Markdown(elem_id="review-status")
             with gr.Row():
                 reference = gr.Image(label="Reference", height=260, interactive=False, format="png")
@@ -749,14 +768,17 @@ def build_demo(ex: Explorer, access: FileAccess | None = None) -> gr.Blocks:
             maps, maps_inputs, maps_outputs, **private)
 
         # buttons and keys only move `state`; the item is shown from its latest value (no stale overwrites)
-        gr.on([open_btn.click, review_file.submit], p(review_open, access), review_file, state, **private)
-        review_upload_file.upload(p(review_upload, ex, access), review_upload_file, state, **private)
+        gr.on([open_btn.click, review_file.submit], p(review_open, access), review_file, state, **private).success(
+            review_annotator, [state, annotator], state, **private)  # a name typed before opening counts
+        review_upload_file.upload(p(review_upload, ex, access), review_upload_file, state, **private).success(
+            review_annotator, [state, annotator], state, **private)
         accept.click(p(review_decide, kind="accept"), [state, edited, note], state, **private)
         reject.click(p(review_decide, kind="reject"), [state, edited, note], state, **private)
         prev_btn.click(p(review_move, step=-1), state, state, **private)
         next_btn.click(p(review_move, step=1), state, state, **private)
         undo.click(review_undo, state, state, **private)
         show_only.input(review_filter, [state, show_only], state, **private)
+        annotator.change(review_annotator, [state, annotator], state, trigger_mode="always_last", **private)
         state.change(p(review_show, ex, access), state, [reference, target_images, highlighted, edited, note, review_status],
                      trigger_mode="always_last", **private)
         gr.on([state.change, over.change], on_details, [state, over], [review_maps, rank_md],

@@ -10,6 +10,7 @@ from cir.errors import UserError
 MAX_CAPTION_CHARS = 2000  # a modification text (the model keeps about 150 characters of it)
 MAX_PHRASE_ROWS = 20  # phrase rows drawn at once (each costs a model pass and a figure)
 MAX_NOTE_CHARS = 4000  # a reviewer's note
+MAX_NAME_CHARS = 80  # an annotator's name
 MAX_FILE_MB = 25  # largest upload the server accepts, and largest data: URL image inside a request
 # (images are also refused above cir.data.images.MAX_IMAGE_PIXELS)
 MAX_FILE_SIZE = f"{MAX_FILE_MB}mb"  # as Gradio's launch(max_file_size=) takes it
@@ -44,3 +45,11 @@ def data_url(url: str | None) -> None:
         if size > MAX_FILE_MB * 1024 * 1024:
             raise UserError(f"the image sent inside the request has {size / 2**20:,.0f} MB; at most {MAX_FILE_MB} MB "
                             "are accepted")
+
+
+def annotator(name: str | None) -> str:
+    """An annotator's name, stripped ('' for none), if within MAX_NAME_CHARS, else UserError."""
+    name = (name or "").strip()
+    if len(name) > MAX_NAME_CHARS:
+        raise UserError(f"the annotator name has {len(name):,} characters; at most {MAX_NAME_CHARS} are kept")
+    return name

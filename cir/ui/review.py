@@ -1,10 +1,11 @@
 """Annotators' decisions on a triplet file, logged beside it, and the export of the accepted ones.
 
 `data/x.jsonl` is reviewed into `data/x.review.jsonl`: one JSON object per decision,
-`{"id", "decision": "accept" | "reject" | "edit" | "undo", "note", "time"[, "caption"]}` ("edit"
-accepts the triplet with `caption` replacing its caption; "undo" takes the item's decision back, so
-it is undecided again). Every decision is appended and fsynced on its own, and the latest one per
-id counts. A last line cut short by a crash is dropped on reading (and
+`{"id", "decision": "accept" | "reject" | "edit" | "undo", "note", "time"[, "caption"][, "annotator"]}`
+("edit" accepts the triplet with `caption` replacing its caption; "undo" takes the item's decision
+back, so it is undecided again). Every decision is appended and fsynced on its own, and the latest
+one per id counts, per annotator when several share a log (a record without "annotator" is the
+unnamed annotator's); `agreement` compares the annotators' decisions. A last line cut short by a crash is dropped on reading (and
 from the file by `open_log`), every complete line is kept. `export_accepted` writes the accepted
 and edited triplets to `data/x.accepted.jsonl`; an edited one loses its noun phrases and grounding
 spans (character spans of the old caption; the project recomputes noun phrases when absent).
@@ -67,15 +68,36 @@ def read_records(path: str | os.PathLike) -> list[dict]:
     return _split(path.read_bytes(), path)[0] if path.is_file() else []
 
 
-def read_decisions(path: str | os.PathLike) -> dict[str, dict]:
-    """The latest decision per triplet id in a review log; ids whose latest record is an undo are undecided."""
-    latest = {r["id"]: r for r in read_records(path)}
+def _by(records: list[dict], annotator: str | None) -> list[dict]:
+    return records if annotator is None else [r for r in records if r.get("annotator", "") == annotator]
+
+
+def read_decisions(path: str | os.PathLike, annotator: str | None = None) -> dict[str, dict]:
+    """The latest decision per triplet id in a review log (of one annotator's records, when named;
+    "" is the unnamed one); ids whose latest record is an undo are undecided."""
+    latest = {r["id"]: r for r in _by(read_records(path), annotator)}
     return {i: r for i, r in latest.items() if r["decision"] != UNDO}
 
 
-def last_undoable(path: str | os.PathLike) -> str | None:
-    """The id of the most recently logged decision still in effect (what "undo" takes back), or None."""
+def agreement(path: str | os.PathLike) -> tuple[int, int, float | None]:
+    """(annotators with a decision, items decided by two or more, the share of those items on which
+    all agree whether to keep the triplet: accept or edit vs reject; None when there are none)."""
     records = read_records(path)
+    names = sorted({r.get("annotator", "") for r in records})
+    per = [read_decisions(path, n) for n in names]
+    kept = {}
+    for decisions in per:
+        for i, r in decisions.items():
+            kept.setdefault(i, []).append(r["decision"] != "reject")
+    shared = [votes for votes in kept.values() if len(votes) > 1]
+    active = sum(bool(d) for d in per)
+    return active, len(shared), (sum(len(set(v)) == 1 for v in shared) / len(shared) if shared else None)
+
+
+def last_undoable(path: str | os.PathLike, annotator: str | None = None) -> str | None:
+    """The id of the most recently logged decision still in effect (of one annotator, when named):
+    what "undo" takes back; None when there is none."""
+    records = _by(read_records(path), annotator)
     current = {r["id"]: n for n, r in enumerate(records)}
     return next((r["id"] for n, r in reversed(list(enumerate(records)))
                  if r["decision"] != UNDO and current[r["id"]] == n), None)
@@ -99,19 +121,20 @@ def open_log(path: str | os.PathLike) -> dict[str, dict]:
     return read_decisions(path)
 
 
-def decision(triplet_id: str, kind: str, note: str = "", caption: str | None = None) -> dict:
-    """A review record; `caption` is required for (and only kept by) an "edit"."""
+def decision(triplet_id: str, kind: str, note: str = "", caption: str | None = None, annotator: str = "") -> dict:
+    """A review record; `caption` is required for (and only kept by) an "edit"; `annotator` is kept when named."""
     if kind not in DECISIONS:
         raise ValueError(f"decision must be one of {DECISIONS}, got {kind!r}")
     if kind == "edit" and not (caption or "").strip():
         raise UserError("an edited caption cannot be empty")
-    for what, text in (("caption", caption or ""), ("note", note or "")):
+    for what, text in (("caption", caption or ""), ("note", note or ""), ("annotator name", annotator or "")):
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as e:
             raise UserError(f"the {what} is not valid Unicode text (a lone surrogate at character {e.start})") from None
     rec = {"id": triplet_id, "decision": kind, "note": note or "", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    return rec | {"caption": caption} if kind == "edit" else rec
+    rec |= {"caption": caption} if kind == "edit" else {}
+    return rec | {"annotator": annotator} if annotator else rec
 
 
 def append_decision(path: str | os.PathLike, record: dict) -> None:
