@@ -58,6 +58,12 @@ def parse_args(argv=None):
                         "--init-from: the checkpoint's own, or this one, grown from the checkpoint's weights)")
     p.add_argument("--pretrained", default=None, help="override the config's open_clip pretrained tag or weights file")
     p.add_argument("--data", default=None, help="folder with train.jsonl, val.jsonl, gallery_val.txt")
+    p.add_argument("--dataset", choices=("cirr", "circo"), default=None,
+                   help="train on a benchmark read from its official layout (--root): its train split, validated "
+                        "on val; written once as triplet files into OUT/data, where the parsed noun phrases are "
+                        "cached too (CIRCO has no training split)")
+    p.add_argument("--root", default=None, help="with --dataset: the dataset folder (see python -m cir.evaluate --help)")
+    p.add_argument("--images", default=None, help="with --dataset: the image folder, if not the layout's own")
     p.add_argument("--train", default=None, help="training triplets JSONL (default DATA/train.jsonl)")
     p.add_argument("--val", default=None, help="validation triplets JSONL (default DATA/val.jsonl if present)")
     p.add_argument("--val-gallery", default=None, help="validation gallery (default DATA/gallery_val.txt)")
@@ -245,7 +251,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(a.threads)
     rank, world, device = setup_distributed(a.device)
     out = Path(a.out)
-    data = Path(a.data) if a.data else None
+    data = benchmark_data(a, out, rank, world) if a.dataset else Path(a.data) if a.data else None
     train_file = Path(a.train) if a.train else (data / "train.jsonl" if data else None)
     if train_file is None:
         raise UserError("give --data DIR or --train FILE")
@@ -411,6 +417,24 @@ def startup_summary(a, model: ConTextCIR, device: torch.device, dtype: str, worl
         f"steps   {start:,} -> {stop:,} of {a.steps:,}, batch {a.batch_size}, lr {a.lr:g} -> {a.min_lr:g} "
         f"(warm-up {a.warmup}), lambda_cc {a.lambda_cc:g}",
         f"out     {a.out}"])
+
+
+def benchmark_data(a, out: Path, rank: int, world: int) -> Path:
+    """OUT/data with train.jsonl, val.jsonl and gallery_val.txt of benchmark a.dataset under a.root,
+    written by rank 0 the first time (a resumed run reuses them)."""
+    from cir.data.benchmarks import export_benchmark
+    if a.dataset == "circo":
+        raise UserError("CIRCO has no training split (it is test-only): train on CIRR or other triplets and "
+                        "evaluate with python -m cir.evaluate --dataset circo")
+    if a.root is None or a.data or a.train:
+        raise UserError("--dataset needs --root ROOT, and neither --data nor --train")
+    data = out / "data"
+    if rank == 0 and not (data / "gallery_val.txt").is_file():  # the last file written
+        for split in ("train", "val"):
+            export_benchmark(a.dataset, a.root, split, data, a.images)
+    if world > 1:
+        dist.barrier()
+    return data
 
 
 def make_optimizer(module: nn.Module, a) -> torch.optim.AdamW:

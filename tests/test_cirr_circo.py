@@ -367,3 +367,43 @@ def test_export_cirr_as_triplet_files(cirr, tmp_path):
     assert read_gallery(tmp_path / "out" / "gallery_val.txt") == gallery
     with pytest.raises(UserError, match=r"circo has the splits val, test, not 'train' \(CIRCO has no training split\)"):
         main(["--dataset", "circo", "--root", str(cirr), "--split", "train", "--out", str(tmp_path / "out")])
+
+
+def test_train_on_cirr_from_its_layout(cirr, tmp_path):
+    """cir.train --dataset cirr: the train split (here the val split under the train names) is written
+    once into OUT/data with its parsed noun phrases cached there; a resumed run reuses both."""
+    import subprocess
+    import sys
+    train_names = {f"train-{m}": f"./train/{m}.png" for m in MEMBERS}
+    _json(cirr / "image_splits" / "split.rc2.train.json", train_names)
+    for n, rel in enumerate(train_names.values()):
+        _image(cirr / "img_raw" / rel, "PNG", n)
+    names = list(train_names)
+    _json(cirr / "captions" / "cap.rc2.train.json", [
+        {"pairid": 1, "reference": names[0], "target_hard": names[2], "target_soft": {names[2]: 1.0},
+         "caption": "make the dog blue", "img_set": {"id": 1, "members": names, "reference_rank": 0, "target_rank": 2}},
+        {"pairid": 2, "reference": names[3], "target_hard": names[4], "target_soft": {names[4]: 1.0},
+         "caption": "two cats on a sofa", "img_set": {"id": 1, "members": names, "reference_rank": 3, "target_rank": 4}}])
+    out = tmp_path / "run"
+    train = [sys.executable, "-m", "cir.train", "--config", "context-cir-tiny", "--dataset", "cirr", "--root", str(cirr),
+             "--out", str(out), "--batch-size", "2", "--warmup", "1", "--workers", "0", "--val-every", "2",
+             "--save-every", "1", "--lambda-cc", "0.5"]
+    r = subprocess.run(train + ["--steps", "2"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    triplets = read_triplets_of(out / "data" / "train.jsonl")
+    assert [t.caption for t in triplets] == ["make the dog blue", "two cats on a sofa"]
+    assert len(read_triplets_of(out / "data" / "val.jsonl")) == 2
+    written = {f.name: f.stat().st_mtime_ns for f in (out / "data").iterdir()}
+    assert any("phrase" in name or "np" in name for name in written), written  # the parsed phrases, cached
+    assert "step 2: val R@1" in r.stdout + r.stderr
+    r = subprocess.run(train + ["--steps", "3", "--resume"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert {f.name: f.stat().st_mtime_ns for f in (out / "data").iterdir()} == written
+    bad = subprocess.run(train[:5] + ["--dataset", "circo", "--root", str(cirr), "--out", str(tmp_path / "x")],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "CIRCO has no training split" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def read_triplets_of(path):
+    from cir.data.triplets import read_triplets
+    return read_triplets(path)[0]
