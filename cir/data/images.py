@@ -5,8 +5,7 @@ image file becomes the RGB picture a viewer shows, or a `BadImage` with a one-li
 - limits: at most MAX_IMAGE_PIXELS pixels (checked on the header, before decoding: a decompression
   bomb is refused without allocating it) and sides at most MAX_ASPECT : 1 (preprocessing resizes
   the short side up to the model's input size, so a 20000 x 1 sliver would allocate gigabytes);
-  PIL's own guard (`Image.MAX_IMAGE_PIXELS`) is set to the same limit, its warning made an error,
-  for any other code in the process that opens images (Gradio's upload handling);
+  importing this module also puts PIL's own guard on that limit (`guard_pil` says why);
 - EXIF orientation is applied (`ImageOps.exif_transpose`); a multi-frame file gives its first
   frame (animated GIF, multi-page TIFF);
 - transparency is composited over white (RGBA, LA, palette or RGB with a transparent colour);
@@ -28,8 +27,26 @@ from cir.errors import UserError
 
 MAX_IMAGE_PIXELS = 64_000_000  # 64 MP: above any phone photo in common use; 192 MB once decoded to RGB
 MAX_ASPECT = 100  # longer side / shorter side
-Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
-warnings.filterwarnings("error", category=Image.DecompressionBombWarning)  # PIL's warning above the limit: a refusal
+
+
+def guard_pil() -> None:
+    """Make PIL itself refuse what `open_image` refuses: more than MAX_IMAGE_PIXELS pixels.
+
+    Why a third-party module's global state is changed: images reach PIL by paths that do not go
+    through `open_image` (Gradio's own image handling: its upload preprocessing, gallery and cache
+    code; any other library the process loads), and those must refuse a decompression bomb too. PIL's
+    own guard (`Image.MAX_IMAGE_PIXELS`, default about 89 MP) only warns between its limit and
+    twice it and raises above; with the limit set to ours and its `DecompressionBombWarning` made
+    an error, every decode in the process stops at the project's limit. Idempotent. Called once,
+    when this module is imported, which every entry point that decodes images does (through
+    `cir.data.triplets`, `cir.index`, the app); tests/test_images.py checks it is in effect in a
+    fresh interpreter after `import cir.data.images`.
+    """
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
+
+
+guard_pil()
 
 
 class BadImage(UserError, OSError):
