@@ -4,8 +4,8 @@
 
 renders 128x128 scenes (3x3 grid, 1-4 objects) and composed queries of 1-3 operations with
 varied phrasing, gold noun-phrase spans and grounding boxes, and for val/test a gallery with every
-partial fulfilment of each multi-operation query. Output: `{split}.jsonl` in the triplet format,
-`gallery_{split}.txt`, `images/{split}/*.png`, `manifest.json`.
+partial fulfilment of each multi-operation query. Output: `{split}.jsonl` in the triplet format
+(`docs/triplets.md`), `gallery_{split}.txt`, `images/{split}/*.png`, `manifest.json`.
 """
 from __future__ import annotations
 
