@@ -1,0 +1,165 @@
+"""Named recipes: each reproduces a shipped file from an empty folder with one command.
+
+    python -m cir.recipes --list                  # the recipes, their stages and measured durations
+    python -m cir.recipes NAME [--dry-run]        # run (or print) NAME's stages in order
+
+A recipe is data: a list of stages, each one project command (`python -m cir.<tool> ...` or a
+script) with the file it produces. A stage whose file exists is skipped, and a training stage whose
+run folder holds a checkpoint continues it with `--resume`, so a recipe stopped part-way (or run
+over several sittings) goes on where it stopped. Run it from the repository root; data goes to
+data/, runs to runs/, shipped files to assets/.
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cir.errors import UserError
+
+
+@dataclass(frozen=True)
+class Stage:
+    what: str  # one line: what the stage makes, with its measured duration on 2 CPU cores
+    command: tuple[str, ...]  # argv after `python`
+    output: str  # the file whose presence means the stage is done
+
+    @property
+    def run_folder(self) -> Path | None:
+        """The --out folder of a cir.train stage (resumable), else None."""
+        if self.command[:2] != ("-m", "cir.train"):
+            return None
+        return Path(self.command[self.command.index("--out") + 1])
+
+
+def _train(what: str, out: str, *flags: str) -> Stage:
+    return Stage(what, ("-m", "cir.train", "--data", "data/shapes", "--out", out, "--batch-size", "64", *flags),
+                 f"{out}/last.safetensors")
+
+
+_EXCLUDE = ("--exclude-scenes", "data/shapes/train.jsonl", "--exclude-scenes", "data/shapes/val.jsonl")
+
+DATA = [
+    Stage("CIR-Shapes: 100,000 training and 1,000 validation triplets (7 min)",
+          ("-m", "cir.data.shapes", "--out", "data/shapes", "--train", "100000", "--val", "1000", "--seed", "1"),
+          "data/shapes/manifest.json"),
+    Stage("the test split: 1,000 queries on unseen scenes (1 min)",
+          ("-m", "cir.data.shapes", "--out", "data/shapes-test", "--test", "1000", "--seed", "2", *_EXCLUDE),
+          "data/shapes-test/manifest.json"),
+    Stage("the held-out phrasing split: 500 queries in templates training never sees (1 min)",
+          ("-m", "cir.data.shapes", "--out", "data/shapes-heldout", "--test", "500", "--seed", "3",
+           "--phrasing", "heldout", *_EXCLUDE),
+          "data/shapes-heldout/manifest.json"),
+]
+
+GRID7_TOWERS = Stage("grid-7 towers: 800 steps of 128, scene + patch + word losses (45 min)",
+                     ("-m", "cir.towers", "--data", "data/shapes", "--out", "runs/towers-grid7"),
+                     "runs/towers-grid7/clip.safetensors")
+
+SHAPES_3X3_CHAIN = [
+    Stage("3 x 3 towers: 1,000 steps of 128, scene + patch losses (23 min)",
+          ("-m", "cir.towers", "--config", "cir-shapes-cells", "--data", "data/shapes", "--out", "runs/towers-cells",
+           "--steps", "1000", "--token-weight", "0"),
+          "runs/towers-cells/clip.safetensors"),
+    _train("text -> image fusion, 1,700 steps (60 min)", "runs/shapes-1-t2i",
+           "--config", "ablations/context-cir-shapes-cells-t2i", "--pretrained", "runs/towers-cells/clip.safetensors",
+           "--steps", "1700", "--lr", "4e-4", "--min-lr", "4e-6", "--seed", "0", "--partial-negatives",
+           "--val-every", "500"),
+    _train("text -> image fusion continued to step 3,600 (66 min)", "runs/shapes-2-t2i",
+           "--init-from", "runs/shapes-1-t2i/last.safetensors", "--steps", "3600", "--lr", "4e-4", "--min-lr", "4e-6",
+           "--seed", "1", "--partial-negatives", "--val-every", "600"),
+    _train("grown into both fusion directions, to step 9,200 (2 h 15 min)", "runs/shapes-3-bidir",
+           "--config", "ablations/context-cir-shapes-cells-bidir", "--init-from", "runs/shapes-2-t2i/last.safetensors",
+           "--steps", "9200", "--lr", "2e-4", "--min-lr", "2e-6", "--warmup", "100", "--restart-schedule",
+           "--seed", "2", "--partial-negatives", "--val-every", "800", "--val-limit", "1000"),
+    _train("every partial fulfilment as a negative, to step 12,400 (1 h 45 min)", "runs/shapes-4-partials",
+           "--init-from", "runs/shapes-3-bidir/last.safetensors", "--steps", "12400", "--lr", "1e-4",
+           "--min-lr", "1e-6", "--warmup", "100", "--restart-schedule", "--seed", "3", "--partial-negatives", "all",
+           "--val-every", "500", "--val-limit", "1000"),
+    _train("the same at peak lr 5e-5, to step 15,400 (88 min)", "runs/shapes-5-partials",
+           "--init-from", "runs/shapes-4-partials/last.safetensors", "--steps", "15400", "--lr", "5e-5",
+           "--min-lr", "1e-6", "--warmup", "100", "--restart-schedule", "--seed", "4", "--partial-negatives", "all",
+           "--val-every", "500", "--val-limit", "1000"),
+    Stage("export fp16 (10 s)",
+          ("-m", "cir.checkpoint", "export", "--checkpoint", "runs/shapes-5-partials/last.safetensors",
+           "--out", "assets/context-cir-shapes.safetensors", "--dtype", "fp16"),
+          "assets/context-cir-shapes.safetensors"),
+]
+
+RECIPES: dict[str, tuple[str, list[Stage]]] = {
+    "data": ("the CIR-Shapes training, validation, test and held-out phrasing data", DATA),
+    "context-cir-shapes": (
+        "assets/context-cir-shapes.safetensors, the default model, and the demo gallery built on it "
+        "(about 8 h on 2 CPU cores, the sum of its stages)",
+        [*DATA, *SHAPES_3X3_CHAIN,
+         Stage("the demo gallery and its index, assets/demo (2 min)",
+               ("scripts/build_demo_assets.py", *_EXCLUDE), "assets/demo/index/manifest.json")]),
+    "context-cir-shapes-grid7-step0": (
+        "assets/context-cir-shapes-grid7-step0.safetensors, the grid-7 design before CIR training, bit for bit "
+        "(about 55 min on 2 CPU cores)",
+        [*DATA, GRID7_TOWERS,
+         _train("the grid-7 model as initialised on these towers (step 0, 1 min)", "runs/grid7-step0",
+                "--pretrained", "runs/towers-grid7/clip.safetensors", "--steps", "0", "--val-every", "0"),
+         Stage("export fp16 (10 s)",
+               ("-m", "cir.checkpoint", "export", "--checkpoint", "runs/grid7-step0/last.safetensors",
+                "--out", "assets/context-cir-shapes-grid7-step0.safetensors", "--dtype", "fp16"),
+               "assets/context-cir-shapes-grid7-step0.safetensors")]),
+}
+
+
+def stage_argv(stage: Stage) -> list[str]:
+    """The command line that runs `stage` now: a training stage with a checkpoint in its run folder resumes."""
+    argv = [sys.executable, *stage.command]
+    folder = stage.run_folder
+    if folder is not None and (folder / "last.safetensors").is_file():
+        argv.append("--resume")
+    return argv
+
+
+def describe(name: str) -> str:
+    summary, stages = RECIPES[name]
+    lines = [f"{name}: {summary}"]
+    lines += [f"  {i}. {s.what}\n     python {' '.join(s.command)}" for i, s in enumerate(stages, 1)]
+    return "\n".join(lines)
+
+
+def run(name: str, dry_run: bool = False) -> None:
+    """Run recipe `name`'s stages in order, skipping those whose output exists (a training stage
+    is always run: with --resume it returns at once when its run is complete)."""
+    stages = RECIPES[name][1]
+    for i, stage in enumerate(stages, 1):
+        done = Path(stage.output).is_file() and stage.run_folder is None
+        argv = stage_argv(stage)
+        print(f"[{i}/{len(stages)}] {stage.what}" + (" - done, skipped" if done else ""), flush=True)
+        if done:
+            continue
+        print("  " + " ".join(["python", *argv[1:]]), flush=True)
+        if dry_run:
+            continue
+        t0 = time.perf_counter()
+        if subprocess.call(argv) != 0:
+            raise UserError(f"recipe {name}: stage {i} ({stage.what}) failed; fix it and run the recipe again "
+                            "to continue from there")
+        print(f"  stage {i} took {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m cir.recipes", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("name", nargs="?", choices=sorted(RECIPES), help="the recipe to run")
+    p.add_argument("--list", action="store_true", help="list the recipes with their stages, and exit")
+    p.add_argument("--dry-run", action="store_true", help="print the commands that would run, run nothing")
+    a = p.parse_args(argv)
+    if a.list or a.name is None:
+        print("\n\n".join(describe(n) for n in RECIPES))
+        return 0
+    run(a.name, a.dry_run)
+    return 0
+
+
+if __name__ == "__main__":
+    from cir.cli import run_cli
+    run_cli(main)

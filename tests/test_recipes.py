@@ -1,0 +1,74 @@
+"""The named recipes (cir.recipes): every stage's command is one its tool accepts, stages that are
+done are skipped, and training stages resume from their run folder."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cir import recipes
+from cir.train import parse_args
+
+ROOT = Path(__file__).resolve().parent.parent
+STAGES = {s.command: s for _, stages in recipes.RECIPES.values() for s in stages}
+
+
+@pytest.mark.parametrize("stage", [s for s in STAGES.values() if s.run_folder is not None], ids=lambda s: s.output)
+def test_training_stages_parse_with_cir_train(stage):
+    a = parse_args(list(stage.command[2:]))
+    assert Path(a.out) == stage.run_folder and a.batch_size == 64
+
+
+def test_other_stages_use_flags_their_tool_documents():
+    helps: dict[tuple, str] = {}
+    for stage in STAGES.values():
+        if stage.run_folder is not None:
+            continue
+        tool = stage.command[:3] if stage.command[1] == "cir.checkpoint" else stage.command[:2]
+        if tool[0] != "-m":  # a script
+            tool = stage.command[:1]
+        if tool not in helps:
+            helps[tool] = subprocess.run([sys.executable, *tool, "--help"], cwd=ROOT, capture_output=True,
+                                         text=True, check=True).stdout
+        flags = [w for w in stage.command if w.startswith("--")]
+        assert flags and all(f in helps[tool] for f in flags), (tool, flags)
+
+
+def test_recipe_chains_each_stage_on_the_previous_output():
+    """Each stage reads only files that an earlier stage of its recipe writes (or the repository ships)."""
+    for name, (_, stages) in recipes.RECIPES.items():
+        made = set()
+        for s in stages:
+            for i, word in enumerate(s.command):
+                if word in ("--pretrained", "--init-from", "--checkpoint", "--exclude-scenes"):
+                    assert s.command[i + 1] in made or (ROOT / s.command[i + 1]).is_file() and \
+                        s.command[i + 1].startswith("assets/"), (name, s.what, s.command[i + 1])
+            made.add(s.output)
+            if s.output.startswith("data/"):
+                folder = Path(s.output).parent
+                made |= {f"{folder}/train.jsonl", f"{folder}/val.jsonl"}
+
+
+def test_run_skips_done_stages_and_resumes_training(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    Path("data/shapes").mkdir(parents=True)
+    Path("data/shapes/manifest.json").write_text("{}")
+    Path("runs/towers-grid7").mkdir(parents=True)
+    Path("runs/towers-grid7/clip.safetensors").write_bytes(b"")
+    Path("runs/grid7-step0").mkdir(parents=True)
+    Path("runs/grid7-step0/last.safetensors").write_bytes(b"")
+    recipes.run("context-cir-shapes-grid7-step0", dry_run=True)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "[1/6] " + recipes.DATA[0].what + " - done, skipped"
+    assert out[1].startswith("[2/6]") and "skipped" not in out[1]  # the test split is missing
+    assert any(line.startswith("[4/6]") and line.endswith("done, skipped") for line in out)  # the towers
+    train_line = out[out.index(next(line for line in out if line.startswith("[5/6]"))) + 1]
+    assert train_line.endswith("--val-every 0 --resume")
+    assert out[-1].endswith("--dtype fp16")  # the export still runs
+
+
+def test_list_names_every_recipe():
+    out = subprocess.run([sys.executable, "-m", "cir.recipes", "--list"], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout
+    for name in recipes.RECIPES:
+        assert out.count(f"\n{name}: ") + out.startswith(f"{name}: ") == 1
