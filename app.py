@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="port to serve on, 1 to 65535 (default: $GRADIO_SERVER_PORT, else $PORT, else 7860)")
     p.add_argument("--share", action="store_true", help="also create a public Gradio share link")
     p.add_argument("--review-dir", action="append", default=[], metavar="DIR",
-                   help="a folder whose triplet files the Review tab may open, write review logs beside, and show "
+                   help="a folder whose triplet files the Review tab may open, write review stores beside, and show "
                         "images from (repeatable; default none: visitors upload the files they review)")
     a = p.parse_args(argv)
     a.port = a.port or default_port()

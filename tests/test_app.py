@@ -215,35 +215,36 @@ def test_phrase_editing(ex):
 
 
 # ---------------------------------------------------------------------------- review
-def write_lines(path: Path, records: list[dict], tail: bytes = b"") -> None:
-    path.write_bytes(b"".join(json.dumps(r).encode() + b"\n" for r in records) + tail)
-
-
-def test_review_log_append_crash_recovery_and_resume(demo, tmp_path):
+def test_review_store_saves_resumes_and_takes_in_a_log(demo, tmp_path):
     triplets = read_triplets(demo[0] / "examples.jsonl")[0]
-    log = review.review_path(tmp_path / "x.jsonl")
-    assert log == tmp_path / "x.review.jsonl" and review.read_decisions(log) == {}
-    review.append_decision(log, review.decision(triplets[0].id, "accept"))
-    review.append_decision(log, review.decision(triplets[1].id, "reject", note="blurry"))
-    review.append_decision(log, review.decision(triplets[0].id, "edit", caption="a new caption"))
-    d = review.read_decisions(log)
-    assert d[triplets[0].id]["decision"] == "edit" and d[triplets[1].id]["note"] == "blurry"
-    assert review.first_undecided(triplets, d) == 2
-    # a crash mid-write: the half line is ignored, every complete line recovered, appends continue cleanly
-    good = log.read_bytes()
-    log.write_bytes(good + b'{"id": "' + triplets[2].id.encode() + b'", "decis')
-    assert review.read_decisions(log) == d
-    assert review.open_log(log) == d and log.read_bytes() == good
-    review.append_decision(log, review.decision(triplets[2].id, "accept"))
-    assert review.first_undecided(triplets, review.read_decisions(log)) == 3
-    # a whole record whose newline was lost is kept, and the newline restored
-    whole = json.dumps(review.decision(triplets[3].id, "reject")).encode()
-    log.write_bytes(log.read_bytes() + whole)
-    assert triplets[3].id in review.open_log(log) and log.read_bytes().endswith(whole + b"\n")
+    store = review.store_path(tmp_path / "x.jsonl")
+    assert store == tmp_path / "x.review.sqlite" and review.log_path(tmp_path / "x.jsonl") == tmp_path / "x.review.jsonl"
+    assert review.open_store(store, tmp_path / "x.review.jsonl") == {} and not store.exists()  # nothing to keep yet
+    review.append_decision(store, review.decision(triplets[0].id, "accept"))
+    review.append_decision(store, review.decision(triplets[1].id, "reject", note="blurry"))
+    review.append_decision(store, review.decision(triplets[0].id, "edit", caption="a new caption"))
+    d = review.read_decisions(store)
+    assert d[triplets[0].id] | {"time": None} == {"id": triplets[0].id, "decision": "edit", "note": "",
+                                                  "caption": "a new caption", "time": None}
+    assert d[triplets[1].id]["note"] == "blurry" and review.first_undecided(triplets, d) == 2
+    assert [r["decision"] for r in review.read_records(store)] == ["accept", "reject", "edit"]
+    # the JSONL export holds every decision in order, and a new store takes such a log in, once
+    log = tmp_path / "y.review.jsonl"
+    assert review.export_log(store, log) == 3 and review.read_log(log) == review.read_records(store)
+    log.write_bytes(log.read_bytes() + b'{"id": "' + triplets[2].id.encode() + b'", "decis')  # cut by a crash
+    taken = tmp_path / "y.review.sqlite"
+    assert review.open_store(taken, log) == d and review.open_store(taken, log) == d
+    assert review.read_records(taken) == review.read_records(store)
     # a broken line in the middle is reported with its line number, never dropped silently
     log.write_bytes(b"not json\n" + log.read_bytes())
-    with pytest.raises(UserError, match=r"x\.review\.jsonl:1:"):
-        review.read_decisions(log)
+    with pytest.raises(UserError, match=r"y\.review\.jsonl:1:"):
+        review.open_store(tmp_path / "z.review.sqlite", log)
+    # a file that is no store is refused in one line, and left as it was
+    damaged = tmp_path / "d.review.sqlite"
+    damaged.write_bytes(b"not a database" * 100)
+    with pytest.raises(UserError, match="d.review.sqlite: not a review store"):
+        review.read_decisions(damaged)
+    assert damaged.read_bytes() == b"not a database" * 100
     assert review.first_undecided(triplets, {t.id: {} for t in triplets}) == len(triplets)
 
 
@@ -282,7 +283,7 @@ def test_review_callbacks(ex, demo, tmp_path):
     assert "gallery index" in ui.review_details(ex, access, state, ui.RANK_OVER[1])[1]
     state = ui.review_decide(state, caption, "", kind="accept")
     state = ui.review_decide(state, "  a better caption ", "typo", kind="accept")  # changed caption: an edit
-    log = review.read_decisions(review.review_path(src))
+    log = review.read_decisions(review.store_path(src))
     assert log[triplets[0].id]["decision"] == "accept"
     assert log[triplets[1].id] | {"time": None} == {"id": triplets[1].id, "decision": "edit", "note": "typo",
                                                     "caption": "a better caption", "time": None}
@@ -296,8 +297,8 @@ def test_review_callbacks(ex, demo, tmp_path):
     assert "2 of 3 decided (1 undecided, 2 accepted, 0 rejected, " in ui.review_show(ex, access, state)[5]
     assert "No more rejected items" in ui.review_show(ex, access, ui.review_filter(state, "rejected"))[5]
     undone = ui.review_undo(state)
-    assert undone["pos"] == 1 and triplets[1].id not in review.read_decisions(review.review_path(src))
-    assert ui.review_undo(undone)["pos"] == 0 and review.read_decisions(review.review_path(src)) == {}
+    assert undone["pos"] == 1 and triplets[1].id not in review.read_decisions(review.store_path(src))
+    assert ui.review_undo(undone)["pos"] == 0 and review.read_decisions(review.store_path(src)) == {}
     with pytest.raises(Exception, match="nothing to undo"):
         ui.review_undo(undone)
     state = ui.review_decide(ui.review_decide(undone | {"pos": 0}, triplets[0].caption, "", kind="accept"),
@@ -305,8 +306,10 @@ def test_review_callbacks(ex, demo, tmp_path):
     update, message = ui.review_export(state)
     accepted_file, log_file = update["value"]
     assert [t.caption for t in read_triplets(accepted_file)[0]] == [triplets[0].caption, "a better caption"]
-    assert log_file == str(review.review_path(src)) and review.read_decisions(log_file) == review.read_decisions(
-        review.review_path(src))
+    assert log_file == str(review.log_path(src)) and "all 6 decision(s)" in message
+    assert [(r["id"], r["decision"]) for r in review.read_log(log_file)] == [
+        (triplets[0].id, "accept"), (triplets[1].id, "edit"), (triplets[1].id, "undo"), (triplets[0].id, "undo"),
+        (triplets[0].id, "accept"), (triplets[1].id, "edit")]
     with pytest.raises(Exception, match="not found"):
         ui.review_open(access, str(tmp_path / "missing.jsonl"))
 
@@ -332,7 +335,7 @@ def test_two_annotators_on_one_file_at_once(ex, demo, tmp_path):
         w.start()
     for w in workers:
         w.join()
-    log = review.review_path(src)
+    log = review.store_path(src)
     for name, kinds in plans.items():
         mine = review.read_decisions(log, name)
         assert [mine[t.id]["decision"] for t in triplets] == kinds and all(r["annotator"] == name for r in mine.values())

@@ -139,7 +139,7 @@ def test_retrieve_and_review_in_the_browser(served):
             expect(page.locator("#review-downloads")).to_contain_text("batch.review")
         finally:
             browser.close()
-    log = review.review_path(to_review).read_text().splitlines()
+    log = review.log_path(to_review).read_text().splitlines()
     first = read_triplets(to_review)[0][0]
     second = read_triplets(to_review)[0][1]
     assert [(r["id"], r["decision"]) for r in map(json.loads, log)] == [(first.id, "accept"), (second.id, "reject"),

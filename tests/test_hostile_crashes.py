@@ -216,8 +216,7 @@ def test_sigkill_of_the_app_during_review(tiny_checkpoint, shapes_data, tmp_path
     assert proc.returncode == -signal.SIGKILL
     del in_flight, client
 
-    log = review.review_path(src)
-    decisions = review.open_log(log)  # what the restarted app reads (a half-written line dropped)
+    decisions = review.open_store(review.store_path(src), review.log_path(src))  # what the restarted app reads
     assert set(decisions) - set(acknowledged) <= {triplets[7].id}
     for tid, (kind, note, caption) in acknowledged.items():
         d = decisions[tid]

@@ -151,46 +151,64 @@ def test_damaged_index(index, tiny_checkpoint, tmp_path, damage):
     assert_user_error(lambda: GalleryIndex.load(copy, checkpoint_path=tiny_checkpoint), str(copy))
 
 
-# ---------------------------------------------------------------------------- review logs
-def test_review_log_cut_at_every_byte_of_its_last_line(tmp_path):
-    log = tmp_path / "x.review.jsonl"
+# ---------------------------------------------------------------------------- review logs and stores
+def test_a_review_log_cut_at_every_byte_of_its_last_line_is_taken_in_whole(tmp_path):
+    """A JSONL review log beside a triplet file is taken into its new store with every complete line,
+    however a crash cut its last one."""
     complete = [review.decision("a", "accept"), review.decision("b", "reject", note="blurry, 模糊"),
-                review.decision("c", "edit", caption="make the 🔴 circle blue")]
-    for r in complete:
-        review.append_decision(log, r)
-    good = log.read_bytes()
+                review.decision("c", "edit", caption="make the 🔴 circle blue", annotator="ada")]
+    good = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in complete).encode("utf-8")
     last = (json.dumps(review.decision("d", "edit", note="ünïcödé ✓", caption="a new caption 🟦"),
                        ensure_ascii=False) + "\n").encode("utf-8")
-    want = {r["id"]: r for r in complete}
+    log = tmp_path / "x.review.jsonl"
     for cut in range(1, len(last)):  # every way a crash can cut the last write (the full line is below)
         log.write_bytes(good + last[:cut])
-        got = review.read_decisions(log)
-        if cut == len(last) - 1:  # the whole record, only its newline lost: kept
-            assert set(got) == {"a", "b", "c", "d"}
-            continue
-        assert got == want, cut
-        assert review.open_log(log) == want and log.read_bytes() == good  # repaired to the complete lines
-        review.append_decision(log, review.decision("e", "accept"))  # and appends continue cleanly
-        assert set(review.read_decisions(log)) == {"a", "b", "c", "e"}
+        store = tmp_path / f"x{cut}.review.sqlite"
+        review.open_store(store, log)
+        got = review.read_records(store)
+        assert got == complete + ([json.loads(last)] if cut == len(last) - 1 else []), cut  # only the newline lost: kept
+        review.append_decision(store, review.decision("e", "accept"))  # and decisions continue in the store
+        assert set(review.read_decisions(store)) >= {"a", "b", "c", "e"}
     for tail in (b"\x00" * 300, b"\xff\xfe\xfd", b"[" * 100_000, b'{"id": "z", "decision": "acc'):
         log.write_bytes(good + tail)  # a power cut can leave zeros; anything unparsable at the end is dropped
-        assert review.open_log(log) == want and log.read_bytes() == good
-    log.write_bytes(good + b"\x00\x00\x00\n" + good)  # damage in the middle is reported, never dropped silently
-    assert_user_error(lambda: review.read_decisions(log), "x.review.jsonl:4:")
+        store = tmp_path / "tail.review.sqlite"
+        store.unlink(missing_ok=True)
+        assert review.open_store(store, log) == {r["id"]: r for r in complete}
+    for bad in (b"\x00\x00\x00\n" + good, b'{"id": "q", "decision": "accept", "note": null}\n',
+                b'{"id": "q", "decision": "edit", "caption": "\\ud800"}\n'):
+        log.write_bytes(good + bad)  # damage in the middle, or a record the store cannot keep: reported
+        assert_user_error(lambda: review.open_store(tmp_path / "bad.review.sqlite", log), "x.review.jsonl:4:")
+    assert not (tmp_path / "bad.review.sqlite").exists() or review.read_records(tmp_path / "bad.review.sqlite") == []
+
+
+@pytest.mark.parametrize("content", [b"", b"not a database" * 300, b"SQLite format 3\x00" + b"\xff" * 4000])
+def test_a_damaged_review_store_is_refused_in_one_line(shapes_data, tmp_path, content):
+    src = tmp_path / "batch.jsonl"
+    write_triplets(src, read_triplets(shapes_data / "test.jsonl")[0][:2])
+    review.store_path(src).write_bytes(content)
+    if not content:  # an empty file is an empty store
+        assert ui.review_open(FileAccess([tmp_path]), str(src))["pos"] == 0
+        return
+    assert_user_error(lambda: review.read_decisions(review.store_path(src)), "batch.review.sqlite: not a review store")
+    with pytest.raises(Exception, match="batch.review.sqlite: not a review store"):
+        ui.review_open(FileAccess([tmp_path]), str(src))
+    assert review.store_path(src).read_bytes() == content
 
 
 def test_review_tab_opens_a_crashed_log(tiny_checkpoint, shapes_data, tmp_path):
     src = tmp_path / "batch.jsonl"
     triplets = read_triplets(shapes_data / "test.jsonl")[0][:4]
     write_triplets(src, triplets)
-    log = review.review_path(src)
-    review.append_decision(log, review.decision(triplets[0].id, "accept"))
-    review.append_decision(log, review.decision(triplets[1].id, "reject"))
+    log = review.log_path(src)
+    log.write_text("".join(json.dumps(review.decision(t.id, kind)) + "\n"
+                           for t, kind in zip(triplets, ("accept", "reject"))))
     log.write_bytes(log.read_bytes() + b'{"id": "' + triplets[2].id.encode() + b'", "decision": "acc')
     state = ui.review_open(FileAccess([tmp_path]), str(src))
-    assert state["pos"] == 2 and set(review.read_decisions(log)) == {triplets[0].id, triplets[1].id}
+    store = review.store_path(src)
+    assert state["pos"] == 2 and set(review.read_decisions(store)) == {triplets[0].id, triplets[1].id}
     state = ui.review_decide(state, triplets[2].caption, "", kind="accept")
-    assert state["pos"] == 3 and review.read_decisions(log)[triplets[2].id]["decision"] == "accept"
+    assert state["pos"] == 3 and review.read_decisions(store)[triplets[2].id]["decision"] == "accept"
+    assert ui.review_open(FileAccess([tmp_path]), str(src))["pos"] == 3  # the log is taken in once
 
 
 # ---------------------------------------------------------------------------- triplet files

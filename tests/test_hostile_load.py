@@ -78,24 +78,36 @@ def test_32_concurrent_retrieve_requests(ex, tmp_path):
                 assert one_line(message) and bad[kind].name in message, (kind, message)
 
 
-def test_concurrent_review_decisions_stay_whole(tmp_path):
-    """Threads of one app and two other processes append to one review log at once: no line is lost
-    or interleaved (each decision is one O_APPEND write)."""
-    log = tmp_path / "x.review.jsonl"
-    writer = ("import sys; from cir.ui import review\n"
+def test_concurrent_review_decisions_are_all_kept(tmp_path):
+    """Three OS processes (three annotators deciding the same items) and eight threads of this one
+    save to one review store at the same moment: every decision is kept whole, under its name."""
+    store = tmp_path / "x.review.sqlite"
+    start = time.time() + 3  # all writers begin together, on a store none has created yet
+    writer = ("import sys, time; from cir.ui import review\n"
+              "name, start = sys.argv[2], float(sys.argv[3])\n"
+              "time.sleep(max(0.0, start - time.time()))\n"
               "for i in range(150):\n"
-              "    review.append_decision(sys.argv[1], review.decision(f'{sys.argv[2]}-{i}', 'edit', 'n' * 500, "
-              "caption='c' * 3000))\n")
-    procs = [subprocess.Popen([sys.executable, "-c", writer, str(log), name], cwd=ROOT) for name in ("p", "q")]
+              "    kind = 'reject' if name == 'carol' and i % 3 == 0 else 'edit'\n"
+              "    review.append_decision(sys.argv[1], review.decision(f'item-{i}', kind, name + ' ✓' * 250, "
+              "caption=f'{name} caption {i} ' + 'c' * 3000, annotator=name))\n")
+    names = ("ada", "bob", "carol")
+    procs = [subprocess.Popen([sys.executable, "-c", writer, str(store), name, str(start)], cwd=ROOT) for name in names]
+    time.sleep(max(0.0, start - time.time()))
     with ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda i: review.append_decision(log, review.decision(f"t-{i}", "accept", "✓" * 200)),
+        list(pool.map(lambda i: review.append_decision(store, review.decision(f"t-{i}", "accept", "✓" * 200)),
                       range(200)))
     for p in procs:
-        assert p.wait(timeout=120) == 0
-    lines = log.read_bytes().split(b"\n")
-    assert lines[-1] == b"" and len(lines) == 501
-    decisions = review.read_decisions(log)
-    assert len(decisions) == 500 and all(len(d.get("caption", "c" * 3000)) == 3000 for d in decisions.values())
+        assert p.wait(timeout=300) == 0
+    assert len(review.read_records(store)) == 3 * 150 + 200
+    for name in names:
+        mine = review.read_decisions(store, name)
+        assert sorted(mine) == sorted(f"item-{i}" for i in range(150))
+        assert all(d["annotator"] == name and d["note"] == name + " ✓" * 250 for d in mine.values())
+        assert all(d["decision"] == "reject" or d["caption"] == f"{name} caption {i} " + "c" * 3000
+                   for i, d in ((int(k.split("-")[1]), d) for k, d in mine.items()))
+    assert set(review.read_decisions(store, "")) == {f"t-{i}" for i in range(200)}
+    # four annotators; the 150 items decided by three of them agree except where carol rejects
+    assert review.agreement(store) == (4, 150, pytest.approx(100 / 150))
 
 
 def test_cached_result_images_are_never_seen_half_written(tmp_path):

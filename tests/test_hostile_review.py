@@ -50,7 +50,7 @@ def test_typed_paths_open_only_inside_the_review_folders(ex, folders):
         client.predict(str(inside / "batch.jsonl"), fn_index=fn["open"])  # inside: opens
         first = read_triplets(inside / "batch.jsonl")[0][0]
         client.predict(first.caption, "fine", fn_index=fn["accept"])
-        assert review.read_decisions(review.review_path(inside / "batch.jsonl"))[first.id]["note"] == "fine"
+        assert review.read_decisions(review.store_path(inside / "batch.jsonl"))[first.id]["note"] == "fine"
         refused = {}
         for path in [outside / "secret.jsonl", outside / "missing.jsonl", "/etc/passwd", "/no/such/file",
                      inside / "link.jsonl", f"{inside}/../outside/secret.jsonl",
@@ -94,7 +94,7 @@ def test_an_uploaded_file_shows_only_gallery_images_and_writes_beside_its_copy(e
     maps, ranked = ui.review_details(ex, access, state, ui.RANK_OVER[0])
     assert maps is None and IMAGE_REFUSED in ranked
     ui.review_decide(state, hostile[0].caption, "", kind="accept")
-    assert review.review_path(state["path"]).is_file() and not review.review_path(upload).exists()
+    assert review.store_path(state["path"]).is_file() and not review.store_path(upload).exists()
 
 
 def test_a_caption_of_combining_marks_does_not_freeze_the_server(ex):
@@ -147,7 +147,7 @@ def test_notes_phrase_rows_and_the_tokenizer_memo_are_bounded(ex, folders):
     caption = read_triplets(inside / "batch.jsonl")[0][0].caption
     with pytest.raises(Exception, match=f"at most {limits.MAX_NOTE_CHARS:,}"):
         ui.review_decide(state, caption, "x" * (limits.MAX_NOTE_CHARS + 1), kind="accept")
-    assert not review.review_path(inside / "batch.jsonl").exists()  # nothing logged
+    assert not review.store_path(inside / "batch.jsonl").exists()  # nothing saved
     rows = [["the red circle", None, None]] * (limits.MAX_PHRASE_ROWS + 1)
     with pytest.raises(Exception, match=f"at most {limits.MAX_PHRASE_ROWS}"):
         ui.add_phrase("the red circle", rows, "the red circle")

@@ -2,7 +2,7 @@
 
 - Triplet files (the Review tab): only inside the review folders named at start
   (`app.py --review-dir DIR`, none by default), or a file the visitor uploads (copied into a
-  private folder of the app's, where its review log is written too and offered for download).
+  private folder of the app's, where its review store is written too and its exports offered for download).
 - Images a triplet file names: only the gallery's own images and files inside the review folders.
 
 Every path is resolved after following symlinks (`os.path.realpath`), so `..`, `/proc/self/root`
@@ -28,7 +28,7 @@ def _inside(path: str, folder: str) -> bool:
 
 
 class FileAccess:
-    """The review folders and gallery images a running app may read (and write review logs in)."""
+    """The review folders and gallery images a running app may read (and write review stores in)."""
 
     def __init__(self, review_dirs=(), gallery_paths=(), upload_root: str | os.PathLike | None = None):
         self.review_dirs = []
@@ -57,7 +57,7 @@ class FileAccess:
 
     def adopt_upload(self, uploaded: str, name: str | None = None) -> str:
         """Copy an uploaded triplet file into its own private folder; returns the copy's path (its
-        review log and export are written beside it)."""
+        review store and exports are written beside it)."""
         folder = tempfile.mkdtemp(dir=self.upload_root)
         stem = Path(name or uploaded).name
         target = os.path.join(folder, stem if stem.endswith(".jsonl") else stem + ".jsonl")

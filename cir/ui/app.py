@@ -409,13 +409,14 @@ def highlight(caption: str, phrases: list[dict]) -> list[tuple[str, str | None]]
 
 
 def _opened(path: str, base: str | None = None):
-    """A review state at the first undecided item of a triplet file the app may open (and its review
-    log, repaired after a crash); relative image paths are taken from `base` (default: its folder)."""
+    """A review state at the first undecided item of a triplet file the app may open (its review store
+    takes in a JSONL review log beside it when it has no decisions yet); relative image paths are taken
+    from `base` (default: its folder)."""
     state = {"path": path, "base": base}
     triplets, problems = review_items(state)
     if not triplets:
         raise UserError(f"no usable triplets in {os.path.basename(path)}" + (f" ({problems[0]})" if problems else ""))
-    decisions = review.open_log(review.review_path(path))
+    decisions = review.open_store(review.store_path(path), review.log_path(path))
     if problems:
         gr.Warning(f"skipped {len(problems)} bad line(s); first: {problems[0]}")
     # "opened" makes reopening a changed state, so the page refreshes even at the same position
@@ -433,7 +434,7 @@ def review_open(access: FileAccess, path: str):
 
 @shown
 def review_upload(ex: Explorer, access: FileAccess, uploaded: str | None):
-    """Open an uploaded triplet file (a private copy; its log and export stay beside the copy);
+    """Open an uploaded triplet file (a private copy; its review store and exports stay beside the copy);
     its relative image paths are taken from the gallery's folder."""
     if not uploaded:
         raise UserError("upload a triplet file (.jsonl)")
@@ -443,7 +444,7 @@ def review_upload(ex: Explorer, access: FileAccess, uploaded: str | None):
 def _current(state):
     """(triplets, decisions, current triplet or None past the end) of a review state."""
     triplets, _ = review_items(state)
-    decisions = review.read_decisions(review.review_path(state["path"]), state.get("annotator", ""))
+    decisions = review.read_decisions(review.store_path(state["path"]), state.get("annotator", ""))
     pos = state["pos"]
     return triplets, decisions, (triplets[pos] if pos < len(triplets) else None)
 
@@ -468,11 +469,11 @@ def review_show(ex: Explorer, access: FileAccess, state):
     counts = {kind: sum(_shown_as(decisions.get(x.id)) == kind for x in triplets) for kind in SHOW[1:4]}
     counts["flagged"] = len(_flagged(state["path"], state.get("base"), os.path.getmtime(state["path"])))
     who = state.get("annotator", "")
-    people, shared, agree = review.agreement(review.review_path(state["path"]))
+    people, shared, agree = review.agreement(review.store_path(state["path"]))
     progress = (f"{len(triplets) - counts['undecided']} of {len(triplets)} decided"
                 + (f" by **{markdown_literal(who)}**" if who else "") + " ("
                 + ", ".join(f"{n} {kind}" for kind, n in counts.items()) + ")"
-                + f" · log {markdown_literal(review.review_path(state['path']).name)}"
+                + f" · store {markdown_literal(review.store_path(state['path']).name)}"
                 + (f" · {people} annotators, agreement {agree:.0%} on {shared} item(s) decided by several"
                    if agree is not None else ""))
     if t is None:
@@ -518,7 +519,7 @@ def review_details(ex: Explorer, access: FileAccess, state, over: str):
 
 @shown
 def review_decide(state, caption: str, note: str, kind: str):
-    """Log a decision ("accept" becomes "edit" when the caption box was changed), then go to the next item."""
+    """Save a decision ("accept" becomes "edit" when the caption box was changed), then go to the next item."""
     if not state:
         raise UserError("open a triplet file first")
     triplets, _, t = _current(state)
@@ -527,7 +528,7 @@ def review_decide(state, caption: str, note: str, kind: str):
     caption, note = limits.caption(caption, "the caption"), limits.note(note)
     if kind == "accept" and caption.strip() != t.caption.strip():
         kind = "edit"
-    review.append_decision(review.review_path(state["path"]),
+    review.append_decision(review.store_path(state["path"]),
                            review.decision(t.id, kind, note, caption.strip() if kind == "edit" else None,
                                            state.get("annotator", "")))
     return review_move(state, 1)
@@ -560,7 +561,7 @@ def review_move(state, step: int):
 
 @shown
 def review_annotator(state, name: str):
-    """Review as the annotator `name` ('' for unnamed): their own decisions are shown, logged and
+    """Review as the annotator `name` ('' for unnamed): their own decisions are shown, saved and
     exported; go to their first undecided item."""
     if not state:
         return state
@@ -581,14 +582,12 @@ def review_filter(state, show: str):
 
 @shown
 def review_undo(state):
-    """Take back the most recent decision still in effect (an "undo" record), and go to its item."""
+    """Take back the annotator's most recent decision still in effect (an "undo" decision), and go to its item."""
     if not state:
         raise UserError("open a triplet file first")
-    log = review.review_path(state["path"])
-    undone = review.last_undoable(log, state.get("annotator", ""))
+    undone = review.undo(review.store_path(state["path"]), state.get("annotator", ""))
     if undone is None:
         raise UserError("nothing to undo: no decision is in effect")
-    review.append_decision(log, review.decision(undone, review.UNDO, annotator=state.get("annotator", "")))
     triplets, _ = review_items(state)
     pos = next(i for i, t in enumerate(triplets) if t.id == undone) if any(t.id == undone for t in triplets) \
         else state["pos"]
@@ -597,14 +596,17 @@ def review_undo(state):
 
 @shown
 def review_export(state):
-    """Write the accepted triplets beside the input -> (downloads: that export and the review log, message)."""
+    """Write the accepted triplets and every annotator's decisions (JSONL) beside the input
+    -> (downloads: those two files, message)."""
     if not state:
         raise UserError("open a triplet file first")
     triplets, decisions, _ = _current(state)
-    out, log = review.export_path(state["path"]), review.review_path(state["path"])
+    out, log = review.export_path(state["path"]), review.log_path(state["path"])
     n = review.export_accepted(triplets, decisions, out)
-    files = [str(out)] + ([str(log)] if log.is_file() else [])
-    return gr.update(value=files, visible=True), f"Wrote {n} accepted triplet(s) to {markdown_literal(out.name)}."
+    saved = review.export_log(review.store_path(state["path"]), log)
+    return (gr.update(value=[str(out), str(log)], visible=True),
+            f"Wrote {n} accepted triplet(s) to {markdown_literal(out.name)} and all {saved} decision(s) "
+            f"to {markdown_literal(log.name)}.")
 
 
 # ---------------------------------------------------------------------------- layout

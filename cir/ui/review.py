@@ -1,21 +1,27 @@
-"""Annotators' decisions on a triplet file, logged beside it, and the export of the accepted ones.
+"""Annotators' decisions on a triplet file, kept in one SQLite store beside it, and their exports.
 
-`data/x.jsonl` is reviewed into `data/x.review.jsonl`: one JSON object per decision,
-`{"id", "decision": "accept" | "reject" | "edit" | "undo", "note", "time"[, "caption"][, "annotator"]}`
-("edit" accepts the triplet with `caption` replacing its caption; "undo" takes the item's decision
-back, so it is undecided again). Every decision is appended and fsynced on its own, and the latest
-one per id counts, per annotator when several share a log (a record without "annotator" is the
-unnamed annotator's); `agreement` compares the annotators' decisions. A last line cut short by a crash is dropped on reading (and
-from the file by `open_log`), every complete line is kept. `export_accepted` writes the accepted
-and edited triplets to `data/x.accepted.jsonl`; an edited one loses its noun phrases and grounding
-spans (character spans of the old caption; the project recomputes noun phrases when absent).
+`data/x.jsonl` is reviewed into `data/x.review.sqlite`: one row per decision
+(`seq`, `id`, `annotator`, `kind`: accept | reject | edit | undo, `note`, `caption`, `time`;
+"edit" accepts the triplet with `caption` replacing its caption, "undo" takes the item's decision
+back so it is undecided again). The latest decision per id counts, per annotator when several share
+a store ("" is the unnamed annotator); `agreement` compares the annotators' decisions. The store is
+in WAL mode with synchronous writes and a busy timeout, so processes and threads that save at once
+each wait their turn and every committed decision survives a crash.
+
+Decisions travel as records `{"id", "decision", "note", "time"[, "caption"][, "annotator"]}`;
+`export_log` writes all of them as JSONL to `data/x.review.jsonl`, and a store with no decisions
+yet takes in such a log found beside it (a last line cut short by a crash is dropped, every complete
+line kept). `export_accepted` writes the accepted and edited triplets to `data/x.accepted.jsonl`;
+an edited one loses its noun phrases and grounding spans (character spans of the old caption; the
+project recomputes noun phrases when absent).
 """
 from __future__ import annotations
 
 import json
 import os
-import threading
+import sqlite3
 import time
+from contextlib import closing, contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,11 +30,34 @@ from cir.errors import UserError
 
 DECISIONS = ("accept", "reject", "edit", "undo")
 UNDO = "undo"
-_append_lock = threading.Lock()
+BUSY_TIMEOUT_S = 60.0  # how long a save waits while another process or thread writes the store
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS decisions (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL,
+    annotator TEXT NOT NULL DEFAULT '',
+    kind TEXT NOT NULL CHECK (kind IN {DECISIONS}),
+    note TEXT NOT NULL DEFAULT '',
+    caption TEXT CHECK (kind != 'edit' OR caption IS NOT NULL),
+    time TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS decisions_by_annotator ON decisions (annotator, id, seq);
+"""
+_COLUMNS = "id, kind, note, caption, time, annotator"
+# the latest row per (annotator, id), or per id over everyone when no annotator is named
+_LATEST = "SELECT MAX(seq) FROM decisions WHERE ? IS NULL OR annotator = ? GROUP BY id"
+_LATEST_EACH = "SELECT MAX(seq) FROM decisions GROUP BY annotator, id"
 
 
-def review_path(triplet_path: str | os.PathLike) -> Path:
-    """`x.jsonl` -> `x.review.jsonl` beside it."""
+def store_path(triplet_path: str | os.PathLike) -> Path:
+    """`x.jsonl` -> `x.review.sqlite` beside it."""
+    p = Path(triplet_path)
+    return p.with_name(p.stem + ".review.sqlite")
+
+
+def log_path(triplet_path: str | os.PathLike) -> Path:
+    """`x.jsonl` -> `x.review.jsonl` beside it (the store's decisions as JSONL)."""
     p = Path(triplet_path)
     return p.with_name(p.stem + ".review.jsonl")
 
@@ -39,90 +68,106 @@ def export_path(triplet_path: str | os.PathLike) -> Path:
     return p.with_name(p.stem + ".accepted.jsonl")
 
 
-def _split(data: bytes, path: Path) -> tuple[list[dict], int]:
-    """(records of the complete lines, byte length of the good part): a last line without its
-    newline is kept when it parses and dropped otherwise; a bad complete line is an error."""
-    records, good = [], 0
-    lines = data.split(b"\n")
-    for no, line in enumerate(lines, 1):
-        last = no == len(lines)
+@contextmanager
+def _connected(store: str | os.PathLike):
+    """A connection to the store (created with its table when new), closed after use; a file that
+    is no review store is a UserError."""
+    store = Path(store)
+    try:
+        with closing(sqlite3.connect(store, timeout=BUSY_TIMEOUT_S, isolation_level=None)) as db:
+            db.execute("PRAGMA journal_mode = WAL")
+            db.execute("PRAGMA synchronous = FULL")
+            db.executescript(_SCHEMA)
+            yield db
+    except sqlite3.OperationalError as e:
+        if "locked" in str(e):
+            raise UserError(f"{store.name}: still busy after {BUSY_TIMEOUT_S:.0f} s; save again") from None
+        raise UserError(f"{store.name}: {e}") from None
+    except sqlite3.DatabaseError as e:
+        raise UserError(f"{store.name}: not a review store ({e}); move it away to start a new one") from None
+
+
+@contextmanager
+def _writing(store: str | os.PathLike):
+    """A connection inside a write transaction (one writer at a time; others wait up to the busy
+    timeout), committed on leaving and rolled back on an error."""
+    with _connected(store) as db:
+        db.execute("BEGIN IMMEDIATE")
         try:
-            rec = json.loads(line) if line.strip() else None
-        except (ValueError, RecursionError):
-            if last:  # half-written by a crash
-                break
-            raise UserError(f"{path}:{no}: not a review record (invalid JSON); fix or remove that line") from None
-        if rec is not None:
-            if not (isinstance(rec, dict) and isinstance(rec.get("id"), str) and rec.get("decision") in DECISIONS
-                    and (rec["decision"] != "edit" or isinstance(rec.get("caption"), str))):
-                raise UserError(f"{path}:{no}: not a review record (needs a string id, a decision in {DECISIONS} "
-                                "and, for an edit, a caption)")
-            records.append(rec)
-        good += len(line) + (not last)
-    return records, good
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
 
 
-def read_records(path: str | os.PathLike) -> list[dict]:
-    """Every record of a review log in the order written ([] when there is none yet)."""
-    path = Path(path)
-    return _split(path.read_bytes(), path)[0] if path.is_file() else []
+def _rows(store: str | os.PathLike, where: str = "", args: tuple = ()) -> list[dict]:
+    """Records of the store's rows (`where` filters them), in the order saved; [] without a store."""
+    if not Path(store).is_file():
+        return []
+    with _connected(store) as db:
+        rows = db.execute(f"SELECT {_COLUMNS} FROM decisions {where} ORDER BY seq", args).fetchall()
+    return [_record(*row) for row in rows]
 
 
-def _by(records: list[dict], annotator: str | None) -> list[dict]:
-    return records if annotator is None else [r for r in records if r.get("annotator", "") == annotator]
+def _record(triplet_id: str, kind: str, note: str, caption: str | None, when: str, annotator: str) -> dict:
+    rec = {"id": triplet_id, "decision": kind, "note": note, "time": when}
+    rec |= {"caption": caption} if kind == "edit" else {}
+    return rec | {"annotator": annotator} if annotator else rec
 
 
-def read_decisions(path: str | os.PathLike, annotator: str | None = None) -> dict[str, dict]:
-    """The latest decision per triplet id in a review log (of one annotator's records, when named;
-    "" is the unnamed one); ids whose latest record is an undo are undecided."""
-    latest = {r["id"]: r for r in _by(read_records(path), annotator)}
-    return {i: r for i, r in latest.items() if r["decision"] != UNDO}
+def read_records(store: str | os.PathLike) -> list[dict]:
+    """Every decision in the store in the order saved ([] when there is none yet)."""
+    return _rows(store)
 
 
-def agreement(path: str | os.PathLike) -> tuple[int, int, float | None]:
+def read_decisions(store: str | os.PathLike, annotator: str | None = None) -> dict[str, dict]:
+    """The latest decision per triplet id (of one annotator's, when named; "" is the unnamed one);
+    ids whose latest decision is an undo are undecided."""
+    latest = _rows(store, f"WHERE seq IN ({_LATEST}) AND kind != 'undo'", (annotator, annotator))
+    return {r["id"]: r for r in latest}
+
+
+def agreement(store: str | os.PathLike) -> tuple[int, int, float | None]:
     """(annotators with a decision, items decided by two or more, the share of those items on which
     all agree whether to keep the triplet: accept or edit vs reject; None when there are none)."""
-    records = read_records(path)
-    names = sorted({r.get("annotator", "") for r in records})
-    per = [read_decisions(path, n) for n in names]
-    kept = {}
-    for decisions in per:
-        for i, r in decisions.items():
-            kept.setdefault(i, []).append(r["decision"] != "reject")
+    kept, people = {}, set()
+    for r in _rows(store, f"WHERE seq IN ({_LATEST_EACH}) AND kind != 'undo'"):
+        kept.setdefault(r["id"], []).append(r["decision"] != "reject")
+        people.add(r.get("annotator", ""))
     shared = [votes for votes in kept.values() if len(votes) > 1]
-    active = sum(bool(d) for d in per)
-    return active, len(shared), (sum(len(set(v)) == 1 for v in shared) / len(shared) if shared else None)
+    return len(people), len(shared), (sum(len(set(v)) == 1 for v in shared) / len(shared) if shared else None)
 
 
-def last_undoable(path: str | os.PathLike, annotator: str | None = None) -> str | None:
-    """The id of the most recently logged decision still in effect (of one annotator, when named):
+def _last_undoable(db: sqlite3.Connection, annotator: str | None) -> str | None:
+    row = db.execute(f"SELECT id FROM decisions WHERE seq IN ({_LATEST}) AND kind != 'undo' ORDER BY seq DESC LIMIT 1",
+                     (annotator, annotator)).fetchone()
+    return row[0] if row else None
+
+
+def last_undoable(store: str | os.PathLike, annotator: str | None = None) -> str | None:
+    """The id of the most recently saved decision still in effect (of one annotator, when named):
     what "undo" takes back; None when there is none."""
-    records = _by(read_records(path), annotator)
-    current = {r["id"]: n for n, r in enumerate(records)}
-    return next((r["id"] for n, r in reversed(list(enumerate(records)))
-                 if r["decision"] != UNDO and current[r["id"]] == n), None)
+    if not Path(store).is_file():
+        return None
+    with _connected(store) as db:
+        return _last_undoable(db, annotator)
 
 
-def open_log(path: str | os.PathLike) -> dict[str, dict]:
-    """Repair a review log after a crash (drop a half-written last line, end a whole one with its
-    newline) so appends continue cleanly; returns `read_decisions`."""
-    path = Path(path)
-    if path.is_file():
-        data = path.read_bytes()
-        _, good = _split(data, path)
-        with _append_lock, open(path, "r+b") as f:
-            if good < len(data):
-                f.truncate(good)
-            elif data and not data.endswith(b"\n"):
-                f.seek(0, os.SEEK_END)
-                f.write(b"\n")
-            f.flush()
-            os.fsync(f.fileno())
-    return read_decisions(path)
+def undo(store: str | os.PathLike, annotator: str = "") -> str | None:
+    """Take back the annotator's most recent decision still in effect (an "undo" row, saved in the
+    same transaction that finds it); returns its id, None when there is nothing to undo."""
+    if not Path(store).is_file():
+        return None
+    with _writing(store) as db:
+        undone = _last_undoable(db, annotator)
+        if undone is not None:
+            _insert(db, decision(undone, UNDO, annotator=annotator))
+    return undone
 
 
 def decision(triplet_id: str, kind: str, note: str = "", caption: str | None = None, annotator: str = "") -> dict:
-    """A review record; `caption` is required for (and only kept by) an "edit"; `annotator` is kept when named."""
+    """A decision record; `caption` is required for (and only kept by) an "edit"; `annotator` is kept when named."""
     if kind not in DECISIONS:
         raise ValueError(f"decision must be one of {DECISIONS}, got {kind!r}")
     if kind == "edit" and not (caption or "").strip():
@@ -132,31 +177,82 @@ def decision(triplet_id: str, kind: str, note: str = "", caption: str | None = N
             text.encode("utf-8")
         except UnicodeEncodeError as e:
             raise UserError(f"the {what} is not valid Unicode text (a lone surrogate at character {e.start})") from None
-    rec = {"id": triplet_id, "decision": kind, "note": note or "", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    rec |= {"caption": caption} if kind == "edit" else {}
-    return rec | {"annotator": annotator} if annotator else rec
+    return _record(triplet_id, kind, note or "", caption, time.strftime("%Y-%m-%dT%H:%M:%S%z"), annotator or "")
 
 
-def append_decision(path: str | os.PathLike, record: dict) -> None:
-    """Append one record as one write, flushed and fsynced (and the folder entry, for a new log)."""
-    path = Path(path)
-    data = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
-    with _append_lock:
-        new = not path.exists()
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+def _insert(db: sqlite3.Connection, *records: dict) -> None:
+    db.executemany("INSERT INTO decisions (id, kind, note, caption, time, annotator) VALUES (?, ?, ?, ?, ?, ?)",
+                   [(r["id"], r["decision"], r.get("note", ""), r.get("caption") if r["decision"] == "edit" else None,
+                     r.get("time", ""), r.get("annotator", "")) for r in records])
+
+
+def append_decision(store: str | os.PathLike, record: dict) -> None:
+    """Save one decision (committed to disk before this returns)."""
+    with _writing(store) as db:
+        _insert(db, record)
+
+
+# ---------------------------------------------------------------------------- JSONL logs
+def _is_text(value) -> bool:
+    """Whether `value` is a str the store can keep (valid Unicode, no lone surrogate)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _split(data: bytes, path: Path) -> list[dict]:
+    """The records of a JSONL log's complete lines: a last line without its newline is kept when it
+    parses and dropped otherwise (cut short by a crash); a bad complete line is an error."""
+    records = []
+    lines = data.split(b"\n")
+    for no, line in enumerate(lines, 1):
         try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if new:
-            dir_fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            rec = json.loads(line) if line.strip() else None
+        except (ValueError, RecursionError):
+            if no == len(lines):
+                break
+            raise UserError(f"{path.name}:{no}: not a review record (invalid JSON); fix or remove that line") from None
+        if rec is not None:
+            if not (isinstance(rec, dict) and rec.get("decision") in DECISIONS and _is_text(rec.get("id"))
+                    and all(_is_text(rec.get(k, "")) for k in ("note", "time", "annotator"))
+                    and (rec["decision"] != "edit" or _is_text(rec.get("caption")))):
+                raise UserError(f"{path.name}:{no}: not a review record (needs a string id, a decision in "
+                                f"{DECISIONS} and, for an edit, a caption)")
+            records.append(rec)
+    return records
 
 
+def read_log(path: str | os.PathLike) -> list[dict]:
+    """The records of a JSONL review log in the order written ([] when there is none)."""
+    path = Path(path)
+    return _split(path.read_bytes(), path) if path.is_file() else []
+
+
+def open_store(store: str | os.PathLike, log: str | os.PathLike) -> dict[str, dict]:
+    """Make a store with no decisions yet take in the JSONL log `log` when there is one; returns
+    `read_decisions`. Without either, nothing is created."""
+    records = read_log(log)
+    if records:
+        with _writing(store) as db:
+            if db.execute("SELECT COUNT(*) FROM decisions").fetchone()[0] == 0:
+                _insert(db, *records)
+    return read_decisions(store)
+
+
+def export_log(store: str | os.PathLike, out: str | os.PathLike) -> int:
+    """Write every decision in the store, in the order saved, as a JSONL log (atomically); returns how many."""
+    records, out = read_records(store), Path(out)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    os.replace(tmp, out)
+    return len(records)
+
+
+# ---------------------------------------------------------------------------- triplets
 def first_undecided(triplets: list[Triplet], decisions: dict[str, dict]) -> int:
     """Position of the first triplet without a decision (len(triplets) when all are decided)."""
     return next((i for i, t in enumerate(triplets) if t.id not in decisions), len(triplets))
