@@ -9,9 +9,11 @@ autocast as `cir.evaluate`, searched in a `cir.index.GalleryIndex` (reference im
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -33,6 +35,7 @@ from cir.ui.heatmaps import select
 
 DEMO_DIR = Path(__file__).resolve().parents[2] / "assets" / "demo"
 DEFAULT_INDEX, DEFAULT_EXAMPLES = DEMO_DIR / "index", DEMO_DIR / "examples.jsonl"
+ATTENTION_KEPT = 8  # queries whose phrase attention is kept, so the Why panel's controls redraw without a forward
 THUMBNAIL = 256  # px, longer side of images sent to the browser
 
 
@@ -151,6 +154,7 @@ class Explorer:
         # one forward at a time: concurrent forwards would only contend for the same cores
         self.lock = threading.Lock()
         self._gallery_embeddings = lru_cache(maxsize=4)(self._embed_paths)
+        self._attention = OrderedDict()  # (twin, pixels digest, caption, spans) -> phrase_attention, newest last
 
     @classmethod
     def load(cls, checkpoint=None, index=None, gallery=None, examples=None, device=None, twin=None) -> "Explorer":
@@ -273,10 +277,8 @@ class Explorer:
         of the twin model with `twin`."""
         if not phrases:
             return []
-        model, preprocess = self.twin if twin else (self.model, self.preprocess)
-        pixels = preprocess(as_image(image)).to(self.device)
-        with self.lock, torch.no_grad():
-            maps = model.phrase_attention(pixels, caption, [(p["start"], p["end"]) for p in phrases])
+        model = self.twin[0] if twin else self.model
+        maps = self._phrase_attention(image, caption, tuple((p["start"], p["end"]) for p in phrases), twin)
         layer = None if layer is None or layer >= model.config.fusion_layers else layer
         head = None if head is None or head >= model.config.fusion_heads else head
         out = []
@@ -286,5 +288,24 @@ class Explorer:
                 out.append(PhraseResult(m.text, m.start, m.end, None, None, None))
                 continue
             cc = float(concept_consistency_loss(ctx.flatten()[None], iso.flatten()[None], eps))
-            out.append(PhraseResult(m.text, m.start, m.end, ctx.numpy(), iso.numpy(), cc, m.in_context.numpy()))
+            out.append(PhraseResult(m.text, m.start, m.end, ctx.numpy().copy(), iso.numpy().copy(), cc,
+                                    m.in_context.numpy().copy()))
         return out
+
+    def _phrase_attention(self, image, caption: str, spans: tuple[tuple[int, int], ...], twin: bool) -> list:
+        """`phrase_attention` of the model (or the twin) for `spans` of `caption` over `image`; the
+        ATTENTION_KEPT latest queries are kept, keyed by the model, the preprocessed pixels, the
+        caption and the spans, so another layer, head or slack of the same query needs no forward."""
+        model, preprocess = self.twin if twin else (self.model, self.preprocess)
+        pixels = preprocess(as_image(image))
+        key = (twin, hashlib.blake2b(pixels.numpy().tobytes(), digest_size=16).digest(), caption, spans)
+        with self.lock:
+            if key in self._attention:
+                self._attention.move_to_end(key)
+                return self._attention[key]
+            with torch.no_grad():
+                maps = model.phrase_attention(pixels.to(self.device), caption, list(spans))
+            self._attention[key] = maps
+            if len(self._attention) > ATTENTION_KEPT:
+                self._attention.popitem(last=False)
+            return maps

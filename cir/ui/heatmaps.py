@@ -1,6 +1,7 @@
 """Attention heatmaps of one noun phrase over an image, one row per phrase.
 
-One matplotlib figure (Agg canvas, no pyplot, so threads can render at once) per row:
+One image per row, composed with numpy and PIL in the look of a matplotlib figure (its colour
+maps, font, ticks and tick labels); drawing an actual figure takes about a second per row:
 - `phrase_row`: [in context | isolated | colorbar]  [in context - isolated | colorbar]; the first
   two panels share one colour scale, 0 to the larger maximum of the two maps; the difference uses
   a symmetric diverging scale.
@@ -14,15 +15,14 @@ bilinearly (`smooth`); `alpha` is the heat's opacity over the image. A phrase's 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import torch
-from matplotlib import colormaps
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.cm import ScalarMappable
-from matplotlib.colors import Normalize
-from matplotlib.figure import Figure
-from PIL import Image
+from matplotlib import colormaps, font_manager
+from matplotlib.colors import Colormap, Normalize
+from matplotlib.ticker import MaxNLocator, ScalarFormatter
+from PIL import Image, ImageDraw, ImageFont
 
 CMAP, DIFF_CMAP = "inferno", "RdBu_r"
 BOX_COLOUR, BOX_WIDTH = (0, 255, 128), 2  # outline of a phrase's known box
@@ -31,6 +31,9 @@ VIEW = 190  # pixels of each panel: the image as the model sees it
 DPI = 100
 GAP, BAR_GAP, BAR_W, BAR_SPACE = 4, 4, 12, 60  # panel gap; colorbar gap, width, and the room after it for ticks
 HEIGHT, TOP = 250, 52
+BAR_TOP, BAR_HEIGHT = TOP + 8, VIEW - 16  # colorbars: 8 px shorter than the panels at each end
+TICK_BINS, TICK_LEN, TICK_PAD = 8, 5, 5  # colorbar ticks: at most 8 intervals (as matplotlib fits 7 pt labels
+# on BAR_HEIGHT px), 5 px marks, 5 px to their labels
 
 
 def select(maps: torch.Tensor, layer: int | None = None, head: int | None = None) -> torch.Tensor:
@@ -93,10 +96,16 @@ def upsample(heat: np.ndarray, size: int, smooth: bool = False) -> np.ndarray:
     return rows[:, lo] * (1 - t)[None] + rows[:, hi] * t[None]
 
 
+@lru_cache(maxsize=None)
+def colormap(name: str) -> Colormap:
+    """matplotlib's colour map `name`, its lookup table built once."""
+    return colormaps[name]
+
+
 def overlay(view: np.ndarray, heat: np.ndarray, norm: Normalize, cmap: str, alpha: float = ALPHA,
             smooth: bool = False) -> np.ndarray:
     """`heat` [g, g] coloured by `cmap` on `norm`'s scale over `view` [S, S, 3] at opacity `alpha`."""
-    rgb = colormaps[cmap](norm(upsample(heat, view.shape[0], smooth)))[..., :3]
+    rgb = colormap(cmap)(norm(upsample(heat, view.shape[0], smooth)))[..., :3]
     return ((1 - alpha) * view + alpha * 255 * rgb).round().astype(np.uint8)
 
 
@@ -109,29 +118,69 @@ class PhraseRow:
     diff_norm: Normalize | None  # the difference panel (phrase rows)
 
 
+@lru_cache(maxsize=None)
+def _font(points: float, bold: bool = False) -> ImageFont.FreeTypeFont:
+    """Matplotlib's default font (DejaVu Sans) at `points`, in pixels of a DPI figure."""
+    path = font_manager.findfont(font_manager.FontProperties(weight="bold" if bold else "normal"))
+    return ImageFont.truetype(path, points * DPI / 72)
+
+
+def ticks(norm: Normalize) -> tuple[list[tuple[float, str]], str]:
+    """([(value, label)], offset text such as "1e−3"): the ticks matplotlib puts on a colorbar of
+    BAR_HEIGHT px on `norm`'s scale, written by its ScalarFormatter."""
+    lo, hi = float(norm.vmin), float(norm.vmax)
+    slack = 1e-9 * (hi - lo)
+    values = [float(v) for v in MaxNLocator(nbins=TICK_BINS, steps=[1, 2, 2.5, 5, 10]).tick_values(lo, hi)
+              if lo - slack <= v <= hi + slack]
+    formatter = ScalarFormatter()
+    formatter.create_dummy_axis()
+    formatter.axis.set_view_interval(lo, hi)
+    formatter.set_locs(values)
+    return [(v, formatter(v)) for v in values], formatter.get_offset()
+
+
+def _bar_scale(canvas: ImageDraw.ImageDraw, left: int, norm: Normalize) -> None:
+    """The frame, ticks and tick labels of the colorbar whose left edge is at `left`."""
+    bottom = BAR_TOP + BAR_HEIGHT - 1
+    canvas.rectangle((left, BAR_TOP, left + BAR_W - 1, bottom), outline="black")
+    values, offset = ticks(norm)
+    span = max(float(norm.vmax) - float(norm.vmin), 1e-30)
+    for value, label in values:
+        y = round(bottom - (value - float(norm.vmin)) / span * (BAR_HEIGHT - 1))
+        canvas.line((left + BAR_W, y, left + BAR_W + TICK_LEN - 1, y), fill="black")
+        canvas.text((left + BAR_W + TICK_LEN + TICK_PAD, y), label, fill="black", font=_font(7), anchor="lm")
+    if offset:
+        canvas.text((left, BAR_TOP - 4), offset, fill="black", font=_font(7), anchor="ld")
+
+
 def _draw(view: Image.Image, title: str, groups: list[tuple[list[tuple[str, np.ndarray]], Normalize, str]],
           alpha: float, smooth: bool, box: tuple[int, int, int, int] | None = None) -> np.ndarray:
     """Groups of panels [(label, heat)], each group on its norm and cmap and closed by a colorbar;
-    `box` (view pixels) outlined on every panel. Panels are composed with numpy; matplotlib draws
-    only the text and the colorbars."""
+    `box` (view pixels) outlined on every panel. Panels and colour scales are composed with numpy,
+    the text drawn by PIL in matplotlib's font and sizes."""
     width = GAP + sum(len(panels) * (VIEW + GAP) + BAR_GAP + BAR_W + BAR_SPACE for panels, _, _ in groups)
     background = np.asarray(view, dtype=np.float32)
-    fig = Figure(figsize=(width / DPI, HEIGHT / DPI), dpi=DPI)
-    canvas = FigureCanvasAgg(fig)
-    title = title.encode("utf-8", "replace").decode("utf-8")  # lone surrogates (from JSON) crash the font code
-    fig.text(4 / width, 1 - 14 / HEIGHT, title, fontsize=11, fontweight="bold", va="center")
-    bottom, x = HEIGHT - TOP - VIEW, GAP
+    pixels = np.full((HEIGHT, width, 3), 255, np.uint8)
+    labels, bars, x = [], [], GAP
     for panels, norm, cmap in groups:
         for label, heat in panels:
             panel = overlay(background, heat, norm, cmap, alpha, smooth)
-            fig.figimage(outline(panel, box) if box else panel, xo=x, yo=bottom)
-            fig.text((x + VIEW / 2) / width, (bottom + VIEW + 10) / HEIGHT, label, fontsize=9, ha="center", va="center")
+            pixels[TOP:TOP + VIEW, x:x + VIEW] = outline(panel, box) if box else panel
+            labels.append((x + VIEW // 2, label))
             x += VIEW + GAP
-        cax = fig.add_axes(((x + BAR_GAP) / width, (bottom + 8) / HEIGHT, BAR_W / width, (VIEW - 16) / HEIGHT))
-        fig.colorbar(ScalarMappable(norm, cmap), cax=cax).ax.tick_params(labelsize=7)
+        scale = colormap(cmap)(norm(np.linspace(norm.vmax, norm.vmin, BAR_HEIGHT)))[:, :3]
+        pixels[BAR_TOP:BAR_TOP + BAR_HEIGHT, x + BAR_GAP:x + BAR_GAP + BAR_W] = (scale * 255).round()[:, None]
+        bars.append((x + BAR_GAP, norm))
         x += BAR_GAP + BAR_W + BAR_SPACE
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+    image = Image.fromarray(pixels)
+    canvas = ImageDraw.Draw(image)
+    title = title.encode("utf-8", "replace").decode("utf-8")  # lone surrogates (from JSON) cannot be drawn
+    canvas.text((4, 14), title, fill="black", font=_font(11, bold=True), anchor="lm")
+    for centre, label in labels:
+        canvas.text((centre, TOP - 10), label, fill="black", font=_font(9), anchor="mm")
+    for left, norm in bars:
+        _bar_scale(canvas, left, norm)
+    return np.array(image)
 
 
 def phrase_row(view: Image.Image, in_context: np.ndarray, isolated: np.ndarray, title: str, alpha: float = ALPHA,
