@@ -17,6 +17,40 @@ import argparse
 import itertools
 from pathlib import Path
 
+from cir.cli import add_data_flags, add_device_flags, add_training_flags, parse_first, positive_int, run_cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m cir.baselines", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("train-combiner", allow_abbrev=False, help="train a CLIP4Cir Combiner on frozen CLIP features of the triplets")
+    m.add_argument("--clip", required=True, help="towers checkpoint written by python -m cir.towers")
+    m.add_argument("--limit", type=positive_int, default=None, help="use only the first N training triplets (default all)")
+    m.add_argument("--projection-dim", type=positive_int, default=None, help="projection width (default 4 x CLIP embedding dim, as CLIP4Cir)")
+    m.add_argument("--hidden-dim", type=positive_int, default=None, help="hidden width of both MLPs (default 8 x CLIP embedding dim)")
+    m.add_argument("--dropout", type=float, default=0.5, help="dropout in the Combiner (default 0.5, as CLIP4Cir)")
+    m.add_argument("--feature-batch-size", type=positive_int, default=256,
+                   help="images or captions per CLIP forward pass when extracting features (default 256)")
+    add_training_flags(m, steps=1200, batch=512, lr=1e-4, warmup=100, weight_decay=0.0)
+    e = sub.add_parser("evaluate", allow_abbrev=False, help="score image-only, text-only, sum and (with --combiner) Combiner retrieval")
+    e.add_argument("--clip", required=True, help="towers checkpoint written by python -m cir.towers")
+    e.add_argument("--combiner", default=None, help="Combiner checkpoint written by train-combiner (on the same CLIP)")
+    add_data_flags(e)  # --json writes {method: cir.evaluate's result object}
+    add_device_flags(e)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = build_parser()
+    a = p.parse_args(argv)
+    if a.cmd != "evaluate" and not (a.data or a.train):
+        p.error("give --data DIR or --train FILE")
+    return a
+
+
+parse_first(__name__, parse_args)  # `python -m cir.baselines`: --help and argument errors before torch loads
+
 import safetensors
 import torch
 import torch.nn.functional as F
@@ -27,10 +61,9 @@ from tqdm import tqdm
 from cir import precision
 from cir.atomic import atomic_path, sha256_file, write_json
 from cir.checkpoint import load_module, save_module
-from cir.cli import add_device_flags, add_training_flags, positive_int
 from cir.data.triplets import Triplet
 from cir.errors import UserError
-from cir.evaluate import add_data_flags, embed_gallery, evaluate, format_results, read_data
+from cir.evaluate import embed_gallery, evaluate, format_results, read_data
 from cir.towers import load_towers
 from cir.train import fit, read_training_triplets
 
@@ -177,34 +210,8 @@ def evaluate_baselines(a, device: torch.device) -> None:
         write_json(a.json, results)
 
 
-# ----------------------------------------------------------------------------- command line
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m cir.baselines", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    m = sub.add_parser("train-combiner", allow_abbrev=False, help="train a CLIP4Cir Combiner on frozen CLIP features of the triplets")
-    m.add_argument("--clip", required=True, help="towers checkpoint written by python -m cir.towers")
-    m.add_argument("--limit", type=positive_int, default=None, help="use only the first N training triplets (default all)")
-    m.add_argument("--projection-dim", type=positive_int, default=None, help="projection width (default 4 x CLIP embedding dim, as CLIP4Cir)")
-    m.add_argument("--hidden-dim", type=positive_int, default=None, help="hidden width of both MLPs (default 8 x CLIP embedding dim)")
-    m.add_argument("--dropout", type=float, default=0.5, help="dropout in the Combiner (default 0.5, as CLIP4Cir)")
-    m.add_argument("--feature-batch-size", type=positive_int, default=256,
-                   help="images or captions per CLIP forward pass when extracting features (default 256)")
-    add_training_flags(m, steps=1200, batch=512, lr=1e-4, warmup=100, weight_decay=0.0)
-    e = sub.add_parser("evaluate", allow_abbrev=False, help="score image-only, text-only, sum and (with --combiner) Combiner retrieval")
-    e.add_argument("--clip", required=True, help="towers checkpoint written by python -m cir.towers")
-    e.add_argument("--combiner", default=None, help="Combiner checkpoint written by train-combiner (on the same CLIP)")
-    add_data_flags(e)  # --json writes {method: cir.evaluate's result object}
-    add_device_flags(e)
-    return p
-
-
 def main(argv: list[str] | None = None) -> int:
-    p = build_parser()
-    a = p.parse_args(argv)
-    if a.cmd != "evaluate" and not (a.data or a.train):
-        p.error("give --data DIR or --train FILE")
+    a = parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -213,5 +220,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from cir.cli import run_cli
     run_cli(main)

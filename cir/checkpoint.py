@@ -16,6 +16,27 @@ import json
 import os
 from pathlib import Path
 
+from cir.cli import parse_first, run_cli
+
+DTYPES = ("fp32", "fp16", "int8")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m cir.checkpoint", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("export", allow_abbrev=False, help="write a model-only checkpoint (for shipping)")
+    e.add_argument("--checkpoint", required=True, help="training checkpoint (.safetensors) to export")
+    e.add_argument("--out", required=True, help="output .safetensors path (a .json manifest is written beside it)")
+    e.add_argument("--dtype", choices=DTYPES, default="fp16",
+                   help="weight storage: fp32, fp16 (default; half the size) or int8 (per-row quantised matrices, a quarter)")
+    s = sub.add_parser("show", allow_abbrev=False, help="print a checkpoint's manifest")
+    s.add_argument("--checkpoint", required=True, help="a .safetensors checkpoint")
+    return p.parse_args(argv)
+
+
+parse_first(__name__, parse_args)  # `python -m cir.checkpoint`: --help and argument errors before torch loads
+
 import open_clip
 import safetensors
 import torch
@@ -35,7 +56,6 @@ def versions() -> dict:
     return {"cir": cir.__version__, "torch": torch.__version__, "open_clip": open_clip.__version__}
 
 
-DTYPES = ("fp32", "fp16", "int8")
 INT8_MIN_ELEMENTS = 4096  # smaller tensors (norms, biases, small matrices) stay fp16 under int8
 
 
@@ -225,17 +245,7 @@ def model_hash(path: str | os.PathLike) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m cir.checkpoint", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    e = sub.add_parser("export", allow_abbrev=False, help="write a model-only checkpoint (for shipping)")
-    e.add_argument("--checkpoint", required=True, help="training checkpoint (.safetensors) to export")
-    e.add_argument("--out", required=True, help="output .safetensors path (a .json manifest is written beside it)")
-    e.add_argument("--dtype", choices=DTYPES, default="fp16",
-                   help="weight storage: fp32, fp16 (default; half the size) or int8 (per-row quantised matrices, a quarter)")
-    s = sub.add_parser("show", allow_abbrev=False, help="print a checkpoint's manifest")
-    s.add_argument("--checkpoint", required=True, help="a .safetensors checkpoint")
-    a = p.parse_args(argv)
+    a = parse_args(argv)
     if a.cmd == "show":
         print(json.dumps(read_manifest(a.checkpoint), indent=2))
         return 0
@@ -248,5 +258,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from cir.cli import run_cli
     run_cli(main)

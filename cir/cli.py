@@ -1,8 +1,13 @@
-"""Helpers shared by the `python -m cir.<tool>` entry points."""
+"""Helpers shared by the `python -m cir.<tool>` entry points.
+
+This module and the tools' argument parsers import nothing heavy: a tool calls `parse_first` above
+its torch imports, so --help and argument errors answer in well under a second.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import contextmanager
 from typing import Callable
 
 from cir.errors import UserError
@@ -15,17 +20,33 @@ def positive_int(text: str) -> int:
     return int(text)
 
 
-def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
-    """Run `main(argv)`, turning a UserError into a one-line message on stderr and exit code 2."""
+@contextmanager
+def one_line_errors():
+    """A UserError -> its one-line message on stderr and exit code 2; Ctrl-C -> "interrupted", 130."""
     try:
-        code = main(argv)
+        yield
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
+    """Run `main(argv)`, turning a UserError into a one-line message on stderr and exit code 2."""
+    with one_line_errors():
+        code = main(argv)
     sys.exit(code or 0)
+
+
+def parse_first(module: str, parse_args: Callable[[list[str] | None], argparse.Namespace]) -> None:
+    """Called by a tool above its heavy imports with its `__name__`: run as a program (`__main__`),
+    its command line is parsed there, so --help and argument errors (argparse's and the UserErrors
+    of `parse_args`) come before torch loads; its main parses it again."""
+    if module == "__main__":
+        with one_line_errors():
+            parse_args(None)
 
 
 def add_device_flags(p: argparse.ArgumentParser) -> None:
@@ -52,3 +73,14 @@ def add_training_flags(p: argparse.ArgumentParser, steps: int, batch: int, lr: f
     p.add_argument("--workers", type=int, default=1, help="image-loading processes (default 1; 0 = in the main process)")
     p.add_argument("--seed", type=int, default=0, help="random seed: initialisation, data order, phrasing (default 0)")
     add_device_flags(p)
+
+
+def add_data_flags(p: argparse.ArgumentParser, required: bool = True) -> None:
+    """The flags every evaluation command shares: what to evaluate on and how to rank."""
+    p.add_argument("--triplets", required=required, help="triplet JSONL file to evaluate")
+    p.add_argument("--gallery", required=required, help="gallery: a folder of images or a text file of paths")
+    p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    p.add_argument("--reference", choices=["auto", "keep", "remove"], default="auto",
+                   help="keep the reference image in the ranking as a negative, or remove it (auto: remove for CIRR only)")
+    p.add_argument("--skip-bad", action="store_true", help="skip (and count) bad triplet lines instead of stopping")
+    p.add_argument("--batch-size", type=int, default=128, help="images per forward pass (default 128)")

@@ -31,17 +31,74 @@ import argparse
 from collections import defaultdict
 from pathlib import Path
 
+from cir.cli import add_data_flags, parse_first, run_cli
+from cir.data.benchmarks import SPLITS, TEST_SPLITS, read_benchmark
+from cir.errors import UserError
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m cir.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default=None,
+                   help="model checkpoint (.safetensors); default: the one --index was built with, else the "
+                        "shipped one in assets/")
+    add_data_flags(p, required=False)
+    p.add_argument("--dataset", choices=sorted(SPLITS), default=None,
+                   help="evaluate a benchmark in its official layout under --root instead of --triplets/--gallery")
+    p.add_argument("--root", default=None,
+                   help="the dataset folder: CIRR's (captions/, image_splits/, img_raw/ or CLIP4Cir's cirr/, dev/, "
+                        "...) or CIRCO's (annotations/, COCO2017_unlabeled/unlabeled2017/)")
+    p.add_argument("--split", default=None,
+                   help="cirr: train, val or test1; circo: val or test (default val); the test splits need --submission")
+    p.add_argument("--images", default=None,
+                   help="image folder, if not where the layout puts it: CIRR's folder holding train/, dev/ and test1/ "
+                        "(default ROOT/img_raw or ROOT), CIRCO's folder of COCO jpgs (default "
+                        "ROOT/COCO2017_unlabeled/unlabeled2017)")
+    p.add_argument("--index", default=None,
+                   help="gallery index folder from python -m cir.index build: its stored embeddings are used "
+                        "instead of embedding the gallery (it must hold every gallery image, built with the checkpoint)")
+    p.add_argument("--submission", default=None,
+                   help="write the test-server submission files of --split into this folder (CIRR: "
+                        "cirr-SPLIT-recall.json and cirr-SPLIT-recall_subset.json; CIRCO: circo-SPLIT.json)")
+    p.add_argument("--no-grounding", action="store_true", help="skip the pointing-game grounding measure")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    a = p.parse_args(argv)
+    _check_flags(a)
+    return a
+
+
+def _check_flags(a: argparse.Namespace) -> None:
+    """Either --dataset with --root, or --triplets with --gallery; --submission only with --dataset."""
+    if a.dataset is None:
+        if a.triplets is None or a.gallery is None:
+            raise UserError("give --triplets and --gallery, or --dataset cirr|circo with --root")
+        for flag in ("root", "split", "images", "submission"):
+            if getattr(a, flag) is not None:
+                raise UserError(f"--{flag} needs --dataset cirr|circo")
+        return
+    if a.root is None:
+        raise UserError(f"--dataset {a.dataset} needs --root, the folder holding the dataset")
+    if a.triplets is not None or a.gallery is not None:
+        raise UserError(f"--dataset {a.dataset} reads --root; --triplets and --gallery are for triplet JSONL files")
+    a.split = a.split or "val"
+    if a.split == TEST_SPLITS[a.dataset] and (a.submission is None or a.json is not None):
+        raise UserError(f"{a.dataset} {a.split} has no public ground truth, so it cannot be scored here; "
+                        "pass --submission OUT_DIR (not --json) to write the files its test server takes")
+    if a.dataset == "cirr" and a.submission is not None and a.reference == "keep":
+        raise UserError("--reference keep: CIRR's server takes rankings without the reference")
+
+
+parse_first(__name__, parse_args)  # `python -m cir.evaluate`: --help and argument errors before torch loads
+
 import torch
 from tqdm import tqdm
 
 from cir.atomic import write_json
 from cir.checkpoint import DEFAULT_CHECKPOINT
-from cir.data.benchmarks import SPLITS, TEST_SPLITS, read_benchmark
 from cir.data.cirr import cirr_image_names
 from cir.data.datasets import image_batches
 from cir.data.images import load_rgb
 from cir.data.triplets import Triplet, read_gallery, read_triplets
-from cir.errors import UserError
 from cir.grounding import box_energy, box_share, distinct_peaks, pointing_hits
 from cir.losses import reduce_maps
 from cir.metrics import map_at_k, recall_at_k, recall_subset_at_k
@@ -321,17 +378,6 @@ def format_results(res: dict) -> str:
     return "\n".join(lines)
 
 
-def add_data_flags(p: argparse.ArgumentParser, required: bool = True) -> None:
-    """The flags every evaluation command shares: what to evaluate on and how to rank."""
-    p.add_argument("--triplets", required=required, help="triplet JSONL file to evaluate")
-    p.add_argument("--gallery", required=required, help="gallery: a folder of images or a text file of paths")
-    p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
-    p.add_argument("--reference", choices=["auto", "keep", "remove"], default="auto",
-                   help="keep the reference image in the ranking as a negative, or remove it (auto: remove for CIRR only)")
-    p.add_argument("--skip-bad", action="store_true", help="skip (and count) bad triplet lines instead of stopping")
-    p.add_argument("--batch-size", type=int, default=128, help="images per forward pass (default 128)")
-
-
 def read_data(a: argparse.Namespace) -> tuple[list[Triplet], list[str], bool | None]:
     """(triplets, gallery paths, keep_reference or None for auto) from the flags of add_data_flags."""
     triplets, problems = read_triplets(a.triplets, skip_bad=a.skip_bad)
@@ -345,59 +391,13 @@ def read_data(a: argparse.Namespace) -> tuple[list[Triplet], list[str], bool | N
     return triplets, gallery, None if a.reference == "auto" else a.reference == "keep"
 
 
-def _check_flags(a: argparse.Namespace) -> None:
-    """Either --dataset with --root, or --triplets with --gallery; --submission only with --dataset."""
-    if a.dataset is None:
-        if a.triplets is None or a.gallery is None:
-            raise UserError("give --triplets and --gallery, or --dataset cirr|circo with --root")
-        for flag in ("root", "split", "images", "submission"):
-            if getattr(a, flag) is not None:
-                raise UserError(f"--{flag} needs --dataset cirr|circo")
-        return
-    if a.root is None:
-        raise UserError(f"--dataset {a.dataset} needs --root, the folder holding the dataset")
-    if a.triplets is not None or a.gallery is not None:
-        raise UserError(f"--dataset {a.dataset} reads --root; --triplets and --gallery are for triplet JSONL files")
-    a.split = a.split or "val"
-    if a.split == TEST_SPLITS[a.dataset] and (a.submission is None or a.json is not None):
-        raise UserError(f"{a.dataset} {a.split} has no public ground truth, so it cannot be scored here; "
-                        "pass --submission OUT_DIR (not --json) to write the files its test server takes")
-    if a.dataset == "cirr" and a.submission is not None and a.reference == "keep":
-        raise UserError("--reference keep: CIRR's server takes rankings without the reference")
-
-
 def main(argv: list[str] | None = None) -> int:
     from cir.checkpoint import load_checkpoint
     from cir.index import embeddings_of, read_resolved_manifest
     from cir.submission import write_submission
 
-    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m cir.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default=None,
-                   help="model checkpoint (.safetensors); default: the one --index was built with, else the "
-                        "shipped one in assets/")
-    add_data_flags(p, required=False)
-    p.add_argument("--dataset", choices=sorted(SPLITS), default=None,
-                   help="evaluate a benchmark in its official layout under --root instead of --triplets/--gallery")
-    p.add_argument("--root", default=None,
-                   help="the dataset folder: CIRR's (captions/, image_splits/, img_raw/ or CLIP4Cir's cirr/, dev/, "
-                        "...) or CIRCO's (annotations/, COCO2017_unlabeled/unlabeled2017/)")
-    p.add_argument("--split", default=None,
-                   help="cirr: train, val or test1; circo: val or test (default val); the test splits need --submission")
-    p.add_argument("--images", default=None,
-                   help="image folder, if not where the layout puts it: CIRR's folder holding train/, dev/ and test1/ "
-                        "(default ROOT/img_raw or ROOT), CIRCO's folder of COCO jpgs (default "
-                        "ROOT/COCO2017_unlabeled/unlabeled2017)")
-    p.add_argument("--index", default=None,
-                   help="gallery index folder from python -m cir.index build: its stored embeddings are used "
-                        "instead of embedding the gallery (it must hold every gallery image, built with the checkpoint)")
-    p.add_argument("--submission", default=None,
-                   help="write the test-server submission files of --split into this folder (CIRR: "
-                        "cirr-SPLIT-recall.json and cirr-SPLIT-recall_subset.json; CIRCO: circo-SPLIT.json)")
-    p.add_argument("--no-grounding", action="store_true", help="skip the pointing-game grounding measure")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device (default: cuda if available)")
-    a = p.parse_args(argv)
-    _check_flags(a)
+    a = parse_args(argv)
+    a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if a.dataset is None:
         triplets, gallery, keep = read_data(a)
     else:
@@ -425,5 +425,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from cir.cli import run_cli
     run_cli(main)

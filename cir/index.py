@@ -43,6 +43,61 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from cir.cli import parse_first, positive_int, run_cli
+from cir.errors import UserError
+
+TYPES = ("auto", "flat", "ivf", "ivfpq")
+FLAT_MAX = 200_000  # auto: exact search below this many images
+IVF_MAX = 5_000_000  # auto: IVFFlat below this many, IVF-PQ above
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m cir.index", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", allow_abbrev=False, help="embed a gallery and write a new index folder")
+    b.add_argument("--checkpoint", default=None, help="model checkpoint (.safetensors); default: the shipped one in assets/")
+    b.add_argument("--gallery", required=True, help="gallery: a folder of images or a text file of paths")
+    b.add_argument("--out", required=True, help="index folder to write (an existing index there is replaced atomically)")
+    b.add_argument("--type", choices=TYPES, default="auto",
+                   help=f"faiss index: flat (exact), ivf (IVFFlat), ivfpq (IVF-PQ); auto: flat below {FLAT_MAX:,} "
+                        f"images, ivf below {IVF_MAX:,}, else ivfpq")
+    b.add_argument("--nlist", type=positive_int, default=None, help="IVF lists (default 4*sqrt(N), at most N/39)")
+    b.add_argument("--pq-m", type=positive_int, default=None,
+                   help="IVF-PQ sub-quantisers = bytes per vector code; must divide the embedding dim (default dim/8)")
+    b.add_argument("--train-sample", type=positive_int, default=None,
+                   help="vectors sampled to train IVF/PQ (default min(N, 64*nlist), for ivfpq at least 9984)")
+    b.add_argument("--nprobe", type=positive_int, default=None,
+                   help="default IVF lists visited per query, stored in the index; GalleryIndex.nprobe changes it "
+                        "at search time (default max(16, nlist/32))")
+    _add_embedding_flags(b)
+    u = sub.add_parser("update", allow_abbrev=False, help="bring an index up to date with a changed gallery (embeds only new images)")
+    u.add_argument("--index", required=True, help="index folder written by `build`")
+    u.add_argument("--gallery", required=True, help="the gallery now: a folder of images or a text file of paths")
+    u.add_argument("--checkpoint", default=None,
+                   help="the index's checkpoint, if it moved (its sha256 must match; default: the recorded path)")
+    u.add_argument("--retrain", action="store_true", help="re-train IVF/PQ on the updated gallery instead of reusing it")
+    _add_embedding_flags(u)
+    a = p.parse_args(argv)
+    if a.workers is not None and a.workers < 0:
+        raise UserError(f"--workers must be 0 or more, got {a.workers}")
+    return a
+
+
+def _add_embedding_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-size", type=positive_int, default=128, help="images per forward pass (default 128)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="DataLoader processes decoding images (default: min(8, CPUs) on CUDA, 0 on CPU)")
+    p.add_argument("--chunk-size", type=positive_int, default=4096,
+                   help="images per saved chunk in INDEX_DIR.partial/ (the unit --resume skips; default 4096)")
+    p.add_argument("--device", default=None,
+                   help="torch device for embedding; bf16 autocast on CUDA (default: cuda if available)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from its finished chunks instead of starting over")
+
+
+parse_first(__name__, parse_args)  # `python -m cir.index`: --help and argument errors before torch loads
+
 import faiss
 import numpy as np
 import torch
@@ -54,17 +109,12 @@ from contextlib import contextmanager
 
 from cir.atomic import atomic_path, sha256_file, staged_dir, write_json
 from cir.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint, model_hash, read_manifest, versions
-from cir.cli import positive_int
 from cir.data.datasets import ImageDataset
 from cir.data.images import BadImage, load_rgb
 from cir.data.triplets import normalize_path, read_gallery
-from cir.errors import UserError
 from cir.precision import autocast
 
 FORMAT = "context-cir-index/2"  # /2: integrity hashes in the manifest
-TYPES = ("auto", "flat", "ivf", "ivfpq")
-FLAT_MAX = 200_000  # auto: exact search below this many images
-IVF_MAX = 5_000_000  # auto: IVFFlat below this many, IVF-PQ above
 PQ_NBITS = 8
 MANIFEST, EMBEDDINGS, FAISS_FILE = "manifest.json", "embeddings.npy", "index.faiss"
 GPU_SCORE_BLOCK = 1 << 28  # max query x gallery scores materialised at once on the GPU
@@ -647,49 +697,11 @@ def update_index(index_dir: str | os.PathLike, gallery: str | os.PathLike | list
 
 
 # ---------------------------------------------------------------------------------------- command line
-def _add_embedding_flags(p: argparse.ArgumentParser) -> None:
-    cuda = torch.cuda.is_available()
-    p.add_argument("--batch-size", type=positive_int, default=128, help="images per forward pass (default 128)")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1) if cuda else 0,
-                   help="DataLoader processes decoding images (default: min(8, CPUs) on CUDA, 0 on CPU)")
-    p.add_argument("--chunk-size", type=positive_int, default=4096,
-                   help="images per saved chunk in INDEX_DIR.partial/ (the unit --resume skips; default 4096)")
-    p.add_argument("--device", default="cuda" if cuda else "cpu",
-                   help="torch device for embedding; bf16 autocast on CUDA (default: cuda if available)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run from its finished chunks instead of starting over")
-
-
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m cir.index", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build", allow_abbrev=False, help="embed a gallery and write a new index folder")
-    b.add_argument("--checkpoint", default=None, help="model checkpoint (.safetensors); default: the shipped one in assets/")
-    b.add_argument("--gallery", required=True, help="gallery: a folder of images or a text file of paths")
-    b.add_argument("--out", required=True, help="index folder to write (an existing index there is replaced atomically)")
-    b.add_argument("--type", choices=TYPES, default="auto",
-                   help=f"faiss index: flat (exact), ivf (IVFFlat), ivfpq (IVF-PQ); auto: flat below {FLAT_MAX:,} "
-                        f"images, ivf below {IVF_MAX:,}, else ivfpq")
-    b.add_argument("--nlist", type=positive_int, default=None, help="IVF lists (default 4*sqrt(N), at most N/39)")
-    b.add_argument("--pq-m", type=positive_int, default=None,
-                   help="IVF-PQ sub-quantisers = bytes per vector code; must divide the embedding dim (default dim/8)")
-    b.add_argument("--train-sample", type=positive_int, default=None,
-                   help="vectors sampled to train IVF/PQ (default min(N, 64*nlist), for ivfpq at least 9984)")
-    b.add_argument("--nprobe", type=positive_int, default=None,
-                   help="default IVF lists visited per query, stored in the index; GalleryIndex.nprobe changes it "
-                        "at search time (default max(16, nlist/32))")
-    _add_embedding_flags(b)
-    u = sub.add_parser("update", allow_abbrev=False, help="bring an index up to date with a changed gallery (embeds only new images)")
-    u.add_argument("--index", required=True, help="index folder written by `build`")
-    u.add_argument("--gallery", required=True, help="the gallery now: a folder of images or a text file of paths")
-    u.add_argument("--checkpoint", default=None,
-                   help="the index's checkpoint, if it moved (its sha256 must match; default: the recorded path)")
-    u.add_argument("--retrain", action="store_true", help="re-train IVF/PQ on the updated gallery instead of reusing it")
-    _add_embedding_flags(u)
-    a = p.parse_args(argv)
-    if a.workers < 0:
-        raise UserError(f"--workers must be 0 or more, got {a.workers}")
+    a = parse_args(argv)
+    cuda = torch.cuda.is_available()
+    a.device = a.device or ("cuda" if cuda else "cpu")
+    a.workers = (min(8, os.cpu_count() or 1) if cuda else 0) if a.workers is None else a.workers
     try:
         device = torch.device(a.device)
     except RuntimeError:
@@ -711,5 +723,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from cir.cli import run_cli
     run_cli(main)

@@ -3,16 +3,22 @@ inference (evaluation, index builds, the app), bf16 on CUDA and exact fp32 on CP
 
 bf16 on a CPU without native bf16 instructions (AVX-512 BF16 / AMX) is emulated: measured on a
 2-core AVX2 EPYC, a 2048^2 matmul ran at 0.3 GFLOPS in bf16 against 100 GFLOPS in fp32, and a
-training step took 50 s instead of 3.4 s. So `auto` checks before choosing bf16."""
+training step took 50 s instead of 3.4 s. So `auto` checks before choosing bf16.
+
+torch is imported by the functions that use it: the CLIs offer CHOICES before torch loads."""
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 CHOICES = ("auto", "bf16", "fp32")
 
 
 def bf16_is_native(device: torch.device | str) -> bool:
     """True on CUDA GPUs with bf16 support and on CPUs whose oneDNN has native bf16 kernels."""
+    import torch
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
@@ -33,6 +39,7 @@ def resolve(precision: str, device: torch.device | str) -> str:
 def autocast(device: torch.device | str, precision: str | None = None):
     """A fresh autocast context for `precision` ("bf16" or "fp32", already resolved); None: the
     inference choice, bf16 on CUDA and none elsewhere (CPU rankings stay exact fp32)."""
+    import torch
     device = torch.device(device)
     if precision is None:
         precision = "bf16" if device.type == "cuda" else "fp32"

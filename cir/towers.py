@@ -26,15 +26,49 @@ import os
 import random
 from pathlib import Path
 
+from cir import precision
+from cir.cli import add_training_flags, parse_first, run_cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m cir.towers", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="cir-shapes-grid7",
+                   help="open_clip model config: cir/configs/clip/<name>.json or any open_clip name (default cir-shapes-grid7)")
+    p.add_argument("--precision", choices=precision.CHOICES, default="auto",
+                   help="autocast dtype of the forward pass; auto (default) = bf16 where native (CUDA, CPUs with "
+                        "bf16 instructions), else fp32")
+    p.add_argument("--patch-weight", type=float, default=1.0,
+                   help="weight of the dense (patch-level) loss: every patch embedding (its token through the "
+                        "visual projection) is classified against the texts of the 84 cell contents (\"small red "
+                        "circle\", ..., \"pink background\") by what covers its centre, so the towers align words "
+                        "with image regions (default 1; 0 = the scene-level CLIP loss only)")
+    p.add_argument("--token-weight", type=float, default=1.0,
+                   help="weight of the dense word loss: each token of an object's or a cell's words in the "
+                        "description (\"small red circle\", \"top left\"), through the text projection, is "
+                        "softmax-matched over the image's patch embeddings against the patches inside that "
+                        "object's or cell's box, so single words point at regions (default 1; 0 = off)")
+    add_training_flags(p, steps=800, batch=128, lr=5e-4, warmup=100, weight_decay=0.1)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = build_parser()
+    a = p.parse_args(argv)
+    if not (a.data or a.train):
+        p.error("give --data DIR or --train FILE")
+    return a
+
+
+parse_first(__name__, parse_args)  # `python -m cir.towers`: --help and argument errors before torch loads
+
 import open_clip
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from cir import precision
 from cir.atomic import sha256_file
 from cir.checkpoint import load_module, save_module
-from cir.cli import add_training_flags
 from cir.data.images import load_rgb
 from cir.data.shapes.pretraining_texts import CELL_CONTENTS, describe_scene, patch_contents, patch_distribution_of_box
 from cir.data.shapes.scene import Scene
@@ -160,33 +194,8 @@ def train_towers(a, device: torch.device) -> None:
     print(f"wrote {out / 'clip.safetensors'}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m cir.towers", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="cir-shapes-grid7",
-                   help="open_clip model config: cir/configs/clip/<name>.json or any open_clip name (default cir-shapes-grid7)")
-    p.add_argument("--precision", choices=precision.CHOICES, default="auto",
-                   help="autocast dtype of the forward pass; auto (default) = bf16 where native (CUDA, CPUs with "
-                        "bf16 instructions), else fp32")
-    p.add_argument("--patch-weight", type=float, default=1.0,
-                   help="weight of the dense (patch-level) loss: every patch embedding (its token through the "
-                        "visual projection) is classified against the texts of the 84 cell contents (\"small red "
-                        "circle\", ..., \"pink background\") by what covers its centre, so the towers align words "
-                        "with image regions (default 1; 0 = the scene-level CLIP loss only)")
-    p.add_argument("--token-weight", type=float, default=1.0,
-                   help="weight of the dense word loss: each token of an object's or a cell's words in the "
-                        "description (\"small red circle\", \"top left\"), through the text projection, is "
-                        "softmax-matched over the image's patch embeddings against the patches inside that "
-                        "object's or cell's box, so single words point at regions (default 1; 0 = off)")
-    add_training_flags(p, steps=800, batch=128, lr=5e-4, warmup=100, weight_decay=0.1)
-    return p
-
-
 def main(argv: list[str] | None = None) -> int:
-    p = build_parser()
-    a = p.parse_args(argv)
-    if not (a.data or a.train):
-        p.error("give --data DIR or --train FILE")
+    a = parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     train_towers(a, torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu")))
@@ -194,5 +203,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from cir.cli import run_cli
     run_cli(main)

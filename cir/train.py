@@ -28,23 +28,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.distributed as dist
-from torch import nn
-from torch.utils.data import DataLoader
-from tqdm import tqdm
-
 from cir import precision
-from cir.atomic import sha256_file
-from cir.checkpoint import load_checkpoint, load_weights, read_manifest, save_checkpoint
-from cir.data.datasets import TripletDataset, collate_triplets
+from cir.cli import parse_first, run_cli
 from cir.data.shapes.partials import has_partials, partial_subsets, random_partials
-from cir.data.triplets import Triplet, read_gallery, read_triplets
-from cir.errors import UserError
-from cir.evaluate import evaluate
-from cir.losses import concept_consistency_loss, contrastive_loss, reduce_maps
-from cir.model import ConTextCIR, ModelConfig, build_model, isolated_maps, span_maps
 
 MAX_PHRASES = 10
 MAX_PARTIALS = len(partial_subsets(3))  # CIR-Shapes queries have at most 3 operations
@@ -124,6 +110,25 @@ def partials_count(value: str) -> int:
     if not value.isdigit() or not 1 <= int(value) <= MAX_PARTIALS:
         raise argparse.ArgumentTypeError(f"expected 1..{MAX_PARTIALS} or 'all', got {value!r}")
     return int(value)
+
+
+parse_first(__name__, parse_args)  # `python -m cir.train`: --help and argument errors before torch loads
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from cir.atomic import sha256_file
+from cir.checkpoint import load_checkpoint, load_weights, read_manifest, save_checkpoint
+from cir.data.datasets import TripletDataset, collate_triplets
+from cir.data.triplets import Triplet, read_gallery, read_triplets
+from cir.errors import UserError
+from cir.evaluate import evaluate
+from cir.losses import concept_consistency_loss, contrastive_loss, reduce_maps
+from cir.model import ConTextCIR, ModelConfig, build_model, isolated_maps, span_maps
 
 
 def lr_at(step: int, a, start: int = 0) -> float:
@@ -512,5 +517,4 @@ def truncate_log(path: Path, step: int) -> None:
 
 
 if __name__ == "__main__":
-    from cir.cli import run_cli
     run_cli(main)
