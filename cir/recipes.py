@@ -4,9 +4,10 @@
     python -m cir.recipes NAME [--dry-run]        # run (or print) NAME's stages in order
 
 A recipe is data: a list of stages, each one project command (`python -m cir.<tool> ...` or a
-script) with the file it produces. A stage whose file exists is skipped, and a training stage whose
-run folder holds a checkpoint continues it with `--resume`, so a recipe stopped part-way (or run
-over several sittings) goes on where it stopped. Run it from the repository root; data goes to
+script) with the file it produces. A stage whose file exists is skipped (except the stages that write
+the shipped files under assets/: they take seconds and are what the recipe is for), and a training
+stage whose run folder holds a checkpoint continues it with `--resume`, so a recipe stopped
+part-way (or run over several sittings) goes on where it stopped. Run it from the repository root; data goes to
 data/, runs to runs/, shipped files to assets/.
 """
 from __future__ import annotations
@@ -75,7 +76,7 @@ SHAPES_3X3_CHAIN = [
            "--config", "ablations/context-cir-shapes-cells-bidir", "--init-from", "runs/shapes-2-t2i/last.safetensors",
            "--steps", "9200", "--lr", "2e-4", "--min-lr", "2e-6", "--warmup", "100", "--restart-schedule",
            "--seed", "2", "--partial-negatives", "--val-every", "800", "--val-limit", "1000"),
-    _train("every partial fulfilment as a negative, to step 12,400 (1 h 45 min)", "runs/shapes-4-partials",
+    _train("every partial fulfilment as a negative, to step 12,400 (about 2 h)", "runs/shapes-4-partials",
            "--init-from", "runs/shapes-3-bidir/last.safetensors", "--steps", "12400", "--lr", "1e-4",
            "--min-lr", "1e-6", "--warmup", "100", "--restart-schedule", "--seed", "3", "--partial-negatives", "all",
            "--val-every", "500", "--val-limit", "1000"),
@@ -93,7 +94,7 @@ RECIPES: dict[str, tuple[str, list[Stage]]] = {
     "data": ("the CIR-Shapes training, validation, test and held-out phrasing data", DATA),
     "context-cir-shapes": (
         "assets/context-cir-shapes.safetensors, the default model, and the demo gallery built on it "
-        "(about 8 h on 2 CPU cores, the sum of its stages)",
+        "(about 8.5 h on 2 CPU cores, the sum of its stages' measured times)",
         [*DATA, *SHAPES_3X3_CHAIN,
          Stage("the demo gallery and its index, assets/demo (2 min)",
                ("scripts/build_demo_assets.py", *_EXCLUDE), "assets/demo/index/manifest.json")]),
@@ -127,11 +128,11 @@ def describe(name: str) -> str:
 
 
 def run(name: str, dry_run: bool = False) -> None:
-    """Run recipe `name`'s stages in order, skipping those whose output exists (a training stage
-    is always run: with --resume it returns at once when its run is complete)."""
+    """Run recipe `name`'s stages in order, skipping those whose output exists outside assets/ (a
+    training stage is always run: with --resume it returns at once when its run is complete)."""
     stages = RECIPES[name][1]
     for i, stage in enumerate(stages, 1):
-        done = Path(stage.output).is_file() and stage.run_folder is None
+        done = Path(stage.output).is_file() and stage.run_folder is None and not stage.output.startswith("assets/")
         argv = stage_argv(stage)
         print(f"[{i}/{len(stages)}] {stage.what}" + (" - done, skipped" if done else ""), flush=True)
         if done:
