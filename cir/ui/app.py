@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import hashlib
 import io
 import json
 import os
@@ -19,21 +20,25 @@ from functools import lru_cache
 from pathlib import Path
 
 import gradio as gr
+import matplotlib
 import numpy as np
-from gradio import processing_utils
+from PIL import Image
 
-from cir.atomic import write_text
-from cir.data.images import load_rgb
+from cir.atomic import atomic_path, write_text
+from cir.data.images import open_image
 from cir.data.triplets import read_triplets
 from cir.errors import UserError
 from cir.synth.report import changed_objects, mentions
 from cir.ui import limits, review
 from cir.ui.access import IMAGE_REFUSED, FileAccess
 from cir.ui.card import OUT_OF_DOMAIN, looks_like_shapes, model_card
-from cir.ui.explorer import Explorer, as_image, grounding_boxes, phrase_spans, thumbnail
+from cir.ui.decoded import decoded
+from cir.ui.explorer import Explorer, as_image, grounding_boxes, phrase_spans
 from cir.ui.heatmaps import ALPHA, compare_row, head_grid, model_view, phrase_row, view_box
+from cir.ui.thumbnails import thumbnail
 
 CONCURRENCY = 4  # events of one kind served at once (model forwards still take turns, see Explorer.lock)
+RETRIEVE_CONCURRENCY = 16  # retrieve events served at once: their queries share forwards (cir.ui.batching)
 PER_PAGE = 24
 DEFAULT_EPS = 0.005
 MEAN = "mean"
@@ -92,28 +97,27 @@ def _choice(value: str) -> int | None:
     return None if value in (None, MEAN) else int(value)
 
 
-def _save_pil_to_cache_once(img, cache_dir: str, name: str = "image", format: str = "webp") -> str:
-    """Gradio's `processing_utils.save_pil_to_cache`, writing each file once, under a temporary name
-    renamed into place (as Gradio's own `save_file_to_cache` does). Gradio 6.31 rewrites the cached
-    file in place on every use, so under load a request downloading a result thumbnail while another
-    request returns the same thumbnail read a truncated file and failed (test_hostile_load)."""
-    data = processing_utils.encode_pil_to_bytes(img, format)
-    folder = Path(cache_dir) / processing_utils.hash_bytes(data)
-    folder.mkdir(exist_ok=True, parents=True)
-    path = (folder / f"{name}.{format}").resolve()
-    if not path.is_file():
-        fd, staging = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.chmod(staging, 0o644)
-            os.replace(staging, path)
-        finally:
-            Path(staging).unlink(missing_ok=True)
-    return str(path)
+def image_output(**kwargs) -> gr.Image:
+    """A gr.Image for pictures the app draws (arrays): each is written once, atomically, into
+    Gradio's cache under a hash of its pixels (Gradio's own writer rewrites a cached file in place
+    on every use, so a browser downloading a picture while another request returned the same one
+    could read it truncated); the cache's age limit (`limits.DELETE_CACHE`) removes them."""
+    image = gr.Image(**kwargs)
+    gradio_postprocess = image.postprocess
 
+    def postprocess(value):
+        if isinstance(value, np.ndarray):
+            pixels = np.ascontiguousarray(value, dtype=np.uint8)
+            digest = hashlib.sha256(f"{pixels.shape}".encode() + pixels.tobytes()).hexdigest()[:32]
+            path = Path(image.GRADIO_CACHE) / "cir-drawn" / f"{digest}.png"
+            if not path.is_file():
+                with atomic_path(path, bulk=True) as tmp:
+                    Image.fromarray(pixels).save(tmp, "PNG")
+            value = str(path)
+        return gradio_postprocess(value)
 
-processing_utils.save_pil_to_cache = _save_pil_to_cache_once  # also used by save_img_array_to_cache (heatmaps)
+    image.postprocess = postprocess
+    return image
 
 
 def query_image(**kwargs) -> gr.Image:
@@ -121,7 +125,9 @@ def query_image(**kwargs) -> gr.Image:
     unreadable file or a decompression bomb fails the event with a one-line reason naming the
     uploaded file (Gradio would fail it with a hidden error, a callback would name the server's
     temp path). With `image_mode=None` the file reaches the callbacks as uploaded, so
-    `cir.data.images.load_rgb` alone decides orientation, transparency and bit depth. (The check
+    `cir.data.images.load_rgb` alone decides orientation, transparency and bit depth; an image over
+    `limits.MAX_REQUEST_PIXELS` is refused before it is decoded, and the decode is kept for the
+    request's other calls (`cir.ui.decoded`). (The check
     wraps this instance's `preprocess`: a gr.Image subclass would make Gradio write a .pyi stub
     beside this module on every import.)"""
     image = gr.Image(image_mode=None, **kwargs)
@@ -132,7 +138,9 @@ def query_image(**kwargs) -> gr.Image:
         try:
             limits.data_url(getattr(payload, "url", None))
             if payload is not None and payload.path:
-                load_rgb(payload.path, name)
+                with open_image(payload.path, name) as header:
+                    limits.request_pixels(header.width * header.height, name)
+                decoded(payload.path, name)  # the one decode of this upload, shared by the request's calls
             return gradio_preprocess(payload)
         except UserError as e:
             raise gr.Error(str(e)) from None
@@ -236,12 +244,13 @@ def run_retrieve(ex: Explorer, image, query_path, caption: str, k: int, targets)
     if not caption.strip():
         raise UserError("type a modification first: what should change in the query image?")
     t0 = time.perf_counter()
-    hits = ex.retrieve(source, caption, top_k(k, len(ex.index)), targets or [])
+    query = ex.encode(source, caption)
+    hits = ex.retrieve(source, caption, top_k(k, len(ex.index)), targets or [], query=query)
     ms = (time.perf_counter() - t0) * 1000
     status = f"{len(hits)} results in {ms:.0f} ms (encode + search) over {len(ex.index)} images."
     status += truncation_notice(ex, caption or "")
     if targets:
-        found = ex.target_rank(source, caption or "", targets)
+        found = ex.target_rank(source, caption or "", targets, query=query)
         status += f" Ground truth: rank **{found[0]}** of {found[1]}." if found else " Ground truth: not in this gallery."
     if not query_path:
         status += domain_notice(source)
@@ -619,6 +628,11 @@ def build_demo(ex: Explorer, access: FileAccess | None = None) -> gr.Blocks:
     layers = [("mean over layers", MEAN)] + [(f"layer {i + 1}", str(i)) for i in range(ex.layers)]
     heads = [("mean over heads", MEAN)] + [(f"head {i + 1}", str(i)) for i in range(ex.heads)]
     n = len(ex.index)
+    gr.set_static_paths([thumbnail.folder])  # thumbnails are made once and served as files
+    thumbnail.prepare(ex.index.paths)
+    # maps are drawn off-screen; Gradio asks matplotlib for its backend around every event, which
+    # costs ~17 ms each time while none is chosen
+    matplotlib.use("agg")
     with gr.Blocks(title="ConText-CIR Explorer", delete_cache=limits.DELETE_CACHE) as demo:
         gr.Markdown("# ConText-CIR Explorer\nComposed image retrieval: a query image plus a text saying how to change it.")
         with gr.Accordion("About this model", open=False, elem_id="model-card"):
@@ -689,7 +703,7 @@ def build_demo(ex: Explorer, access: FileAccess | None = None) -> gr.Blocks:
                     with gr.Column(scale=2, min_width=280):
                         gr.Markdown("Per phrase: in context | isolated (one colour scale) | their difference; "
                                     "a known box of the phrase is outlined in green")
-                        heatmaps = gr.Image(show_label=False, format="png", interactive=False, elem_id="heatmaps")
+                        heatmaps = image_output(show_label=False, format="png", interactive=False, elem_id="heatmaps")
 
         with gr.Tab("Review"):
             state = gr.State(None)
@@ -726,7 +740,7 @@ def build_demo(ex: Explorer, access: FileAccess | None = None) -> gr.Blocks:
                                   interactive=False, visible=False, elem_id="review-downloads")
             gr.Markdown("Noun-phrase attention over the reference (mean over layers and heads): "
                         "in context | isolated (one colour scale) | their difference")
-            review_maps = gr.Image(show_label=False, format="png", interactive=False, elem_id="review-maps")
+            review_maps = image_output(show_label=False, format="png", interactive=False, elem_id="review-maps")
 
         # ------------------------------------------------------------ wiring (only /retrieve is a public API)
         private = {"api_visibility": "private"}
@@ -756,7 +770,8 @@ def build_demo(ex: Explorer, access: FileAccess | None = None) -> gr.Blocks:
         next_page.click(lambda text, pg: browse(ex, text, pg + 1), [search, page], [browser, page, pages_md], **private)
         image.input(uploaded, image, [query_path, targets, query_info], **private)
         gr.on([go.click, caption.submit], p(run_retrieve, ex), [image, query_path, caption, k, targets],
-              [results, table, status, hits, maps_image], api_name="retrieve").success(
+              [results, table, status, hits, maps_image], api_name="retrieve",
+              concurrency_limit=RETRIEVE_CONCURRENCY).success(
             maps, maps_inputs, maps_outputs, **private)
         results.select(on_result, hits, maps_image, **private).success(maps, maps_inputs, maps_outputs, **private)
         gr.on([update.click, layer.change, head.change, eps.submit, opacity.release, upsampling.change, compare.change,

@@ -5,7 +5,8 @@
     maps = ex.phrase_maps("query.png", caption, ex.noun_phrases(caption))
 
 Retrieval is evaluation's: query = model.encode_query(preprocess(image), [caption]) under the same
-autocast as `cir.evaluate`, searched in a `cir.index.GalleryIndex` (reference image kept).
+autocast as `cir.evaluate` (concurrent queries in one batch: `cir.ui.batching`), searched in a
+`cir.index.GalleryIndex` (reference image kept).
 """
 from __future__ import annotations
 
@@ -24,19 +25,19 @@ import torch
 from PIL import Image
 
 from cir.checkpoint import DEFAULT_CHECKPOINT, DEFAULT_TWIN, load_checkpoint
-from cir.data.images import load_rgb
 from cir.data.triplets import Triplet, image_problem, read_gallery, read_triplets
 from cir.errors import UserError
-from cir.evaluate import autocast, embed_gallery
+from cir.evaluate import embed_gallery
 from cir.index import GalleryIndex
 from cir.losses import concept_consistency_loss
 from cir.phrases import extract_noun_phrases
+from cir.ui.batching import QueryBatcher
+from cir.ui.decoded import decoded
 from cir.ui.heatmaps import select
 
 DEMO_DIR = Path(__file__).resolve().parents[2] / "assets" / "demo"
 DEFAULT_INDEX, DEFAULT_EXAMPLES = DEMO_DIR / "index", DEMO_DIR / "examples.jsonl"
 ATTENTION_KEPT = 8  # queries whose phrase attention is kept, so the Why panel's controls redraw without a forward
-THUMBNAIL = 256  # px, longer side of images sent to the browser
 
 
 class Hit(NamedTuple):
@@ -61,13 +62,14 @@ class PhraseResult:
 
 
 def as_image(image: str | os.PathLike | Image.Image) -> Image.Image:
-    """An RGB image from a path or a PIL image."""
+    """An RGB image from a path (decoded once while cached: `cir.ui.decoded`; do not modify it) or
+    a PIL image (converted, a copy)."""
     if isinstance(image, Image.Image):
         return image.convert("RGB")
     if image is None or not os.path.isfile(image):
         raise UserError(f"image not found: {image}" if image else "choose a query image first")
     try:
-        return load_rgb(str(image))
+        return decoded(str(image))
     except UserError:  # BadImage: already one line naming the file
         raise
     except OSError as e:
@@ -127,14 +129,6 @@ def model_name(manifest: dict) -> str:
     return f"λ = {lam:g}" if isinstance(lam, (int, float)) else "this model"
 
 
-@lru_cache(maxsize=4096)
-def thumbnail(path: str, size: int = THUMBNAIL) -> Image.Image:
-    """A small RGB copy of an image file, for the browser."""
-    image = as_image(path)
-    image.thumbnail((size, size))
-    return image
-
-
 class Explorer:
     """Model, preprocessing, gallery index and example triplets; every method takes plain values."""
 
@@ -153,6 +147,7 @@ class Explorer:
         self.root = os.path.commonpath([os.path.dirname(p) for p in index.paths]) if index.paths else "/"
         # one forward at a time: concurrent forwards would only contend for the same cores
         self.lock = threading.Lock()
+        self.batcher = QueryBatcher(self.model, self.device, self.lock)  # concurrent queries share forwards
         self._gallery_embeddings = lru_cache(maxsize=4)(self._embed_paths)
         self._attention = OrderedDict()  # (twin, pixels digest, caption, spans) -> phrase_attention, newest last
 
@@ -193,21 +188,23 @@ class Explorer:
 
     # ------------------------------------------------------------------ retrieval
     def encode(self, image, caption: str) -> torch.Tensor:
-        """The query embedding [1, E] float32, exactly as `cir.evaluate.embed_queries` computes it."""
-        pixels = self.preprocess(as_image(image))[None].to(self.device)
-        with self.lock, torch.no_grad(), autocast(self.device):
-            return self.model.encode_query(pixels, [caption]).float()
+        """The query embedding [1, E] float32, as `cir.evaluate.embed_queries` computes it (concurrent
+        calls are encoded in one batch: `cir.ui.batching`)."""
+        return self.batcher(self.preprocess(as_image(image)), caption)
 
-    def retrieve(self, image, caption: str, k: int = 10, targets=()) -> list[Hit]:
-        """Top-k gallery images for (image, caption), best first; `is_target` marks paths in `targets`."""
-        scores, ids = self.index.search(self.encode(image, caption), int(k))
+    def retrieve(self, image, caption: str, k: int = 10, targets=(), query: torch.Tensor | None = None) -> list[Hit]:
+        """Top-k gallery images for (image, caption), best first; `is_target` marks paths in `targets`.
+        `query`: its embedding, when already encoded."""
+        query = self.encode(image, caption) if query is None else query
+        scores, ids = self.index.search(query, int(k))
         targets = set(targets)
         return [Hit(self.index.paths[i], float(s), r, self.index.paths[i] in targets)
                 for r, (s, i) in enumerate(zip(scores[0], ids[0]), 1) if i >= 0]
 
-    def target_rank(self, image, caption: str, targets, gallery: list[str] | None = None) -> tuple[int, int] | None:
+    def target_rank(self, image, caption: str, targets, gallery: list[str] | None = None,
+                    query: torch.Tensor | None = None) -> tuple[int, int] | None:
         """(rank of the best-ranked target, gallery size) over `gallery` paths (default: the index);
-        None when no target is in that gallery."""
+        None when no target is in that gallery. `query`: its embedding, when already encoded."""
         if gallery is None:
             paths, emb = self.index.paths, self.index.embeddings
         else:
@@ -216,7 +213,8 @@ class Explorer:
         rows = [pos[t] for t in targets if t in pos]
         if not rows:
             return None
-        scores = np.asarray(emb) @ self.encode(image, caption).cpu().numpy()[0]
+        query = self.encode(image, caption) if query is None else query
+        scores = np.asarray(emb) @ query.cpu().numpy()[0]
         return int((scores > scores[rows].max()).sum()) + 1, len(paths)
 
     def _embed_paths(self, paths: tuple[str, ...]) -> np.ndarray:

@@ -15,6 +15,8 @@ MAX_FILE_MB = 25  # largest upload the server accepts, and largest data: URL ima
 # (images are also refused above cir.data.images.MAX_IMAGE_PIXELS)
 MAX_FILE_SIZE = f"{MAX_FILE_MB}mb"  # as Gradio's launch(max_file_size=) takes it
 DELETE_CACHE = (3600, 3600)  # every hour, delete uploaded and cached files older than an hour
+MAX_REQUEST_PIXELS = 24_000_000  # decoded pixels per request: one 24 MP photo (72 MB as RGB, about 1 s to decode)
+DECODED_CACHE_PIXELS = 2 * MAX_REQUEST_PIXELS  # decoded images kept for a request's other calls (cir.ui.decoded)
 
 
 def caption(text: str | None, what: str = "the modification") -> str:
@@ -45,6 +47,13 @@ def data_url(url: str | None) -> None:
         if size > MAX_FILE_MB * 1024 * 1024:
             raise UserError(f"the image sent inside the request has {size / 2**20:,.0f} MB; at most {MAX_FILE_MB} MB "
                             "are accepted")
+
+
+def request_pixels(pixels: int, name: str) -> None:
+    """UserError when an image of `pixels` pixels (read from its header) exceeds MAX_REQUEST_PIXELS."""
+    if pixels > MAX_REQUEST_PIXELS:
+        raise UserError(f"cannot read image {name}: {pixels:,} pixels is over this app's limit of "
+                        f"{MAX_REQUEST_PIXELS:,} per request")
 
 
 def annotator(name: str | None) -> str:

@@ -1,0 +1,72 @@
+"""Thumbnails as files: each image's small PNG copy is written once into one folder, which the app
+gives Gradio as a static path, so it is served as is and never re-encoded or copied per request."""
+from __future__ import annotations
+
+import atexit
+import hashlib
+import os
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+
+from cir.atomic import atomic_path
+from cir.data.images import load_rgb
+from cir.errors import UserError
+
+THUMBNAIL = 256  # px, longer side of images sent to the browser
+
+
+class Thumbnails:
+    """`thumbnails(path)`: the path of `path`'s thumbnail, made on first use or by `prepare` (named
+    by a hash of the file's real path, size and modification time, so a changed file gets a new
+    one). The folder is a fresh temporary one, removed at exit."""
+
+    def __init__(self, size: int = THUMBNAIL):
+        self.size = size
+        self._folder: Path | None = None
+        self._lock = threading.Lock()
+        self._made: dict[str, tuple[int, int, str]] = {}  # path -> (size, mtime_ns, thumbnail)
+
+    @property
+    def folder(self) -> Path:
+        with self._lock:
+            if self._folder is None:
+                self._folder = Path(tempfile.mkdtemp(prefix="cir-thumbnails-")).resolve()
+                atexit.register(shutil.rmtree, self._folder, True)
+            return self._folder
+
+    def __call__(self, path: str | os.PathLike) -> str:
+        path = os.fspath(path)
+        try:
+            st = os.stat(path)
+        except OSError:
+            raise UserError(f"image not found: {path}") from None
+        made = self._made.get(path)
+        if made is not None and made[:2] == (st.st_size, st.st_mtime_ns):
+            return made[2]
+        key = hashlib.sha256(f"{os.path.realpath(path)}\0{st.st_size}\0{st.st_mtime_ns}\0{self.size}".encode())
+        out = self.folder / f"{key.hexdigest()[:32]}.png"
+        if not out.is_file():
+            image = load_rgb(path)
+            image.thumbnail((self.size, self.size))
+            with atomic_path(out, bulk=True) as tmp:
+                image.save(tmp, "PNG")
+        self._made[path] = (st.st_size, st.st_mtime_ns, str(out))
+        return str(out)
+
+    def prepare(self, paths: list[str]) -> threading.Thread:
+        """Make the thumbnails of `paths` in a background thread (unreadable files are skipped: the
+        page says why when one is shown)."""
+        def make():
+            for p in paths:
+                try:
+                    self(p)
+                except (UserError, OSError):
+                    continue
+        thread = threading.Thread(target=make, name="thumbnails", daemon=True)
+        thread.start()
+        return thread
+
+
+thumbnail = Thumbnails()
