@@ -25,6 +25,7 @@ from contextlib import closing, contextmanager
 from dataclasses import replace
 from pathlib import Path
 
+from cir.atomic import write_text
 from cir.data.triplets import Triplet, write_triplets
 from cir.errors import UserError
 
@@ -245,10 +246,8 @@ def open_store(store: str | os.PathLike, log: str | os.PathLike) -> dict[str, di
 
 def export_log(store: str | os.PathLike, out: str | os.PathLike) -> int:
     """Write every decision in the store, in the order saved, as a JSONL log (atomically); returns how many."""
-    records, out = read_records(store), Path(out)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    os.replace(tmp, out)
+    records = read_records(store)
+    write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     return len(records)
 
 
