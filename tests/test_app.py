@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import gradio as gr
 import numpy as np
 import pytest
 import torch
@@ -128,6 +129,12 @@ def test_target_rank_and_retrieve_callback(ex):
     assert f"rank **{full[0].index(t.targets[0]) + 1}**" in status
     with pytest.raises(Exception, match="choose a query image"):
         ui.run_retrieve(ex, None, None, "x", 5, [])
+    # the served event (postprocess=False) sends the values Gradio's postprocessing would make
+    headers = ["rank", "score", "image", "target"]
+    results, values = ui.retrieve_values(ex, gr.Dataframe(headers=headers, type="array"), gr.Markdown(),
+                                         t.reference, None, t.caption, 5, t.targets)[:2]
+    assert results == gr.Gallery().postprocess(gallery).model_dump()
+    assert values == gr.Dataframe(headers=headers, type="array").postprocess(table).model_dump()
 
 
 def test_browse_pages_and_filter(ex):

@@ -22,6 +22,8 @@ from pathlib import Path
 import gradio as gr
 import matplotlib
 import numpy as np
+from gradio.components.gallery import GalleryData, GalleryImage
+from gradio.data_classes import ImageData
 from PIL import Image
 
 from cir.atomic import atomic_path, write_text
@@ -118,6 +120,14 @@ def image_output(**kwargs) -> gr.Image:
 
     image.postprocess = postprocess
     return image
+
+
+def gallery_value(items: list[tuple[str, str]]) -> dict:
+    """`gr.Gallery.postprocess` of (PNG path, caption) items, as an event with `postprocess=False`
+    returns it: the same value without Gradio's thread pool per call."""
+    return GalleryData(root=[GalleryImage(image=ImageData(path=path, orig_name=os.path.basename(path),
+                                                          mime_type="image/png"), caption=caption)
+                             for path, caption in items]).model_dump()
 
 
 def query_image(**kwargs) -> gr.Image:
@@ -257,6 +267,14 @@ def run_retrieve(ex: Explorer, image, query_path, caption: str, k: int, targets)
     gallery = [(thumbnail(h.path), f"#{h.rank} · {h.score:.3f}" + (" · ★ target" if h.is_target else "")) for h in hits]
     table = [[h.rank, round(h.score, 4), ex.label(h.path), "★" if h.is_target else ""] for h in hits]
     return gallery, table, status, [h.path for h in hits], source
+
+
+def retrieve_values(ex: Explorer, table: gr.Dataframe, status: gr.Markdown, image, query_path, caption: str, k: int,
+                    targets):
+    """`run_retrieve`'s outputs as the values its components send, for the retrieve event with
+    `postprocess=False` (Gradio's postprocessing would handle the gallery's files twice per event)."""
+    gallery, rows, text, paths, source = run_retrieve(ex, image, query_path, caption, k, targets)
+    return gallery_value(gallery), table.postprocess(rows).model_dump(), status.postprocess(text), paths, source
 
 
 def results_record(ex: Explorer, query, caption: str, hits: list[str], table, maps_over=None, maps=(),
@@ -769,9 +787,9 @@ def build_demo(ex: Explorer, access: FileAccess | None = None) -> gr.Blocks:
         prev_page.click(lambda text, pg: browse(ex, text, pg - 1), [search, page], [browser, page, pages_md], **private)
         next_page.click(lambda text, pg: browse(ex, text, pg + 1), [search, page], [browser, page, pages_md], **private)
         image.input(uploaded, image, [query_path, targets, query_info], **private)
-        gr.on([go.click, caption.submit], p(run_retrieve, ex), [image, query_path, caption, k, targets],
-              [results, table, status, hits, maps_image], api_name="retrieve",
-              concurrency_limit=RETRIEVE_CONCURRENCY).success(
+        gr.on([go.click, caption.submit], p(retrieve_values, ex, table, status),
+              [image, query_path, caption, k, targets], [results, table, status, hits, maps_image], api_name="retrieve",
+              concurrency_limit=RETRIEVE_CONCURRENCY, postprocess=False).success(
             maps, maps_inputs, maps_outputs, **private)
         results.select(on_result, hits, maps_image, **private).success(maps, maps_inputs, maps_outputs, **private)
         gr.on([update.click, layer.change, head.change, eps.submit, opacity.release, upsampling.change, compare.change,
