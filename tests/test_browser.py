@@ -1,7 +1,8 @@
 """The explorer in headless Chromium (Debian's /usr/bin/chromium, driven by Playwright): pick an
 example, retrieve, see k results and the heatmaps at phone, tablet and desktop widths; the model
 card; an uploaded photo gets the out-of-domain notice; in the review tab accept an item with the 'a'
-key and find it in the review log. Screenshots go to test-artifacts/.
+key, reject and undo, filter, export for download, and open the same file as an upload (a private copy
+with none of those decisions). Screenshots go to test-artifacts/.
 
 Skipped only where Chromium (or Playwright) is missing and the CI variable is unset."""
 import importlib.util
@@ -137,6 +138,13 @@ def test_retrieve_and_review_in_the_browser(served):
             expect(status).to_contain_text("Item 1 of")
             page.locator("#review-export").click()
             expect(page.locator("#review-downloads")).to_contain_text("batch.review")
+            # the same file uploaded by the visitor opens as a private copy, with none of these decisions
+            n = len(read_triplets(to_review)[0])
+            expect(status).to_contain_text(f"1 of {n} decided")
+            page.locator("#review-show").get_by_text("all", exact=True).click()
+            page.locator("#review-upload input[type=file]").set_input_files(str(to_review))
+            expect(status).to_contain_text(f"0 of {n} decided")
+            expect(status).to_contain_text("Item 1 of")
         finally:
             browser.close()
     log = review.log_path(to_review).read_text().splitlines()

@@ -462,10 +462,28 @@ def review_open(access: FileAccess, path: str):
 @shown
 def review_upload(ex: Explorer, access: FileAccess, uploaded: str | None):
     """Open an uploaded triplet file (a private copy; its review store and exports stay beside the copy);
-    its relative image paths are taken from the gallery's folder."""
+    its relative image paths are taken from `upload_base`."""
     if not uploaded:
         raise UserError("upload a triplet file (.jsonl)")
-    return _opened(access.adopt_upload(uploaded), ex.root)
+    path = access.adopt_upload(uploaded)
+    return _opened(path, upload_base(ex.root, access, path))
+
+
+UPLOAD_BASE_LEVELS = 3  # folders above the gallery's folder tried as the base of an upload's relative paths
+
+
+def upload_base(root: str, access: FileAccess, path: str) -> str:
+    """The folder an uploaded triplet file's relative image paths are taken from: the gallery's folder
+    `root`, or the nearest of its first UPLOAD_BASE_LEVELS parents from which the file's first
+    triplet names an existing reference the app may show (a file written beside the gallery's image folder,
+    like an examples file, names "images/x.png"); `root` when none does."""
+    base = root
+    for _ in range(UPLOAD_BASE_LEVELS + 1):
+        triplets = read_triplets(path, skip_bad=True, check_images=False, base=base)[0]
+        if triplets and os.path.isfile(triplets[0].reference) and access.image(triplets[0].reference):
+            return base
+        base = os.path.dirname(base)
+    return root
 
 
 def _current(state):
