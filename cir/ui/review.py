@@ -69,6 +69,21 @@ def export_path(triplet_path: str | os.PathLike) -> Path:
     return p.with_name(p.stem + ".accepted.jsonl")
 
 
+def _enter_wal(db: sqlite3.Connection) -> None:
+    """Put the store in WAL mode. Switching a new file's journal mode skips SQLite's busy handler
+    when another connection switches it at the same moment, so a locked switch is retried until
+    the busy timeout."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 @contextmanager
 def _connected(store: str | os.PathLike):
     """A connection to the store (created with its table when new), closed after use; a file that
@@ -76,7 +91,7 @@ def _connected(store: str | os.PathLike):
     store = Path(store)
     try:
         with closing(sqlite3.connect(store, timeout=BUSY_TIMEOUT_S, isolation_level=None)) as db:
-            db.execute("PRAGMA journal_mode = WAL")
+            _enter_wal(db)
             db.execute("PRAGMA synchronous = FULL")
             db.executescript(_SCHEMA)
             yield db
