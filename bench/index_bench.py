@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m bench.index_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None,
-                   help="model checkpoint; default: the shipped one, or a random context-cir-shapes-grid7 "
+                   help="model checkpoint; default: the shipped one, or a random context-cir-shapes "
                         "(same speed) when it is absent")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--quick", action="store_true", help="tiny sizes, to check that the bench runs")
@@ -103,9 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp)
         ckpt = Path(a.checkpoint or DEFAULT_CHECKPOINT)
         if a.checkpoint is None and not ckpt.is_file():
-            log(f"{ckpt} is absent: benchmarking a random context-cir-shapes-grid7")
+            log(f"{ckpt} is absent: benchmarking a random context-cir-shapes")
             torch.manual_seed(0)
-            model, _ = build_model("context-cir-shapes-grid7")
+            model, _ = build_model("context-cir-shapes")
             ckpt = tmp / "random.safetensors"
             save_checkpoint(ckpt, model, {"config": model.config.to_dict(), "step": 0})
         log(f"rendering {n_images} gallery images")

@@ -1,6 +1,6 @@
 """Training-step cost of the CC loss, and proof that it costs nothing at inference.
 
-    python -m bench.train_bench [--config context-cir-shapes-grid7] [--batch-size 64] [--steps 10] [--rounds 3]
+    python -m bench.train_bench [--config context-cir-shapes] [--batch-size 64] [--steps 10] [--rounds 3]
 
 Runs each setting in a fresh process (so peak memory is its own): a training step with the
 contrastive loss only (lambda 0) and with the CC loss (isolated phrases batched in one pass),
@@ -72,8 +72,8 @@ def step_worker(a) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m bench.train_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="context-cir-shapes-grid7",
-                   help="model config (default context-cir-shapes-grid7, the shipped design)")
+    p.add_argument("--config", default="context-cir-shapes",
+                   help="model config (default context-cir-shapes, the shipped design)")
     p.add_argument("--batch-size", type=int, default=64, help="triplets per step (default 64)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per setting and round, after one warm-up (default 10)")
     p.add_argument("--rounds", type=int, default=3,

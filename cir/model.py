@@ -1,6 +1,6 @@
 """ConText-CIR: CLIP encoders (built through open_clip) + cross-attention fusion + PMA pooling.
 
-    model, preprocess = build_model("context-cir-shapes-grid7")      # a config in cir/configs/
+    model, preprocess = build_model("context-cir-shapes")           # a config in cir/configs/
     q = model.encode_query(images, ["make the red circle blue"])     # [B, E], L2-normalised
     g = model.encode_gallery(images)                                 # f(image, ""), [B, E]
     maps = model.phrase_attention(image, caption, [(5, 19)])         # in-context vs isolated maps

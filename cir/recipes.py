@@ -57,7 +57,8 @@ DATA = [
 ]
 
 GRID7_TOWERS = Stage("grid-7 towers: 800 steps of 128, scene + patch + word losses (45 min)",
-                     ("-m", "cir.towers", "--data", "data/shapes", "--out", "runs/towers-grid7"),
+                     ("-m", "cir.towers", "--config", "cir-shapes-grid7", "--data", "data/shapes", "--out", "runs/towers-grid7",
+                      "--steps", "800", "--token-weight", "1"),
                      "runs/towers-grid7/clip.safetensors")
 
 SHAPES_3X3_CHAIN = [
@@ -73,7 +74,7 @@ SHAPES_3X3_CHAIN = [
            "--init-from", "runs/shapes-1-t2i/last.safetensors", "--steps", "3600", "--lr", "4e-4", "--min-lr", "4e-6",
            "--seed", "1", "--partial-negatives", "--val-every", "600"),
     _train("grown into both fusion directions, to step 9,200 (2 h 15 min)", "runs/shapes-3-bidir",
-           "--config", "ablations/context-cir-shapes-cells-bidir", "--init-from", "runs/shapes-2-t2i/last.safetensors",
+           "--config", "context-cir-shapes", "--init-from", "runs/shapes-2-t2i/last.safetensors",
            "--steps", "9200", "--lr", "2e-4", "--min-lr", "2e-6", "--warmup", "100", "--restart-schedule",
            "--seed", "2", "--partial-negatives", "--val-every", "800", "--val-limit", "1000"),
     _train("every partial fulfilment as a negative, to step 12,400 (about 2 h)", "runs/shapes-4-partials",
@@ -103,7 +104,8 @@ RECIPES: dict[str, tuple[str, list[Stage]]] = {
         "(about 55 min on 2 CPU cores)",
         [*DATA, GRID7_TOWERS,
          _train("the grid-7 model as initialised on these towers (step 0, 1 min)", "runs/grid7-step0",
-                "--pretrained", "runs/towers-grid7/clip.safetensors", "--steps", "0", "--val-every", "0"),
+                "--config", "context-cir-shapes-grid7", "--pretrained", "runs/towers-grid7/clip.safetensors", "--steps", "0",
+                "--val-every", "0"),
          Stage("export fp16 (10 s)",
                ("-m", "cir.checkpoint", "export", "--checkpoint", "runs/grid7-step0/last.safetensors",
                 "--out", "assets/context-cir-shapes-grid7-step0.safetensors", "--dtype", "fp16"),

@@ -1,6 +1,6 @@
 """Tower pretraining: the open_clip image and text towers every CIR-Shapes model starts from.
 
-    python -m cir.towers --data DATA_DIR --out RUN_DIR        # cir-shapes-grid7, the shipped towers' recipe
+    python -m cir.towers --data DATA_DIR --out RUN_DIR        # cir-shapes-cells, the shipped towers' recipe
     python -m cir.train --pretrained RUN_DIR/clip.safetensors ...
 
 No pretrained CLIP exists offline, so the towers of an open_clip config (cir/configs/clip/) are
@@ -33,8 +33,8 @@ from cir.cli import add_training_flags, parse_first, run_cli
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m cir.towers", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="cir-shapes-grid7",
-                   help="open_clip model config: cir/configs/clip/<name>.json or any open_clip name (default cir-shapes-grid7)")
+    p.add_argument("--config", default="cir-shapes-cells",
+                   help="open_clip model config: cir/configs/clip/<name>.json or any open_clip name (default cir-shapes-cells, the shipped towers)")
     p.add_argument("--precision", choices=precision.CHOICES, default="auto",
                    help="autocast dtype of the forward pass; auto (default) = bf16 where native (CUDA, CPUs with "
                         "bf16 instructions), else fp32")
@@ -43,12 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "visual projection) is classified against the texts of the 84 cell contents (\"small red "
                         "circle\", ..., \"pink background\") by what covers its centre, so the towers align words "
                         "with image regions (default 1; 0 = the scene-level CLIP loss only)")
-    p.add_argument("--token-weight", type=float, default=1.0,
+    p.add_argument("--token-weight", type=float, default=0.0,
                    help="weight of the dense word loss: each token of an object's or a cell's words in the "
                         "description (\"small red circle\", \"top left\"), through the text projection, is "
                         "softmax-matched over the image's patch embeddings against the patches inside that "
-                        "object's or cell's box, so single words point at regions (default 1; 0 = off)")
-    add_training_flags(p, steps=800, batch=128, lr=5e-4, warmup=100, weight_decay=0.1)
+                        "object's or cell's box, so single words point at regions (default 0 = off, as the shipped towers; "
+                        "the grid-7 towers use 1)")
+    add_training_flags(p, steps=1000, batch=128, lr=5e-4, warmup=100, weight_decay=0.1)
     return p
 
 

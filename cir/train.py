@@ -1,6 +1,6 @@
 """Train ConText-CIR: contrastive loss (query image as an extra negative) + lambda * CC loss.
 
-    python -m cir.train --config context-cir-shapes-grid7 --data DATA_DIR --out runs/NAME
+    python -m cir.train --data DATA_DIR --out runs/NAME
 
 DATA_DIR holds train.jsonl, and val.jsonl + gallery_val.txt for periodic validation (as written by
 `python -m cir.data.shapes`); or give --train/--val/--val-gallery. Noun phrases come from each
@@ -40,7 +40,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m cir.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None,
-                   help="model config name (cir/configs/) or JSON path (default context-cir-shapes-grid7; with "
+                   help="model config name (cir/configs/) or JSON path (default context-cir-shapes, the shipped design; with "
                         "--init-from: the checkpoint's own, or this one, grown from the checkpoint's weights)")
     p.add_argument("--pretrained", default=None, help="override the config's open_clip pretrained tag or weights file")
     p.add_argument("--data", default=None, help="folder with train.jsonl, val.jsonl, gallery_val.txt")
@@ -279,7 +279,7 @@ def main(argv=None) -> int:
         model, preprocess, manifest = load_checkpoint(a.init_from, device)
         start, log_metrics, tensors = manifest.get("step", 0), manifest.get("metrics", {}), None
     else:
-        config = ModelConfig.load(a.config or "context-cir-shapes-grid7")
+        config = ModelConfig.load(a.config or "context-cir-shapes")
         if a.pretrained is not None:
             config.pretrained = a.pretrained
         model, preprocess = build_model(config, device)
