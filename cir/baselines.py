@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("train-combiner", allow_abbrev=False, help="train a CLIP4Cir Combiner on frozen CLIP features of the triplets")
-    m.add_argument("--clip", required=True, help="towers checkpoint written by python -m cir.towers")
+    m.add_argument("--clip", required=True, help="towers checkpoint written by python -m cir.towers, or any model checkpoint (its towers)")
     m.add_argument("--limit", type=positive_int, default=None, help="use only the first N training triplets (default all)")
     m.add_argument("--projection-dim", type=positive_int, default=None, help="projection width (default 4 x CLIP embedding dim, as CLIP4Cir)")
     m.add_argument("--hidden-dim", type=positive_int, default=None, help="hidden width of both MLPs (default 8 x CLIP embedding dim)")
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images or captions per CLIP forward pass when extracting features (default 256)")
     add_training_flags(m, steps=1200, batch=512, lr=1e-4, warmup=100, weight_decay=0.0)
     e = sub.add_parser("evaluate", allow_abbrev=False, help="score image-only, text-only, sum and (with --combiner) Combiner retrieval")
-    e.add_argument("--clip", required=True, help="towers checkpoint written by python -m cir.towers")
+    e.add_argument("--clip", required=True, help="towers checkpoint written by python -m cir.towers, or any model checkpoint (its towers)")
     e.add_argument("--combiner", default=None, help="Combiner checkpoint written by train-combiner (on the same CLIP)")
     add_data_flags(e)  # --json writes {method: cir.evaluate's result object}
     add_device_flags(e)

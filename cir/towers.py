@@ -69,7 +69,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from cir.atomic import sha256_file
-from cir.checkpoint import load_module, save_module
+from cir.checkpoint import load_checkpoint, load_module, read_manifest, save_module
 from cir.data.images import load_rgb
 from cir.data.shapes.pretraining_texts import CELL_CONTENTS, describe_scene, patch_contents, patch_distribution_of_box
 from cir.data.shapes.scene import Scene
@@ -93,7 +93,11 @@ def build_towers(name: str):
 
 
 def load_towers(path: str | os.PathLike):
-    """(CLIP, preprocess, tokenizer) from a `python -m cir.towers` checkpoint."""
+    """(CLIP, preprocess, tokenizer) from a `python -m cir.towers` checkpoint, or the towers of any
+    model checkpoint (its clip.* weights), so that baselines run on a model's own towers."""
+    if read_manifest(path).get("format") != TOWERS_FORMAT:
+        model, preprocess, _ = load_checkpoint(path)
+        return model.clip.float(), preprocess, open_clip.get_tokenizer(model.config.clip_model)
     extras = {}
 
     def build(manifest):

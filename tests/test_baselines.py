@@ -114,3 +114,20 @@ def test_every_flag_is_explained():
     for name, parser in [*sub.choices.items(), ("cir.towers", tower_pretraining.build_parser())]:
         for action in parser._actions:
             assert action.help, (name, action.dest)
+
+
+def test_baselines_take_the_towers_of_a_model_checkpoint(tiny_checkpoint, shapes_data):
+    """`--clip` may name a model checkpoint: its towers embed images and texts exactly as the model's own."""
+    from cir.checkpoint import load_checkpoint
+    from cir.data.images import load_rgb
+
+    clip, preprocess, tokenizer = tower_pretraining.load_towers(tiny_checkpoint)
+    model, model_preprocess, _ = load_checkpoint(tiny_checkpoint)
+    image = load_rgb(read_triplets(shapes_data / "test.jsonl")[0][0].reference)
+    assert torch.equal(preprocess(image), model_preprocess(image))
+    with torch.no_grad():
+        torch.testing.assert_close(clip.encode_image(preprocess(image)[None]),
+                                   model.clip.encode_image(model_preprocess(image)[None]))
+        tokens = tokenizer(["a small red circle"])
+        torch.testing.assert_close(clip.encode_text(tokens), model.clip.encode_text(tokens))
+        assert not torch.allclose(clip.encode_text(tokens), clip.encode_text(tokenizer(["a large blue star"])))
