@@ -97,7 +97,11 @@ def load_towers(path: str | os.PathLike):
     model checkpoint (its clip.* weights), so that baselines run on a model's own towers."""
     if read_manifest(path).get("format") != TOWERS_FORMAT:
         model, preprocess, _ = load_checkpoint(path)
-        return model.clip.float(), preprocess, open_clip.get_tokenizer(model.config.clip_model)
+        clip = model.clip.float()
+        clip.visual.output_tokens = False  # the model reads patch tokens; the baselines, CLIP's embeddings
+        if hasattr(clip, "text"):
+            clip.text.output_tokens = False
+        return clip, preprocess, open_clip.get_tokenizer(model.config.clip_model)
     extras = {}
 
     def build(manifest):

@@ -126,8 +126,11 @@ def test_baselines_take_the_towers_of_a_model_checkpoint(tiny_checkpoint, shapes
     image = load_rgb(read_triplets(shapes_data / "test.jsonl")[0][0].reference)
     assert torch.equal(preprocess(image), model_preprocess(image))
     with torch.no_grad():
-        torch.testing.assert_close(clip.encode_image(preprocess(image)[None]),
-                                   model.clip.encode_image(model_preprocess(image)[None]))
+        embedded = clip.encode_image(preprocess(image)[None], normalize=True)  # what the baselines embed
+        pooled, _ = model.clip.visual(model_preprocess(image)[None])  # the model's own towers: (pooled, patches)
+        assert embedded.shape == (1, model.clip.visual.output_dim)
+        torch.testing.assert_close(embedded, torch.nn.functional.normalize(pooled, dim=-1))
         tokens = tokenizer(["a small red circle"])
-        torch.testing.assert_close(clip.encode_text(tokens), model.clip.encode_text(tokens))
-        assert not torch.allclose(clip.encode_text(tokens), clip.encode_text(tokenizer(["a large blue star"])))
+        text = clip.encode_text(tokens, normalize=True)
+        assert text.shape == embedded.shape
+        assert not torch.allclose(text, clip.encode_text(tokenizer(["a large blue star"]), normalize=True))
