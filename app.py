@@ -1,10 +1,14 @@
 """ConText-CIR Explorer: retrieve with a query image + modification text, see why (per-noun-phrase
-attention in context vs isolated), and review triplet files.
+attention in context vs isolated, beside another model's), and review triplet files.
 
-    python app.py                                   # shipped checkpoint + demo gallery, no downloads
+    python app.py                                   # shipped models + demo gallery, no downloads
     python app.py --checkpoint CKPT --gallery FOLDER_OR_LIST [--examples triplets.jsonl]
     python app.py --checkpoint CKPT --index INDEX_DIR  # an index from `python -m cir.index build`
+    python app.py --checkpoint A --index INDEX_DIR --checkpoint B   # two models to choose and compare
     python app.py --host 0.0.0.0 --port 8080        # reachable from other machines (a container, a Space)
+
+Every --checkpoint is a model of the page's Model selector; the first one's index or gallery is the
+gallery, which another model embeds with its own encoder the first time it is selected.
 
 The address defaults come from GRADIO_SERVER_NAME and GRADIO_SERVER_PORT (or PORT) when they are set,
 as Hugging Face Spaces and most container hosts set them; otherwise 127.0.0.1:7860.
@@ -39,17 +43,18 @@ def default_port() -> int:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
-    p.add_argument("--checkpoint", default=None, help="model checkpoint (.safetensors); default: the shipped one in assets/")
+    p.add_argument("--checkpoint", action="append", default=None, metavar="CKPT",
+                   help="a model checkpoint (.safetensors); repeatable: each further one is another model to select "
+                        "and compare, over the first one's gallery (embedded when first selected); default: the "
+                        "shipped model, plus the shipped lambda = 0 and TMCIR models in assets/ when present")
     p.add_argument("--index", default=None,
-                   help="gallery index folder built with this checkpoint; default: assets/demo/index (unless --gallery)")
+                   help="gallery index folder built with the first checkpoint; default: assets/demo/index "
+                        "(unless --gallery)")
     p.add_argument("--gallery", default=None,
                    help="a folder of images or a text file of paths, embedded into an in-memory index at start "
                         "(instead of --index)")
     p.add_argument("--examples", default=None,
                    help="triplet JSONL of example queries; default: assets/demo/examples.jsonl with the demo index")
-    p.add_argument("--twin", default=None, metavar="CKPT",
-                   help="a second checkpoint whose phrase maps the Why panel can show beside the first's (e.g. the "
-                        "lambda = 0 twin of a CC model); default: the shipped twin, with the shipped checkpoint")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--host", default=os.environ.get(HOST_ENV) or "127.0.0.1",
                    help=f"address to serve on: 0.0.0.0 for every interface (default: ${HOST_ENV}, else 127.0.0.1, "
@@ -83,12 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     from cir.ui.access import FileAccess
     from cir.ui.app import CONCURRENCY, build_demo
-    from cir.ui.explorer import Explorer
     from cir.ui.limits import MAX_FILE_SIZE
+    from cir.ui.models import Models
 
-    explorer = Explorer.load(a.checkpoint, a.index, a.gallery, a.examples, a.device, a.twin)
-    access = FileAccess(a.review_dir, explorer.index.paths)
-    launch(build_demo(explorer, access).queue(default_concurrency_limit=CONCURRENCY), a.host, a.port, a.share,
+    models = Models.load(a.checkpoint, a.index, a.gallery, a.examples, a.device)
+    access = FileAccess(a.review_dir, models.primary.index.paths)
+    launch(build_demo(models, access).queue(default_concurrency_limit=CONCURRENCY), a.host, a.port, a.share,
            MAX_FILE_SIZE)
     return 0
 

@@ -50,6 +50,7 @@ FORMAT = "context-cir-checkpoint/1"
 TOKEN_EMBEDDING = "clip.token_embedding.weight"
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "assets" / "context-cir-shapes.safetensors"
 DEFAULT_TWIN = DEFAULT_CHECKPOINT.with_name("context-cir-shapes-lambda0.safetensors")  # its lambda = 0 twin
+DEFAULT_TMCIR = DEFAULT_CHECKPOINT.with_name("tmcir-shapes.safetensors")  # TMCIR on the same data
 
 
 def versions() -> dict:

@@ -28,6 +28,21 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_tmcir_checkpoint(tmp_path_factory):
+    """A randomly initialised tiny TMCIR model saved as a checkpoint, its weight matrices scaled up so
+    that its scores have no near-ties."""
+    torch.manual_seed(0)
+    model, _ = build_model("tmcir-tiny")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.mul_(3)
+    path = tmp_path_factory.mktemp("tmcir") / "tmcir-tiny.safetensors"
+    save_checkpoint(path, model, {"config": model.config.to_dict(), "step": 0})
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_model():
     torch.manual_seed(0)
     model, preprocess = build_model(ModelConfig.load("context-cir-tiny"))

@@ -1,6 +1,7 @@
 """The explorer app on a tiny random model and a demo built by scripts/build_demo_assets.py:
-retrieval equals cir.evaluate's ranking (callbacks and the served /retrieve endpoint), heatmaps and
-CC terms, noun-phrase editing, the review log (crash recovery, resume, export), flags and errors."""
+retrieval equals cir.evaluate's ranking (callbacks and the served /retrieve endpoint), for a second
+model (tiny TMCIR) chosen in the selector too, heatmaps and CC terms, the compare view of two
+models, noun-phrase editing, the review log (crash recovery, resume, export), flags and errors."""
 import importlib.util
 import json
 import os
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import gradio as gr
@@ -18,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cir.checkpoint import load_checkpoint, save_checkpoint
+from cir.checkpoint import DEFAULT_CHECKPOINT, DEFAULT_TMCIR, DEFAULT_TWIN, save_checkpoint
 from cir.data.images import load_rgb
 from cir.data.triplets import Triplet, read_gallery, read_triplets, write_triplets
 from cir.errors import UserError
@@ -29,9 +31,10 @@ from cir.ui import app as ui
 from cir.ui import limits, review
 from cir.ui.access import FileAccess
 from cir.ui.card import looks_like_shapes, model_card
-from cir.ui.explorer import Explorer, phrase_spans
-from cir.ui.heatmaps import (BOX_COLOUR, GAP, HEIGHT, TOP, VIEW, model_view, outline, overlay, phrase_row, select,
-                             shared_norm, upsample, view_box)
+from cir.ui.explorer import Explorer, model_name, phrase_spans
+from cir.ui.heatmaps import (BOX_COLOUR, GAP, HEIGHT, TOP, VIEW, compare_row, model_view, outline, overlay, phrase_row,
+                             select, shared_norm, upsample, view_box)
+from cir.ui.models import Models, default_checkpoints, model_names
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -64,6 +67,13 @@ def demo(tmp_path_factory):
 def ex(demo):
     folder, ckpt = demo
     return Explorer.load(ckpt, folder / "index", examples=folder / "examples.jsonl", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def models(ex, tiny_tmcir_checkpoint):
+    """The demo's model and a tiny TMCIR model over the same gallery, as `python app.py --checkpoint
+    DEMO_CKPT --index DEMO_INDEX --checkpoint TMCIR` serves them."""
+    return Models(ex, {"TMCIR": tiny_tmcir_checkpoint})
 
 
 def evaluation_ranking(ex: Explorer, triplets: list[Triplet], k: int) -> list[list[str]]:
@@ -395,11 +405,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_served_retrieve_endpoint(ex):
+def test_served_retrieve_endpoint(ex, models):
+    """/retrieve without a model (the first one's results, as every existing caller calls it) and with one."""
     from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
 
     port = free_port()
-    demo = ui.build_demo(ex).queue(default_concurrency_limit=ui.CONCURRENCY)
+    demo = ui.build_demo(models).queue(default_concurrency_limit=ui.CONCURRENCY)
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     try:
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
@@ -408,6 +420,14 @@ def test_served_retrieve_endpoint(ex):
         want = evaluation_ranking(ex, [t], 7)[0]
         assert [row[2] for row in table["data"]] == [ex.label(p) for p in want]
         assert "7 results" in status
+        for name in models.names:
+            _, table, status = client.predict(handle_file(t.reference), t.caption, 7, name, api_name="/retrieve")
+            want = evaluation_ranking(models[name], [t], 7)[0]
+            assert [row[2] for row in table["data"]] == [ex.label(p) for p in want]
+            assert f"7 results of **{ui.markdown_literal(name)}**" in status
+        assert evaluation_ranking(models["TMCIR"], [t], 7)[0] != evaluation_ranking(ex, [t], 7)[0]
+        with pytest.raises(AppError, match="not in the list of choices"):
+            client.predict(handle_file(t.reference), t.caption, 7, "no such model", api_name="/retrieve")
     finally:
         demo.close()
 
@@ -419,6 +439,8 @@ def test_app_flags_and_one_line_errors(tmp_path, capsys):
     help_text = capsys.readouterr().out
     for flag in ("--checkpoint", "--index", "--gallery", "--examples", "--device", "--port", "--share"):
         assert flag in help_text
+    assert app.parse_args(["--checkpoint", "a", "--checkpoint", "b"]).checkpoint == ["a", "b"]
+    assert app.parse_args([]).checkpoint is None  # the shipped models (cir.ui.models.default_checkpoints)
     with pytest.raises(UserError, match="not both"):
         app.main(["--index", "x", "--gallery", "y"])
     for argv, message in ((["--port", "99999"], "from 1 to 65535, got '99999'"), (["--port", "http"], "got 'http'"),
@@ -477,19 +499,98 @@ def test_data_url_images_are_size_limited():
         ui.query_image().preprocess(FileData(path="query.png", url=big))
 
 
-def test_compare_view_opacity_and_upsampling(demo, tiny_checkpoint):
+def test_model_names():
+    assert model_name({"args": {"lambda_cc": 0.08}, "config": {}}) == "ConText-CIR λ = 0.08"
+    assert model_name({"args": {"lambda_cc": 0}, "config": {"method": "context-cir"}}) == "ConText-CIR λ = 0"
+    assert model_name({"args": {"lambda_cc": 0.08}, "config": {"method": "tmcir"}}) == "TMCIR"
+    assert model_name({"config": {}}) == "ConText-CIR" and model_name({"args": {"lambda_cc": True}}) == "ConText-CIR"
+    cc, tm = {"args": {"lambda_cc": 0.08}}, {"config": {"method": "tmcir"}}
+    assert model_names(["a/cc.safetensors", "a/nocc.safetensors", "b/tm.safetensors"], [cc, {}, tm]) == [
+        "ConText-CIR λ = 0.08", "ConText-CIR", "TMCIR"]
+    assert model_names(["a/cc.safetensors", "b/cc2.safetensors", "t.safetensors"], [cc, cc, tm]) == [
+        "ConText-CIR λ = 0.08 (cc)", "ConText-CIR λ = 0.08 (cc2)", "TMCIR"]  # the stem where names repeat
+    assert model_names(["a/cc.safetensors", "b/cc.safetensors"], [cc, cc]) == [
+        "ConText-CIR λ = 0.08 (a/cc.safetensors)", "ConText-CIR λ = 0.08 (b/cc.safetensors)"]
+    with pytest.raises(UserError, match="given twice"):
+        model_names(["a/cc.safetensors", "a/cc.safetensors"], [cc, cc])
+    # without --checkpoint: the shipped model, then the shipped lambda = 0 and TMCIR models that exist
+    assert default_checkpoints() == [DEFAULT_CHECKPOINT] + [p for p in (DEFAULT_TWIN, DEFAULT_TMCIR) if p.is_file()]
+
+
+def test_model_selector_retrieves_with_each_models_own_embeddings(ex, demo, tiny_tmcir_checkpoint):
+    """A second model embeds the gallery once, when first asked for, with its own encode_gallery, and
+    the page's results for it are its own encode_query + cosine ranking (cir.evaluate's)."""
     folder, ckpt = demo
-    ex = Explorer.load(ckpt, folder / "index", examples=folder / "examples.jsonl", device="cpu", twin=tiny_checkpoint)
+    both = Models.load([ckpt, tiny_tmcir_checkpoint], folder / "index", examples=folder / "examples.jsonl",
+                       device="cpu")
+    assert both.names == ["ConText-CIR", "TMCIR"] and both["ConText-CIR"] is both.primary
+    assert set(both._explorers) == {"ConText-CIR"}  # nothing of TMCIR is loaded or embedded at start
+    with ThreadPoolExecutor(2) as pool:  # asked for twice at once: built once
+        first, second = pool.map(lambda _: both["TMCIR"], range(2))
+    tm = first
+    assert tm is second is both["TMCIR"] and tm.model.config.method == "tmcir" and tm.name == "TMCIR"
+    assert tm.index.paths == both.primary.index.paths and tm.examples == both.primary.examples
+    pixels = torch.stack([tm.preprocess(load_rgb(p)) for p in tm.index.paths[:4]])
+    with torch.no_grad():
+        np.testing.assert_allclose(tm.index.embeddings[:4], tm.model.encode_gallery(pixels).numpy(), atol=1e-5)
+    with pytest.raises(UserError, match="no model named 'x'"):
+        both["x"]
+    # the page: TMCIR selected with results shown retrieves again with it, and its layer / head choices
+    t = ex.examples[2]
+    want = evaluation_ranking(tm, [t], len(tm.index))[0]
+    card, layer, head, compare, gallery, table, status, hits, maps_image = ui.change_model(
+        both, "TMCIR", "none", "1", "1", None, t.reference, t.caption, 6, t.targets, ["earlier results"])
+    assert hits == want[:6] and maps_image == t.reference and "results of **TMCIR**" in status
+    assert f"rank **{min(want.index(p) for p in t.targets) + 1}**" in status
+    assert "tmcir-tiny.safetensors" in card and "token merging" in card
+    assert (layer["choices"], layer["value"]) == ([("mean over layers", "mean"), ("layer 1", "0")], "mean")
+    assert (head["choices"], head["value"]) == ([("mean over heads", "mean"), ("head 1", "0")], "mean")
+    assert compare["choices"] == [("none", "none"), ("ConText-CIR", "ConText-CIR")] and compare["value"] == "none"
+    # the first model again, compared with TMCIR; without results nothing is retrieved
+    *controls, gallery, table, status, hits, maps_image = ui.change_model(
+        both, "ConText-CIR", "TMCIR", "1", "mean", None, t.reference, t.caption, 6, t.targets, [])
+    assert [c["value"] for c in controls[1:]] == ["1", "mean", "TMCIR"] and "sharp.safetensors" in controls[0]
+    assert all(v == gr.skip() for v in (gallery, table, status, hits, maps_image))
+    # results that cannot be retrieved again are cleared, never shown under the other model's name
+    cleared = ui.change_model(both, "TMCIR", "none", "mean", "mean", None, t.reference, " ", 6, [], want[:6])[4:]
+    assert cleared[0] == [] and cleared[3] == [] and "Results cleared" in cleared[2]
+
+
+def test_compare_view_opacity_and_upsampling(ex, models):
+    """The compare view draws each model's own maps (its `phrase_attention`) side by side, on one
+    colour scale even where the models' patch grids differ."""
+    tm = models["TMCIR"]
     t = ex.examples[0]
     phrases = t.noun_phrases[:2]
-    own, twin = ex.phrase_maps(t.reference, t.caption, phrases), ex.phrase_maps(t.reference, t.caption, phrases, twin=True)
-    twin_model, twin_pre, _ = load_checkpoint(tiny_checkpoint)
-    want = twin_model.phrase_attention(twin_pre(load_rgb(t.reference)), t.caption, [(p["start"], p["end"]) for p in phrases])
-    np.testing.assert_allclose(twin[0].in_context, select(want[0].in_context).numpy(), rtol=1e-5)
-    assert not np.allclose(own[0].in_context, twin[0].in_context)  # two models, two maps
+    own, other = ex.phrase_maps(t.reference, t.caption, phrases), tm.phrase_maps(t.reference, t.caption, phrases)
+    spans = [(p["start"], p["end"]) for p in phrases]
+    for e, maps in ((ex, own), (tm, other)):
+        with torch.no_grad():
+            want = e.model.phrase_attention(e.preprocess(load_rgb(t.reference)), t.caption, spans)
+        for r, w in zip(maps, want):
+            np.testing.assert_allclose(r.in_context, select(w.in_context).numpy(), rtol=1e-5, atol=1e-7)
+            np.testing.assert_allclose(r.isolated, select(w.isolated).numpy(), rtol=1e-5, atol=1e-7)
     single, _ = ui.render_maps(ex, t.reference, t.caption, phrases)
-    both, table = ui.render_maps(ex, t.reference, t.caption, phrases, compare=True)
+    both, table = ui.render_maps(ex, t.reference, t.caption, phrases, other=tm)
     assert both.shape[0] == single.shape[0] and both.shape[1] > single.shape[1] and len(table) == 2
+    view = model_view(load_rgb(t.reference))
+    rows = [compare_row(view, {ex.name: (a.in_context, a.isolated), tm.name: (b.in_context, b.isolated)},
+                        f"“{a.text}”   CC term {a.cc:.4f} ({ex.name}) · {b.cc:.4f} ({tm.name})").image
+            for a, b in zip(own, other)]
+    assert np.array_equal(both, np.concatenate(rows))
+    # the page's callback: the model and the one compared with chosen by name
+    image = ui.attention(ex, t.reference, t.caption, [], None, "mean", "mean", 0.005, other=tm)[2]
+    assert image.shape[1] == both.shape[1]
+    # two models with different patch grids (3 x 3, 7 x 7): each drawn over the whole view, on one scale
+    rng = np.random.default_rng(0)
+    coarse, fine = (rng.random((3, 3)), rng.random((3, 3))), (rng.random((7, 7)) * 2, rng.random((7, 7)))
+    row = compare_row(view, {"A": coarse, "B": fine}, "grids")
+    assert row.norm.vmax == pytest.approx(max(fine[0].max(), coarse[0].max(), coarse[1].max(), fine[1].max()))
+    background = np.asarray(view, dtype=np.float32)
+    for i, heat in enumerate((*coarse, *fine)):
+        left = GAP + i * (VIEW + GAP)
+        panel = row.image[TOP:TOP + VIEW, left:left + VIEW]
+        assert np.abs(panel.astype(int) - overlay(background, heat, row.norm, "inferno").astype(int)).max() <= 1
     # opacity 0 leaves the image as it is; flat patches are blocks, bilinear holds the patch centres' values
     view = np.asarray(model_view(load_rgb(t.reference)), dtype=np.float32)
     heat = np.arange(9.0).reshape(3, 3)

@@ -1,6 +1,7 @@
 """The explorer in headless Chromium (Debian's /usr/bin/chromium, driven by Playwright): pick an
 example, retrieve, see k results and the heatmaps at phone, tablet and desktop widths; the model
-card; an uploaded photo gets the out-of-domain notice; in the review tab accept an item with the 'a'
+card; an uploaded photo gets the out-of-domain notice; select a second model (its results and card)
+and compare the first one's maps beside its own; in the review tab accept an item with the 'a'
 key, reject and undo, filter, export for download, and open the same file as an upload (a private copy
 with none of those decisions). Screenshots go to test-artifacts/.
 
@@ -21,6 +22,7 @@ from cir.ui import app as ui
 from cir.ui import review
 from cir.ui.access import FileAccess
 from cir.ui.explorer import Explorer
+from cir.ui.models import Models
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -39,8 +41,9 @@ if (sync_playwright is None or not os.path.exists(CHROMIUM)) and not os.environ.
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, tiny_checkpoint):
-    """(URL, explorer, triplet file to review) of the app serving a 4-query demo on a free loopback port."""
+def served(tmp_path_factory, tiny_checkpoint, tiny_tmcir_checkpoint):
+    """(URL, explorer, triplet file to review) of the app serving a 4-query demo on a free loopback port,
+    with a tiny TMCIR model to select besides the demo's."""
     root = tmp_path_factory.mktemp("browser")
     spec = importlib.util.spec_from_file_location("build_demo_assets", ROOT / "scripts" / "build_demo_assets.py")
     script = importlib.util.module_from_spec(spec)
@@ -52,7 +55,9 @@ def served(tmp_path_factory, tiny_checkpoint):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    demo = ui.build_demo(ex, FileAccess([root / "demo"], ex.index.paths)).queue(default_concurrency_limit=ui.CONCURRENCY)
+    models = Models(ex, {"TMCIR": tiny_tmcir_checkpoint})
+    demo = ui.build_demo(models, FileAccess([root / "demo"], ex.index.paths)).queue(
+        default_concurrency_limit=ui.CONCURRENCY)
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     yield f"http://127.0.0.1:{port}/", ex, to_review
     demo.close()
@@ -115,6 +120,27 @@ def test_retrieve_and_review_in_the_browser(served):
             # one row per phrase, each an in-context / isolated pair plus their difference
             assert heatmaps.evaluate("img => img.complete && img.naturalHeight") >= 200
             page.screenshot(path=str(artifacts / "explorer-retrieve.png"), full_page=True)
+
+            # the second model: the shown results are retrieved again with it, then the first one's maps beside its own
+            single = heatmaps.evaluate("img => img.naturalWidth")
+            page.locator("#model input").click()
+            page.get_by_role("option", name="TMCIR").click()
+            expect(page.locator("#status")).to_contain_text(f"{K} results of TMCIR")
+            expect(page.locator("#results img")).to_have_count(K)
+            page.get_by_text("About this model").click()
+            expect(page.locator("#model-card")).to_contain_text("token merging")
+            expect(page.locator("#maps-info")).to_contain_text("by TMCIR ·")
+            page.locator("#compare input").click()
+            page.get_by_role("option", name=ex.name).click()
+            expect(page.locator("#maps-info")).to_contain_text(f"by TMCIR beside {ex.name}")
+            page.locator("#examples img").nth(1).click()  # another query, retrieved with TMCIR, compared
+            expect(page.locator("#caption textarea")).to_have_value(ex.examples[1].caption)
+            page.locator("#retrieve").click()
+            expect(page.locator("#maps-info")).to_contain_text(
+                f"{os.path.basename(ex.examples[1].reference)} by TMCIR beside {ex.name}")
+            expect(page.locator("#status")).to_contain_text(f"{K} results of TMCIR")
+            assert heatmaps.evaluate("img => img.decode().then(() => img.naturalWidth)") > single  # both models' maps
+            page.screenshot(path=str(artifacts / "explorer-compare.png"), full_page=True)
 
             page.get_by_role("tab", name="Review").click()
             page.locator("#review-file textarea").fill(str(to_review))

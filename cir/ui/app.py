@@ -1,9 +1,10 @@
-"""The explorer's Gradio Blocks: `build_demo(explorer)`.
+"""The explorer's Gradio Blocks: `build_demo(models)`.
 
-Tabs: Retrieve (query from examples, the gallery or an upload; top-k with scores; per-phrase
-attention in context vs isolated with the CC term) and Review (step through a triplet file,
-accept / reject / edit, export). The callbacks below are plain functions of component values and
-the `Explorer`; `build_demo` only lays out components and wires them.
+Tabs: Retrieve (a model; query from examples, the gallery or an upload; top-k with scores;
+per-phrase attention in context vs isolated with the CC term, beside another model's when
+compared) and Review (step through a triplet file, accept / reject / edit, export). The callbacks
+below are plain functions of component values and an `Explorer` (the selected model's);
+`build_demo` only lays out components and wires them.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ from cir.ui.card import OUT_OF_DOMAIN, looks_like_shapes, model_card
 from cir.ui.decoded import decoded
 from cir.ui.explorer import Explorer, as_image, grounding_boxes, phrase_spans
 from cir.ui.heatmaps import ALPHA, compare_row, head_grid, model_view, phrase_row, view_box
+from cir.ui.models import Models
 from cir.ui.thumbnails import thumbnail
 
 CONCURRENCY = 4  # events of one kind served at once (model forwards still take turns, see Explorer.lock)
@@ -44,6 +46,7 @@ RETRIEVE_CONCURRENCY = 16  # retrieve events served at once: their queries share
 PER_PAGE = 24
 DEFAULT_EPS = 0.005
 MEAN = "mean"
+NO_COMPARE = "none"  # the "Compare with" choice of no other model
 RANK_OVER = ("file images", "gallery index")
 SHOW = ("all", "undecided", "accepted", "rejected", "flagged")  # the Review tab's filter; "accepted" includes
 # edits; "flagged": the caption misses a change between reference and target (as `python -m cir.synth report` finds)
@@ -257,7 +260,8 @@ def run_retrieve(ex: Explorer, image, query_path, caption: str, k: int, targets)
     query = ex.encode(source, caption)
     hits = ex.retrieve(source, caption, top_k(k, len(ex.index)), targets or [], query=query)
     ms = (time.perf_counter() - t0) * 1000
-    status = f"{len(hits)} results in {ms:.0f} ms (encode + search) over {len(ex.index)} images."
+    status = (f"{len(hits)} results of **{markdown_literal(ex.name)}** in {ms:.0f} ms (encode + search) over "
+              f"{len(ex.index)} images.")
     status += truncation_notice(ex, caption or "")
     if targets:
         found = ex.target_rank(source, caption or "", targets, query=query)
@@ -318,15 +322,16 @@ def export_results(ex: Explorer, exports: str, query, query_path, caption: str, 
 
 def render_maps(ex: Explorer, image, caption: str, phrases: list[dict], layer: str = MEAN, head: str = MEAN,
                 eps: float = DEFAULT_EPS, opacity: float = ALPHA, upsampling: str = UPSAMPLING[0],
-                compare: bool = False, shared_scale: bool = False, boxes: dict | None = None, grid: bool = False):
+                other: Explorer | None = None, shared_scale: bool = False, boxes: dict | None = None,
+                grid: bool = False):
     """(heatmap rows stacked into one image [H, W, 3] or None, CC table [[phrase, CC]]) of `phrases` over
     `image`; with `grid` each phrase shows its in-context maps of every layer and head instead; with
-    `compare` (and a twin model loaded) each row shows both models' maps side by side;
+    `other` (another model's Explorer) each row shows both models' maps side by side;
     with `shared_scale` every difference panel uses one scale, ± the largest difference of all phrases;
     `boxes` {(start, end): box in `image` pixels} are outlined on their phrase's row."""
     results = ex.phrase_maps(image, caption, phrases, _choice(layer), _choice(head), float(eps))
-    twins = ex.phrase_maps(image, caption, phrases, _choice(layer), _choice(head), float(eps), twin=True) \
-        if compare and ex.twin and not grid else [None] * len(results)
+    others = other.phrase_maps(image, caption, phrases, _choice(layer), _choice(head), float(eps)) \
+        if other is not None and not grid else [None] * len(results)
     full = as_image(image)
     view = model_view(full)
     alpha, smooth = min(max(float(opacity), 0.0), 1.0), upsampling == UPSAMPLING[1]
@@ -334,7 +339,7 @@ def render_maps(ex: Explorer, image, caption: str, phrases: list[dict], layer: s
     diff_scale = max((float(np.abs(r.in_context - r.isolated).max()) for r in drawn), default=0.0) \
         if shared_scale else None
     rows, table = [], []
-    for r, t in zip(results, twins):
+    for r, t in zip(results, others):
         if r.cc is None:
             table.append([r.text, "cut by the context length"])
             continue
@@ -342,12 +347,13 @@ def render_maps(ex: Explorer, image, caption: str, phrases: list[dict], layer: s
         box = view_box(box, full.size) if box else None
         if grid:
             row = head_grid(view, r.heads, f"“{r.text}”   in context, every layer and head", alpha, smooth, box)
-        elif t is not None:
-            title = f"“{r.text}”   CC term {r.cc:.4f} ({ex.name}) · {t.cc:.4f} ({ex.twin_name})"
-            row = compare_row(view, {ex.name: (r.in_context, r.isolated), ex.twin_name: (t.in_context, t.isolated)},
+        elif t is not None and t.cc is not None:
+            title = f"“{r.text}”   CC term {r.cc:.4f} ({ex.name}) · {t.cc:.4f} ({other.name})"
+            row = compare_row(view, {ex.name: (r.in_context, r.isolated), other.name: (t.in_context, t.isolated)},
                               title, alpha, smooth, box)
         else:
-            row = phrase_row(view, r.in_context, r.isolated, f"“{r.text}”   CC term {r.cc:.4f}", alpha, smooth,
+            cut = f" (cut by the context length of {other.name})" if t is not None else ""
+            row = phrase_row(view, r.in_context, r.isolated, f"“{r.text}”   CC term {r.cc:.4f}{cut}", alpha, smooth,
                              diff_scale or None, box)
         rows.append(row.image)
         table.append([r.text, round(r.cc, 5)])
@@ -356,9 +362,10 @@ def render_maps(ex: Explorer, image, caption: str, phrases: list[dict], layer: s
 
 @shown
 def attention(ex: Explorer, image, caption: str, rows, rows_caption: str, layer: str, head: str, eps: float,
-              opacity: float = ALPHA, upsampling: str = UPSAMPLING[0], compare: bool = False,
+              opacity: float = ALPHA, upsampling: str = UPSAMPLING[0], other: Explorer | None = None,
               shared_scale: bool = False, grid: bool = False):
-    """Maps of the phrase rows over `image`; for another caption than the rows', its phrases afresh:
+    """Maps of the phrase rows over `image` (beside `other`'s, another model's, when given); for
+    another caption than the rows', its phrases afresh:
     an example's gold ones when it is an example's caption, else spaCy's (the info names which, or
     "edited" for rows that differ from those). The boxes an example's
     grounding gives are outlined when `image` is that example's reference.
@@ -372,11 +379,13 @@ def attention(ex: Explorer, image, caption: str, rows, rows_caption: str, layer:
         rows = phrase_spans(caption, limits.phrase_rows(rows))
         phrases, source = rows, source if rows == phrases else "edited"
     boxes = ex.boxes(image, caption)
-    maps, table = render_maps(ex, image, caption, phrases, layer, head, eps, opacity, upsampling, compare,
+    maps, table = render_maps(ex, image, caption, phrases, layer, head, eps, opacity, upsampling, other,
                               shared_scale, boxes, grid)
     scores = [c for _, c in table if isinstance(c, float)]
     outlined = sum((p["start"], p["end"]) in boxes for p in phrases)
-    info = f"Maps over **{markdown_literal(os.path.basename(image))}** · {len(phrases)} phrase(s)" + (
+    by = markdown_literal(ex.name) + (f"** beside **{markdown_literal(other.name)}" if other is not None and not grid
+                                      else "")
+    info = f"Maps over **{markdown_literal(os.path.basename(image))}** by **{by}** · {len(phrases)} phrase(s)" + (
         f" ({source})") + (f" · {outlined} known box(es) outlined" if outlined else "") + (
         f" · mean CC term (the loss) {sum(scores) / len(scores):.4f}" if scores else "") + truncation_notice(ex, caption)
     return [[p["text"], p["start"], p["end"]] for p in phrases], caption, maps, table, info
@@ -387,6 +396,43 @@ def add_phrase(caption: str, rows, text: str):
     """Append a phrase typed by the user (it must occur in the caption) -> (rows, cleared textbox)."""
     phrases = phrase_spans(limits.caption(caption), limits.phrase_rows([*(rows or []), [text, None, None]]))
     return [[p["text"], p["start"], p["end"]] for p in phrases], ""
+
+
+def layer_choices(ex: Explorer) -> list[tuple[str, str]]:
+    return [("mean over layers", MEAN)] + [(f"layer {i + 1}", str(i)) for i in range(ex.layers)]
+
+
+def head_choices(ex: Explorer) -> list[tuple[str, str]]:
+    return [("mean over heads", MEAN)] + [(f"head {i + 1}", str(i)) for i in range(ex.heads)]
+
+
+def compare_choices(models: Models, name: str) -> list[tuple[str, str]]:
+    """The "Compare with" choices beside the model `name`: none, or any other loaded model."""
+    return [("none", NO_COMPARE)] + [(n, n) for n in models.names if n != name]
+
+
+def change_model(models: Models, name: str, other: str, layer: str, head: str, image, query_path, caption: str,
+                 k, targets, hits):
+    """The model `name` selected -> (model card, layer, head and "Compare with" choices, then the
+    results outputs of `run_retrieve`): shown results are retrieved again with it (the status names
+    the model); when that fails they are cleared, so no results stand under another model's name.
+    Another model embeds the gallery here, the first time it is selected."""
+    try:
+        ex = models[name]
+    except UserError as e:  # it cannot be loaded: say why, and show no results under its name
+        return (gr.skip(),) * 4 + ([], [], f"⚠ {e}", [], None)
+    controls = (model_card(ex),
+                gr.update(choices=layer_choices(ex), value=layer if _choice(layer) is None or
+                          _choice(layer) < ex.layers else MEAN),
+                gr.update(choices=head_choices(ex), value=head if _choice(head) is None or _choice(head) < ex.heads
+                          else MEAN),
+                gr.update(choices=compare_choices(models, name), value=NO_COMPARE if other == name else other))
+    if not hits:
+        return controls + (gr.skip(),) * 5
+    try:
+        return controls + run_retrieve(ex, image, query_path, caption, k, targets)
+    except gr.Error as e:
+        return controls + ([], [], f"⚠ Results cleared: {e.message}", [], None)
 
 
 # ---------------------------------------------------------------------------- review tab
@@ -655,14 +701,16 @@ def review_export(state):
 
 
 # ---------------------------------------------------------------------------- layout
-def build_demo(ex: Explorer, access: FileAccess | None = None) -> gr.Blocks:
-    """The explorer app over `ex`; the caller queues and launches it. `access` says which server
+def build_demo(models: Models | Explorer, access: FileAccess | None = None) -> gr.Blocks:
+    """The explorer app over `models` (or one model's Explorer); the caller queues and launches it.
+    The first model's gallery, examples and Review tab are the page's. `access` says which server
     files the Review tab may open (default: none, only uploads, and the gallery's images)."""
+    models = models if isinstance(models, Models) else Models(models)
+    ex = models.primary
     access = access or FileAccess(gallery_paths=ex.index.paths)
     exports = tempfile.mkdtemp(prefix="cir-exports-")
     p = functools.partial
-    layers = [("mean over layers", MEAN)] + [(f"layer {i + 1}", str(i)) for i in range(ex.layers)]
-    heads = [("mean over heads", MEAN)] + [(f"head {i + 1}", str(i)) for i in range(ex.heads)]
+    several = len(models) > 1
     n = len(ex.index)
     gr.set_static_paths([thumbnail.folder])  # thumbnails are made once and served as files
     thumbnail.prepare(ex.index.paths)
@@ -672,7 +720,7 @@ def build_demo(ex: Explorer, access: FileAccess | None = None) -> gr.Blocks:
     with gr.Blocks(title="ConText-CIR Explorer", delete_cache=limits.DELETE_CACHE) as demo:
         gr.Markdown("# ConText-CIR Explorer\nComposed image retrieval: a query image plus a text saying how to change it.")
         with gr.Accordion("About this model", open=False, elem_id="model-card"):
-            gr.Markdown(model_card(ex))
+            card = gr.Markdown(model_card(ex))
         with gr.Tab("Retrieve"):
             query_path, targets, hits = gr.State(None), gr.State([]), gr.State([])
             with gr.Row():
@@ -680,6 +728,9 @@ def build_demo(ex: Explorer, access: FileAccess | None = None) -> gr.Blocks:
                     image = query_image(label="Query image", type="filepath", format="png", height=260,
                                         sources=["upload", "clipboard"], elem_id="query-image")
                     query_info = gr.Markdown()
+                    model = gr.Dropdown(models.names, value=ex.name, label="Model", interactive=several,
+                                        info=None if several else "one model loaded (app.py --checkpoint, repeatable)",
+                                        elem_id="model")
                     caption = gr.Textbox(label="Modification", placeholder="e.g. make the red circle blue",
                                          elem_id="caption")
                     k = top_k_slider(n, label="Top k")
@@ -719,15 +770,15 @@ def build_demo(ex: Explorer, access: FileAccess | None = None) -> gr.Blocks:
                         with gr.Row():
                             new_phrase = gr.Textbox(label="Add a phrase of the caption", scale=3)
                             add = gr.Button("Add", scale=1)
-                        layer = gr.Dropdown(layers, value=MEAN, label="Layer")
-                        head = gr.Dropdown(heads, value=MEAN, label="Head")
+                        layer = gr.Dropdown(layer_choices(ex), value=MEAN, label="Layer")
+                        head = gr.Dropdown(head_choices(ex), value=MEAN, label="Head")
                         eps = gr.Number(DEFAULT_EPS, label="ε of the CC term", minimum=0, step=0.001)
                         opacity = gr.Slider(0, 1, value=ALPHA, step=0.05, label="Heat opacity", elem_id="opacity")
                         upsampling = gr.Radio(list(UPSAMPLING), value=UPSAMPLING[0], label="Patches drawn as",
                                               elem_id="upsampling")
-                        compare = gr.Checkbox(False, label=f"Compare with the {ex.twin_name} model" if ex.twin
-                                              else "Compare (no twin model loaded: app.py --twin CKPT)",
-                                              interactive=ex.twin is not None, elem_id="compare")
+                        compare = gr.Dropdown(compare_choices(models, ex.name), value=NO_COMPARE,
+                                              label="Compare with (its maps beside the model's)", interactive=several,
+                                              elem_id="compare")
                         shared_scale = gr.Checkbox(False, label="One difference scale for all phrases",
                                                    elem_id="shared-scale")
                         grid = gr.Checkbox(False, label="Every layer and head (a grid of in-context maps)",
@@ -780,10 +831,27 @@ def build_demo(ex: Explorer, access: FileAccess | None = None) -> gr.Blocks:
 
         # ------------------------------------------------------------ wiring (only /retrieve is a public API)
         private = {"api_visibility": "private"}
-        maps = p(attention, ex)
-        maps_inputs = [maps_image, caption, phrases, rows_caption, layer, head, eps, opacity, upsampling, compare,
-                       shared_scale, grid]
+        maps_inputs = [model, maps_image, caption, phrases, rows_caption, layer, head, eps, opacity, upsampling,
+                       compare, shared_scale, grid]
         maps_outputs = [phrases, rows_caption, heatmaps, cc_table, maps_info]
+        results_outputs = [results, table, status, hits, maps_image]
+
+        @shown
+        def maps(name, image, caption, rows, rows_caption, layer, head, eps, opacity, upsampling, other, shared, grid):
+            return attention(models[name], image, caption, rows, rows_caption, layer, head, eps, opacity, upsampling,
+                             None if other in (NO_COMPARE, name) else models[other], shared, grid)
+
+        @shown
+        def on_retrieve(image, query_path, caption, k, targets, name):
+            return retrieve_values(models[name], table, status, image, query_path, caption, k, targets)
+
+        @shown
+        def on_export(name, *values):
+            return export_results(models[name], exports, *values)
+
+        def on_model(name, other, layer, head, image, query_path, caption, k, targets, hits,
+                     progress=gr.Progress(track_tqdm=True)):  # shows the gallery's embedding progress
+            return change_model(models, name, other, layer, head, image, query_path, caption, k, targets, hits)
 
         def on_example(evt: gr.SelectData):
             return pick_example(ex, evt.index)
@@ -805,17 +873,20 @@ def build_demo(ex: Explorer, access: FileAccess | None = None) -> gr.Blocks:
         prev_page.click(lambda text, pg: browse(ex, text, pg - 1), [search, page], [browser, page, pages_md], **private)
         next_page.click(lambda text, pg: browse(ex, text, pg + 1), [search, page], [browser, page, pages_md], **private)
         image.input(uploaded, image, [query_path, targets, query_info], **private)
-        gr.on([go.click, caption.submit], p(retrieve_values, ex, table, status),
-              [image, query_path, caption, k, targets], [results, table, status, hits, maps_image], api_name="retrieve",
-              concurrency_limit=RETRIEVE_CONCURRENCY, postprocess=False).success(
+        gr.on([go.click, caption.submit], on_retrieve, [image, query_path, caption, k, targets, model],
+              results_outputs, api_name="retrieve", concurrency_limit=RETRIEVE_CONCURRENCY, postprocess=False).success(
+            maps, maps_inputs, maps_outputs, **private)
+        model.input(on_model, [model, compare, layer, head, image, query_path, caption, k, targets, hits],
+                    [card, layer, head, compare, *results_outputs], **private).then(
             maps, maps_inputs, maps_outputs, **private)
         results.select(on_result, hits, maps_image, **private).success(maps, maps_inputs, maps_outputs, **private)
         gr.on([update.click, layer.change, head.change, eps.submit, opacity.release, upsampling.change, compare.change,
                shared_scale.change, grid.change],
               maps, maps_inputs, maps_outputs,
               trigger_mode="always_last", **private)
-        export_btn.click(p(export_results, ex, exports),
-                         [image, query_path, caption, hits, table, maps_image, phrases, rows_caption, layer, head, eps],
+        export_btn.click(on_export,
+                         [model, image, query_path, caption, hits, table, maps_image, phrases, rows_caption, layer, head,
+                          eps],
                          [export_files, export_info], **private)
         add.click(add_phrase, [caption, phrases, new_phrase], [phrases, new_phrase], **private).success(
             maps, maps_inputs, maps_outputs, **private)

@@ -24,14 +24,16 @@ def looks_like_shapes(image: Image.Image) -> bool:
 
 
 def model_card(ex) -> str:
-    """Markdown: which model is loaded (file, CC weight, step, architecture), what it was trained on,
+    """Markdown: which model `ex` holds (file, name, step, architecture), what it was trained on,
     its recorded validation numbers, and the gallery it searches."""
     m, cfg = ex.manifest, ex.model.config
     data = m.get("data") or {}
     step = m.get("step")
+    fusion = ("token merging" if getattr(cfg, "method", None) == "tmcir"
+              else f"a {cfg.fusion_layers}-layer, {cfg.fusion_heads}-head fusion")
     lines = [f"**Model** `{os.path.basename(ex.checkpoint or 'in memory')}` ({ex.name}"
-             + (f", {step:,} training steps" if isinstance(step, int) else "") + f"): a {cfg.fusion_layers}-layer, "
-             f"{cfg.fusion_heads}-head fusion over a {ex.model.grid} × {ex.model.grid} patch grid.",
+             + (f", {step:,} training steps" if isinstance(step, int) else "") + f"): {fusion} over a "
+             f"{ex.model.grid} × {ex.model.grid} patch grid.",
              "**Trained on** CIR-Shapes" + (f" ({data['triplets']:,} triplets)" if isinstance(data.get("triplets"), int)
                                            else "") + ": synthetic scenes of flat-coloured shapes on a plain "
              "background. It knows nothing else: a photo still returns shape scenes."]

@@ -3,6 +3,7 @@
     ex = Explorer.load()                          # shipped checkpoint + assets/demo index and examples
     hits = ex.retrieve("query.png", "make the circle red", k=10)   # [Hit(path, score, rank, is_target)]
     maps = ex.phrase_maps("query.png", caption, ex.noun_phrases(caption))
+    other = ex.with_checkpoint("b.safetensors")  # another model over the same gallery images and examples
 
 Retrieval is evaluation's: query = model.encode_query(preprocess(image), [caption]) under the same
 autocast as `cir.evaluate` (concurrent queries in one batch: `cir.ui.batching`), searched in a
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cir.checkpoint import DEFAULT_CHECKPOINT, DEFAULT_TWIN, load_checkpoint
+from cir.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
 from cir.data.triplets import Triplet, image_problem, read_gallery, read_triplets
 from cir.errors import UserError
 from cir.evaluate import embed_gallery
@@ -123,25 +124,43 @@ def grounding_boxes(t: Triplet) -> dict[tuple[int, int], list[float]]:
     return {span: box for span, box in out.items() if len(box) == 4}
 
 
+METHOD_NAMES = {"context-cir": "ConText-CIR", "tmcir": "TMCIR"}  # a config's "method" -> what the app calls it
+
+
 def model_name(manifest: dict) -> str:
-    """How the app names a checkpoint's model: its CC weight, "λ = 0.08", when training recorded it."""
+    """How the app names a checkpoint's model: its method and, for ConText-CIR, its CC weight when
+    training recorded it ("ConText-CIR λ = 0.08", "TMCIR")."""
+    method = (manifest.get("config") or {}).get("method", "context-cir")
+    name = METHOD_NAMES.get(method, str(method))
     lam = (manifest.get("args") or {}).get("lambda_cc")
-    return f"λ = {lam:g}" if isinstance(lam, (int, float)) else "this model"
+    if method == "context-cir" and isinstance(lam, (int, float)) and not isinstance(lam, bool):
+        return f"{name} λ = {lam:g}"
+    return name
+
+
+def embedded_index(model, preprocess, paths: list[str], device, gallery) -> GalleryIndex:
+    """An in-memory index of the images `paths` (of `gallery`, as named in messages) embedded with
+    `model` as evaluation embeds a gallery (progress on stderr); unreadable images are skipped and
+    named on stderr."""
+    print(f"embedding the gallery {gallery} ({len(paths)} images)", flush=True)
+    try:
+        emb = embed_gallery(model, paths, preprocess, device, progress=True)
+    except OSError:  # a missing or unreadable image: skip those (named on stderr), embed the rest
+        paths = _readable(paths, gallery)
+        emb = embed_gallery(model, paths, preprocess, device, progress=True)
+    return GalleryIndex.from_embeddings(emb.cpu().numpy(), paths, device=device)
 
 
 class Explorer:
     """Model, preprocessing, gallery index and example triplets; every method takes plain values."""
 
     def __init__(self, model, preprocess, index: GalleryIndex, examples: list[Triplet] = (), device="cpu",
-                 twin=None, name: str = "this model", checkpoint: str | None = None, manifest: dict | None = None):
-        """`twin`: (model, preprocess, manifest) of a second checkpoint whose maps the app shows beside
-        this one's (the lambda = 0 twin of the CC model), or None. `checkpoint` and `manifest` (the
-        model's file and what training recorded) are shown on the page's model card."""
+                 name: str | None = None, checkpoint: str | None = None, manifest: dict | None = None):
+        """`checkpoint` and `manifest`: the model's file and what training recorded (the page's model
+        card); `name`: how the page names the model (default: `model_name` of the manifest)."""
         self.model, self.preprocess, self.index = model.eval(), preprocess, index
         self.checkpoint, self.manifest = checkpoint, manifest or {}
-        self.twin = (twin[0].eval(), twin[1]) if twin else None
-        self.twin_name = f"twin, {model_name(twin[2])}" if twin else None
-        self.name = name
+        self.name = name or model_name(self.manifest)
         self.examples, self.device = list(examples), torch.device(device)
         self.layers, self.heads = model.config.fusion_layers, model.config.fusion_heads
         self.root = os.path.commonpath([os.path.dirname(p) for p in index.paths]) if index.paths else "/"
@@ -149,22 +168,19 @@ class Explorer:
         self.lock = threading.Lock()
         self.batcher = QueryBatcher(self.model, self.device, self.lock)  # concurrent queries share forwards
         self._gallery_embeddings = lru_cache(maxsize=4)(self._embed_paths)
-        self._attention = OrderedDict()  # (twin, pixels digest, caption, spans) -> phrase_attention, newest last
+        self._attention = OrderedDict()  # (pixels digest, caption, spans) -> phrase_attention, newest last
 
     @classmethod
-    def load(cls, checkpoint=None, index=None, gallery=None, examples=None, device=None, twin=None) -> "Explorer":
+    def load(cls, checkpoint=None, index=None, gallery=None, examples=None, device=None,
+             name: str | None = None) -> "Explorer":
         """Load a checkpoint (default: the shipped one) and the gallery: an index folder, or a folder /
         list file of images embedded now (progress on stderr). Neither: the shipped demo index, and
-        then the shipped examples unless `examples` names others. `twin`: a second checkpoint to
-        compare maps with (default: the shipped lambda = 0 twin, with the shipped checkpoint)."""
+        then the shipped examples unless `examples` names others. `name`: as in `Explorer`."""
         if index is not None and gallery is not None:
             raise UserError("give --index or --gallery, not both (--gallery builds an index in memory)")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         checkpoint = Path(checkpoint or DEFAULT_CHECKPOINT)
         model, preprocess, manifest = load_checkpoint(checkpoint, device)
-        if twin is None and checkpoint == Path(DEFAULT_CHECKPOINT) and DEFAULT_TWIN.is_file():
-            twin = DEFAULT_TWIN
-        twin = load_checkpoint(twin, device) if twin else None
         if index is None and gallery is None:
             index, examples = DEFAULT_INDEX, examples or (DEFAULT_EXAMPLES if DEFAULT_EXAMPLES.is_file() else None)
             if not (DEFAULT_INDEX / "manifest.json").is_file():
@@ -175,16 +191,17 @@ class Explorer:
             paths = read_gallery(gallery)
             if not paths:
                 raise UserError(f"the gallery {gallery} holds no images")
-            print(f"embedding the gallery {gallery} ({len(paths)} images)", flush=True)
-            try:
-                emb = embed_gallery(model, paths, preprocess, device, progress=True)
-            except OSError:  # a missing or unreadable image: skip those (named on stderr), embed the rest
-                paths = _readable(paths, gallery)
-                emb = embed_gallery(model, paths, preprocess, device, progress=True)
-            loaded = GalleryIndex.from_embeddings(emb.cpu().numpy(), paths, device=device)
+            loaded = embedded_index(model, preprocess, paths, device, gallery)
         else:
             loaded = GalleryIndex.load(index, checkpoint_path=checkpoint, device=device)
-        return cls(model, preprocess, loaded, triplets, device, twin, model_name(manifest), str(checkpoint), manifest)
+        return cls(model, preprocess, loaded, triplets, device, name, str(checkpoint), manifest)
+
+    def with_checkpoint(self, checkpoint, name: str | None = None) -> "Explorer":
+        """Another checkpoint's Explorer over this one's gallery images and example queries, the
+        gallery embedded now with that model's own `encode_gallery` (progress on stderr)."""
+        model, preprocess, manifest = load_checkpoint(checkpoint, self.device)
+        index = embedded_index(model, preprocess, self.index.paths, self.device, f"with {checkpoint}")
+        return Explorer(model, preprocess, index, self.examples, self.device, name, str(checkpoint), manifest)
 
     # ------------------------------------------------------------------ retrieval
     def encode(self, image, caption: str) -> torch.Tensor:
@@ -269,16 +286,15 @@ class Explorer:
         return grounding_boxes(t) if t is not None else {}
 
     def phrase_maps(self, image, caption: str, phrases: list[dict], layer: int | None = None,
-                    head: int | None = None, eps: float = 0.005, twin: bool = False) -> list[PhraseResult]:
-        """Per phrase: the in-context and isolated maps of one layer/head (None: mean over them) over
-        `image`, and its CC term sum_p ReLU(|A_ctx - A_iso| - eps) (`cir.losses.concept_consistency_loss`);
-        of the twin model with `twin`."""
+                    head: int | None = None, eps: float = 0.005) -> list[PhraseResult]:
+        """Per phrase: the in-context and isolated maps of one layer/head (None, or one the model
+        lacks: the mean over them) over `image`, and its CC term sum_p ReLU(|A_ctx - A_iso| - eps)
+        (`cir.losses.concept_consistency_loss`)."""
         if not phrases:
             return []
-        model = self.twin[0] if twin else self.model
-        maps = self._phrase_attention(image, caption, tuple((p["start"], p["end"]) for p in phrases), twin)
-        layer = None if layer is None or layer >= model.config.fusion_layers else layer
-        head = None if head is None or head >= model.config.fusion_heads else head
+        maps = self._phrase_attention(image, caption, tuple((p["start"], p["end"]) for p in phrases))
+        layer = None if layer is None or layer >= self.layers else layer
+        head = None if head is None or head >= self.heads else head
         out = []
         for m in maps:
             ctx, iso = select(m.in_context, layer, head), select(m.isolated, layer, head)
@@ -290,19 +306,18 @@ class Explorer:
                                     m.in_context.numpy().copy()))
         return out
 
-    def _phrase_attention(self, image, caption: str, spans: tuple[tuple[int, int], ...], twin: bool) -> list:
-        """`phrase_attention` of the model (or the twin) for `spans` of `caption` over `image`; the
-        ATTENTION_KEPT latest queries are kept, keyed by the model, the preprocessed pixels, the
-        caption and the spans, so another layer, head or slack of the same query needs no forward."""
-        model, preprocess = self.twin if twin else (self.model, self.preprocess)
-        pixels = preprocess(as_image(image))
-        key = (twin, hashlib.blake2b(pixels.numpy().tobytes(), digest_size=16).digest(), caption, spans)
+    def _phrase_attention(self, image, caption: str, spans: tuple[tuple[int, int], ...]) -> list:
+        """`phrase_attention` of the model for `spans` of `caption` over `image`; the ATTENTION_KEPT
+        latest queries are kept, keyed by the preprocessed pixels, the caption and the spans, so
+        another layer, head or slack of the same query needs no forward."""
+        pixels = self.preprocess(as_image(image))
+        key = (hashlib.blake2b(pixels.numpy().tobytes(), digest_size=16).digest(), caption, spans)
         with self.lock:
             if key in self._attention:
                 self._attention.move_to_end(key)
                 return self._attention[key]
             with torch.no_grad():
-                maps = model.phrase_attention(pixels.to(self.device), caption, list(spans))
+                maps = self.model.phrase_attention(pixels.to(self.device), caption, list(spans))
             self._attention[key] = maps
             if len(self._attention) > ATTENTION_KEPT:
                 self._attention.popitem(last=False)

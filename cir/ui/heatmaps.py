@@ -5,8 +5,9 @@ maps, font, ticks and tick labels); drawing an actual figure takes about a secon
 - `phrase_row`: [in context | isolated | colorbar]  [in context - isolated | colorbar]; the first
   two panels share one colour scale, 0 to the larger maximum of the two maps; the difference uses
   a symmetric diverging scale.
-- `compare_row`: the in-context and isolated maps of two models side by side (the CC model and
-  its lambda = 0 twin: the paper's Figure 5), all four panels on one colour scale.
+- `compare_row`: the in-context and isolated maps of several models side by side (e.g. the CC
+  model and its lambda = 0 twin: the paper's Figure 5), all panels on one colour scale, each
+  model's maps on its own patch grid.
 - `head_grid`: the in-context maps of every layer (one row each) and head, on one colour scale.
 Each patch of the model's grid is drawn as one flat square over the image, or upsampled
 bilinearly (`smooth`); `alpha` is the heat's opacity over the image. A phrase's box, when known
@@ -139,6 +140,15 @@ def ticks(norm: Normalize) -> tuple[list[tuple[float, str]], str]:
     return [(v, formatter(v)) for v in values], formatter.get_offset()
 
 
+def fitted(text: str, font: ImageFont.FreeTypeFont, width: int) -> str:
+    """`text`, cut and ended by "…" where it is wider than `width` px in `font`."""
+    if font.getlength(text) <= width:
+        return text
+    while text and font.getlength(text + "…") > width:
+        text = text[:-1]
+    return text.rstrip() + "…"
+
+
 def _bar_scale(canvas: ImageDraw.ImageDraw, left: int, norm: Normalize) -> None:
     """The frame, ticks and tick labels of the colorbar whose left edge is at `left`."""
     bottom = BAR_TOP + BAR_HEIGHT - 1
@@ -156,8 +166,9 @@ def _bar_scale(canvas: ImageDraw.ImageDraw, left: int, norm: Normalize) -> None:
 def _draw(view: Image.Image, title: str, groups: list[tuple[list[tuple[str, np.ndarray]], Normalize, str]],
           alpha: float, smooth: bool, box: tuple[int, int, int, int] | None = None) -> np.ndarray:
     """Groups of panels [(label, heat)], each group on its norm and cmap and closed by a colorbar;
-    `box` (view pixels) outlined on every panel. Panels and colour scales are composed with numpy,
-    the text drawn by PIL in matplotlib's font and sizes."""
+    `box` (view pixels) outlined on every panel. A label is one line or two (split by a newline),
+    each cut to fit above its panel. Panels and colour scales are composed with numpy, the text drawn
+    by PIL in matplotlib's font and sizes."""
     width = GAP + sum(len(panels) * (VIEW + GAP) + BAR_GAP + BAR_W + BAR_SPACE for panels, _, _ in groups)
     background = np.asarray(view, dtype=np.float32)
     pixels = np.full((HEIGHT, width, 3), 255, np.uint8)
@@ -177,7 +188,12 @@ def _draw(view: Image.Image, title: str, groups: list[tuple[list[tuple[str, np.n
     title = title.encode("utf-8", "replace").decode("utf-8")  # lone surrogates (from JSON) cannot be drawn
     canvas.text((4, 14), title, fill="black", font=_font(11, bold=True), anchor="lm")
     for centre, label in labels:
-        canvas.text((centre, TOP - 10), label, fill="black", font=_font(9), anchor="mm")
+        label = "\n".join(fitted(line, _font(9), VIEW - 8) for line in label.split("\n"))
+        if "\n" in label:  # two lines, their bottom just above the panel
+            canvas.multiline_text((centre, TOP - 2), label, fill="black", font=_font(9), anchor="md", align="center",
+                                 spacing=1)
+        else:
+            canvas.text((centre, TOP - 10), label, fill="black", font=_font(9), anchor="mm")
     for left, norm in bars:
         _bar_scale(canvas, left, norm)
     return np.array(image)
@@ -198,10 +214,10 @@ def phrase_row(view: Image.Image, in_context: np.ndarray, isolated: np.ndarray, 
 
 def compare_row(view: Image.Image, maps: dict[str, tuple[np.ndarray, np.ndarray]], title: str, alpha: float = ALPHA,
                 smooth: bool = False, box: tuple[int, int, int, int] | None = None) -> PhraseRow:
-    """One phrase under several models: {model name: (in context, isolated) [g, g]}, one colour scale;
-    `box` (from `view_box`) outlined."""
+    """One phrase under several models: {model name: (in context, isolated) [g, g]} (each model's
+    own grid g), one colour scale; `box` (from `view_box`) outlined."""
     norm = shared_norm(*(m for pair in maps.values() for m in pair))
-    panels = [(f"{name}: {kind}", m) for name, pair in maps.items() for kind, m in zip(("in context", "isolated"), pair)]
+    panels = [(f"{name}\n{kind}", m) for name, pair in maps.items() for kind, m in zip(("in context", "isolated"), pair)]
     return PhraseRow(_draw(view, title, [(panels, norm, CMAP)], alpha, smooth, box), norm, None)
 
 
