@@ -728,9 +728,9 @@ def build_demo(models: Models | Explorer, access: FileAccess | None = None) -> g
                     image = query_image(label="Query image", type="filepath", format="png", height=260,
                                         sources=["upload", "clipboard"], elem_id="query-image")
                     query_info = gr.Markdown()
-                    model = gr.Dropdown(models.names, value=ex.name, label="Model", interactive=several,
-                                        info=None if several else "one model loaded (app.py --checkpoint, repeatable)",
-                                        elem_id="model")
+                    model_choice = gr.Dropdown(models.names, value=ex.name, label="Model", interactive=several,
+                                               info=None if several else
+                                               "one model loaded (app.py --checkpoint, repeatable)", elem_id="model")
                     caption = gr.Textbox(label="Modification", placeholder="e.g. make the red circle blue",
                                          elem_id="caption")
                     k = top_k_slider(n, label="Top k")
@@ -831,7 +831,7 @@ def build_demo(models: Models | Explorer, access: FileAccess | None = None) -> g
 
         # ------------------------------------------------------------ wiring (only /retrieve is a public API)
         private = {"api_visibility": "private"}
-        maps_inputs = [model, maps_image, caption, phrases, rows_caption, layer, head, eps, opacity, upsampling,
+        maps_inputs = [model_choice, maps_image, caption, phrases, rows_caption, layer, head, eps, opacity, upsampling,
                        compare, shared_scale, grid]
         maps_outputs = [phrases, rows_caption, heatmaps, cc_table, maps_info]
         results_outputs = [results, table, status, hits, maps_image]
@@ -842,8 +842,8 @@ def build_demo(models: Models | Explorer, access: FileAccess | None = None) -> g
                              None if other in (NO_COMPARE, name) else models[other], shared, grid)
 
         @shown
-        def on_retrieve(image, query_path, caption, k, targets, name):
-            return retrieve_values(models[name], table, status, image, query_path, caption, k, targets)
+        def on_retrieve(image, query_path, caption, k, targets, model):  # `model`: the API's name of the input
+            return retrieve_values(models[model], table, status, image, query_path, caption, k, targets)
 
         @shown
         def on_export(name, *values):
@@ -873,21 +873,19 @@ def build_demo(models: Models | Explorer, access: FileAccess | None = None) -> g
         prev_page.click(lambda text, pg: browse(ex, text, pg - 1), [search, page], [browser, page, pages_md], **private)
         next_page.click(lambda text, pg: browse(ex, text, pg + 1), [search, page], [browser, page, pages_md], **private)
         image.input(uploaded, image, [query_path, targets, query_info], **private)
-        gr.on([go.click, caption.submit], on_retrieve, [image, query_path, caption, k, targets, model],
+        gr.on([go.click, caption.submit], on_retrieve, [image, query_path, caption, k, targets, model_choice],
               results_outputs, api_name="retrieve", concurrency_limit=RETRIEVE_CONCURRENCY, postprocess=False).success(
             maps, maps_inputs, maps_outputs, **private)
-        model.input(on_model, [model, compare, layer, head, image, query_path, caption, k, targets, hits],
-                    [card, layer, head, compare, *results_outputs], **private).then(
+        model_choice.input(on_model, [model_choice, compare, layer, head, image, query_path, caption, k, targets,
+                                      hits], [card, layer, head, compare, *results_outputs], **private).then(
             maps, maps_inputs, maps_outputs, **private)
         results.select(on_result, hits, maps_image, **private).success(maps, maps_inputs, maps_outputs, **private)
         gr.on([update.click, layer.change, head.change, eps.submit, opacity.release, upsampling.change, compare.change,
                shared_scale.change, grid.change],
               maps, maps_inputs, maps_outputs,
               trigger_mode="always_last", **private)
-        export_btn.click(on_export,
-                         [model, image, query_path, caption, hits, table, maps_image, phrases, rows_caption, layer, head,
-                          eps],
-                         [export_files, export_info], **private)
+        export_btn.click(on_export, [model_choice, image, query_path, caption, hits, table, maps_image, phrases,
+                                     rows_caption, layer, head, eps], [export_files, export_info], **private)
         add.click(add_phrase, [caption, phrases, new_phrase], [phrases, new_phrase], **private).success(
             maps, maps_inputs, maps_outputs, **private)
 

@@ -217,7 +217,8 @@ def compare_row(view: Image.Image, maps: dict[str, tuple[np.ndarray, np.ndarray]
     """One phrase under several models: {model name: (in context, isolated) [g, g]} (each model's
     own grid g), one colour scale; `box` (from `view_box`) outlined."""
     norm = shared_norm(*(m for pair in maps.values() for m in pair))
-    panels = [(f"{name}\n{kind}", m) for name, pair in maps.items() for kind, m in zip(("in context", "isolated"), pair)]
+    panels = [(f"{name}\n{kind}", m) for name, pair in maps.items()
+              for kind, m in zip(("in context", "isolated"), pair)]
     return PhraseRow(_draw(view, title, [(panels, norm, CMAP)], alpha, smooth, box), norm, None)
 
 
