@@ -421,11 +421,9 @@ def change_model(models: Models, name: str, other: str, layer: str, head: str, i
         ex = models[name]
     except UserError as e:  # it cannot be loaded: say why, and show no results under its name
         return (gr.skip(),) * 4 + ([], [], f"⚠ {e}", [], None)
-    controls = (model_card(ex),
-                gr.update(choices=layer_choices(ex), value=layer if _choice(layer) is None or
-                          _choice(layer) < ex.layers else MEAN),
-                gr.update(choices=head_choices(ex), value=head if _choice(head) is None or _choice(head) < ex.heads
-                          else MEAN),
+    kept = lambda choice, count: choice if _choice(choice) is None or _choice(choice) < count else MEAN
+    controls = (model_card(ex), gr.update(choices=layer_choices(ex), value=kept(layer, ex.layers)),
+                gr.update(choices=head_choices(ex), value=kept(head, ex.heads)),
                 gr.update(choices=compare_choices(models, name), value=NO_COMPARE if other == name else other))
     if not hits:
         return controls + (gr.skip(),) * 5
