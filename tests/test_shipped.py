@@ -41,7 +41,8 @@ def recall(ex: Explorer) -> tuple[float, float]:
 
 def test_shipped_tmcir_is_offered_and_retrieves_with_its_own_embeddings():
     """`python app.py` offers the shipped TMCIR file beside the default model; selected, it embeds the
-    demo gallery with its own towers and earns its numbers on the demo queries."""
+    demo gallery with its own towers and earns its numbers on the demo queries; served alone
+    (`--checkpoint`), it embeds the demo images itself and ranks the same."""
     models = Models.load(device="cpu")
     assert models.names == ["ConText-CIR λ = 0.08", "TMCIR"]
     tmcir = models["TMCIR"]
@@ -50,4 +51,7 @@ def test_shipped_tmcir_is_offered_and_retrieves_with_its_own_embeddings():
     assert tmcir.index.embeddings.shape[1] == tmcir.model.config.embed_dim
     r1, r5 = recall(tmcir)
     assert r5 >= TMCIR_R5 - 5, (r1, r5)
+    alone = Explorer.load(DEFAULT_TMCIR, device="cpu")  # `python app.py --checkpoint assets/tmcir-shapes.safetensors`
+    assert alone.name == "TMCIR" and alone.index.paths == tmcir.index.paths and len(alone.examples) == 60
+    assert recall(alone) == (r1, r5)
 

@@ -38,6 +38,7 @@ from cir.ui.heatmaps import select
 
 DEMO_DIR = Path(__file__).resolve().parents[2] / "assets" / "demo"
 DEFAULT_INDEX, DEFAULT_EXAMPLES = DEMO_DIR / "index", DEMO_DIR / "examples.jsonl"
+DEFAULT_GALLERY = DEMO_DIR / "gallery.txt"  # the demo index's images
 ATTENTION_KEPT = 8  # queries whose phrase attention is kept, so the Why panel's controls redraw without a forward
 
 
@@ -174,18 +175,22 @@ class Explorer:
     def load(cls, checkpoint=None, index=None, gallery=None, examples=None, device=None,
              name: str | None = None) -> "Explorer":
         """Load a checkpoint (default: the shipped one) and the gallery: an index folder, or a folder /
-        list file of images embedded now (progress on stderr). Neither: the shipped demo index, and
-        then the shipped examples unless `examples` names others. `name`: as in `Explorer`."""
+        list file of images embedded now (progress on stderr). Neither: the shipped demo index (its
+        images embedded now by a checkpoint other than the shipped one), and then the shipped
+        examples unless `examples` names others. `name`: as in `Explorer`."""
         if index is not None and gallery is not None:
             raise UserError("give --index or --gallery, not both (--gallery builds an index in memory)")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         checkpoint = Path(checkpoint or DEFAULT_CHECKPOINT)
         model, preprocess, manifest = load_checkpoint(checkpoint, device)
         if index is None and gallery is None:
-            index, examples = DEFAULT_INDEX, examples or (DEFAULT_EXAMPLES if DEFAULT_EXAMPLES.is_file() else None)
+            examples = examples or (DEFAULT_EXAMPLES if DEFAULT_EXAMPLES.is_file() else None)
             if not (DEFAULT_INDEX / "manifest.json").is_file():
                 raise UserError(f"the demo index {DEFAULT_INDEX} is missing; build it with: "
                                 "python scripts/build_demo_assets.py, or pass --index or --gallery")
+            # the demo index holds the shipped model's embeddings; another model embeds its images now
+            same = checkpoint.resolve() == Path(DEFAULT_CHECKPOINT).resolve()
+            index, gallery = (DEFAULT_INDEX, None) if same else (None, DEFAULT_GALLERY)
         triplets = read_triplets(examples)[0] if examples else []
         if gallery is not None:
             paths = read_gallery(gallery)
