@@ -193,16 +193,21 @@ def save_module(path: str | os.PathLike, module: torch.nn.Module, manifest: dict
     write_json(path.with_suffix(".json"), dict(manifest, sha256=sha256_file(path)))
 
 
-def load_module(path: str | os.PathLike, fmt: str, build) -> tuple[torch.nn.Module, dict]:
-    """A `save_module` checkpoint: check the format, build the module from the manifest (`build(manifest)`) and load its weights."""
+def embedded_manifest(path: str | os.PathLike) -> dict:
+    """The manifest embedded in any checkpoint the project writes, not validated ({} when it has none)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     try:
         with safetensors.safe_open(str(path), "pt") as f:
-            manifest = json.loads((f.metadata() or {}).get("manifest", "{}"))
+            return json.loads((f.metadata() or {}).get("manifest", "{}"))
     except Exception as e:
         raise UserError(f"cannot read checkpoint {path}: not a complete safetensors file ({e})") from None
+
+
+def load_module(path: str | os.PathLike, fmt: str, build) -> tuple[torch.nn.Module, dict]:
+    """A `save_module` checkpoint: check the format, build the module from the manifest (`build(manifest)`) and load its weights."""
+    manifest = embedded_manifest(path)
     if manifest.get("format") != fmt:
         raise UserError(f"{path} is not a {fmt} checkpoint (its format: {manifest.get('format')!r})")
     module = build(manifest)

@@ -69,7 +69,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from cir.atomic import sha256_file
-from cir.checkpoint import load_checkpoint, load_module, read_manifest, save_module
+from cir.checkpoint import FORMAT as MODEL_FORMAT
+from cir.checkpoint import embedded_manifest, load_checkpoint, load_module, save_module
 from cir.data.images import load_rgb
 from cir.data.shapes.pretraining_texts import CELL_CONTENTS, describe_scene, patch_contents, patch_distribution_of_box
 from cir.data.shapes.scene import Scene
@@ -95,7 +96,7 @@ def build_towers(name: str):
 def load_towers(path: str | os.PathLike):
     """(CLIP, preprocess, tokenizer) from a `python -m cir.towers` checkpoint, or the towers of any
     model checkpoint (its clip.* weights), so that baselines run on a model's own towers."""
-    if read_manifest(path).get("format") != TOWERS_FORMAT:
+    if embedded_manifest(path).get("format") == MODEL_FORMAT:
         model, preprocess, _ = load_checkpoint(path)
         clip = model.clip.float()
         clip.visual.output_tokens = False  # the model reads patch tokens; the baselines, CLIP's embeddings
