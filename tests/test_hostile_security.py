@@ -195,7 +195,8 @@ def test_uploads_are_size_limited(ex):
 
 
 def api_call(url: str, data: list) -> tuple[str, str]:
-    """POST `data` to the served /retrieve endpoint as a raw JSON body -> (SSE event kind, its data line)."""
+    """POST `data` (image, caption, k, model: a raw body names every input) to the served /retrieve
+    endpoint as a raw JSON body -> (SSE event kind, its data line)."""
     u = urllib.parse.urlsplit(url)
     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=120)
     try:
@@ -219,13 +220,13 @@ def test_request_bodies_top_k_and_data_url_images(ex):
     small = "data:image/png;base64," + base64.b64encode(Path(ex.examples[0].reference).read_bytes()).decode()
     image = lambda url: {"path": None, "url": url, "meta": {"_type": "gradio.FileData"}}
     with served(ex) as url:
-        kind, data = api_call(url, [image(small), "make it red", 3])
+        kind, data = api_call(url, [image(small), "make it red", 3, ex.name])
         assert kind == "complete" and "3 results" in data, data[:300]
         for k in ("abc", 2.7, True):
-            kind, data = api_call(url, [image(small), "make it red", k])
+            kind, data = api_call(url, [image(small), "make it red", k, ex.name])
             assert kind == "error" and "top k must be a whole number" in data and one_line(data), (k, data)
         big = "data:image/png;base64," + "A" * (4 * limits.MAX_FILE_MB * 2 ** 20 // 3 + 1024)
-        kind, data = api_call(url, [image(big), "make it red", 3])
+        kind, data = api_call(url, [image(big), "make it red", 3, ex.name])
         assert kind == "error" and f"at most {limits.MAX_FILE_MB} MB" in data, data[:300]
 
 
