@@ -87,14 +87,13 @@ def launch(demo, host: str, port: int, share: bool, max_file_size: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     from cir.ui.access import FileAccess
-    from cir.ui.app import CONCURRENCY, build_demo
+    from cir.ui.app import build_demo
     from cir.ui.limits import MAX_FILE_SIZE
     from cir.ui.models import Models
 
     models = Models.load(a.checkpoint, a.index, a.gallery, a.examples, a.device)
     access = FileAccess(a.review_dir, models.primary.index.paths)
-    launch(build_demo(models, access).queue(default_concurrency_limit=CONCURRENCY), a.host, a.port, a.share,
-           MAX_FILE_SIZE)
+    launch(build_demo(models, access), a.host, a.port, a.share, MAX_FILE_SIZE)
     return 0
 
 

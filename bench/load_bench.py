@@ -6,10 +6,10 @@
 Starts `python app.py` (the shipped model and demo gallery unless app.py arguments say otherwise)
 on a free loopback port, warms it up, then runs CLIENTS gradio_client clients at once, each making
 PER_CLIENT /retrieve calls in a row (an example's reference image uploaded with its caption, then
-the result thumbnails its page does not hold yet fetched, as a browser fetches them; gradio_client's
-own download fetches every file again through a new HTTP client each, which costs the client more
-than the server), while the
-app's resident memory (RSS) is sampled every 0.1 s. Writes the figures to --out: errors, retrieve
+the result thumbnails its page does not hold yet read, as a browser reads them: a data: URL in
+place, a file URL fetched whole; gradio_client's own download fetches every file again through a
+new HTTP client each, which costs the client more than the server), while the app's resident memory
+(RSS) is sampled every 0.1 s. Writes the figures to --out: errors, retrieve
 latency p50/p95/max, wall time, throughput, the CPU time the app and the clients used, and RSS
 at the start, its peak, and after the run has settled.
 """
@@ -124,7 +124,7 @@ def measure(url: str, pid: int, queries: list[tuple[str, str]], clients: int = 4
 
     def call(u: int, i: int) -> float:
         """One retrieve as a browser page makes it: the upload, the event, then each result image it
-        does not hold yet fetched whole."""
+        does not hold yet read whole (urllib reads a data: URL in place)."""
         image, caption = queries[i % len(queries)]
         t0 = time.perf_counter()
         gallery, table, status = users[u].predict(handle_file(image), f"{caption} #{i}", k, api_name="/retrieve")
@@ -134,7 +134,7 @@ def measure(url: str, pid: int, queries: list[tuple[str, str]], clients: int = 4
             with urllib.request.urlopen(url_, timeout=60) as r:
                 data = r.read()
             if not (data.startswith(PNG) and data.endswith(PNG_END)):
-                raise AssertionError(f"result image {url_} is not a whole PNG ({len(data)} bytes)")
+                raise AssertionError(f"result image {url_[:80]} is not a whole PNG ({len(data)} bytes)")
             shown[u].add(url_)
         return time.perf_counter() - t0
 

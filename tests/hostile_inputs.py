@@ -286,7 +286,7 @@ class served:
         from cir.ui import limits
 
         port = free_port()
-        self.demo = ui.build_demo(self.explorer, self.access).queue(default_concurrency_limit=ui.CONCURRENCY)
+        self.demo = ui.build_demo(self.explorer, self.access)
         self.demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
                          max_file_size=limits.MAX_FILE_SIZE)
         return f"http://127.0.0.1:{port}/"

@@ -2,6 +2,7 @@
 retrieval equals cir.evaluate's ranking (callbacks and the served /retrieve endpoint), for a second
 model (tiny TMCIR) chosen in the selector too, heatmaps and CC terms, the compare view of two
 models, noun-phrase editing, the review log (crash recovery, resume, export), flags and errors."""
+import base64
 import importlib.util
 import json
 import os
@@ -143,7 +144,11 @@ def test_target_rank_and_retrieve_callback(ex):
     headers = ["rank", "score", "image", "target"]
     results, values = ui.retrieve_values(ex, gr.Dataframe(headers=headers, type="array"), gr.Markdown(),
                                          t.reference, None, t.caption, 5, t.targets)[:2]
-    assert results == gr.Gallery().postprocess(gallery).model_dump()
+    expected = gr.Gallery().postprocess(gallery).model_dump()
+    for item in expected:  # small thumbnails travel inline: a data: URL of the file, no file marker
+        del item["image"]["meta"]
+        item["image"]["url"] = "data:image/png;base64," + base64.b64encode(Path(item["image"]["path"]).read_bytes()).decode()
+    assert results == expected
     assert values == gr.Dataframe(headers=headers, type="array").postprocess(table).model_dump()
 
 
@@ -411,7 +416,7 @@ def test_served_retrieve_endpoint(ex, models):
     from gradio_client.exceptions import AppError
 
     port = free_port()
-    demo = ui.build_demo(models).queue(default_concurrency_limit=ui.CONCURRENCY)
+    demo = ui.build_demo(models)
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     try:
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)

@@ -56,8 +56,7 @@ def served(tmp_path_factory, tiny_checkpoint, tiny_tmcir_checkpoint):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     models = Models(ex, {"TMCIR": tiny_tmcir_checkpoint})
-    demo = ui.build_demo(models, FileAccess([root / "demo"], ex.index.paths)).queue(
-        default_concurrency_limit=ui.CONCURRENCY)
+    demo = ui.build_demo(models, FileAccess([root / "demo"], ex.index.paths))
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     yield f"http://127.0.0.1:{port}/", ex, to_review
     demo.close()
@@ -81,6 +80,10 @@ def test_retrieve_at_every_width(served, width, tmp_path):
             expect(page.locator("#caption textarea")).to_have_value(ex.examples[0].caption)
             page.locator("#retrieve").click()
             expect(page.locator("#results img")).to_have_count(K)
+            # the result thumbnails came inside the answer as data: URLs, and each one is drawn
+            shown = page.locator("#results img").evaluate_all(
+                "imgs => Promise.all(imgs.map(i => i.decode().then(() => [i.src.slice(0, 22), i.naturalWidth])))")
+            assert shown == [["data:image/png;base64,", 128]] * K, shown
             expect(page.locator("#maps-info")).to_contain_text("(gold)")
             heatmaps = page.locator("#heatmaps img")
             heatmaps.scroll_into_view_if_needed()

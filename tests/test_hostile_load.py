@@ -1,7 +1,8 @@
 """Many users at once: concurrent retrieves through gradio_client against `python app.py` (no
 errors, p95 and memory bounded; the full 40 x 5 run is `python -m bench.load_bench`), hostile
 uploads mixed into a burst of good ones, concurrent queries batched with unchanged results,
-thumbnails as static files made once, each upload decoded once within the pixel budget, and
+thumbnails as static files made once (small ones inside the answer), queue
+settings, each upload decoded once within the pixel budget, and
 review decisions saved concurrently by threads and processes."""
 import subprocess
 import sys
@@ -89,13 +90,14 @@ def test_concurrent_queries_share_forwards_with_the_same_results(ex):
 
 
 def test_thumbnails_are_static_files_made_once(ex, monkeypatch):
-    """Gallery and result thumbnails are PNG files made once and served from their folder as static
-    files: a retrieve encodes no image, and Gradio's own cache writer is not replaced."""
+    """Gallery and result thumbnails are PNG files made once: a retrieve encodes no image, and
+    Gradio's own cache writer is not replaced. A small one travels inside the answer as a data: URL
+    holding the file's bytes, with no file marker for Gradio to rewrite."""
     from gradio import processing_utils
     from gradio_client import Client, handle_file
     from PIL import Image
 
-    from cir.ui.thumbnails import thumbnail
+    from cir.ui.thumbnails import INLINE_BYTES, thumbnail
 
     assert processing_utils.save_pil_to_cache.__module__ == "gradio.processing_utils"
     encoded = []
@@ -111,9 +113,44 @@ def test_thumbnails_are_static_files_made_once(ex, monkeypatch):
         assert [f.stat().st_mtime_ns for f in files] == made
         for item, f in zip(first, files):
             assert f.parent == thumbnail.folder and max(Image.open(f).size) <= 256
+            assert f.stat().st_size <= INLINE_BYTES and "meta" not in item["image"]
+            assert item["image"]["url"].startswith("data:image/png;base64,")
             with urllib.request.urlopen(item["image"]["url"]) as r:
                 assert r.read() == f.read_bytes()
     assert encoded == []
+
+
+def test_a_large_thumbnail_is_served_as_a_file(tmp_path):
+    """A thumbnail over INLINE_BYTES is not inlined: its gallery item is a file Gradio serves from
+    the thumbnail folder (a static path), and `data_url` reads no more than the limit allows."""
+    from PIL import Image
+
+    from cir.ui.thumbnails import INLINE_BYTES, thumbnail
+
+    noise = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 200, 3), np.uint8)).save(noise)
+    small = tmp_path / "flat.png"
+    Image.new("RGB", (200, 200), (30, 90, 200)).save(small)
+    big_thumb, small_thumb = thumbnail(noise), thumbnail(small)
+    assert Path(big_thumb).stat().st_size > INLINE_BYTES >= Path(small_thumb).stat().st_size
+    assert thumbnail.data_url(big_thumb) is None
+    assert thumbnail.data_url(big_thumb, limit=10 ** 6).startswith("data:image/png;base64,")
+    big, flat = ui.gallery_value([(big_thumb, "#1"), (small_thumb, "#2")])
+    assert big == {"image": {"path": big_thumb, "url": None, "size": None, "orig_name": Path(big_thumb).name,
+                             "mime_type": "image/png", "is_stream": False, "meta": {"_type": "gradio.FileData"}},
+                   "caption": "#1"}
+    assert flat["caption"] == "#2" and "meta" not in flat["image"] and flat["image"]["path"] == small_thumb
+
+
+def test_the_queue_sends_positions_once_a_second_and_keeps_few_records(ex):
+    """The served queue tells waiting visitors their position every STATUS_UPDATE_S (not every
+    waiting event each time one starts) and keeps and summarises limits.GRADIO_ANALYTICS events."""
+    from cir.ui import limits
+
+    queue = ui.build_demo(ex)._queue
+    assert queue.live_updates is False and queue.update_intervals == ui.STATUS_UPDATE_S == 1.0
+    assert queue.ANALYTICS_MAX_EVENTS == limits.GRADIO_ANALYTICS["GRADIO_ANALYTICS_MAX_EVENTS"] == 1000
+    assert queue.ANAYLTICS_CACHE_FREQUENCY == limits.GRADIO_ANALYTICS["GRADIO_ANALYTICS_CACHE_FREQUENCY"]
 
 
 def test_an_upload_is_decoded_once_within_the_pixel_budget(ex, tmp_path, monkeypatch):

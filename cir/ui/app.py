@@ -4,7 +4,7 @@ Tabs: Retrieve (a model; query from examples, the gallery or an upload; top-k wi
 per-phrase attention in context vs isolated with the CC term, beside another model's when
 compared) and Review (step through a triplet file, accept / reject / edit, export). The callbacks
 below are plain functions of component values and an `Explorer` (the selected model's);
-`build_demo` only lays out components and wires them.
+`build_demo` only lays out components, wires them and queues the app.
 """
 from __future__ import annotations
 
@@ -23,7 +23,6 @@ from pathlib import Path
 import gradio as gr
 import matplotlib
 import numpy as np
-from gradio.components.gallery import GalleryData, GalleryImage
 from gradio.data_classes import ImageData
 from PIL import Image
 
@@ -43,6 +42,8 @@ from cir.ui.thumbnails import thumbnail
 
 CONCURRENCY = 4  # events of one kind served at once (model forwards still take turns, see Explorer.lock)
 RETRIEVE_CONCURRENCY = 16  # retrieve events served at once: their queries share forwards (cir.ui.batching)
+STATUS_UPDATE_S = 1.0  # waiting visitors get their queue position this often (Gradio's "auto" messages every
+# waiting event each time one starts: quadratic in the queue's length)
 PER_PAGE = 24
 DEFAULT_EPS = 0.005
 MEAN = "mean"
@@ -125,12 +126,20 @@ def image_output(**kwargs) -> gr.Image:
     return image
 
 
-def gallery_value(items: list[tuple[str, str]]) -> dict:
-    """`gr.Gallery.postprocess` of (PNG path, caption) items, as an event with `postprocess=False`
-    returns it: the same value without Gradio's thread pool per call."""
-    return GalleryData(root=[GalleryImage(image=ImageData(path=path, orig_name=os.path.basename(path),
-                                                          mime_type="image/png"), caption=caption)
-                             for path, caption in items]).model_dump()
+def gallery_value(items: list[tuple[str, str]]) -> list[dict]:
+    """`gr.Gallery.postprocess` of (thumbnail path, caption) items, as an event with
+    `postprocess=False` returns it, without Gradio's thread pool and file checks per call. A small
+    thumbnail goes as a data: URL inside the answer (its item carries no file marker, so Gradio
+    passes it as is), a larger one as a file URL Gradio serves from the thumbnail folder."""
+    value = []
+    for path, caption in items:
+        image = ImageData(path=path, orig_name=os.path.basename(path), mime_type="image/png").model_dump()
+        inline = thumbnail.data_url(path)
+        if inline is not None:
+            del image["meta"]
+            image["url"] = inline
+        value.append({"image": image, "caption": caption})
+    return value
 
 
 def query_image(**kwargs) -> gr.Image:
@@ -700,7 +709,7 @@ def review_export(state):
 
 # ---------------------------------------------------------------------------- layout
 def build_demo(models: Models | Explorer, access: FileAccess | None = None) -> gr.Blocks:
-    """The explorer app over `models` (or one model's Explorer); the caller queues and launches it.
+    """The explorer app over `models` (or one model's Explorer), queued; the caller launches it.
     The first model's gallery, examples and Review tab are the page's. `access` says which server
     files the Review tab may open (default: none, only uploads, and the gallery's images)."""
     models = models if isinstance(models, Models) else Models(models)
@@ -715,6 +724,10 @@ def build_demo(models: Models | Explorer, access: FileAccess | None = None) -> g
     # maps are drawn off-screen; Gradio asks matplotlib for its backend around every event, which
     # costs ~17 ms each time while none is chosen
     matplotlib.use("agg")
+    # Gradio's queue rebuilds a pandas summary of its last (10,000 by default) event records after
+    # every event, 5-18 ms each; it is read only by Gradio's monitoring route
+    for name, value in limits.GRADIO_ANALYTICS.items():
+        os.environ.setdefault(name, str(value))
     with gr.Blocks(title="ConText-CIR Explorer", delete_cache=limits.DELETE_CACHE) as demo:
         gr.Markdown("# ConText-CIR Explorer\nComposed image retrieval: a query image plus a text saying how to change it.")
         with gr.Accordion("About this model", open=False, elem_id="model-card"):
@@ -905,4 +918,4 @@ def build_demo(models: Models | Explorer, access: FileAccess | None = None) -> g
               trigger_mode="always_last", **private)
         export.click(review_export, state, [export_file, export_md], **private)
         demo.load(None, js=PAGE_JS % json.dumps(CSS))
-    return demo
+    return demo.queue(default_concurrency_limit=CONCURRENCY, status_update_rate=STATUS_UPDATE_S)

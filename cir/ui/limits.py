@@ -16,6 +16,8 @@ MAX_FILE_MB = 25  # largest upload the server accepts, and largest data: URL ima
 MAX_FILE_SIZE = f"{MAX_FILE_MB}mb"  # as Gradio's launch(max_file_size=) takes it
 DELETE_CACHE = (3600, 3600)  # every hour, delete uploaded and cached files older than an hour
 MAX_REQUEST_PIXELS = 24_000_000  # decoded pixels per request: one 24 MP photo (72 MB as RGB, about 1 s to decode)
+# Gradio's queue keeps this many event records and summarises them every this many events
+GRADIO_ANALYTICS = {"GRADIO_ANALYTICS_MAX_EVENTS": 1000, "GRADIO_ANALYTICS_CACHE_FREQUENCY": 1000}
 DECODED_CACHE_PIXELS = 2 * MAX_REQUEST_PIXELS  # decoded images kept for a request's other calls (cir.ui.decoded)
 
 

@@ -1,8 +1,11 @@
 """Thumbnails as files: each image's small PNG copy is written once into one folder, which the app
-gives Gradio as a static path, so it is served as is and never re-encoded or copied per request."""
+gives Gradio as a static path, so it is served as is and never re-encoded or copied per request.
+A thumbnail of at most `INLINE_BYTES` also travels inside an answer as a data: URL (`data_url`),
+which saves the browser one request per result image."""
 from __future__ import annotations
 
 import atexit
+import base64
 import hashlib
 import os
 import shutil
@@ -15,6 +18,7 @@ from cir.data.images import load_rgb
 from cir.errors import UserError
 
 THUMBNAIL = 256  # px, longer side of images sent to the browser
+INLINE_BYTES = 8192  # thumbnails up to this size are sent inside answers, larger ones as files
 
 
 class Thumbnails:
@@ -54,6 +58,13 @@ class Thumbnails:
                 image.save(tmp, "PNG")
         self._made[path] = (st.st_size, st.st_mtime_ns, str(out))
         return str(out)
+
+    def data_url(self, thumbnail_path: str | os.PathLike, limit: int = INLINE_BYTES) -> str | None:
+        """The PNG thumbnail at `thumbnail_path` (a path `self` returned) as a data: URL, or None
+        when the file is larger than `limit` bytes (read per call: nothing is kept in memory)."""
+        with open(thumbnail_path, "rb") as f:
+            png = f.read(limit + 1)
+        return None if len(png) > limit else "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
     def prepare(self, paths: list[str]) -> threading.Thread:
         """Make the thumbnails of `paths` in a background thread (unreadable files are skipped: the
