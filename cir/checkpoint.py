@@ -119,22 +119,31 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, manifest: d
     return manifest
 
 
-def read_manifest(path: str | os.PathLike) -> dict:
-    """The manifest embedded in a checkpoint file (validated)."""
-    path = Path(path)
+def _metadata(path: Path) -> dict[str, str]:
+    """The safetensors metadata of the checkpoint file `path`."""
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     try:
         with safetensors.safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
+            return f.metadata() or {}
     except Exception as e:
         raise UserError(f"cannot read checkpoint {path}: not a complete safetensors file ({e})") from None
-    if "manifest" not in meta:
-        raise UserError(f"{path} is a safetensors file without a ConText-CIR manifest")
+
+
+def _parsed(path: Path, text: str):
     try:
-        manifest = json.loads(meta["manifest"])
+        return json.loads(text)
     except (ValueError, RecursionError) as e:
         raise UserError(f"{path}: the embedded manifest is not valid JSON ({type(e).__name__}: {e})") from None
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    """The manifest embedded in a checkpoint file (validated)."""
+    path = Path(path)
+    meta = _metadata(path)
+    if "manifest" not in meta:
+        raise UserError(f"{path} is a safetensors file without a ConText-CIR manifest")
+    manifest = _parsed(path, meta["manifest"])
     if not isinstance(manifest, dict):
         raise UserError(f"{path}: the embedded manifest is not a JSON object")
     if manifest.get("format") != FORMAT:
@@ -196,13 +205,7 @@ def save_module(path: str | os.PathLike, module: torch.nn.Module, manifest: dict
 def embedded_manifest(path: str | os.PathLike) -> dict:
     """The manifest embedded in any checkpoint the project writes, not validated ({} when it has none)."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
-    try:
-        with safetensors.safe_open(str(path), "pt") as f:
-            return json.loads((f.metadata() or {}).get("manifest", "{}"))
-    except Exception as e:
-        raise UserError(f"cannot read checkpoint {path}: not a complete safetensors file ({e})") from None
+    return _parsed(path, _metadata(path).get("manifest", "{}"))
 
 
 def load_module(path: str | os.PathLike, fmt: str, build) -> tuple[torch.nn.Module, dict]:
