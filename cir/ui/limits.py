@@ -2,7 +2,8 @@
 
 The model reads at most its context length (40 or 77 tokens), so longer captions only cost work;
 the caption path is linear in any case (cir.tokenizer). Limits that Gradio enforces are passed to
-it at launch (`MAX_FILE_SIZE`) or to `gr.Blocks` (`DELETE_CACHE`)."""
+it at launch (`MAX_FILE_SIZE`), to `gr.Blocks` (`DELETE_CACHE`) or through its environment, unless
+already set there (`GRADIO_ANALYTICS`)."""
 from __future__ import annotations
 
 from cir.errors import UserError
