@@ -10,8 +10,9 @@ the result thumbnails its page does not hold yet read, as a browser reads them: 
 place, a file URL fetched whole; gradio_client's own download fetches every file again through a
 new HTTP client each, which costs the client more than the server), while the app's resident memory
 (RSS) is sampled every 0.1 s. Writes the figures to --out: errors, retrieve
-latency p50/p95/max, wall time, throughput, the CPU time the app and the clients used, and RSS
-at the start, its peak, and after the run has settled.
+latency p50/p95/max, wall time, throughput, the CPU time the app and the clients used, RSS at the
+start, its peak, and after the run has settled, and `cpu_probe_s`, the time of a fixed Python
+workload taken just before (to compare runs made while the CPU's speed differs).
 """
 from __future__ import annotations
 
@@ -69,6 +70,17 @@ def cpu_s(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_probe_s(rounds: int = 3) -> float:
+    """Seconds one core takes for a fixed pure-Python workload (best of `rounds`): the app's work is
+    mostly Python under one lock, so runs on a CPU whose speed varies compare through this figure."""
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        sum(i * i for i in range(2_000_000))
+        times.append(time.perf_counter() - t0)
+    return min(times)
 
 
 def free_port() -> int:
@@ -138,6 +150,7 @@ def measure(url: str, pid: int, queries: list[tuple[str, str]], clients: int = 4
             shown[u].add(url_)
         return time.perf_counter() - t0
 
+    probe = cpu_probe_s()
     for i in range(4):  # warm-up: first forwards, thumbnails of the first results
         call(0, i)
     time.sleep(1.0)
@@ -173,7 +186,7 @@ def measure(url: str, pid: int, queries: list[tuple[str, str]], clients: int = 4
             "server_cpu_s": round(server_cpu, 1), "client_cpu_s": round(client_cpu, 1),
             "rss_start_mb": round(rss_start, 1), "rss_peak_mb": round(rss_peak, 1), "rss_end_mb": round(rss_end, 1),
             "rss_growth_mb": round(rss_peak - rss_start, 1), "rss_after_mb": round(rss_end - rss_start, 1),
-            "cpus": os.cpu_count()}
+            "cpus": os.cpu_count(), "cpu_probe_s": round(probe, 3)}
 
 
 def example_queries(examples: str | os.PathLike) -> list[tuple[str, str]]:

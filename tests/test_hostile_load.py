@@ -38,6 +38,7 @@ def test_concurrent_retrieves_through_the_served_app(tiny_checkpoint, shapes_dat
     assert report["errors"] == 0, report["error_examples"]
     assert report["p95_s"] <= 5.0
     assert report["rss_growth_mb"] <= 200 and abs(report["rss_after_mb"]) <= 100
+    assert 0.01 < report["cpu_probe_s"] < 10
 
 
 def test_hostile_uploads_in_a_burst_fail_alone(ex, tmp_path):
