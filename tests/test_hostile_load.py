@@ -1,9 +1,9 @@
 """Many users at once: concurrent retrieves through gradio_client against `python app.py` (no
 errors, p95 and memory bounded; the full 40 x 5 run is `python -m bench.load_bench`), hostile
 uploads mixed into a burst of good ones, concurrent queries batched with unchanged results,
-thumbnails as static files made once (small ones inside the answer), queue
-settings, each upload decoded once within the pixel budget, and
-review decisions saved concurrently by threads and processes."""
+thumbnails as static files made once (small ones inside the answer), queue settings, each upload
+decoded once within the pixel budget, and review decisions saved concurrently by threads and
+processes."""
 import subprocess
 import sys
 import threading
