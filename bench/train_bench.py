@@ -1,114 +1,88 @@
-"""Training-step cost of the CC loss, and proof that it costs nothing at inference.
+"""Training-step cost of the grid-7 recipe, part by part: what the image cache, the teacher's fixed
+CC targets and the frozen prior tower each change, and what the CC loss costs.
 
-    python -m bench.train_bench [--config context-cir-shapes] [--batch-size 64] [--steps 10] [--rounds 3]
+    python -m bench.train_bench [--batch-size 64] [--steps 12] [--rounds 3] [--threads 2]
 
-Runs each setting in a fresh process (so peak memory is its own): a training step with the
-contrastive loss only (lambda 0) and with the CC loss (isolated phrases batched in one pass),
-on real CIR-Shapes batches; then query-encoding latency of the two resulting models. The two
-settings alternate for several rounds and the table gives medians over them: on a 2-core machine
-one round's ratio varies by a few tenths.
+Each setting is a real `python -m cir.train` run (in its own process) from the grid-7 step-0 file,
+image tower frozen, one partial fulfilment per multi-operation query, on CIR-Shapes data rendered
+for the bench; a step's time is its log's `sec` (forward, backward, optimizer) plus `data_sec`
+(waiting for the batch: decoding and rendering in the loader's worker, which shares the cores).
+The settings run in turn for several rounds; the table gives medians over every step after the
+first of each run. Settings, each adding one change to the one above it:
+
+1. today's step: images decoded and partial fulfilments rendered per step (1 loader worker), the
+   image tower run, CC targets from the model's own isolated maps, the prior from the trained text tower;
+2. + image cache (`--image-cache`, no loader worker);
+3. + the teacher's fixed CC targets (`--cc-teacher`);
+4. + the frozen prior tower (config context-cir-shapes-grid7): the recipe of the shipped pair;
+5. the same with lambda = 0 (the twin's step).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
-
-from cir import precision
+STEP0 = "assets/context-cir-shapes-grid7-step0.safetensors"
+SHARED_PRIOR = "ablations/context-cir-shapes-grid7-shared-prior"
 
 
-def step_worker(a) -> dict:
-    from torch.utils.data import DataLoader
+def settings(cache: Path) -> list[tuple[str, list[str]]]:
+    """(name, cir.train flags) of the five settings, in order."""
+    cached = ["--image-cache", str(cache), "--workers", "0"]
+    teacher = ["--cc-teacher", STEP0]
+    return [("today's step", ["--config", SHARED_PRIOR, "--workers", "1"]),
+            ("+ image cache", ["--config", SHARED_PRIOR, *cached]),
+            ("+ teacher CC targets", ["--config", SHARED_PRIOR, *cached, *teacher]),
+            ("+ frozen prior tower (the recipe)", ["--config", "context-cir-shapes-grid7", *cached, *teacher]),
+            ("the recipe, lambda = 0", ["--config", "context-cir-shapes-grid7", *cached, "--lambda-cc", "0"])]
 
-    from cir.data.datasets import TripletDataset, collate_triplets
-    from cir.data.shapes.dataset import generate
-    from cir.data.triplets import read_triplets
-    from cir.model import build_model
-    from cir.train import LossConfig, TrainingObjective, parse_args, train_step
 
-    torch.manual_seed(0)
-    data = Path(a.tmp) / "data"
-    if not (data / "train.jsonl").exists():
-        generate(data, {"train": a.batch_size * (a.steps + 1)}, seed=11, progress=False)
-    triplets, _ = read_triplets(data / "train.jsonl", check_images=False)
-    model, preprocess = build_model(a.config)
-    targs = parse_args(["--out", a.tmp, "--lambda-cc", str(a.lambda_cc), "--precision", a.precision])
-    ds = TripletDataset(triplets, [t.noun_phrases for t in triplets], preprocess, model.tokenizer)
-    batches = list(DataLoader(ds, batch_size=a.batch_size, collate_fn=collate_triplets))[: a.steps + 1]
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    objective = TrainingObjective(model, LossConfig.from_args(targs))
-    dtype = precision.resolve(a.precision, "cpu")
-    autocast = lambda: precision.autocast("cpu", dtype)
-    times = []
-    for i, batch in enumerate(batches):
-        t0 = time.perf_counter()
-        loss, parts = train_step(objective, batch, torch.device("cpu"), autocast)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if i:  # the first step warms up
-            times.append(time.perf_counter() - t0)
-    model.eval()
-    images = torch.stack([preprocess(__import__("PIL.Image", fromlist=["Image"]).open(triplets[0].reference).convert("RGB"))])
-    lat = []
-    for _ in range(20):
-        t0 = time.perf_counter()
-        model.encode_query(images, [triplets[0].caption])
-        lat.append(time.perf_counter() - t0)
-    return {"lambda_cc": a.lambda_cc, "step_s": statistics.median(times), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "phrases_per_batch": statistics.mean(len(b["phrase_texts"]) for b in batches),
-            "query_ms_p50": 1000 * statistics.median(lat)}
+def run_steps(data: Path, out: Path, flags: list[str], a) -> list[float]:
+    """Step times (s, sec + data_sec) of one cir.train run after its first step."""
+    cmd = [sys.executable, "-m", "cir.train", "--init-from", STEP0, "--data", str(data), "--out", str(out),
+           "--steps", str(a.steps), "--batch-size", str(a.batch_size), "--freeze-image", "--partial-negatives",
+           "--val-every", "0", "--save-every", str(10 * a.steps), "--threads", str(a.threads), *flags]
+    subprocess.run(cmd, capture_output=True, text=True, check=True)
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return [r["sec"] + r["data_sec"] for r in log[1:]]
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m bench.train_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="context-cir-shapes",
-                   help="model config (default context-cir-shapes, the shipped design)")
     p.add_argument("--batch-size", type=int, default=64, help="triplets per step (default 64)")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per setting and round, after one warm-up (default 10)")
-    p.add_argument("--rounds", type=int, default=3,
-                   help="rounds of (contrastive only, contrastive + CC), each setting in a fresh process (default 3)")
-    p.add_argument("--precision", choices=precision.CHOICES, default="auto",
-                   help="autocast dtype (default auto: bf16 where the CPU has native bf16, else fp32)")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--lambda-cc", type=float, default=0.0, help=argparse.SUPPRESS)
-    p.add_argument("--tmp", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--steps", type=int, default=12, help="steps per run; the first is not timed (default 12)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds over the five settings (default 3)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads of each run (default 2)")
     a = p.parse_args(argv)
-    if a.worker:
-        print(json.dumps(step_worker(a)))
-        return 0
-    lambdas = base, cc = (0.0, 0.08)  # contrastive only, contrastive + CC
-    runs = {lam: [] for lam in lambdas}  # lambda -> one worker result per round
+
+    from tqdm import tqdm
+
+    from cir.data.shapes.dataset import generate
+
     with tempfile.TemporaryDirectory() as tmp:
-        for _ in tqdm(range(a.rounds), desc="rounds", unit="round"):
-            for lam in lambdas:
-                cmd = [sys.executable, "-m", "bench.train_bench", "--worker", "--tmp", tmp, "--lambda-cc", str(lam),
-                       "--config", a.config, "--batch-size", str(a.batch_size), "--steps", str(a.steps),
-                       "--precision", a.precision]
-                out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-                runs[lam].append(json.loads(out.strip().splitlines()[-1]))
-    med = lambda lam, key: statistics.median(r[key] for r in runs[lam])
-    print(f"config {a.config}, batch {a.batch_size}, {precision.resolve(a.precision, 'cpu')}, {torch.get_num_threads()} threads, "
-          f"medians of {a.rounds} round(s) of {a.steps} steps")
-    print("| loss | step time (s) | peak RSS (MB) | phrases / batch | query encode p50 (ms) |")
-    print("|---|---|---|---|---|")
-    for lam in lambdas:
-        name = "contrastive only (λ=0)" if lam == base else f"contrastive + CC (λ={lam})"
-        print(f"| {name} | {med(lam, 'step_s'):.2f} | {max(r['peak_rss_mb'] for r in runs[lam]):.0f} | "
-              f"{med(lam, 'phrases_per_batch'):.1f} | {med(lam, 'query_ms_p50'):.1f} |")
-    ratios = [c["step_s"] / b["step_s"] for b, c in zip(runs[base], runs[cc])]
-    print(f"CC step / contrastive step: {med(cc, 'step_s') / med(base, 'step_s'):.2f}x "
-          f"(per round: {', '.join(f'{r:.2f}' for r in ratios)})")
+        tmp = Path(tmp)
+        data, cache = tmp / "data", tmp / "cache"
+        generate(data, {"train": a.batch_size * a.steps * 2}, seed=11, progress=False)
+        subprocess.run([sys.executable, "-m", "cir.image_cache", "--checkpoint", STEP0, "--train",
+                        str(data / "train.jsonl"), "--out", str(cache), "--workers", "0"],
+                       capture_output=True, text=True, check=True)
+        times: dict[str, list[float]] = {name: [] for name, _ in settings(cache)}
+        for r in tqdm(range(a.rounds), desc="rounds", unit="round"):
+            for k, (name, flags) in enumerate(settings(cache)):
+                times[name] += run_steps(data, tmp / f"run-{r}-{k}", flags, a)
+    print(f"grid-7, batch {a.batch_size}, {a.threads} threads, medians over {a.rounds} rounds x {a.steps - 1} timed steps")
+    print("| setting | step (s) | vs today's |")
+    print("|---|---|---|")
+    base = statistics.median(times["today's step"])
+    for name, values in times.items():
+        med = statistics.median(values)
+        print(f"| {name} | {med:.3f} | {base / med:.2f}x |")
     return 0
 
 

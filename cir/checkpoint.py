@@ -48,6 +48,7 @@ from cir.errors import UserError
 
 FORMAT = "context-cir-checkpoint/1"
 TOKEN_EMBEDDING = "clip.token_embedding.weight"
+TOKEN_EMBEDDING_SUFFIX = "token_embedding.weight"  # every text tower's (the model's, and a frozen prior copy's)
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "assets" / "context-cir-shapes.safetensors"
 DEFAULT_TWIN = DEFAULT_CHECKPOINT.with_name("context-cir-shapes-lambda0.safetensors")  # its lambda = 0 twin
 DEFAULT_TMCIR = DEFAULT_CHECKPOINT.with_name("tmcir-shapes.safetensors")  # TMCIR on the same data
@@ -101,9 +102,10 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, manifest: d
     manifest = dict(manifest, format=FORMAT, versions=versions(), dtype=dtype)
     if token_rows is not None:
         rows = torch.tensor(sorted(set(token_rows)), dtype=torch.long)
-        full = tensors.pop(TOKEN_EMBEDDING)
-        tensors[TOKEN_EMBEDDING + ".rows"] = rows
-        tensors[TOKEN_EMBEDDING + ".compact"] = full[rows].clone()
+        for key in [k for k in tensors if k.endswith(TOKEN_EMBEDDING_SUFFIX)]:  # the text tower's, and its frozen copy's
+            full = tensors.pop(key)
+            tensors[key + ".rows"] = rows.clone()
+            tensors[key + ".compact"] = full[rows].clone()
         manifest["token_embedding"] = {"rows": len(rows), "vocab": full.shape[0], "unseen_rows": "zero"}
     tensors = _encode(tensors, dtype)
     if optimizer is not None:
@@ -170,11 +172,13 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike, tensors: dict 
     tensors = read_tensors(path) if tensors is None else tensors
     state = _decode({k: v for k, v in tensors.items() if not k.startswith(("optimizer.", "rng."))})
     expected = model.state_dict()
-    if TOKEN_EMBEDDING + ".rows" in state:
-        rows, compact = state.pop(TOKEN_EMBEDDING + ".rows"), state.pop(TOKEN_EMBEDDING + ".compact")
-        full = torch.zeros_like(expected[TOKEN_EMBEDDING])
+    for key in [k[:-len(".rows")] for k in state if k.endswith(TOKEN_EMBEDDING_SUFFIX + ".rows")]:
+        rows, compact = state.pop(key + ".rows"), state.pop(key + ".compact")
+        if key not in expected:
+            raise UserError(f"checkpoint {path} does not fit the architecture (unexpected: {key})")
+        full = torch.zeros_like(expected[key])
         full[rows] = compact.to(full.dtype)
-        state[TOKEN_EMBEDDING] = full
+        state[key] = full
     broken = sorted(k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all())
     if broken:
         raise UserError(f"checkpoint {path} holds non-finite weights (NaN or inf) in {len(broken)} tensor(s): "

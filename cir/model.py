@@ -11,6 +11,7 @@ gives cir.tmcir.TMCIR (adaptive token fusion) with the same interface (`Composed
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -46,6 +47,7 @@ class ModelConfig:
     pool_text: bool = False  # PMA pools over [fused image tokens; fused text tokens], not the image tokens alone
     concept_maps: str = "text_to_image"  # which attention the CC loss and the app use (cir/fusion.py)
     attention_prior: float = 0.0  # > 0: text -> image logits start from this gain x the towers' token-patch cosine
+    frozen_prior: bool = False  # the prior's text side from a frozen copy of the text tower (kept in the model)
     embed_dim: int = 512
     init_temperature: float = 0.07
 
@@ -56,6 +58,8 @@ class ModelConfig:
             raise UserError(f"concept_maps {self.concept_maps!r}: expected one of {', '.join(MAP_SOURCES)}")
         if self.concept_maps == "image_to_text" and not self.fusion_image_to_text:
             raise UserError("concept_maps image_to_text needs fusion_image_to_text true")
+        if self.frozen_prior and not self.attention_prior:
+            raise UserError("frozen_prior needs attention_prior > 0")
 
     @staticmethod
     def load(name_or_path: str):
@@ -106,10 +110,22 @@ class PhraseMaps:
 class ComposedRetrieval(nn.Module):
     """The interface training, evaluation, the index and the app use, shared by the methods.
 
-    A subclass provides `tokenizer`, `grid` (patches per side), `logit_scale`, and
-    `image_tokens(images)`, `text_tokens(tokens)` -> (states, pad), `empty_text(batch)`,
+    A subclass provides `clip` (the towers), `tokenizer`, `grid` (patches per side), `logit_scale`, and
+    `tokens_from_tower(pooled, patches)`, `text_tokens(tokens)` -> (states, pad), `empty_text(batch)`,
     `fuse(image_tok, text)` -> FusionOutput (its `attention` [B, L, H, T, P]: per text token a
     distribution over the patches, drawn by the app) and `embed(fused)` -> [B, E]."""
+
+    def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, 3, S, S] (preprocessed) -> the fusion's image tokens [B, 1 + P, ...]."""
+        return self.tokens_from_tower(*self.clip.visual(images))
+
+    def cached_image_tokens(self, tower: torch.Tensor) -> torch.Tensor:
+        """The image tower's outputs flattened as cir.image_cache stores them, [B, E + P * W] (pooled
+        [E], then the patches [P, W] row-major) -> the same tokens as `image_tokens` of those images."""
+        visual = self.clip.visual
+        E, P = visual.output_dim, self.grid * self.grid
+        tower = tower.float()
+        return self.tokens_from_tower(tower[:, :E], tower[:, E:].view(len(tower), P, -1))
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, FusionOutput]:
         fused = self.fuse(self.image_tokens(images), self.text_tokens(tokens))
@@ -155,6 +171,7 @@ class ConTextCIR(ComposedRetrieval):
         self.patch_proj = nn.Linear(vis_width, d)
         self.cls_proj = nn.Linear(clip.visual.output_dim, d)
         self.text_proj = nn.Linear(self._text_width(), d)
+        self.prior_text = FrozenTextTower(clip) if config.frozen_prior else None
         self.fusion = Fusion(d, config.fusion_layers, config.fusion_heads, config.mlp_ratio, config.fusion_image_to_text,
                              config.concept_maps, config.attention_prior)
         self.pool = PMA(d, config.fusion_heads, config.pool_seeds, config.mlp_ratio)
@@ -168,12 +185,12 @@ class ConTextCIR(ComposedRetrieval):
     def _text_width(self) -> int:
         return self.clip.text.transformer.width if hasattr(self.clip, "text") else self.clip.transformer.width
 
-    def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """images [B, 3, S, S] (preprocessed) -> [B, 1 + P, D]: projected CLS, then patches row-major.
+    def tokens_from_tower(self, pooled: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        """The image tower's pooled [B, E] and patch [B, P, W] outputs -> [B, 1 + P, D]: projected
+        CLS, then patches row-major.
 
         With an attention prior, E more channels follow: each patch's unit embedding in the towers'
         joint space (zeros for CLS), [B, 1 + P, D + E]; `fuse` splits them off."""
-        pooled, patches = self.clip.visual(images)
         tokens = torch.cat([self.cls_proj(pooled)[:, None], self.patch_proj(patches)], 1)
         if not self.config.attention_prior:
             return tokens
@@ -185,14 +202,20 @@ class ConTextCIR(ComposedRetrieval):
 
         Sequences are cut after the longest EOT in the batch; the causal text encoder makes this exact.
         With an attention prior, states carry E more channels: each token's unit embedding in the
-        towers' joint space, [B, T, D + E]."""
+        towers' joint space, [B, T, D + E], from the trained text tower or, with `frozen_prior`, from
+        its frozen copy."""
         eot = (tokens == EOT_ID).int().argmax(1)
         T = int(eot.max()) + 1
         x = text_tower_states(self.clip, tokens[:, :T])
         pad = torch.arange(T, device=tokens.device)[None] > eot[:, None]
         states = self.text_proj(x)
         if self.config.attention_prior:
-            states = torch.cat([states, F.normalize(text_tower_projection(self.clip, x), dim=-1)], -1)
+            if self.prior_text is None:
+                joint = text_tower_projection(self.clip, x)
+            else:
+                with torch.no_grad():
+                    joint = text_tower_projection(self.prior_text, text_tower_states(self.prior_text, tokens[:, :T]))
+            states = torch.cat([states, F.normalize(joint, dim=-1)], -1)
         return states, pad
 
     def empty_text(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -218,6 +241,30 @@ class ConTextCIR(ComposedRetrieval):
         image_pad = torch.zeros(fused.image.shape[:2], dtype=torch.bool, device=tokens.device)
         pad = torch.cat([image_pad, fused.text_pad], 1)
         return F.normalize(self.head(self.pool(tokens, pad)), dim=-1)
+
+
+class FrozenTextTower(nn.Module):
+    """A frozen copy of a CLIP model's text tower (the modules `text_tower_states` and
+    `text_tower_projection` read), for the attention prior's text side: the fusion's maps start
+    from, and keep, the pretrained towers' token-patch similarity while the text tower trains."""
+
+    def __init__(self, clip: nn.Module):
+        super().__init__()
+        if hasattr(clip, "text"):  # open_clip CustomTextCLIP
+            self.text = copy.deepcopy(clip.text)
+        else:
+            for name in ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection"):
+                setattr(self, name, copy.deepcopy(getattr(clip, name)))
+            self.register_buffer("attn_mask", clip.attn_mask.clone(), persistent=False)
+        self.requires_grad_(False)
+
+    def copy_from(self, clip: nn.Module) -> None:
+        """Set the frozen weights to `clip`'s text tower's current ones."""
+        source = clip.state_dict()
+        self.load_state_dict({k: source[k] for k in self.state_dict()})
+
+    def train(self, mode: bool = True) -> "FrozenTextTower":
+        return super().train(False)  # frozen: never in training mode
 
 
 def text_tower_states(clip: nn.Module, tokens: torch.Tensor) -> torch.Tensor:

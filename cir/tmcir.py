@@ -100,10 +100,9 @@ class TMCIR(ComposedRetrieval):
         self.head = nn.Linear(width * config.pool_seeds, config.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(1.0 / config.init_temperature).log())
 
-    def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """images [B, 3, S, S] (preprocessed) -> [B, 1 + P, E] unit vectors in the joint space:
-        the CLS embedding, then the patches row-major."""
-        pooled, patches = self.clip.visual(images)
+    def tokens_from_tower(self, pooled: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        """The image tower's pooled [B, E] and patch [B, P, W] outputs -> [B, 1 + P, E] unit vectors
+        in the joint space: the CLS embedding, then the patches row-major."""
         return F.normalize(torch.cat([pooled[:, None], patches @ self.clip.visual.proj], 1), dim=-1)
 
     def text_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -70,6 +70,13 @@ def parse_args(argv=None):
                         "non-empty proper subsets of its operations applied to its reference scene, redrawn every "
                         "epoch; 'all' = every one, 2 for 2 operations, 6 for 3) and use them as negatives for every "
                         "query of the batch (the flag alone: N = 1)")
+    p.add_argument("--image-cache", default=None, metavar="DIR",
+                   help="with --freeze-image: take every training image's tower outputs (and the partial "
+                        "fulfilments' fixed pool) from this cache of python -m cir.image_cache instead of "
+                        "decoding, rendering and encoding them each step")
+    p.add_argument("--cc-teacher", default=None, metavar="CKPT",
+                   help="with --image-cache: the CC loss's targets are this frozen checkpoint's isolated maps "
+                        "(computed once, kept in OUT/cc_targets.npz), not the trained model's own")
     p.add_argument("--no-query-negative", action="store_true", help="ablation: drop the query image as an extra negative")
     p.add_argument("--freeze-text", action="store_true", help="ablation: freeze the CLIP text encoder")
     p.add_argument("--freeze-image", action="store_true", help="ablation: freeze the CLIP image encoder")
@@ -99,6 +106,10 @@ def parse_args(argv=None):
     p.add_argument("--stop-after", type=int, default=None,
                    help="stop (after saving) once this step is reached, keeping the schedule of --steps")
     a = p.parse_args(argv)
+    if a.image_cache and not a.freeze_image:
+        p.error("--image-cache needs --freeze-image (the cache holds the frozen image tower's outputs)")
+    if a.cc_teacher and not a.image_cache:
+        p.error("--cc-teacher needs --image-cache")
     a.schedule_start = 0  # the step the lr schedule begins at (main sets it for --restart-schedule and --resume)
     return a
 
@@ -125,8 +136,10 @@ from cir.atomic import sha256_file
 from cir.checkpoint import load_checkpoint, load_weights, read_manifest, save_checkpoint
 from cir.data.datasets import TripletDataset, collate_triplets
 from cir.data.triplets import Triplet, read_gallery, read_triplets
+from cir.cc_teacher import run_cc_targets
 from cir.errors import UserError
 from cir.evaluate import evaluate
+from cir.image_cache import ImageCache
 from cir.losses import concept_consistency_loss, contrastive_loss, reduce_maps
 from cir.model import ConTextCIR, ModelConfig, build_model, isolated_maps, span_maps
 
@@ -213,12 +226,14 @@ class TrainingObjective(nn.Module):
         super().__init__()
         self.model, self.loss = model, loss
 
-    def forward(self, images, tokens, hard_rows, phrase_rows, phrase_positions, phrase_texts):
-        """images [B + B + M, 3, S, S]: references, targets, then M hard negatives (of rows hard_rows
-        [M], ascending); tokens [B, C]; phrase_rows [N], phrase_positions (N lists of token positions) and
-        phrase_texts (N strings) for the CC loss. Returns (total, contrastive, cc), scalars."""
+    def forward(self, images, tokens, hard_rows, phrase_rows, phrase_positions, phrase_texts, cc_targets=None):
+        """images [B + B + M, 3, S, S], or their cached tower outputs [B + B + M, F]: references,
+        targets, then M hard negatives (of rows hard_rows [M], ascending); tokens [B, C];
+        phrase_rows [N], phrase_positions (N lists of token positions) and phrase_texts (N strings)
+        for the CC loss, whose targets are `cc_targets` [N, P] when given, else the model's own
+        isolated maps. Returns (total, contrastive, cc), scalars."""
         m, c, B = self.model, self.loss, tokens.shape[0]
-        img = m.image_tokens(images)
+        img = m.cached_image_tokens(images) if images.ndim == 2 else m.image_tokens(images)
         fused_q = m.fuse(img[:B], m.text_tokens(tokens))
         query = m.embed(fused_q)
         gal = m.embed(m.fuse(img, m.empty_text(img.shape[0])))  # every image as f(image, "")
@@ -234,8 +249,11 @@ class TrainingObjective(nn.Module):
         cc = torch.zeros((), device=gal.device)
         if c.lambda_cc > 0 and len(phrase_texts):
             ctx = reduce_maps(span_maps(fused_q.attention, phrase_rows, phrase_positions), layers=c.cc_maps)
-            with torch.no_grad():
-                iso = reduce_maps(isolated_maps(m, img[:B].detach(), phrase_rows, phrase_texts), layers=c.cc_maps)
+            if cc_targets is not None:
+                iso = cc_targets
+            else:
+                with torch.no_grad():
+                    iso = reduce_maps(isolated_maps(m, img[:B].detach(), phrase_rows, phrase_texts), layers=c.cc_maps)
             cc = concept_consistency_loss(ctx.float(), iso.float(), c.eps)
         return cont + c.lambda_cc * cc, cont, cc
 
@@ -246,7 +264,8 @@ def train_step(objective, batch, device, autocast) -> tuple[torch.Tensor, dict]:
     images = torch.cat([batch["reference"], batch["target"], batch["hard"]]).to(device, non_blocking=True)
     with autocast():
         loss, cont, cc = objective(images, batch["tokens"].to(device), batch["hard_rows"].to(device),
-                                   batch["phrase_rows"].to(device), batch["phrase_positions"], batch["phrase_texts"])
+                                   batch["phrase_rows"].to(device), batch["phrase_positions"], batch["phrase_texts"],
+                                   batch["cc_targets"].to(device) if "cc_targets" in batch else None)
     return loss, {"loss": loss.item(), "contrastive": cont.item(), "cc": cc.item()}
 
 
@@ -290,6 +309,9 @@ def main(argv=None) -> int:
             start, log_metrics = manifest.get("step", 0), manifest.get("metrics", {})
             print(f"warm start from {a.init_from} (step {start}); {len(new)} tensors newly initialised"
                   + (f": {', '.join(sorted({k.rsplit('.', 1)[0] for k in new}))}" if new else ""))
+            if any(k.startswith("prior_text.") for k in new):  # the frozen prior starts as the loaded text tower
+                model.prior_text.copy_from(model.clip)
+                print("prior_text: a frozen copy of the loaded text tower")
     if a.init_from and a.restart_schedule and not a.resume:
         a.schedule_start = start
     model.train()
@@ -327,9 +349,19 @@ def main(argv=None) -> int:
 
     if a.partial_negatives and not any(has_partials(t.meta or {}) for t in triplets):
         raise UserError(f"--partial-negatives: no triplet in {train_file} has CIR-Shapes scenes with 2+ operations")
+    cache = cc_targets = None
+    if a.image_cache:
+        cache = ImageCache.open(a.image_cache)
+        cache.check(model, train_file)
+    if a.cc_teacher and a.lambda_cc > 0:
+        if world > 1:
+            raise UserError("--cc-teacher runs in one process (no torchrun)")
+        phrase_source = {"source": a.np_backend, "leaf_only": a.leaf_nps_only, "max": MAX_PHRASES}
+        cc_targets = run_cc_targets(out, a.cc_teacher, cache, phrases, phrase_source, a.cc_maps)
     dataset = TripletDataset(triplets, phrases, preprocess, model.tokenizer,
                              hard_negatives=functools.partial(shapes_partials, count=a.partial_negatives)
-                             if a.partial_negatives else None, seed=a.seed)
+                             if a.partial_negatives and cache is None else None, seed=a.seed,
+                             cache=cache, cached_partials=a.partial_negatives or 0, cc_targets=cc_targets)
     per_rank = a.batch_size // world
     steps_per_epoch = len(dataset) // a.batch_size
     if steps_per_epoch == 0:
@@ -361,6 +393,7 @@ def main(argv=None) -> int:
         loader = DataLoader(torch.utils.data.Subset(dataset, order), batch_size=per_rank, shuffle=False,
                             num_workers=a.workers, collate_fn=collate_triplets, pin_memory=device.type == "cuda",
                             persistent_workers=False)
+        waited = time.perf_counter()
         for batch in loader:
             t0 = time.perf_counter()
             lr = lr_at(step, a, a.schedule_start)
@@ -375,23 +408,28 @@ def main(argv=None) -> int:
                 model.logit_scale.clamp_(0, math.log(100))
             step += 1
             if rank == 0:
-                rec = {"step": step, "lr": lr, **parts, "grad_norm": float(gnorm), "sec": time.perf_counter() - t0}
+                rec = {"step": step, "lr": lr, **parts, "grad_norm": float(gnorm), "sec": time.perf_counter() - t0,
+                       "data_sec": t0 - waited}
                 with open(log_path, "a") as f:
                     f.write(json.dumps(rec) + "\n")
                 bar.set_postfix(loss=loss_text(parts["loss"]), cont=loss_text(parts["contrastive"]),
                                 cc=loss_text(parts["cc"]), lr=f"{lr:.1e}")
                 bar.update()
                 if val and a.val_every and (step % a.val_every == 0 or step == a.steps):
-                    res = evaluate(model, preprocess, val, val_gal, device, with_grounding=False)
+                    res = evaluate(model, preprocess, val, val_gal, device)
                     model.train()
                     log_metrics = {"step": step, "val_recall": res["recall"]}
-                    bar.write(f"step {step}: val R@1 {res['recall']['1']:.2f}  R@5 {res['recall']['5']:.2f}  R@10 {res['recall']['10']:.2f}")
+                    if "grounding" in res:
+                        log_metrics["val_grounding"] = {k: v for k, v in res["grounding"].items() if k != "per_layer_head"}
+                    bar.write(f"step {step}: val R@1 {res['recall']['1']:.2f}  R@5 {res['recall']['5']:.2f}  "
+                              f"R@10 {res['recall']['10']:.2f}" + grounding_text(res.get("grounding")))
                     with open(out / "val.jsonl", "a") as f:
                         f.write(json.dumps(log_metrics) + "\n")
                 if step % a.save_every == 0 or step == stop:
                     save_checkpoint(last, model, dict(manifest_base, step=step, metrics=log_metrics), optimizer=opt)
             if step >= stop:
                 break
+            waited = time.perf_counter()
     bar.close()
     if rank == 0 and step == start and not a.resume:  # no step to run (--steps 0): the model as initialised
         save_checkpoint(last, model, dict(manifest_base, step=step, metrics=log_metrics), optimizer=opt)
@@ -400,6 +438,16 @@ def main(argv=None) -> int:
     if world > 1:
         dist.destroy_process_group()
     return 0
+
+
+def grounding_text(g: dict | None) -> str:
+    """The validation's grounding in one line: pointing in context / isolated, energy and distinct
+    peaks per caption over the phrases naming a reference object ("" without grounding boxes)."""
+    if not g or not g.get("objects", {}).get("count"):
+        return ""
+    o = g["objects"]
+    return (f"  pointing {o['pointing']['in_context']:.1f} / {o['pointing']['isolated']:.1f}"
+            f"  energy {o['energy']['in_context']:.1f}  distinct {o['distinct']['in_context']:.1f}")
 
 
 def loss_text(value: float) -> str:

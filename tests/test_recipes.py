@@ -40,13 +40,13 @@ def test_recipe_chains_each_stage_on_the_previous_output():
         made = set()
         for s in stages:
             for i, word in enumerate(s.command):
-                if word in ("--pretrained", "--init-from", "--checkpoint", "--exclude-scenes"):
+                if word in ("--pretrained", "--init-from", "--checkpoint", "--exclude-scenes", "--image-cache", "--cc-teacher"):
                     assert s.command[i + 1] in made or (ROOT / s.command[i + 1]).is_file() and \
                         s.command[i + 1].startswith("assets/"), (name, s.what, s.command[i + 1])
             made.add(s.output)
             if s.output.startswith("data/"):
                 folder = Path(s.output).parent
-                made |= {f"{folder}/train.jsonl", f"{folder}/val.jsonl"}
+                made |= {str(folder), f"{folder}/train.jsonl", f"{folder}/val.jsonl"}
 
 
 def test_run_skips_done_stages_and_resumes_training(tmp_path, monkeypatch, capsys):

@@ -31,8 +31,14 @@ def random_partials(meta: dict, rng: random.Random, count: int = 1) -> list[Imag
     partials (see `has_partials`)."""
     if not has_partials(meta):
         return []
-    ops, scene = meta["operations"], meta["reference_scene"]
-    subsets = partial_subsets(len(ops))
+    subsets = partial_subsets(len(meta["operations"]))
     if count < len(subsets):
         subsets = rng.sample(subsets, count)
-    return [render(apply_all(Scene.from_json(scene), [Operation.from_json(ops[i]) for i in sub])) for sub in subsets]
+    return [render_partial(meta, sub) for sub in subsets]
+
+
+def render_partial(meta: dict, subset: tuple[int, ...]) -> Image.Image:
+    """The reference scene of a CIR-Shapes query (`meta` of its triplet) with the operations of
+    `subset` (indices, as `partial_subsets` gives them) applied, rendered."""
+    ops = meta["operations"]
+    return render(apply_all(Scene.from_json(meta["reference_scene"]), [Operation.from_json(ops[i]) for i in subset]))
