@@ -25,7 +25,7 @@ def run_tool(*argv: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("tool", ["cir.train", "cir.towers", "cir.evaluate", "cir.index", "cir.checkpoint",
-                                  "cir.baselines", "cir.align"])
+                                  "cir.baselines", "cir.align", "cir.image_cache"])
 def test_help_does_not_import_torch(tool):
     r = run_tool(tool, "--help")
     assert r.returncode == 0, r.stderr
@@ -45,3 +45,22 @@ def test_argument_errors_come_before_torch(argv, message):
     r = run_tool(*argv)
     assert r.returncode == 2 and message in r.stderr, r.stderr
     assert "heavy: []" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_console_scripts_run_their_tools_as_python_m_does():
+    """pyproject's [project.scripts]: each names a cir.console function that runs an existing tool
+    module as `python -m` does (flags parsed before torch loads)."""
+    import tomllib
+
+    from cir import console
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert {"cir-train", "cir-index", "cir-evaluate"} <= set(scripts)
+    for name, target in scripts.items():
+        module, function = target.split(":")
+        assert module == "cir.console" and callable(getattr(console, function)), name
+        tool = getattr(console, function).__doc__.removeprefix("python -m ")
+        assert (ROOT / (tool.replace(".", "/") + ".py")).is_file() or (ROOT / tool.replace(".", "/") / "__main__.py").is_file()
+    code = ("import sys; sys.argv = ['cir-train', '--help']\nfrom cir import console\ntry:\n    console.train()\n"
+            "except SystemExit:\n    pass\nprint('heavy:', [m for m in %r if m in sys.modules])" % (HEAVY,))
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert "usage: python -m cir.train" in r.stdout and "heavy: []" in r.stdout
