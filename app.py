@@ -87,7 +87,7 @@ def launch(demo, host: str, port: int, share: bool, max_file_size: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     from cir.ui.access import FileAccess
-    from cir.ui.app import build_demo
+    from cir.ui.server import build_demo
     from cir.ui.limits import MAX_FILE_SIZE
     from cir.ui.models import Models
 

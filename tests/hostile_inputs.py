@@ -282,11 +282,11 @@ class served:
         self.explorer, self.access = explorer, access
 
     def __enter__(self) -> str:
-        from cir.ui import app as ui
+        from cir.ui import server
         from cir.ui import limits
 
         port = free_port()
-        self.demo = ui.build_demo(self.explorer, self.access)
+        self.demo = server.build_demo(self.explorer, self.access)
         self.demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
                          max_file_size=limits.MAX_FILE_SIZE)
         return f"http://127.0.0.1:{port}/"

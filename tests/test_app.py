@@ -28,8 +28,8 @@ from cir.errors import UserError
 from cir.evaluate import embed_gallery, embed_queries, rank
 from cir.losses import concept_consistency_loss, reduce_maps
 from cir.model import build_model
-from cir.ui import app as ui
-from cir.ui import limits, review
+from cir.synth.report import changed_objects
+from cir.ui import components, limits, retrieve_tab, review, review_tab, server, why_panel
 from cir.ui.access import FileAccess
 from cir.ui.card import looks_like_shapes, model_card
 from cir.ui.explorer import Explorer, model_name, phrase_spans
@@ -134,16 +134,17 @@ def test_target_rank_and_retrieve_callback(ex):
     assert ex.target_rank(t.reference, t.caption, t.targets, [t.reference]) is None
     assert ex.target_rank(t.reference, t.caption, t.targets, [t.reference, *t.targets])[1] == 2
     # the page callback: uploaded image (no query path) with an example's ground truth
-    gallery, table, status, paths, maps_image = ui.run_retrieve(ex, t.reference, None, t.caption, 5, t.targets)
+    gallery, table, status, paths, maps_image = retrieve_tab.run_retrieve(ex, t.reference, None, t.caption, 5,
+                                                                          t.targets)
     assert paths == full[0][:5] and [row[2] for row in table] == [ex.label(p) for p in paths]
     assert len(gallery) == 5 and maps_image == t.reference
     assert f"rank **{full[0].index(t.targets[0]) + 1}**" in status
     with pytest.raises(Exception, match="choose a query image"):
-        ui.run_retrieve(ex, None, None, "x", 5, [])
+        retrieve_tab.run_retrieve(ex, None, None, "x", 5, [])
     # the served event (postprocess=False) sends the values Gradio's postprocessing would make
     headers = ["rank", "score", "image", "target"]
-    results, values = ui.retrieve_values(ex, gr.Dataframe(headers=headers, type="array"), gr.Markdown(),
-                                         t.reference, None, t.caption, 5, t.targets)[:2]
+    results, values = retrieve_tab.retrieve_values(ex, gr.Dataframe(headers=headers, type="array"), gr.Markdown(),
+                                                   t.reference, None, t.caption, 5, t.targets)[:2]
     expected = gr.Gallery().postprocess(gallery).model_dump()
     for item in expected:  # small thumbnails travel inline: a data: URL of the file, no file marker
         del item["image"]["meta"]
@@ -159,9 +160,9 @@ def test_browse_pages_and_filter(ex):
     tgt = ex.browse("TGT", 0, per_page=100)[0]
     assert tgt and all("-tgt" in os.path.basename(p) for p in tgt)
     assert ex.browse("no such file", 0)[3] == 0
-    query_path, _, targets, _ = ui.pick_browsed(ex, "tgt", 0, 1)
+    query_path, _, targets, _ = retrieve_tab.pick_browsed(ex, "tgt", 0, 1)
     assert query_path == tgt[1] and targets == []
-    query_path, _, caption, targets, _, rows, owner = ui.pick_example(ex, 2)
+    query_path, _, caption, targets, _, rows, owner = retrieve_tab.pick_example(ex, 2)
     assert rows == [[p["text"], p["start"], p["end"]] for p in ex.examples[2].noun_phrases] and owner == caption
     assert (query_path, caption, targets) == (ex.examples[2].reference, ex.examples[2].caption, ex.examples[2].targets)
 
@@ -209,9 +210,9 @@ def test_heatmaps_shapes_shared_scale_and_speed(ex):
                "diamond on the right and change the background to pink")
     phrases = ex.noun_phrases(caption)[:10]
     assert len(phrases) == 10
-    ui.render_maps(ex, t.reference, caption, phrases[:1])  # warm-up
+    why_panel.render_maps(ex, t.reference, caption, phrases[:1])  # warm-up
     t0 = time.perf_counter()
-    image, table = ui.render_maps(ex, t.reference, caption, phrases)
+    image, table = why_panel.render_maps(ex, t.reference, caption, phrases)
     assert time.perf_counter() - t0 < 3.0
     assert len(table) == 10 and image.shape == (10 * row.image.shape[0], *row.image.shape[1:])
 
@@ -223,17 +224,17 @@ def test_phrase_editing(ex):
     assert phrase_spans(caption, [["the red circle", 29, 43]])[0]["start"] == 29  # the second occurrence, kept
     with pytest.raises(UserError, match="does not occur"):
         phrase_spans(caption, [["a green star", None, None]])
-    rows, cleared = ui.add_phrase(caption, [["blue", 20, 24]], "small")
+    rows, cleared = why_panel.add_phrase(caption, [["blue", 20, 24]], "small")
     assert rows == [["blue", 20, 24], ["small", 44, 49]] and cleared == ""
     # the attention callback re-extracts phrases for a new caption (spaCy's: no example has it), keeps edited ones
     t = ex.examples[0]
     caption = t.caption + " please"
-    rows, owner, image, table, info = ui.attention(ex, t.reference, caption, [], None, "mean", "mean", 0.005)
+    rows, owner, image, table, info = why_panel.attention(ex, t.reference, caption, [], None, "mean", "mean", 0.005)
     assert owner == caption and [r[0] for r in rows] == [p["text"] for p in ex.noun_phrases(caption)]
     assert "(spaCy)" in info
-    kept = ui.attention(ex, t.reference, caption, rows[:1], owner, "0", "1", 0.0)
+    kept = why_panel.attention(ex, t.reference, caption, rows[:1], owner, "0", "1", 0.0)
     assert kept[0] == rows[:1] and len(kept[3]) == 1 and kept[2] is not None and "(edited)" in kept[4]
-    assert "(spaCy)" in ui.attention(ex, t.reference, caption, rows, owner, "mean", "mean", 0.005)[4]
+    assert "(spaCy)" in why_panel.attention(ex, t.reference, caption, rows, owner, "mean", "mean", 0.005)[4]
 
 
 # ---------------------------------------------------------------------------- review
@@ -294,38 +295,42 @@ def test_review_callbacks(ex, demo, tmp_path):
     write_triplets(src, read_triplets(demo[0] / "examples.jsonl")[0][:3])
     triplets = read_triplets(src)[0]
     access = FileAccess([tmp_path], ex.index.paths)
-    state = ui.review_open(access, str(src))
+    state = review_tab.review_open(access, str(src))
     assert (state["path"], state["pos"]) == (os.path.realpath(src), 0)
-    reference, targets, pieces, caption, note, status = ui.review_show(ex, access, state)
+    reference, targets, pieces, caption, note, status = review_tab.review_show(ex, access, state)
     assert caption == triplets[0].caption and "".join(text for text, _ in pieces) == caption
     assert any(label == "noun phrase" for _, label in pieces) and "Item **1** of 3" in status
     assert [label for _, label in targets] == [os.path.basename(p) for p in triplets[0].targets]  # short names
-    image, ranked = ui.review_details(ex, access, state, ui.RANK_OVER[0])
+    image, ranked = review_tab.review_details(ex, access, state, review_tab.RANK_OVER[0])
     assert image is not None and "of 6 (file images)" in ranked
-    assert "gallery index" in ui.review_details(ex, access, state, ui.RANK_OVER[1])[1]
-    state = ui.review_decide(state, caption, "", kind="accept")
-    state = ui.review_decide(state, "  a better caption ", "typo", kind="accept")  # changed caption: an edit
+    assert "gallery index" in review_tab.review_details(ex, access, state, review_tab.RANK_OVER[1])[1]
+    state = review_tab.review_decide(state, caption, "", kind="accept")
+    state = review_tab.review_decide(state, "  a better caption ", "typo", kind="accept")  # changed caption: an edit
     log = review.read_decisions(review.store_path(src))
     assert log[triplets[0].id]["decision"] == "accept"
     assert log[triplets[1].id] | {"time": None} == {"id": triplets[1].id, "decision": "edit", "note": "typo",
                                                     "caption": "a better caption", "time": None}
-    assert ui.review_open(access, str(src))["pos"] == 2  # reopening resumes at the first undecided item
-    assert ui.review_move(state, -5)["pos"] == 0 and ui.review_move(state, 9)["pos"] == 3
+    assert review_tab.review_open(access, str(src))["pos"] == 2  # reopening resumes at the first undecided item
+    assert review_tab.review_move(state, -5)["pos"] == 0 and review_tab.review_move(state, 9)["pos"] == 3
     # filters: only the items of one kind; undo takes the latest decision back and goes to its item
-    undecided = ui.review_filter(state, "undecided")
-    assert undecided["pos"] == 2 and ui.review_move(undecided, 1)["pos"] == 3 and ui.review_move(undecided, -1)["pos"] == 2
-    accepted = ui.review_filter(state, "accepted")
-    assert accepted["pos"] == 0 and ui.review_move(accepted, 1)["pos"] == 1 and ui.review_move(accepted, 2)["pos"] == 3
-    assert "2 of 3 decided (1 undecided, 2 accepted, 0 rejected, " in ui.review_show(ex, access, state)[5]
-    assert "No more rejected items" in ui.review_show(ex, access, ui.review_filter(state, "rejected"))[5]
-    undone = ui.review_undo(state)
+    undecided = review_tab.review_filter(state, "undecided")
+    assert undecided["pos"] == 2 and review_tab.review_move(undecided, 1)["pos"] == 3 \
+        and review_tab.review_move(undecided, -1)["pos"] == 2
+    accepted = review_tab.review_filter(state, "accepted")
+    assert accepted["pos"] == 0 and review_tab.review_move(accepted, 1)["pos"] == 1 \
+        and review_tab.review_move(accepted, 2)["pos"] == 3
+    assert "2 of 3 decided (1 undecided, 2 accepted, 0 rejected, " in review_tab.review_show(ex, access, state)[5]
+    assert "No more rejected items" in review_tab.review_show(ex, access,
+                                                              review_tab.review_filter(state, "rejected"))[5]
+    undone = review_tab.review_undo(state)
     assert undone["pos"] == 1 and triplets[1].id not in review.read_decisions(review.store_path(src))
-    assert ui.review_undo(undone)["pos"] == 0 and review.read_decisions(review.store_path(src)) == {}
+    assert review_tab.review_undo(undone)["pos"] == 0 and review.read_decisions(review.store_path(src)) == {}
     with pytest.raises(Exception, match="nothing to undo"):
-        ui.review_undo(undone)
-    state = ui.review_decide(ui.review_decide(undone | {"pos": 0}, triplets[0].caption, "", kind="accept"),
-                             "  a better caption ", "typo", kind="accept")
-    update, message = ui.review_export(state)
+        review_tab.review_undo(undone)
+    state = review_tab.review_decide(
+        review_tab.review_decide(undone | {"pos": 0}, triplets[0].caption, "", kind="accept"),
+        "  a better caption ", "typo", kind="accept")
+    update, message = review_tab.review_export(state)
     accepted_file, log_file = update["value"]
     assert [t.caption for t in read_triplets(accepted_file)[0]] == [triplets[0].caption, "a better caption"]
     assert log_file == str(review.log_path(src)) and "all 6 decision(s)" in message
@@ -333,7 +338,7 @@ def test_review_callbacks(ex, demo, tmp_path):
         (triplets[0].id, "accept"), (triplets[1].id, "edit"), (triplets[1].id, "undo"), (triplets[0].id, "undo"),
         (triplets[0].id, "accept"), (triplets[1].id, "edit")]
     with pytest.raises(Exception, match="not found"):
-        ui.review_open(access, str(tmp_path / "missing.jsonl"))
+        review_tab.review_open(access, str(tmp_path / "missing.jsonl"))
 
 
 def test_two_annotators_on_one_file_at_once(ex, demo, tmp_path):
@@ -348,9 +353,9 @@ def test_two_annotators_on_one_file_at_once(ex, demo, tmp_path):
     plans = {"ada": ["accept"] * 6, "bob": ["accept", "reject", "accept", "accept", "reject", "accept"]}
 
     def annotate(name: str):
-        state = ui.review_annotator(ui.review_open(access, str(src)), name)
+        state = review_tab.review_annotator(review_tab.review_open(access, str(src)), name)
         for kind in plans[name]:
-            state = ui.review_decide(state, triplets[state["pos"]].caption, f"by {name}", kind=kind)
+            state = review_tab.review_decide(state, triplets[state["pos"]].caption, f"by {name}", kind=kind)
 
     workers = [threading.Thread(target=annotate, args=(name,)) for name in plans]
     for w in workers:
@@ -362,16 +367,16 @@ def test_two_annotators_on_one_file_at_once(ex, demo, tmp_path):
         mine = review.read_decisions(log, name)
         assert [mine[t.id]["decision"] for t in triplets] == kinds and all(r["annotator"] == name for r in mine.values())
     assert review.agreement(log) == (2, 6, pytest.approx(4 / 6))
-    state = ui.review_annotator(ui.review_open(access, str(src)), "bob")
-    status = ui.review_show(ex, access, ui.review_move(state, -6))[5]
+    state = review_tab.review_annotator(review_tab.review_open(access, str(src)), "bob")
+    status = review_tab.review_show(ex, access, review_tab.review_move(state, -6))[5]
     assert "by **bob**" in status and "2 annotators, agreement 67% on 6 item(s)" in status
     assert "(0 undecided, 4 accepted, 2 rejected" in status
-    carol = ui.review_annotator(state, "carol")  # a third annotator starts from the beginning
-    assert carol["pos"] == 0 and "(6 undecided" in ui.review_show(ex, access, carol)[5]
-    with pytest.raises(ui.gr.Error, match="at most"):
-        ui.review_annotator(state, "x" * 200)
+    carol = review_tab.review_annotator(state, "carol")  # a third annotator starts from the beginning
+    assert carol["pos"] == 0 and "(6 undecided" in review_tab.review_show(ex, access, carol)[5]
+    with pytest.raises(gr.Error, match="at most"):
+        review_tab.review_annotator(state, "x" * 200)
     # undo takes back only the annotator's own latest decision
-    ui.review_undo(state)
+    review_tab.review_undo(state)
     assert triplets[5].id not in review.read_decisions(log, "bob") and triplets[5].id in review.read_decisions(log, "ada")
 
 
@@ -385,22 +390,23 @@ def test_review_flags_captions_that_miss_a_change(ex, demo, tmp_path):
                     meta={k: v for k, v in triplets[1].meta.items() if k != "grounding"})
     src = tmp_path / "batch.jsonl"
     write_triplets(src, [triplets[0], vague, *triplets[2:]])
-    changes = ui.changed_objects(vague)[1]
-    assert ui.missing_changes(vague, vague.caption) == [names[0] for names in changes] and changes
-    expected = [i for i, t in enumerate(read_triplets(src)[0]) if ui.missing_changes(t, t.caption)]
-    assert 1 in expected and all(not ui.missing_changes(t, t.caption) for i, t in enumerate(triplets) if i not in expected)
+    changes = changed_objects(vague)[1]
+    assert review_tab.missing_changes(vague, vague.caption) == [names[0] for names in changes] and changes
+    expected = [i for i, t in enumerate(read_triplets(src)[0]) if review_tab.missing_changes(t, t.caption)]
+    assert 1 in expected and all(not review_tab.missing_changes(t, t.caption)
+                                 for i, t in enumerate(triplets) if i not in expected)
     access = FileAccess([tmp_path], ex.index.paths)
-    state = ui.review_open(access, str(src))
-    flagged = ui.review_filter(state, "flagged")
+    state = review_tab.review_open(access, str(src))
+    flagged = review_tab.review_filter(state, "flagged")
     assert flagged["pos"] == expected[0]
-    status = ui.review_show(ex, access, flagged | {"pos": 1})[5]
+    status = review_tab.review_show(ex, access, flagged | {"pos": 1})[5]
     assert f"The caption misses {len(changes)} change(s)" in status and changes[0][0] in status
     assert f"{len(expected)} flagged)" in status
     visited = [flagged["pos"]]
-    while (flagged := ui.review_move(flagged, 1))["pos"] < len(triplets):
+    while (flagged := review_tab.review_move(flagged, 1))["pos"] < len(triplets):
         visited.append(flagged["pos"])
     assert visited == expected
-    assert ui.missing_changes(replace(vague, meta={}), "x") is None  # nothing to check against
+    assert review_tab.missing_changes(replace(vague, meta={}), "x") is None  # nothing to check against
 
 
 # ---------------------------------------------------------------------------- the served app
@@ -416,7 +422,7 @@ def test_served_retrieve_endpoint(ex, models):
     from gradio_client.exceptions import AppError
 
     port = free_port()
-    demo = ui.build_demo(models)
+    demo = server.build_demo(models)
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     try:
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
@@ -429,7 +435,7 @@ def test_served_retrieve_endpoint(ex, models):
             _, table, status = client.predict(handle_file(t.reference), t.caption, 7, name, api_name="/retrieve")
             want = evaluation_ranking(models[name], [t], 7)[0]
             assert [row[2] for row in table["data"]] == [ex.label(p) for p in want]
-            assert f"7 results of **{ui.markdown_literal(name)}**" in status
+            assert f"7 results of **{components.markdown_literal(name)}**" in status
         assert evaluation_ranking(models["TMCIR"], [t], 7)[0] != evaluation_ranking(ex, [t], 7)[0]
         with pytest.raises(AppError, match="not in the list of choices"):
             client.predict(handle_file(t.reference), t.caption, 7, "no such model", api_name="/retrieve")
@@ -475,7 +481,7 @@ def test_app_flags_and_one_line_errors(tmp_path, capsys):
             app.launch(blank, "127.0.0.1", busy.getsockname()[1], False, "1mb")
     # --help parses before the model code is imported
     probe = ("import runpy, sys; sys.argv = ['app.py', '--help']\ntry: runpy.run_path('app.py', run_name='__main__')\n"
-             "except SystemExit: pass\nprint(sorted(m for m in ('torch', 'gradio', 'cir.ui.app') if m in sys.modules))")
+             "except SystemExit: pass\nprint(sorted(m for m in ('torch', 'gradio', 'cir.ui.server') if m in sys.modules))")
     run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert "--host" in run.stdout and run.stdout.strip().endswith("[]"), run.stdout[-300:]
     run = subprocess.run([sys.executable, str(ROOT / "app.py"), "--checkpoint", str(tmp_path / "none.safetensors"),
@@ -500,8 +506,8 @@ def test_data_url_images_are_size_limited():
         limits.data_url(big)
     limits.data_url(big[:1_000_000])
     limits.data_url("/a/file.png")
-    with pytest.raises(ui.gr.Error, match=f"at most {limits.MAX_FILE_MB} MB"):
-        ui.query_image().preprocess(FileData(path="query.png", url=big))
+    with pytest.raises(gr.Error, match=f"at most {limits.MAX_FILE_MB} MB"):
+        components.query_image().preprocess(FileData(path="query.png", url=big))
 
 
 def test_model_names():
@@ -543,7 +549,7 @@ def test_model_selector_retrieves_with_each_models_own_embeddings(ex, demo, tiny
     # the page: TMCIR selected with results shown retrieves again with it, and its layer / head choices
     t = ex.examples[2]
     want = evaluation_ranking(tm, [t], len(tm.index))[0]
-    card, layer, head, compare, gallery, table, status, hits, maps_image = ui.change_model(
+    card, layer, head, compare, gallery, table, status, hits, maps_image = retrieve_tab.change_model(
         both, "TMCIR", "none", "1", "1", None, t.reference, t.caption, 6, t.targets, ["earlier results"])
     assert hits == want[:6] and maps_image == t.reference and "results of **TMCIR**" in status
     assert f"rank **{min(want.index(p) for p in t.targets) + 1}**" in status
@@ -552,12 +558,13 @@ def test_model_selector_retrieves_with_each_models_own_embeddings(ex, demo, tiny
     assert (head["choices"], head["value"]) == ([("mean over heads", "mean"), ("head 1", "0")], "mean")
     assert compare["choices"] == [("none", "none"), ("ConText-CIR", "ConText-CIR")] and compare["value"] == "none"
     # the first model again, compared with TMCIR; without results nothing is retrieved
-    *controls, gallery, table, status, hits, maps_image = ui.change_model(
+    *controls, gallery, table, status, hits, maps_image = retrieve_tab.change_model(
         both, "ConText-CIR", "TMCIR", "1", "mean", None, t.reference, t.caption, 6, t.targets, [])
     assert [c["value"] for c in controls[1:]] == ["1", "mean", "TMCIR"] and "sharp.safetensors" in controls[0]
     assert all(v == gr.skip() for v in (gallery, table, status, hits, maps_image))
     # results that cannot be retrieved again are cleared, never shown under the other model's name
-    cleared = ui.change_model(both, "TMCIR", "none", "mean", "mean", None, t.reference, " ", 6, [], want[:6])[4:]
+    cleared = retrieve_tab.change_model(both, "TMCIR", "none", "mean", "mean", None, t.reference, " ", 6, [],
+                                        want[:6])[4:]
     assert cleared[0] == [] and cleared[3] == [] and "Results cleared" in cleared[2]
 
 
@@ -575,8 +582,8 @@ def test_compare_view_opacity_and_upsampling(ex, models):
         for r, w in zip(maps, want):
             np.testing.assert_allclose(r.in_context, select(w.in_context).numpy(), rtol=1e-5, atol=1e-7)
             np.testing.assert_allclose(r.isolated, select(w.isolated).numpy(), rtol=1e-5, atol=1e-7)
-    single, _ = ui.render_maps(ex, t.reference, t.caption, phrases)
-    both, table = ui.render_maps(ex, t.reference, t.caption, phrases, other=tm)
+    single, _ = why_panel.render_maps(ex, t.reference, t.caption, phrases)
+    both, table = why_panel.render_maps(ex, t.reference, t.caption, phrases, other=tm)
     assert both.shape[0] == single.shape[0] and both.shape[1] > single.shape[1] and len(table) == 2
     view = model_view(load_rgb(t.reference))
     rows = [compare_row(view, {ex.name: (a.in_context, a.isolated), tm.name: (b.in_context, b.isolated)},
@@ -584,7 +591,7 @@ def test_compare_view_opacity_and_upsampling(ex, models):
             for a, b in zip(own, other)]
     assert np.array_equal(both, np.concatenate(rows))
     # the page's callback: the model and the one compared with chosen by name
-    image = ui.attention(ex, t.reference, t.caption, [], None, "mean", "mean", 0.005, other=tm)[2]
+    image = why_panel.attention(ex, t.reference, t.caption, [], None, "mean", "mean", 0.005, other=tm)[2]
     assert image.shape[1] == both.shape[1]
     # two models with different patch grids (3 x 3, 7 x 7): each drawn over the whole view, on one scale
     rng = np.random.default_rng(0)
@@ -610,20 +617,20 @@ def test_compare_view_opacity_and_upsampling(ex, models):
 def test_gold_phrases_boxes_and_shared_difference_scale(ex):
     t = next(x for x in ex.examples if x.noun_phrases and x.meta.get("grounding"))
     # a typed caption that is an example's: its gold phrases, not spaCy's re-parse
-    rows, owner, image, table, info = ui.attention(ex, t.reference, t.caption, [], None, "mean", "mean", 0.005)
+    rows, owner, image, table, info = why_panel.attention(ex, t.reference, t.caption, [], None, "mean", "mean", 0.005)
     assert rows == [[p["text"], p["start"], p["end"]] for p in t.noun_phrases] and "(gold)" in info
     boxes = ex.boxes(t.reference, t.caption)
     assert boxes == {(g["start"], g["end"]): g["box"] for g in t.meta["grounding"]}
     assert f"{sum((p['start'], p['end']) in boxes for p in t.noun_phrases)} known box(es) outlined" in info
     assert ex.boxes(t.targets[0], t.caption) == {}  # a box belongs to the reference only
-    assert "(spaCy)" in ui.attention(ex, t.reference, t.caption + " now", [], None, "mean", "mean", 0.005)[4]
+    assert "(spaCy)" in why_panel.attention(ex, t.reference, t.caption + " now", [], None, "mean", "mean", 0.005)[4]
     # the outline: a box in image pixels -> view pixels of the centre crop, drawn inside the panel
     assert view_box([0, 0, 64, 64], (128, 128)) == (0, 0, VIEW // 2, VIEW // 2)
     assert view_box([50, 0, 100, 100], (200, 100)) == (0, 0, VIEW // 2, VIEW - 1)  # 50 px cut on each side
     panel = outline(np.zeros((VIEW, VIEW, 3), np.uint8), (10, 20, 30, 40))
     assert (panel[20, 10:31] == BOX_COLOUR).all() and (panel[30, 10] == BOX_COLOUR).all() and not panel[30, 20].any()
-    with_boxes, _ = ui.render_maps(ex, t.reference, t.caption, t.noun_phrases, boxes=boxes)
-    without, _ = ui.render_maps(ex, t.reference, t.caption, t.noun_phrases)
+    with_boxes, _ = why_panel.render_maps(ex, t.reference, t.caption, t.noun_phrases, boxes=boxes)
+    without, _ = why_panel.render_maps(ex, t.reference, t.caption, t.noun_phrases)
     assert with_boxes.shape == without.shape and not np.array_equal(with_boxes, without)
     # one difference scale: every difference panel on +- the largest difference of all phrases
     maps = ex.phrase_maps(t.reference, t.caption, t.noun_phrases)
@@ -632,11 +639,11 @@ def test_gold_phrases_boxes_and_shared_difference_scale(ex):
     rows_shared = [phrase_row(view, r.in_context, r.isolated, f"“{r.text}”   CC term {r.cc:.4f}",
                               diff_scale=largest) for r in maps]
     assert all(r.diff_norm.vmax == pytest.approx(largest) for r in rows_shared)
-    shared, _ = ui.render_maps(ex, t.reference, t.caption, t.noun_phrases, shared_scale=True)
+    shared, _ = why_panel.render_maps(ex, t.reference, t.caption, t.noun_phrases, shared_scale=True)
     assert np.array_equal(shared, np.concatenate([r.image for r in rows_shared]))
     assert not np.array_equal(shared, without)
     # the per-head grid: one row of H panels per layer, each panel the overlay of that head's in-context map
-    grid, table = ui.render_maps(ex, t.reference, t.caption, t.noun_phrases[:1], grid=True)
+    grid, table = why_panel.render_maps(ex, t.reference, t.caption, t.noun_phrases[:1], grid=True)
     heads = maps[0].heads
     assert heads.shape[:2] == (ex.layers, ex.heads) and len(table) == 1
     assert grid.shape[0] == ex.layers * HEIGHT
@@ -651,13 +658,13 @@ def test_gold_phrases_boxes_and_shared_difference_scale(ex):
 
 def test_queries_labels_card_and_export(ex, demo, tmp_path):
     t = ex.examples[0]
-    with pytest.raises(ui.gr.Error, match="type a modification"):
-        ui.run_retrieve(ex, t.reference, None, "  ", 5, [])
-    assert ui.example_items(ex)[0][1] == t.caption  # whole captions, never cut
+    with pytest.raises(gr.Error, match="type a modification"):
+        retrieve_tab.run_retrieve(ex, t.reference, None, "  ", 5, [])
+    assert retrieve_tab.example_items(ex)[0][1] == t.caption  # whole captions, never cut
     # a gallery image that is an example's reference says so
-    page = next(p for p in range(9) if t.reference in ex.browse("", p, ui.PER_PAGE)[0])
-    info = ui.pick_browsed(ex, "", page, ex.browse("", page, ui.PER_PAGE)[0].index(t.reference))[3]
-    assert f"reference of example **{ui.markdown_literal(t.id)}**" in info
+    page = next(p for p in range(9) if t.reference in ex.browse("", p, retrieve_tab.PER_PAGE)[0])
+    info = retrieve_tab.pick_browsed(ex, "", page, ex.browse("", page, retrieve_tab.PER_PAGE)[0].index(t.reference))[3]
+    assert f"reference of example **{components.markdown_literal(t.id)}**" in info
     # the model card and the notice for photos
     card = model_card(ex)
     assert "sharp.safetensors" in card and "synthetic scenes" in card and f"{len(ex.index):,} images" in card
@@ -665,14 +672,14 @@ def test_queries_labels_card_and_export(ex, demo, tmp_path):
     x, y = np.meshgrid(np.linspace(0, 1, 96), np.linspace(0, 1, 96))
     photo = tmp_path / "photo.png"
     Image.fromarray((np.stack([x, y, x * y], -1) * 255).astype(np.uint8)).save(photo)
-    assert "unlike the training data" in ui.uploaded(str(photo))[2]
-    assert "unlike" not in ui.uploaded(t.reference)[2]
-    assert "unlike the training data" in ui.run_retrieve(ex, str(photo), None, "make it red", 3, [])[2]
+    assert "unlike the training data" in retrieve_tab.uploaded(str(photo))[2]
+    assert "unlike" not in retrieve_tab.uploaded(t.reference)[2]
+    assert "unlike the training data" in retrieve_tab.run_retrieve(ex, str(photo), None, "make it red", 3, [])[2]
     # export: CSV rows and a JSON record of exactly the shown results and CC terms
-    gallery, table, status, paths, _ = ui.run_retrieve(ex, None, t.reference, t.caption, 4, t.targets)
+    gallery, table, status, paths, _ = retrieve_tab.run_retrieve(ex, None, t.reference, t.caption, 4, t.targets)
     rows = [[p["text"], p["start"], p["end"]] for p in t.noun_phrases[:2]]
-    update, message = ui.export_results(ex, str(tmp_path), None, t.reference, t.caption, paths, table, paths[1], rows,
-                                        t.caption, "0", "mean", 0.0)
+    update, message = retrieve_tab.export_results(ex, str(tmp_path), None, t.reference, t.caption, paths, table,
+                                                  paths[1], rows, t.caption, "0", "mean", 0.0)
     csv_path, json_path = update["value"]
     lines = Path(csv_path).read_text().splitlines()
     assert lines[0] == "rank,score,image,target,path" and len(lines) == 5
@@ -687,14 +694,14 @@ def test_queries_labels_card_and_export(ex, demo, tmp_path):
     assert [m["cc"] for m in got] == pytest.approx([r.cc for r in want])
     np.testing.assert_allclose(got[1]["in_context"], want[1].in_context, atol=1e-6)
     np.testing.assert_allclose(got[0]["isolated"], want[0].isolated, atol=1e-6)
-    with pytest.raises(ui.gr.Error, match="retrieve first"):
-        ui.export_results(ex, str(tmp_path), None, None, "", [], [], [])
+    with pytest.raises(gr.Error, match="retrieve first"):
+        retrieve_tab.export_results(ex, str(tmp_path), None, None, "", [], [], [])
 
 
 def test_gallery_without_examples_shows_an_empty_state(demo):
     folder, ckpt = demo
     bare = Explorer.load(ckpt, gallery=folder / "gallery.txt", device="cpu")
-    demo_app = ui.build_demo(bare)
+    demo_app = server.build_demo(bare)
     by_id = {b.elem_id: b for b in demo_app.blocks.values() if getattr(b, "elem_id", None)}
     assert not by_id["examples"].visible and by_id["no-examples"].visible
     assert "--examples" in by_id["no-examples"].value

@@ -18,8 +18,7 @@ import pytest
 from PIL import Image
 
 from cir.data.triplets import read_triplets, write_triplets
-from cir.ui import app as ui
-from cir.ui import review
+from cir.ui import review, server
 from cir.ui.access import FileAccess
 from cir.ui.explorer import Explorer
 from cir.ui.models import Models
@@ -56,7 +55,7 @@ def served(tmp_path_factory, tiny_checkpoint, tiny_tmcir_checkpoint):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     models = Models(ex, {"TMCIR": tiny_tmcir_checkpoint})
-    demo = ui.build_demo(models, FileAccess([root / "demo"], ex.index.paths))
+    demo = server.build_demo(models, FileAccess([root / "demo"], ex.index.paths))
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     yield f"http://127.0.0.1:{port}/", ex, to_review
     demo.close()

@@ -9,6 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import gradio as gr
 import numpy as np
 import pytest
 from PIL import Image
@@ -18,7 +19,7 @@ from cir.data.images import MAX_IMAGE_PIXELS, BadImage, load_rgb, open_image
 from cir.data.triplets import BadLine, read_gallery, read_triplets
 from cir.errors import UserError
 from cir.index import MANIFEST, GalleryIndex, build_index, read_resolved_manifest, update_index
-from cir.ui import app as ui
+from cir.ui import retrieve_tab, why_panel
 from cir.ui.explorer import Explorer
 from hostile_inputs import (BAD_KINDS, GOOD_KINDS, IMAGE_KINDS, one_line, png_declaring, served, triplet_line,
                             write_images)
@@ -184,14 +185,17 @@ def test_app_query_callbacks(ex, hostile):
     for kind, path in hostile.items():
         good = IMAGE_KINDS[kind][1] is not None
         if good:
-            _, table, status, paths, maps_image = ui.run_retrieve(ex, str(path), None, "make the circle red", 5, [])
+            _, table, status, paths, maps_image = retrieve_tab.run_retrieve(ex, str(path), None, "make the circle red",
+                                                                            5, [])
             assert len(paths) == 5 and maps_image == str(path), kind
-            rows, _, image, cc, info = ui.attention(ex, str(path), "make the red circle blue", [], None, "mean", "mean", 0.005)
+            rows, _, image, cc, info = why_panel.attention(ex, str(path), "make the red circle blue", [], None, "mean",
+                                                           "mean", 0.005)
             assert image is not None and "Maps over" in info, kind
         else:
-            for call in (lambda: ui.run_retrieve(ex, str(path), None, "make the circle red", 5, []),
-                         lambda: ui.attention(ex, str(path), "make the red circle blue", [], None, "mean", "mean", 0.005)):
-                with pytest.raises(ui.gr.Error) as e:
+            for call in (lambda: retrieve_tab.run_retrieve(ex, str(path), None, "make the circle red", 5, []),
+                         lambda: why_panel.attention(ex, str(path), "make the red circle blue", [], None, "mean",
+                                                     "mean", 0.005)):
+                with pytest.raises(gr.Error) as e:
                     call()
                 assert one_line(e.value.message) and path.name in e.value.message, (kind, e.value.message)
 

@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 
 from bench import load_bench
-from cir.ui import app as ui
-from cir.ui import review
+from cir.ui import components, review, server
 from hostile_inputs import BAD_KINDS, one_line, png_declaring, served, write_images
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -136,7 +135,7 @@ def test_a_large_thumbnail_is_served_as_a_file(tmp_path):
     assert Path(big_thumb).stat().st_size > INLINE_BYTES >= Path(small_thumb).stat().st_size
     assert thumbnail.data_url(big_thumb) is None
     assert thumbnail.data_url(big_thumb, limit=10 ** 6).startswith("data:image/png;base64,")
-    big, flat = ui.gallery_value([(big_thumb, "#1"), (small_thumb, "#2")])
+    big, flat = components.gallery_value([(big_thumb, "#1"), (small_thumb, "#2")])
     assert big == {"image": {"path": big_thumb, "url": None, "size": None, "orig_name": Path(big_thumb).name,
                              "mime_type": "image/png", "is_stream": False, "meta": {"_type": "gradio.FileData"}},
                    "caption": "#1"}
@@ -148,8 +147,8 @@ def test_the_queue_sends_positions_once_a_second_and_keeps_few_records(ex):
     waiting event each time one starts) and keeps and summarises limits.GRADIO_ANALYTICS events."""
     from cir.ui import limits
 
-    queue = ui.build_demo(ex)._queue
-    assert queue.live_updates is False and queue.update_intervals == ui.STATUS_UPDATE_S == 1.0
+    queue = server.build_demo(ex)._queue
+    assert queue.live_updates is False and queue.update_intervals == server.STATUS_UPDATE_S == 1.0
     assert queue.ANALYTICS_MAX_EVENTS == limits.GRADIO_ANALYTICS["GRADIO_ANALYTICS_MAX_EVENTS"] == 1000
     assert queue.ANAYLTICS_CACHE_FREQUENCY == limits.GRADIO_ANALYTICS["GRADIO_ANALYTICS_CACHE_FREQUENCY"]
 
@@ -186,7 +185,7 @@ def test_drawn_pictures_are_written_once():
     """The maps the app draws are PNG files written once under a hash of their pixels."""
     from PIL import Image
 
-    image = ui.image_output(format="png")
+    image = components.image_output(format="png")
     pixels = np.random.default_rng(0).integers(0, 255, (40, 60, 3), np.uint8)
     path = Path(image.postprocess(pixels).path)
     made = path.stat().st_mtime_ns

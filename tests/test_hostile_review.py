@@ -14,8 +14,7 @@ import pytest
 from gradio_client import Client, handle_file
 
 from cir.data.triplets import read_triplets, write_triplets
-from cir.ui import app as ui
-from cir.ui import review
+from cir.ui import review, review_tab, why_panel
 from cir.ui.access import IMAGE_REFUSED, NO_FOLDERS, REFUSED, FileAccess
 from hostile_inputs import endpoints, served
 
@@ -85,15 +84,15 @@ def test_an_uploaded_file_shows_only_gallery_images_and_writes_beside_its_copy(e
     copies = list(Path(access.upload_root).rglob("mine.jsonl"))
     assert len(copies) == 1 and copies[0] != upload
     # what the page then shows of the copy: the outside reference is not shown, the gallery target is
-    state = ui.review_upload(ex, access, str(upload))  # the upload callback, as the page runs it
+    state = review_tab.review_upload(ex, access, str(upload))  # the upload callback, as the page runs it
     assert Path(state["path"]).parent.parent == Path(access.upload_root)
-    reference, targets, _, _, _, status = ui.review_show(ex, access, state)
+    reference, targets, _, _, _, status = review_tab.review_show(ex, access, state)
     assert reference is None and IMAGE_REFUSED in status
     assert len(targets) == len(hostile[0].targets) and all(im is not None for im, _ in targets)
     assert "[click](" not in status and "**bold**" not in status and "<b>" not in status  # escaped
-    maps, ranked = ui.review_details(ex, access, state, ui.RANK_OVER[0])
+    maps, ranked = review_tab.review_details(ex, access, state, review_tab.RANK_OVER[0])
     assert maps is None and IMAGE_REFUSED in ranked
-    ui.review_decide(state, hostile[0].caption, "", kind="accept")
+    review_tab.review_decide(state, hostile[0].caption, "", kind="accept")
     assert review.store_path(state["path"]).is_file() and not review.store_path(upload).exists()
 
 
@@ -143,14 +142,14 @@ def test_notes_phrase_rows_and_the_tokenizer_memo_are_bounded(ex, folders):
 
     inside, _ = folders
     access = FileAccess([inside], ex.index.paths)
-    state = ui.review_open(access, str(inside / "batch.jsonl"))
+    state = review_tab.review_open(access, str(inside / "batch.jsonl"))
     caption = read_triplets(inside / "batch.jsonl")[0][0].caption
     with pytest.raises(Exception, match=f"at most {limits.MAX_NOTE_CHARS:,}"):
-        ui.review_decide(state, caption, "x" * (limits.MAX_NOTE_CHARS + 1), kind="accept")
+        review_tab.review_decide(state, caption, "x" * (limits.MAX_NOTE_CHARS + 1), kind="accept")
     assert not review.store_path(inside / "batch.jsonl").exists()  # nothing saved
     rows = [["the red circle", None, None]] * (limits.MAX_PHRASE_ROWS + 1)
     with pytest.raises(Exception, match=f"at most {limits.MAX_PHRASE_ROWS}"):
-        ui.add_phrase("the red circle", rows, "the red circle")
+        why_panel.add_phrase("the red circle", rows, "the red circle")
     tok = CaptionTokenizer(40)
     for i in range(30):  # 30 distinct 100k-character captions: about 3 MB of memo each, unbounded before
         tok.encode_with_offsets(f"{i} " + "make the red circle blue " * 4000)

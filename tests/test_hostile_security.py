@@ -16,8 +16,7 @@ import torch
 from cir.checkpoint import load_checkpoint, save_checkpoint
 from cir.errors import UserError
 from cir.model import ModelConfig, build_model
-from cir.ui import app as ui
-from cir.ui import limits
+from cir.ui import limits, server
 from hostile_inputs import one_line, served
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -249,6 +248,6 @@ def test_the_app_writes_nothing_into_the_source_tree(ex):
     """Building the app leaves the checkout alone (a gr.Image subclass would make Gradio write a .pyi
     stub beside its module on import)."""
     before = sorted(p for p in ROOT.joinpath("cir").rglob("*") if "__pycache__" not in p.parts)
-    ui.build_demo(ex)
+    server.build_demo(ex)
     assert sorted(p for p in ROOT.joinpath("cir").rglob("*") if "__pycache__" not in p.parts) == before
     assert list(ROOT.joinpath("cir").rglob("*.pyi")) == []

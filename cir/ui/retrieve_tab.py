@@ -1,5 +1,5 @@
 """The Retrieve tab: a model; a query from the examples, the gallery or an upload; the top k with
-scores, exported as CSV and JSON; and the Why panel's per-phrase maps (`cir.ui.why`) over the query
+scores, exported as CSV and JSON; and the Why panel's per-phrase maps (`cir.ui.why_panel`) over the query
 or a result. The callbacks are plain functions of component values and an `Explorer` (the selected
 model's); `build_retrieve_tab` lays out the tab's components and wires their events."""
 from __future__ import annotations
@@ -25,7 +25,7 @@ from cir.ui.explorer import Explorer, as_image, phrase_spans
 from cir.ui.heatmaps import ALPHA
 from cir.ui.models import Models
 from cir.ui.thumbnails import thumbnail
-from cir.ui.why import (DEFAULT_EPS, NO_COMPARE, UPSAMPLING, add_phrase, attention, compare_choices, head_choices,
+from cir.ui.why_panel import (DEFAULT_EPS, NO_COMPARE, UPSAMPLING, add_phrase, attention, compare_choices, head_choices,
                         layer_choices, truncation_notice)
 
 PER_PAGE = 24
@@ -148,7 +148,6 @@ def export_results(ex: Explorer, exports: str, query, query_path, caption: str, 
     return gr.update(value=[csv_path, json_path], visible=True), f"Exported {len(record['results'])} results."
 
 
-
 def change_model(models: Models, name: str, other: str, layer: str, head: str, image, query_path, caption: str,
                  k, targets, hits):
     """The model `name` selected -> (model card, layer, head and "Compare with" choices, then the
@@ -232,7 +231,7 @@ def _results(c: SimpleNamespace) -> None:
 
 
 def _why_panel(c: SimpleNamespace, models: Models) -> None:
-    """The Why panel: the phrase rows and the maps' controls beside the maps (`cir.ui.why`)."""
+    """The Why panel: the phrase rows and the maps' controls beside the maps (`cir.ui.why_panel`)."""
     ex, several = models.primary, len(models) > 1
     with gr.Accordion("Why: per-phrase attention, in context vs isolated", open=True):
         c.maps_image, c.rows_caption = gr.State(None), gr.State(None)
