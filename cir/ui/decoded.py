@@ -5,54 +5,24 @@ from __future__ import annotations
 
 import os
 import threading
-from collections import OrderedDict
 
+from cachetools import LRUCache, cached
 from PIL import Image
 
 from cir.data.images import load_rgb
 from cir.ui import limits
 
 
-class DecodedImages:
-    """`decoded(path)`: the RGB image of a file, shared; callers must not modify it."""
-
-    def __init__(self, max_pixels: int = limits.DECODED_CACHE_PIXELS):
-        self.max_pixels = max_pixels
-        self._images: OrderedDict[tuple, Image.Image] = OrderedDict()
-        self._pixels = 0
-        self._lock = threading.Lock()
-        self._decoding: dict[tuple, threading.Lock] = {}  # one decode per file at a time
-
-    def __call__(self, path: str, name: str | None = None) -> Image.Image:
-        st = os.stat(path)
-        key = (os.path.realpath(path), st.st_mtime_ns, st.st_size)
-        with self._lock:
-            if key in self._images:
-                self._images.move_to_end(key)
-                return self._images[key]
-            decoding = self._decoding.setdefault(key, threading.Lock())
-        with decoding:
-            with self._lock:
-                if key in self._images:
-                    return self._images[key]
-            try:
-                image = load_rgb(path, name)
-            finally:
-                with self._lock:
-                    self._decoding.pop(key, None)
-            self._keep(key, image)
-            return image
-
-    def _keep(self, key: tuple, image: Image.Image) -> None:
-        pixels = image.width * image.height
-        if pixels > self.max_pixels:
-            return
-        with self._lock:
-            self._images[key] = image
-            self._pixels += pixels
-            while self._pixels > self.max_pixels:
-                _, old = self._images.popitem(last=False)
-                self._pixels -= old.width * old.height
+def file_key(path: str, name: str | None = None) -> tuple[str, int, int]:
+    """A file as the cache knows it: (real path, modification time, size); a changed file is another."""
+    st = os.stat(path)
+    return os.path.realpath(path), st.st_mtime_ns, st.st_size
 
 
-decoded = DecodedImages()
+@cached(LRUCache(limits.DECODED_CACHE_PIXELS, getsizeof=lambda image: image.width * image.height), key=file_key,
+        condition=threading.Condition())
+def decoded(path: str, name: str | None = None) -> Image.Image:
+    """The RGB image of a file (`load_rgb`; `name` names it in errors), shared: callers must not
+    modify it. The latest images are kept up to DECODED_CACHE_PIXELS in all (a larger one is not
+    kept); one caller at a time decodes a file, the others wait for its image."""
+    return load_rgb(path, name)

@@ -15,7 +15,6 @@ import hashlib
 import os
 import sys
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from cachetools import LRUCache, cached
 from PIL import Image
 
 from cir.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
@@ -152,6 +152,12 @@ def embedded_index(model, preprocess, paths: list[str], device, gallery) -> Gall
     return GalleryIndex.from_embeddings(emb.cpu().numpy(), paths, device=device)
 
 
+def attention_key(pixels: torch.Tensor, caption: str, spans: tuple[tuple[int, int], ...]) -> tuple:
+    """A query of `Explorer._attention` as its cache knows it: a digest of the preprocessed pixels,
+    the caption and the phrase spans."""
+    return hashlib.blake2b(pixels.numpy().tobytes(), digest_size=16).digest(), caption, spans
+
+
 class Explorer:
     """Model, preprocessing, gallery index and example triplets; every method takes plain values."""
 
@@ -169,7 +175,8 @@ class Explorer:
         self.lock = threading.Lock()
         self.batcher = QueryBatcher(self.model, self.device, self.lock)  # concurrent queries share forwards
         self._gallery_embeddings = lru_cache(maxsize=4)(self._embed_paths)
-        self._attention = OrderedDict()  # (pixels digest, caption, spans) -> phrase_attention, newest last
+        self._attention = cached(LRUCache(ATTENTION_KEPT), key=attention_key, condition=threading.Condition())(
+            self._attend)
 
     @classmethod
     def load(cls, checkpoint=None, index=None, gallery=None, examples=None, device=None,
@@ -297,7 +304,8 @@ class Explorer:
         (`cir.losses.concept_consistency_loss`)."""
         if not phrases:
             return []
-        maps = self._phrase_attention(image, caption, tuple((p["start"], p["end"]) for p in phrases))
+        spans = tuple((p["start"], p["end"]) for p in phrases)
+        maps = self._attention(self.preprocess(as_image(image)), caption, spans)
         layer = None if layer is None or layer >= self.layers else layer
         head = None if head is None or head >= self.heads else head
         out = []
@@ -311,19 +319,9 @@ class Explorer:
                                     m.in_context.numpy().copy()))
         return out
 
-    def _phrase_attention(self, image, caption: str, spans: tuple[tuple[int, int], ...]) -> list:
-        """`phrase_attention` of the model for `spans` of `caption` over `image`; the ATTENTION_KEPT
-        latest queries are kept, keyed by the preprocessed pixels, the caption and the spans, so
-        another layer, head or slack of the same query needs no forward."""
-        pixels = self.preprocess(as_image(image))
-        key = (hashlib.blake2b(pixels.numpy().tobytes(), digest_size=16).digest(), caption, spans)
-        with self.lock:
-            if key in self._attention:
-                self._attention.move_to_end(key)
-                return self._attention[key]
-            with torch.no_grad():
-                maps = self.model.phrase_attention(pixels.to(self.device), caption, list(spans))
-            self._attention[key] = maps
-            if len(self._attention) > ATTENTION_KEPT:
-                self._attention.popitem(last=False)
-            return maps
+    def _attend(self, pixels: torch.Tensor, caption: str, spans: tuple[tuple[int, int], ...]) -> list:
+        """`phrase_attention` of the model for `spans` of `caption` over preprocessed `pixels`; as
+        `_attention`, the ATTENTION_KEPT latest queries are kept (`attention_key`), so another
+        layer, head or slack of the same query needs no forward."""
+        with self.lock, torch.no_grad():
+            return self.model.phrase_attention(pixels.to(self.device), caption, list(spans))
