@@ -90,14 +90,12 @@ def alignment_loss(model, images, tokens):
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    import json
     import math
     import random
 
     import numpy as np
     import torch
     from torch.utils.data import DataLoader
-    from tqdm import tqdm
 
     from cir import precision
     from cir.atomic import sha256_file
@@ -107,7 +105,7 @@ def main(argv=None) -> int:
     from cir.model import ModelConfig, build_model
     from cir.pseudo_targets import DiffusionEditor, ShapesOracle, write_pseudo_targets
     from cir.tmcir import TMCIRConfig
-    from cir.train import lr_at, make_optimizer, restore_optimizer, truncate_log
+    from cir.training.loop import LoopConfig, OptimConfig, epoch_order, make_optimizer, restore_optimizer, run_loop
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -147,8 +145,7 @@ def main(argv=None) -> int:
                      "tokenizer": {"type": "clip-bpe", "context_length": model.config.context_length},
                      "data": {"train": str(train_file), "sha256": sha256_file(train_file), "triplets": len(triplets)},
                      "args": {k: v for k, v in vars(a).items() if k not in ("resume", "stop_after")}}
-    opt = make_optimizer(model.clip, a)
-    params = [p for group in opt.param_groups for p in group["params"]]
+    opt = make_optimizer(model.clip, a.lr, a.weight_decay)
     if tensors is not None:
         restore_optimizer(opt, tensors, manifest)
         torch.set_rng_state(tensors["rng.torch"])
@@ -162,42 +159,34 @@ def main(argv=None) -> int:
         paths = write_pseudo_targets(triplets, generator, out / "pseudo_targets", a.seed, train_file)
         manifest_base["pseudo_targets"] = generator.describe()
         pairs = PseudoTargetPairs(paths, model.tokenizer([t.caption for t in triplets]), preprocess)
-        log_path = out / "log.jsonl"
-        if not a.resume and log_path.exists():
-            log_path.unlink()
-        truncate_log(log_path, start)
         dtype = precision.resolve(a.precision, device)
-        per_epoch = len(paths) // a.batch_size
+
+        def batches():
+            per_epoch, step = len(paths) // a.batch_size, start
+            while True:
+                epoch, offset = divmod(step, per_epoch)
+                order = epoch_order(len(paths), a.batch_size, a.seed, epoch)[offset * a.batch_size:].tolist()
+                yield from DataLoader(torch.utils.data.Subset(pairs, order), batch_size=a.batch_size,
+                                      num_workers=a.workers)
+                step = (epoch + 1) * per_epoch
+
+        def loss_of(batch):
+            images, toks = batch
+            with precision.autocast(device, dtype):
+                return alignment_loss(model, images.to(device), toks.to(device)), {}
+
+        @torch.no_grad()
+        def clamp_temperature():
+            model.clip.logit_scale.clamp_(0, math.log(100))
+
+        def on_step(step, record):
+            if step % a.save_every == 0 or step == stop:
+                save_checkpoint(last, model, dict(manifest_base, step=step), optimizer=opt)
+
         model.train()
-        bar = tqdm(total=stop, initial=start, desc="align", unit="step")
-        step = start
-        while step < stop:
-            epoch, offset = divmod(step, per_epoch)
-            order = torch.randperm(len(paths), generator=torch.Generator().manual_seed(a.seed * 100003 + epoch))
-            order = order[offset * a.batch_size:per_epoch * a.batch_size].tolist()  # whole batches only
-            loader = DataLoader(torch.utils.data.Subset(pairs, order), batch_size=a.batch_size, num_workers=a.workers)
-            for images, toks in loader:
-                lr = lr_at(step, a)
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                with precision.autocast(device, dtype):
-                    loss = alignment_loss(model, images.to(device), toks.to(device))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                gnorm = torch.nn.utils.clip_grad_norm_(params, a.clip_grad if a.clip_grad > 0 else float("inf"))
-                opt.step()
-                with torch.no_grad():
-                    model.clip.logit_scale.clamp_(0, math.log(100))
-                step += 1
-                with open(log_path, "a") as f:
-                    f.write(json.dumps({"step": step, "lr": lr, "loss": loss.item(), "grad_norm": float(gnorm)}) + "\n")
-                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}")
-                bar.update()
-                if step % a.save_every == 0 or step == stop:
-                    save_checkpoint(last, model, dict(manifest_base, step=step), optimizer=opt)
-                if step >= stop:
-                    break
-        bar.close()
+        optim = OptimConfig.from_args(a)
+        run_loop(batches(), loss_of, opt, LoopConfig(optim.schedule, stop, a.clip_grad, out / "log.jsonl", "align"),
+                 start, after_step=clamp_temperature, on_step=on_step)
     if stop < steps:
         print(f"stopped at step {stop} of {steps}; continue with --resume")
         return 0

@@ -65,7 +65,8 @@ from cir.data.triplets import Triplet
 from cir.errors import UserError
 from cir.evaluate import embed_gallery, evaluate, format_results, read_data
 from cir.towers import load_towers
-from cir.train import fit, read_training_triplets
+from cir.data.triplets import read_training_triplets
+from cir.training.loop import OptimConfig, epoch_order, fit
 
 COMBINER_FORMAT = "cir-combiner-checkpoint/1"
 METHODS = {"image": "image only", "text": "text only", "sum": "sum of image and text embeddings",
@@ -159,7 +160,7 @@ def frozen_features(a, train_file: Path, triplets: list[Triplet], out: Path, dev
 
 
 def train_combiner(a, device: torch.device) -> None:
-    train_file, triplets = read_training_triplets(a)
+    train_file, triplets = read_training_triplets(a.data, a.train)
     triplets = triplets[:a.limit] if a.limit else triplets
     if len(triplets) < a.batch_size:
         raise UserError(f"{len(triplets)} training triplets are fewer than one batch of {a.batch_size}")
@@ -174,14 +175,13 @@ def train_combiner(a, device: torch.device) -> None:
 
     def batches():
         for epoch in itertools.count():
-            order = torch.randperm(len(triplets), generator=torch.Generator().manual_seed(a.seed * 100003 + epoch))
-            yield from order[:len(order) // a.batch_size * a.batch_size].to(device).split(a.batch_size)
+            yield from epoch_order(len(triplets), a.batch_size, a.seed, epoch).to(device).split(a.batch_size)
 
     def loss_of(idx):  # CLIP4Cir: cross-entropy over the batch's targets, logit scale 100
         pred = combiner(feats["reference"][idx], feats["caption"][idx])
         return F.cross_entropy(100 * pred @ feats["target"][idx].T, labels), {}
 
-    last = fit(combiner, batches(), loss_of, a, out, "train-combiner")
+    last = fit(combiner, batches(), loss_of, OptimConfig.from_args(a), out / "log.jsonl", "train-combiner")
     save_module(out / "combiner.safetensors", combiner,
                  {"combiner": dims, "step": a.steps, "final_loss": last,
                   "clip": {"path": str(a.clip), "sha256": sha256_file(a.clip)},

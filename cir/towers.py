@@ -78,7 +78,8 @@ from cir.errors import UserError
 from cir.model import (CONFIG_DIR, EOT_ID, create_towers,  # importing cir.model registers cir/configs/clip
                        text_tower_projection, text_tower_states)
 from cir.tokenizer import CaptionTokenizer
-from cir.train import fit, read_training_triplets
+from cir.data.triplets import read_training_triplets
+from cir.training.loop import OptimConfig, epoch_seed, fit
 
 TOWERS_FORMAT = "cir-clip-checkpoint/1"
 
@@ -139,7 +140,7 @@ class ScenePairs(Dataset):
 
 def train_towers(a, device: torch.device) -> None:
     """Pretrain the towers of open_clip config a.config; writes OUT/clip.safetensors (+ .json)."""
-    train_file, triplets = read_training_triplets(a)
+    train_file, triplets = read_training_triplets(a.data, a.train)
     if not all("reference_scene" in t.meta and "target_scene" in t.meta for t in triplets):
         raise UserError(f"{train_file}: triplets lack meta.reference_scene / target_scene (not CIR-Shapes)")
     pairs = [(t.reference, t.meta["reference_scene"]) for t in triplets] + \
@@ -158,7 +159,7 @@ def train_towers(a, device: torch.device) -> None:
 
     def batches():
         for epoch in itertools.count():
-            seed = a.seed * 100003 + epoch
+            seed = epoch_seed(a.seed, epoch)
             yield from DataLoader(ScenePairs(pairs, preprocess, tokenizer, grid, seed), batch_size=a.batch_size,
                                   shuffle=True, drop_last=True, num_workers=a.workers,
                                   generator=torch.Generator().manual_seed(seed))
@@ -196,7 +197,7 @@ def train_towers(a, device: torch.device) -> None:
         clip.logit_scale.clamp_(0, math.log(100))
 
     out = Path(a.out)
-    last = fit(clip, batches(), loss_of, a, out, "towers", clamp_temperature)
+    last = fit(clip, batches(), loss_of, OptimConfig.from_args(a), out / "log.jsonl", "towers", clamp_temperature)
     save_module(out / "clip.safetensors", clip,
                 {"clip_model": a.config, "step": a.steps, "final_loss": last,
                  "data": {"train": str(train_file), "sha256": sha256_file(train_file), "images": len(pairs)},

@@ -24,9 +24,9 @@ import json
 import math
 import os
 import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from cir import precision
 from cir.cli import parse_first, run_cli
@@ -134,24 +134,15 @@ from tqdm import tqdm
 
 from cir.atomic import sha256_file
 from cir.checkpoint import load_checkpoint, load_weights, read_manifest, save_checkpoint
+from cir.cc_teacher import run_cc_targets
 from cir.data.datasets import TripletDataset, collate_triplets
 from cir.data.triplets import Triplet, read_gallery, read_triplets
-from cir.cc_teacher import run_cc_targets
 from cir.errors import UserError
 from cir.evaluate import evaluate
 from cir.image_cache import ImageCache
 from cir.losses import concept_consistency_loss, contrastive_loss, reduce_maps
 from cir.model import ConTextCIR, ModelConfig, build_model, isolated_maps, span_maps
-
-
-def lr_at(step: int, a, start: int = 0) -> float:
-    """Linear warm-up to a.lr, then cosine annealing to a.min_lr at a.steps; the schedule begins at
-    step `start` (0, or a warm start's step with --restart-schedule)."""
-    step, steps = step - start, a.steps - start
-    if step < a.warmup:
-        return a.lr * (step + 1) / a.warmup
-    t = min(1.0, (step - a.warmup) / max(1, steps - a.warmup))
-    return a.min_lr + 0.5 * (a.lr - a.min_lr) * (1 + math.cos(math.pi * t))
+from cir.training.loop import LoopConfig, OptimConfig, epoch_order, make_optimizer, restore_optimizer, run_loop
 
 
 def leaf_only(phrases: list[dict]) -> list[dict]:
@@ -260,13 +251,13 @@ class TrainingObjective(nn.Module):
 
 def train_step(objective, batch, device, autocast) -> tuple[torch.Tensor, dict]:
     """`objective` (a TrainingObjective, maybe wrapped by DDP) on one collated batch.
-    Returns (total loss, {"loss", "contrastive", "cc"})."""
+    Returns (total loss, {"contrastive", "cc"})."""
     images = torch.cat([batch["reference"], batch["target"], batch["hard"]]).to(device, non_blocking=True)
     with autocast():
         loss, cont, cc = objective(images, batch["tokens"].to(device), batch["hard_rows"].to(device),
                                    batch["phrase_rows"].to(device), batch["phrase_positions"], batch["phrase_texts"],
                                    batch["cc_targets"].to(device) if "cc_targets" in batch else None)
-    return loss, {"loss": loss.item(), "contrastive": cont.item(), "cc": cc.item()}
+    return loss, {"contrastive": cont.item(), "cc": cc.item()}
 
 
 def main(argv=None) -> int:
@@ -333,7 +324,7 @@ def main(argv=None) -> int:
     val = read_triplets(val_file)[0][:a.val_limit] if val_file and a.val_every else None
     val_gal = read_gallery(val_gallery) if val else None
 
-    opt = make_optimizer(model, a)
+    opt = make_optimizer(model, a.lr, a.weight_decay)
     if tensors is not None:
         restore_optimizer(opt, tensors, manifest)
         torch.set_rng_state(tensors["rng.torch"])
@@ -362,9 +353,7 @@ def main(argv=None) -> int:
                              hard_negatives=functools.partial(shapes_partials, count=a.partial_negatives)
                              if a.partial_negatives and cache is None else None, seed=a.seed,
                              cache=cache, cached_partials=a.partial_negatives or 0, cc_targets=cc_targets)
-    per_rank = a.batch_size // world
-    steps_per_epoch = len(dataset) // a.batch_size
-    if steps_per_epoch == 0:
+    if len(dataset) < a.batch_size:
         raise UserError(f"{len(dataset)} training triplets are fewer than one batch of {a.batch_size}")
     manifest_base = {"config": model.config.to_dict(),
                      "tokenizer": {"type": "clip-bpe", "context_length": model.config.context_length},
@@ -373,64 +362,27 @@ def main(argv=None) -> int:
                      "args": {k: v for k, v in vars(a).items() if k not in ("resume", "stop_after", "init_from")},
                      "token_ids_seen": sorted(token_ids)}
     out.mkdir(parents=True, exist_ok=True)
-    log_path = out / "log.jsonl"
-    if rank == 0 and not (a.resume or a.init_from) and log_path.exists():
-        log_path.unlink()
-    if rank == 0:
-        truncate_log(log_path, start)
     stop = min(a.steps, a.stop_after or a.steps)
     if rank == 0:
         print(startup_summary(a, model, device, dtype, world, train_file, len(triplets), len(val or []), start, stop),
               flush=True)
-    bar = tqdm(total=stop, initial=start, desc="train", unit="step", disable=rank != 0)
-    step = start
-    while step < stop:
-        epoch, offset = divmod(step, steps_per_epoch)
-        g = torch.Generator().manual_seed(a.seed * 100003 + epoch)
-        order = torch.randperm(len(dataset), generator=g)[: steps_per_epoch * a.batch_size]
-        dataset.epoch = epoch
-        order = order.view(steps_per_epoch, a.batch_size)[offset:, rank * per_rank:(rank + 1) * per_rank].flatten().tolist()
-        loader = DataLoader(torch.utils.data.Subset(dataset, order), batch_size=per_rank, shuffle=False,
-                            num_workers=a.workers, collate_fn=collate_triplets, pin_memory=device.type == "cuda",
-                            persistent_workers=False)
-        waited = time.perf_counter()
-        for batch in loader:
-            t0 = time.perf_counter()
-            lr = lr_at(step, a, a.schedule_start)
-            for grp in opt.param_groups:
-                grp["lr"] = lr
-            loss, parts = train_step(objective, batch, device, autocast)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), a.clip_grad if a.clip_grad > 0 else float("inf"))
-            opt.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, math.log(100))
-            step += 1
-            if rank == 0:
-                rec = {"step": step, "lr": lr, **parts, "grad_norm": float(gnorm), "sec": time.perf_counter() - t0,
-                       "data_sec": t0 - waited}
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-                bar.set_postfix(loss=loss_text(parts["loss"]), cont=loss_text(parts["contrastive"]),
-                                cc=loss_text(parts["cc"]), lr=f"{lr:.1e}")
-                bar.update()
-                if val and a.val_every and (step % a.val_every == 0 or step == a.steps):
-                    res = evaluate(model, preprocess, val, val_gal, device)
-                    model.train()
-                    log_metrics = {"step": step, "val_recall": res["recall"]}
-                    if "grounding" in res:
-                        log_metrics["val_grounding"] = {k: v for k, v in res["grounding"].items() if k != "per_layer_head"}
-                    bar.write(f"step {step}: val R@1 {res['recall']['1']:.2f}  R@5 {res['recall']['5']:.2f}  "
-                              f"R@10 {res['recall']['10']:.2f}" + grounding_text(res.get("grounding")))
-                    with open(out / "val.jsonl", "a") as f:
-                        f.write(json.dumps(log_metrics) + "\n")
-                if step % a.save_every == 0 or step == stop:
-                    save_checkpoint(last, model, dict(manifest_base, step=step, metrics=log_metrics), optimizer=opt)
-            if step >= stop:
-                break
-            waited = time.perf_counter()
-    bar.close()
+    metrics = {"latest": log_metrics}
+
+    def on_step(step: int, record: dict) -> None:
+        if val and a.val_every and (step % a.val_every == 0 or step == a.steps):
+            metrics["latest"] = validate(model, preprocess, val, val_gal, device, step, out / "val.jsonl")
+        if step % a.save_every == 0 or step == stop:
+            save_checkpoint(last, model, dict(manifest_base, step=step, metrics=metrics["latest"]), optimizer=opt)
+
+    @torch.no_grad()
+    def clamp_temperature() -> None:
+        model.logit_scale.clamp_(0, math.log(100))
+
+    loop = LoopConfig(OptimConfig.from_args(a).schedule, stop, a.clip_grad, out / "log.jsonl", "train", main=rank == 0)
+    batches = epoch_batches(dataset, a.batch_size, a.seed, start, rank, world, a.workers, device.type == "cuda")
+    step = run_loop(batches, lambda batch: train_step(objective, batch, device, autocast), opt, loop, start,
+                    clipped=list(model.parameters()), after_step=clamp_temperature, on_step=on_step)
+    log_metrics = metrics["latest"]
     if rank == 0 and step == start and not a.resume:  # no step to run (--steps 0): the model as initialised
         save_checkpoint(last, model, dict(manifest_base, step=step, metrics=log_metrics), optimizer=opt)
     if rank == 0:
@@ -438,6 +390,38 @@ def main(argv=None) -> int:
     if world > 1:
         dist.destroy_process_group()
     return 0
+
+
+def epoch_batches(dataset: TripletDataset, batch_size: int, seed: int, start: int, rank: int = 0, world: int = 1,
+                  workers: int = 0, pin: bool = False) -> Iterator[dict]:
+    """The collated batches of steps start + 1, start + 2, ... without end: each epoch's order from
+    `epoch_order`, this process's share (rank of world) of every batch, `dataset.epoch` set for its
+    draws, so that a run resumed at `start` sees the batches of an uninterrupted one."""
+    per_epoch, per_rank = len(dataset) // batch_size, batch_size // world
+    step = start
+    while True:
+        epoch, offset = divmod(step, per_epoch)
+        dataset.epoch = epoch
+        order = epoch_order(len(dataset), batch_size, seed, epoch).view(per_epoch, batch_size)
+        order = order[offset:, rank * per_rank:(rank + 1) * per_rank].flatten().tolist()
+        yield from DataLoader(torch.utils.data.Subset(dataset, order), batch_size=per_rank, shuffle=False,
+                              num_workers=workers, collate_fn=collate_triplets, pin_memory=pin)
+        step = (epoch + 1) * per_epoch
+
+
+def validate(model, preprocess, val: list[Triplet], gallery: list[str], device, step: int, path: Path) -> dict:
+    """Retrieval and grounding on the validation triplets at `step`: printed, appended to `path`
+    (val.jsonl) and returned as {"step", "val_recall", "val_grounding"} for the checkpoint."""
+    res = evaluate(model, preprocess, val, gallery, device)
+    model.train()
+    metrics = {"step": step, "val_recall": res["recall"]}
+    if "grounding" in res:
+        metrics["val_grounding"] = {k: v for k, v in res["grounding"].items() if k != "per_layer_head"}
+    tqdm.write(f"step {step}: val R@1 {res['recall']['1']:.2f}  R@5 {res['recall']['5']:.2f}  "
+               f"R@10 {res['recall']['10']:.2f}" + grounding_text(res.get("grounding")))
+    with open(path, "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+    return metrics
 
 
 def grounding_text(g: dict | None) -> str:
@@ -448,11 +432,6 @@ def grounding_text(g: dict | None) -> str:
     o = g["objects"]
     return (f"  pointing {o['pointing']['in_context']:.1f} / {o['pointing']['isolated']:.1f}"
             f"  energy {o['energy']['in_context']:.1f}  distinct {o['distinct']['in_context']:.1f}")
-
-
-def loss_text(value: float) -> str:
-    """A loss as the progress bar shows it: 4 significant digits, so a CC term of 8e-4 never reads 0.000."""
-    return f"{value:.4g}"
 
 
 def startup_summary(a, model: ConTextCIR, device: torch.device, dtype: str, world: int, train_file: Path,
@@ -488,80 +467,6 @@ def benchmark_data(a, out: Path, rank: int, world: int) -> Path:
     if world > 1:
         dist.barrier()
     return data
-
-
-def make_optimizer(module: nn.Module, a) -> torch.optim.AdamW:
-    """AdamW (0.9, 0.98) over the trainable parameters at a.lr, weight decay a.weight_decay on weight
-    matrices only (not on biases, norms, embeddings' token rows)."""
-    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-    decays = lambda n, p: p.ndim >= 2 and "token_embedding" not in n
-    return torch.optim.AdamW([{"params": [p for n, p in named if decays(n, p)], "weight_decay": a.weight_decay},
-                              {"params": [p for n, p in named if not decays(n, p)], "weight_decay": 0.0}],
-                             lr=a.lr, betas=(0.9, 0.98), eps=1e-6)
-
-
-def fit(module: nn.Module, batches, loss_of, a, out: Path, desc: str, after_step=None) -> float:
-    """a.steps AdamW steps on `loss_of(batch)` -> (loss, {name: float} of its parts to log) over the
-    endless iterator `batches`, with `lr_at`'s warm-up + cosine schedule, `make_optimizer` and gradient
-    clipping; logs OUT/log.jsonl. The loop of the tower pretraining (cir.towers) and the Combiner
-    (cir.baselines), whose runs are short enough to need no --resume. Returns the last loss."""
-    opt = make_optimizer(module, a)
-    trained = [p for group in opt.param_groups for p in group["params"]]
-    out.mkdir(parents=True, exist_ok=True)
-    module.train()
-    with open(out / "log.jsonl", "w") as log, tqdm(total=a.steps, desc=desc, unit="step") as bar:
-        for step, batch in zip(range(a.steps), batches):
-            lr = lr_at(step, a)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            loss, parts = loss_of(batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trained, a.clip_grad if a.clip_grad > 0 else float("inf"))
-            opt.step()
-            if after_step:
-                after_step()
-            value = loss.item()
-            log.write(json.dumps({"step": step + 1, "lr": lr, "loss": value, **parts}) + "\n")
-            bar.set_postfix(loss=loss_text(value), **{k: loss_text(v) for k, v in parts.items()}, lr=f"{lr:.1e}")
-            bar.update()
-    module.eval()
-    return value
-
-
-def read_training_triplets(a) -> tuple[Path, list[Triplet]]:
-    """(a.train or a.data/train.jsonl, its triplets) for a `fit` run; images are checked when loaded."""
-    path = Path(a.train) if a.train else Path(a.data) / "train.jsonl"
-    triplets = read_triplets(path, check_images=False)[0]
-    if not triplets:
-        raise UserError(f"no triplets in {path}")
-    return path, triplets
-
-
-def restore_optimizer(opt: torch.optim.Optimizer, tensors: dict, manifest: dict) -> None:
-    state: dict = {}
-    for key, value in tensors.items():
-        if key.startswith("optimizer."):
-            _, idx, name = key.split(".", 2)
-            state.setdefault(int(idx), {})[name] = value
-    opt.load_state_dict({"state": state, "param_groups": manifest["optimizer_param_groups"]})
-
-
-def truncate_log(path: Path, step: int) -> None:
-    """Keep only log lines up to `step` (a resumed run rewrites what came after its checkpoint); a
-    line cut short by a crash is dropped."""
-    if not path.exists():
-        return
-
-    def step_of(line: str) -> int | None:
-        try:
-            return json.loads(line)["step"]
-        except (ValueError, KeyError, TypeError):
-            return None
-
-    keep = [line for line in path.read_text(errors="replace").splitlines()
-            if line and (s := step_of(line)) is not None and s <= step]
-    path.write_text("".join(line + "\n" for line in keep))
 
 
 if __name__ == "__main__":

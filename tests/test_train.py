@@ -9,7 +9,8 @@ import sys
 import pytest
 import torch
 
-from cir.train import leaf_only, lr_at, parse_args
+from cir.train import leaf_only, parse_args
+from cir.training.loop import OptimConfig, Schedule
 
 TRAIN = [sys.executable, "-m", "cir.train", "--config", "context-cir-tiny", "--batch-size", "8", "--steps", "6",
          "--warmup", "2", "--workers", "0", "--val-every", "3", "--val-limit", "8", "--save-every", "2", "--lambda-cc", "0.5",
@@ -111,12 +112,14 @@ def test_zero_steps_writes_the_model_as_initialised(shapes_data, tmp_path):
 
 def test_schedule_and_leaf_filter():
     a = parse_args(["--out", "x", "--steps", "100", "--warmup", "10", "--lr", "1e-3", "--min-lr", "1e-5"])
-    assert lr_at(0, a) == pytest.approx(1e-4) and lr_at(9, a) == pytest.approx(1e-3)
-    assert lr_at(10, a) == pytest.approx(1e-3) and lr_at(100, a) == pytest.approx(1e-5)
-    assert lr_at(55, a) == pytest.approx((1e-3 + 1e-5) / 2)
+    lr_at = OptimConfig.from_args(a).schedule.at
+    assert lr_at(0) == pytest.approx(1e-4) and lr_at(9) == pytest.approx(1e-3)
+    assert lr_at(10) == pytest.approx(1e-3) and lr_at(100) == pytest.approx(1e-5)
+    assert lr_at(55) == pytest.approx((1e-3 + 1e-5) / 2)
     # --restart-schedule from a warm start at step 40: warm-up again, cosine over 40..100
-    assert lr_at(40, a, 40) == pytest.approx(1e-4) and lr_at(50, a, 40) == pytest.approx(1e-3)
-    assert lr_at(75, a, 40) == pytest.approx((1e-3 + 1e-5) / 2) and lr_at(100, a, 40) == pytest.approx(1e-5)
+    restarted = Schedule(1e-3, 1e-5, 10, 100, start=40).at
+    assert restarted(40) == pytest.approx(1e-4) and restarted(50) == pytest.approx(1e-3)
+    assert restarted(75) == pytest.approx((1e-3 + 1e-5) / 2) and restarted(100) == pytest.approx(1e-5)
     phrases = [{"text": "the red circle at the top", "start": 0, "end": 25}, {"text": "the red circle", "start": 0, "end": 14},
                {"text": "the top", "start": 18, "end": 25}]
     assert leaf_only(phrases) == phrases[1:]
@@ -195,3 +198,32 @@ def test_every_partial_fulfilment_is_a_negative_for_every_row(shapes_data):
     assert cont.item() != pytest.approx(fewer.item(), rel=1e-5)  # every partial counts
     assert parse_args(["--out", "x", "--partial-negatives"]).partial_negatives == 1
     assert parse_args(["--out", "x", "--partial-negatives", "3"]).partial_negatives == 3
+
+
+BEFORE_LOOP = "43c5c50"  # the last commit with cir.train's own loop: the long grid-7 runs started on it
+
+
+def test_a_checkpoint_written_before_the_one_loop_resumes_after_it(shapes_data, tmp_path):
+    """A run stopped by the code of BEFORE_LOOP continues under today's code as if uninterrupted."""
+    import os
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    if subprocess.run(["git", "cat-file", "-e", BEFORE_LOOP + "^{commit}"], cwd=root, capture_output=True).returncode:
+        pytest.skip(f"commit {BEFORE_LOOP} is not in this clone's history (shallow clone)")
+    old = tmp_path / "old"
+    old.mkdir()
+    archive = subprocess.run(["git", "archive", BEFORE_LOOP, "cir"], cwd=root, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
+    assert not (old / "cir" / "training").exists()  # the old layout
+    train = TRAIN + ["--data", str(shapes_data), "--partial-negatives", "2"]
+    env = dict(os.environ, PYTHONPATH=str(old))
+    r = subprocess.run(train + ["--out", str(tmp_path / "split"), "--stop-after", "3"], cwd=old, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    run(train + ["--out", str(tmp_path / "split"), "--resume"])
+    run(train + ["--out", str(tmp_path / "full")])
+    a, b = losses(tmp_path / "full"), losses(tmp_path / "split")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    for ra, rb in zip(a, b):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-4, abs=1e-5)
+        assert ra["cc"] == pytest.approx(rb["cc"], rel=1e-4, abs=1e-6)

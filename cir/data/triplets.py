@@ -199,3 +199,14 @@ def read_gallery(spec: str | os.PathLike) -> list[str]:
             if line.strip():
                 seen.setdefault(normalize_path(line.strip(), base))
     return list(seen)
+
+
+def read_training_triplets(data: str | os.PathLike | None, train: str | os.PathLike | None) -> tuple[Path, list[Triplet]]:
+    """(`train`, or `data`/train.jsonl, and its triplets) for a training stage; images are checked when loaded."""
+    if not (data or train):
+        raise UserError("give --data DIR or --train FILE")
+    path = Path(train) if train else Path(data) / "train.jsonl"
+    triplets = read_triplets(path, check_images=False)[0]
+    if not triplets:
+        raise UserError(f"no triplets in {path}")
+    return path, triplets
