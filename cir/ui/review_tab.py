@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 import os
 import time
-from functools import lru_cache
 from types import SimpleNamespace
 
 import gradio as gr
@@ -28,7 +27,7 @@ SHOW = ("all", "undecided", "accepted", "rejected", "flagged")  # the filter; "a
 # the caption misses a change between reference and target (as `python -m cir.synth report` finds)
 
 
-@lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=8)
 def _triplets(path: str, base: str | None, mtime: float):
     # images are not checked here: whether one may be read at all is FileAccess.image's call
     return read_triplets(path, skip_bad=True, check_images=False, base=base)
@@ -44,7 +43,7 @@ def missing_changes(t, caption: str) -> list[str] | None:
     return [names[0] for names in changes if not mentions(caption, names)]
 
 
-@lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=8)
 def _flagged(path: str, base: str | None, mtime: float) -> frozenset[str]:
     return frozenset(t.id for t in _triplets(path, base, mtime)[0] if missing_changes(t, t.caption))
 
@@ -329,9 +328,8 @@ def _wire(c: SimpleNamespace, ex: Explorer, access: FileAccess) -> None:
     def on_details(state, over, progress=gr.Progress(track_tqdm=True)):  # shows embedding progress
         return review_details(ex, access, state, over)
 
-    gr.on([c.open_btn.click, c.review_file.submit], p(review_open, access), c.review_file, c.state,
-          **private).success(review_annotator, [c.state, c.annotator], c.state,
-                             **private)  # a name typed before opening counts
+    gr.on([c.open_btn.click, c.review_file.submit], p(review_open, access), c.review_file, c.state, **private).success(
+        review_annotator, [c.state, c.annotator], c.state, **private)  # a name typed before opening counts
     c.upload.upload(p(review_upload, ex, access), c.upload, c.state, **private).success(
         review_annotator, [c.state, c.annotator], c.state, **private)
     c.accept.click(p(review_decide, kind="accept"), [c.state, c.edited, c.note], c.state, **private)
