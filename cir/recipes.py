@@ -93,12 +93,12 @@ SHAPES_3X3_CHAIN = [
 ]
 
 TMCIR_SHAPES = [
-    Stage("stage 1: 19,200 oracle pseudo-targets, then 300 alignment steps of the grid-7 towers (30 min, the 2 cores shared with other runs)",
+    Stage("stage 1: 19,200 oracle pseudo-targets, then 300 alignment steps of the grid-7 towers (30 min at 1 thread beside another run)",
           ("-m", "cir.align", "--data", "data/shapes", "--out", "runs/tmcir-align",
            "--towers-from", STEP0, "--steps", "300", "--limit", "19200",
            "--seed", "0", "--save-every", "50", "--threads", "1"),
           "runs/tmcir-align/aligned.safetensors"),
-    _train("stage 2: 300 steps, the paper's loss, image tower frozen (33 min, shared likewise)", "runs/tmcir",
+    _train("stage 2: 300 steps, the paper's loss, image tower frozen (33 min at 1 thread beside another run)", "runs/tmcir",
            "--init-from", "runs/tmcir-align/aligned.safetensors", "--steps", "300", "--warmup", "50", "--lr", "4e-4",
            "--min-lr", "4e-6", "--seed", "0", "--partial-negatives", "--freeze-image", "--lambda-cc", "0",
            "--no-query-negative", "--val-every", "250", "--val-limit", "300", "--save-every", "50", "--threads", "1",
@@ -158,7 +158,7 @@ RECIPES: dict[str, tuple[str, list[Stage]]] = {
         [*DATA, *_grid7_pair_member("context-cir-shapes-grid7-lambda0", "runs/grid7-nocc", "0")]),
     "tmcir-shapes": (
         "assets/tmcir-shapes.safetensors, TMCIR on the grid-7 towers of the step-0 file (about 75 min with the "
-        "data, on 2 CPU cores shared with other runs)", [*DATA, *TMCIR_SHAPES]),
+        "data, at 1 thread beside another run)", [*DATA, *TMCIR_SHAPES]),
 }
 
 
