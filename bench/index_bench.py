@@ -30,7 +30,7 @@ from cir.data.shapes.dataset import generate
 from cir.data.triplets import read_gallery, read_triplets
 from cir.precision import autocast
 from cir.index import GalleryIndex, build_index
-from cir.model import build_model
+from cir.models.factory import build_model
 
 
 def clustered(n: int, queries: int, dim: int, seed: int = 0, noise: float = 1.5) -> tuple[np.ndarray, np.ndarray]:

@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 
 STEP0 = "assets/context-cir-shapes-grid7-step0.safetensors"
-SHARED_PRIOR = "ablations/context-cir-shapes-grid7-shared-prior"
+SHARED_PRIOR = "variants/context-cir-shapes-grid7-shared-prior"
 
 
 def settings(cache: Path) -> list[tuple[str, list[str]]]:

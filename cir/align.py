@@ -31,7 +31,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m cir.align", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="tmcir-shapes-grid7",
-                   help="TMCIR model config name (cir/configs/) or JSON path (default tmcir-shapes-grid7)")
+                   help="TMCIR model config name (cir/models/configs/) or JSON path (default tmcir-shapes-grid7)")
     p.add_argument("--pretrained", default=None, help="override the config's open_clip pretrained tag or weights file")
     p.add_argument("--towers-from", default=None, metavar="CKPT",
                    help="take the CLIP towers (clip.* weights) of any checkpoint, e.g. a ConText-CIR one, so both "
@@ -102,9 +102,9 @@ def main(argv=None) -> int:
     from cir.checkpoint import load_checkpoint, load_weights, read_tensors, save_checkpoint
     from cir.data.triplets import read_triplets
     from cir.errors import UserError
-    from cir.model import ModelConfig, build_model
+    from cir.models.factory import build_model, load_config
     from cir.pseudo_targets import DiffusionEditor, ShapesOracle, write_pseudo_targets
-    from cir.tmcir import TMCIRConfig
+    from cir.models.tmcir import TMCIRConfig
     from cir.training.loop import LoopConfig, OptimConfig, epoch_order, make_optimizer, restore_optimizer, run_loop
 
     if a.threads:
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
             raise UserError(f"--resume: {last} is not a stage-1 (cir.align) checkpoint")
         start = manifest["step"]
     else:
-        config = ModelConfig.load(a.config)
+        config = load_config(a.config)
         if not isinstance(config, TMCIRConfig):
             raise UserError(f"config {a.config!r} is not a TMCIR config (\"method\": \"tmcir\")")
         if a.pretrained is not None:

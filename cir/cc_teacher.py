@@ -20,7 +20,7 @@ from cir.atomic import atomic_path, sha256_file, write_json
 from cir.errors import UserError
 from cir.image_cache import ImageCache, towers_hash
 from cir.losses import reduce_maps
-from cir.model import ComposedRetrieval, isolated_maps
+from cir.models.base import ComposedRetrieval, isolated_maps
 
 
 @torch.no_grad()

@@ -94,7 +94,7 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, manifest: d
                     token_rows: list[int] | None = None) -> dict:
     """Write `path` (.safetensors) and `path` with .json atomically; returns the manifest written.
 
-    `manifest` must hold "config" (ModelConfig.to_dict()); versions and format are added.
+    `manifest` must hold "config" (the model config's to_dict()); versions and format are added.
     `dtype`: storage of floating-point weights ("fp32", "fp16", "int8"); `token_rows`: keep only
     these token-embedding rows."""
     path = Path(path)
@@ -231,13 +231,13 @@ def load_checkpoint(path: str | os.PathLike | None = None, device: str | torch.d
 
     Returns (model, preprocess, manifest[, tensors]). A checkpoint whose weights do not fit its
     architecture is refused with a message naming the mismatching keys."""
-    from cir.model import ModelConfig, build_model
+    from cir.models.factory import build_model, config_from_dict
 
     path = Path(path) if path is not None else DEFAULT_CHECKPOINT
     manifest = read_manifest(path)
     tensors = read_tensors(path)
     try:
-        config = ModelConfig.from_dict(dict(manifest["config"], pretrained=None))
+        config = config_from_dict(dict(manifest["config"], pretrained=None))
     except UserError as e:
         raise UserError(f"checkpoint {path}: {e}") from None
     try:

@@ -102,7 +102,8 @@ from cir.data.triplets import Triplet, read_gallery, read_triplets
 from cir.grounding import box_energy, box_share, distinct_peaks, pointing_hits
 from cir.losses import reduce_maps
 from cir.metrics import map_at_k, recall_at_k, recall_subset_at_k
-from cir.model import ConTextCIR, isolated_maps, span_maps
+from cir.models.base import isolated_maps, span_maps
+from cir.models.context_cir import ConTextCIR
 from cir.precision import autocast
 
 RECALL_KS = (1, 5, 10, 50)

@@ -3,7 +3,7 @@
     python -m cir.towers --data DATA_DIR --out RUN_DIR        # cir-shapes-cells, the shipped towers' recipe
     python -m cir.train --pretrained RUN_DIR/clip.safetensors ...
 
-No pretrained CLIP exists offline, so the towers of an open_clip config (cir/configs/clip/) are
+No pretrained CLIP exists offline, so the towers of an open_clip config (cir/models/configs/clip/) are
 trained from scratch on every reference and target image of train.jsonl, each described from its
 scene metadata in a new random order and phrasing each epoch
 (`cir.data.shapes.pretraining_texts.describe_scene`). Three losses, summed:
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m cir.towers", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="cir-shapes-cells",
-                   help="open_clip model config: cir/configs/clip/<name>.json or any open_clip name (default cir-shapes-cells, the shipped towers)")
+                   help="open_clip model config: cir/models/configs/clip/<name>.json or any open_clip name (default cir-shapes-cells, the shipped towers)")
     p.add_argument("--precision", choices=precision.CHOICES, default="auto",
                    help="autocast dtype of the forward pass; auto (default) = bf16 where native (CUDA, CPUs with "
                         "bf16 instructions), else fp32")
@@ -75,8 +75,8 @@ from cir.data.images import load_rgb
 from cir.data.shapes.pretraining_texts import CELL_CONTENTS, describe_scene, patch_contents, patch_distribution_of_box
 from cir.data.shapes.scene import Scene
 from cir.errors import UserError
-from cir.model import (CONFIG_DIR, EOT_ID, create_towers,  # importing cir.model registers cir/configs/clip
-                       text_tower_projection, text_tower_states)
+from cir.models.base import EOT_ID, create_towers, text_tower_projection, text_tower_states
+from cir.models.factory import CONFIG_DIR, register_tower_configs
 from cir.tokenizer import CaptionTokenizer
 from cir.data.triplets import read_training_triplets
 from cir.training.loop import OptimConfig, epoch_seed, fit
@@ -86,9 +86,10 @@ TOWERS_FORMAT = "cir-clip-checkpoint/1"
 
 def build_towers(name: str):
     """(CLIP, image preprocessing, tokenizer) of an open_clip config, randomly initialised."""
+    register_tower_configs()
     if name not in open_clip.list_models():
         known = ", ".join(sorted(p.stem for p in [*(CONFIG_DIR / "clip").glob("*.json"),
-                                                  *(CONFIG_DIR / "ablations" / "clip").glob("*.json")]))
+                                                  *(CONFIG_DIR / "variants" / "clip").glob("*.json")]))
         raise UserError(f"unknown open_clip config {name!r}; this project's: {known} (or any open_clip model name)")
     clip, _, preprocess = create_towers(name)
     return clip, preprocess, open_clip.get_tokenizer(name)

@@ -8,7 +8,7 @@ triplet's `noun_phrases` field, else from the parser (cached next to the data). 
 RUN_DIR/last.safetensors (+ .json) with optimizer and RNG state; `--resume` continues from it and
 reproduces the loss curve of an uninterrupted run. Multi-GPU: `torchrun --nproc_per_node N -m cir.train ...`.
 
-TMCIR (cir/tmcir.py) trains here too, its stage 2: `--init-from` the stage-1 output of
+TMCIR (cir/models/tmcir.py) trains here too, its stage 2: `--init-from` the stage-1 output of
 `python -m cir.align`, with `--lambda-cc 0 --no-query-negative` for the paper's loss.
 
 Defaults differ from the paper's (lr 2e-5 .. 2e-7 for fine-tuning pretrained CLIP): the fusion and
@@ -40,7 +40,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m cir.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None,
-                   help="model config name (cir/configs/) or JSON path (default context-cir-shapes, the shipped design; with "
+                   help="model config name (cir/models/configs/) or JSON path (default context-cir-shapes, the shipped design; with "
                         "--init-from: the checkpoint's own, or this one, grown from the checkpoint's weights)")
     p.add_argument("--pretrained", default=None, help="override the config's open_clip pretrained tag or weights file")
     p.add_argument("--data", default=None, help="folder with train.jsonl, val.jsonl, gallery_val.txt")
@@ -141,7 +141,9 @@ from cir.errors import UserError
 from cir.evaluate import evaluate
 from cir.image_cache import ImageCache
 from cir.losses import concept_consistency_loss, contrastive_loss, reduce_maps
-from cir.model import ConTextCIR, ModelConfig, build_model, isolated_maps, span_maps
+from cir.models.base import isolated_maps, span_maps
+from cir.models.context_cir import ConTextCIR
+from cir.models.factory import build_model, load_config
 from cir.training.loop import LoopConfig, OptimConfig, epoch_order, make_optimizer, restore_optimizer, run_loop
 
 
@@ -289,7 +291,7 @@ def main(argv=None) -> int:
         model, preprocess, manifest = load_checkpoint(a.init_from, device)
         start, log_metrics, tensors = manifest.get("step", 0), manifest.get("metrics", {}), None
     else:
-        config = ModelConfig.load(a.config or "context-cir-shapes")
+        config = load_config(a.config or "context-cir-shapes")
         if a.pretrained is not None:
             config.pretrained = a.pretrained
         model, preprocess = build_model(config, device)

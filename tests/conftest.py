@@ -6,7 +6,7 @@ import torch
 
 from cir.checkpoint import save_checkpoint
 from cir.data.shapes.dataset import generate
-from cir.model import ModelConfig, build_model
+from cir.models.factory import build_model, load_config
 
 
 @pytest.fixture(scope="session")
@@ -45,7 +45,7 @@ def tiny_tmcir_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_model():
     torch.manual_seed(0)
-    model, preprocess = build_model(ModelConfig.load("context-cir-tiny"))
+    model, preprocess = build_model(load_config("context-cir-tiny"))
     return model.eval(), preprocess
 
 

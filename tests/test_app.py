@@ -27,7 +27,7 @@ from cir.data.triplets import Triplet, read_gallery, read_triplets, write_triple
 from cir.errors import UserError
 from cir.evaluate import embed_gallery, embed_queries, rank
 from cir.losses import concept_consistency_loss, reduce_maps
-from cir.model import build_model
+from cir.models.factory import build_model
 from cir.synth.report import changed_objects
 from cir.ui import components, limits, retrieve_tab, review, review_tab, server, why_panel
 from cir.ui.access import FileAccess

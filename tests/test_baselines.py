@@ -20,7 +20,7 @@ from cir.data.shapes.pretraining_texts import describe_scene
 from cir.data.shapes.scene import CELLS, Obj, Scene, cell_box, random_scene
 from cir.data.triplets import read_gallery, read_triplets, write_triplets
 from cir.evaluate import evaluate
-from cir.model import ModelConfig, build_model
+from cir.models.factory import build_model, load_config
 
 
 def structure(x):
@@ -61,7 +61,7 @@ def test_train_and_evaluate_all_baselines(shapes_data, tiny_model, tmp_path, cap
     clip = str(clip_dir / "clip.safetensors")
     # the trained CLIP is also a local weights file for ConText-CIR's towers (the paper's recipe: start
     # from aligned CLIP towers): every tower tensor comes from it
-    cfg = dataclasses.replace(ModelConfig.load("context-cir-tiny"), pretrained=clip)
+    cfg = dataclasses.replace(load_config("context-cir-tiny"), pretrained=clip)
     towers = build_model(cfg)[0].clip.state_dict()
     trained = load_file(clip)
     assert trained.keys() == towers.keys() and all(torch.equal(trained[k], towers[k]) for k in trained)

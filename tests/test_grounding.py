@@ -65,10 +65,10 @@ def test_one_head_grounding_table_equals_the_averaged_number(shapes_data):
     reference-object figures are percentages over their own counts."""
     from cir.data.triplets import read_triplets
     from cir.evaluate import format_results, grounding
-    from cir.model import ModelConfig, build_model
+    from cir.models.factory import build_model, config_from_dict, load_config
     torch.manual_seed(0)
-    cfg = dict(ModelConfig.load("context-cir-tiny").to_dict(), fusion_layers=1, fusion_heads=1)
-    model, preprocess = build_model(ModelConfig.from_dict(cfg))
+    cfg = dict(load_config("context-cir-tiny").to_dict(), fusion_layers=1, fusion_heads=1)
+    model, preprocess = build_model(config_from_dict(cfg))
     triplets = read_triplets(shapes_data / "test.jsonl")[0]
     g = grounding(model.eval(), preprocess, triplets, "cpu", batch_size=5)
     assert g["count"] > 20 and g["grid"] == model.grid

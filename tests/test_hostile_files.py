@@ -16,14 +16,14 @@ from cir.checkpoint import FORMAT, load_checkpoint, read_manifest, save_checkpoi
 from cir.data.triplets import read_gallery, read_triplets, write_triplets
 from cir.errors import UserError
 from cir.index import EMBEDDINGS, FAISS_FILE, MANIFEST, GalleryIndex, build_index, update_index
-from cir.model import ModelConfig, build_model
+from cir.models.factory import build_model, config_from_dict, load_config
 from cir.ui import review, review_tab
 from cir.ui.access import FileAccess
 from cir.ui.explorer import Explorer
 from hostile_inputs import one_line
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ModelConfig.load("context-cir-tiny").to_dict()
+TINY = load_config("context-cir-tiny").to_dict()
 
 
 def assert_user_error(call, *fragments):
@@ -43,7 +43,7 @@ def test_checkpoint_with_the_wrong_architecture(tiny_checkpoint, tmp_path):
     deeper = tmp_path / "deeper.safetensors"  # the manifest names 3 fusion layers, the weights have 2
     save_checkpoint(deeper, model, {"config": dict(TINY, fusion_layers=3), "step": 0})
     assert_user_error(lambda: load_checkpoint(deeper), str(deeper), "does not fit", "missing")
-    narrow, _ = build_model(ModelConfig.from_dict(dict(TINY, fusion_width=32)))
+    narrow, _ = build_model(config_from_dict(dict(TINY, fusion_width=32)))
     wrong = tmp_path / "narrow.safetensors"  # weights of a narrower model under the tiny manifest
     save_checkpoint(wrong, narrow, {"config": TINY, "step": 0})
     assert_user_error(lambda: load_checkpoint(wrong), "does not fit", "wrong shape")

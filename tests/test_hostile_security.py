@@ -15,12 +15,12 @@ import torch
 
 from cir.checkpoint import load_checkpoint, save_checkpoint
 from cir.errors import UserError
-from cir.model import ModelConfig, build_model
+from cir.models.factory import build_model, config_from_dict, load_config
 from cir.ui import limits, server
 from hostile_inputs import one_line, served
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ModelConfig.load("context-cir-tiny").to_dict()
+TINY = load_config("context-cir-tiny").to_dict()
 
 
 class Payload:
@@ -76,9 +76,9 @@ def test_no_code_path_unpickles():
 
 
 def test_open_clip_loads_local_weights_weights_only(evil, monkeypatch):
-    """open_clip (cir.model's pretrained path) reads a local .pt/.bin with torch.load(weights_only=True)
+    """open_clip (cir.models' pretrained path) reads a local .pt/.bin with torch.load(weights_only=True)
     by default, and this torch defaults to weights_only too (open_clip's TypeError fallback calls
-    torch.load without the argument; cir.model refuses such files before open_clip sees them)."""
+    torch.load without the argument; cir.models refuses such files before open_clip sees them)."""
     import inspect
 
     import open_clip.factory as factory
@@ -102,7 +102,7 @@ def test_malicious_pickles_never_run(evil, tmp_path, monkeypatch, tiny_checkpoin
     assert one_line(str(e.value)) and "safetensors" in str(e.value)
     # 2. as open_clip pretrained weights in a model config, even with torch's safety switched off by the environment
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
-    config = ModelConfig.from_dict(dict(TINY, pretrained=str(payload)))
+    config = config_from_dict(dict(TINY, pretrained=str(payload)))
     with pytest.raises(UserError) as e:
         build_model(config)
     assert one_line(str(e.value)) and "weights_only=True" in str(e.value)
@@ -116,7 +116,7 @@ def test_malicious_pickles_never_run(evil, tmp_path, monkeypatch, tiny_checkpoin
     # plain tensors in a .pt still load (weights_only allows them)
     good = tmp_path / "ok.pt"
     torch.save({k: v for k, v in model.clip.state_dict().items()}, good)
-    build_model(ModelConfig.from_dict(dict(TINY, pretrained=str(good))))
+    build_model(config_from_dict(dict(TINY, pretrained=str(good))))
 
 
 # ---------------------------------------------------------------------------- the served app's files

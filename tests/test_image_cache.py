@@ -16,9 +16,10 @@ from cir.data.shapes.partials import has_partials, partial_subsets, render_parti
 from cir.data.triplets import read_triplets
 from cir.errors import UserError
 from cir.image_cache import ImageCache, build_cache
-from cir.model import ModelConfig, build_model, isolated_maps
+from cir.models.base import isolated_maps
+from cir.models.factory import build_model, load_config
 
-PRIOR_CONFIG = {**ModelConfig.load("context-cir-tiny").to_dict(), "attention_prior": 20.0, "frozen_prior": True}
+PRIOR_CONFIG = {**load_config("context-cir-tiny").to_dict(), "attention_prior": 20.0, "frozen_prior": True}
 TRAIN = [sys.executable, "-m", "cir.train", "--batch-size", "8", "--steps", "6", "--warmup", "2", "--workers", "0",
          "--val-every", "0", "--save-every", "2", "--lr", "1e-3", "--partial-negatives", "2", "--freeze-image"]
 

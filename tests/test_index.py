@@ -19,7 +19,7 @@ from cir.data.shapes.dataset import generate
 from cir.data.triplets import read_gallery, read_triplets
 from cir.errors import UserError
 from cir.index import GalleryIndex, build_index, main, resolve_params, update_index
-from cir.model import ModelConfig, build_model
+from cir.models.factory import build_model, config_from_dict
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = dict(chunk_size=8, batch_size=8, workers=0)  # several chunks; batches never straddle them
@@ -30,7 +30,7 @@ def shapes(tmp_path_factory):
     """(dataset folder, tiny checkpoint path, full index folder) shared by the tests below."""
     root = tmp_path_factory.mktemp("index")
     generate(root / "shapes", {"test": 8}, seed=3, workers=1, progress=False)
-    config = ModelConfig.from_dict(dict(json.loads((ROOT / "cir/configs/ablations/context-cir-shapes-small.json").read_text()),
+    config = config_from_dict(dict(json.loads((ROOT / "cir/models/configs/variants/context-cir-shapes-small.json").read_text()),
                                         fusion_layers=1))
     torch.manual_seed(0)
     model, _ = build_model(config)

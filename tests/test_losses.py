@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from cir.losses import concept_consistency_loss, contrastive_loss, reduce_maps
-from cir.model import build_model, isolated_maps, span_maps
+from cir.models.base import isolated_maps, span_maps
+from cir.models.factory import build_model
 
 
 def test_contrastive_value_by_hand():

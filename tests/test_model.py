@@ -9,7 +9,8 @@ import torch
 
 from cir.checkpoint import load_checkpoint, read_manifest, save_checkpoint
 from cir.errors import UserError
-from cir.model import ModelConfig, build_model
+from cir.models.context_cir import ConTextCIRConfig
+from cir.models.factory import build_model, config_from_dict, load_config
 
 CAPTION = "remove the blue star and make the red circle green"
 
@@ -34,8 +35,8 @@ def test_image_to_text_concept_maps_are_the_patches_attention_to_each_token():
     """concept_maps "image_to_text": for every text token, how much each patch attends to it
     (recomputed here from the block's own projections), renormalised over the patches."""
     torch.manual_seed(0)
-    cfg = dict(ModelConfig.load("context-cir-tiny").to_dict(), concept_maps="image_to_text")
-    model, _ = build_model(ModelConfig.from_dict(cfg))
+    cfg = dict(load_config("context-cir-tiny").to_dict(), concept_maps="image_to_text")
+    model, _ = build_model(config_from_dict(cfg))
     seen = {}
     attn = model.fusion.blocks[0].image_to_text
     attn.register_forward_hook(lambda mod, args, kwargs, out: seen.update(x=args[0], ctx=args[1], pad=kwargs["key_padding_mask"]),
@@ -54,7 +55,7 @@ def test_image_to_text_concept_maps_are_the_patches_attention_to_each_token():
     n = int((~pad[1]).sum())  # "make it red": its real tokens are distributions, padding gets zeros
     assert torch.allclose(got[1, :, :n], expect[1, :, :n], atol=1e-5) and (got[1, :, n:] == 0).all()
     with pytest.raises(UserError, match="needs fusion_image_to_text"):
-        ModelConfig.from_dict(dict(cfg, fusion_image_to_text=False, pool_text=True))
+        config_from_dict(dict(cfg, fusion_image_to_text=False, pool_text=True))
 
 
 def test_text_trimming_is_exact(tiny_model):
@@ -71,8 +72,8 @@ def test_text_trimming_is_exact(tiny_model):
 @pytest.mark.parametrize("image_to_text", [True, False])
 def test_pooling_over_text_tokens_ignores_padding(image_to_text):
     torch.manual_seed(0)
-    cfg = dict(ModelConfig.load("context-cir-tiny").to_dict(), pool_text=True, fusion_image_to_text=image_to_text)
-    model, _ = build_model(ModelConfig.from_dict(cfg))
+    cfg = dict(load_config("context-cir-tiny").to_dict(), pool_text=True, fusion_image_to_text=image_to_text)
+    model, _ = build_model(config_from_dict(cfg))
     assert (model.fusion.blocks[0].image_to_text is not None) == image_to_text
     model.eval()
     x = torch.randn(2, 3, 63, 63)
@@ -102,14 +103,14 @@ def test_phrase_attention_in_context_and_isolated(tiny_model):
 
 
 def test_named_models_build_through_open_clip():
-    cfg = ModelConfig.load("context-vit-b-32")
+    cfg = load_config("context-vit-b-32")
     assert cfg.pretrained == "openai"
-    model, preprocess = build_model(ModelConfig.from_dict(dict(cfg.to_dict(), pretrained=None)))
+    model, preprocess = build_model(config_from_dict(dict(cfg.to_dict(), pretrained=None)))
     assert model.grid == 7 and sum(p.numel() for p in model.clip.parameters()) > 150e6
     q = model.encode_query(torch.randn(1, 3, 224, 224), ["a red car"])
     assert q.shape == (1, 512)
     for name, grid, dim in (("context-vit-l-14", 16, 768), ("context-vit-h-14", 16, 1024)):
-        cfg = ModelConfig.from_dict(dict(ModelConfig.load(name).to_dict(), pretrained=None))
+        cfg = config_from_dict(dict(load_config(name).to_dict(), pretrained=None))
         model, _ = build_model(cfg, device="meta")
         assert model.grid == grid and model.head.out_features == dim
 
@@ -127,7 +128,7 @@ def test_local_weights_file_as_pretrained(tmp_path, tiny_model):
     model, _ = tiny_model
     weights = tmp_path / "clip.pt"
     torch.save(model.clip.state_dict(), weights)
-    cfg = ModelConfig.from_dict(dict(model.config.to_dict(), pretrained=str(weights)))
+    cfg = config_from_dict(dict(model.config.to_dict(), pretrained=str(weights)))
     torch.manual_seed(123)
     other, _ = build_model(cfg)
     for (n, a), (_, b) in zip(model.clip.state_dict().items(), other.clip.state_dict().items()):
@@ -136,13 +137,13 @@ def test_local_weights_file_as_pretrained(tmp_path, tiny_model):
 
 def test_config_errors():
     with pytest.raises(UserError, match="unknown model config"):
-        ModelConfig.load("no-such-config")
+        load_config("no-such-config")
     with pytest.raises(UserError, match="unknown open_clip model"):
-        build_model(ModelConfig(clip_model="ViT-Q-99"))
+        build_model(ConTextCIRConfig(clip_model="ViT-Q-99"))
     with pytest.raises(UserError, match="unknown model config keys"):
-        ModelConfig.from_dict({"clip_model": "cir-tiny", "colour": 1})
+        config_from_dict({"clip_model": "cir-tiny", "colour": 1})
     with pytest.raises(UserError, match="needs pool_text"):
-        ModelConfig.from_dict({"clip_model": "cir-tiny", "fusion_image_to_text": False})
+        config_from_dict({"clip_model": "cir-tiny", "fusion_image_to_text": False})
 
 
 def test_checkpoint_roundtrip_export_and_errors(tmp_path, tiny_model):
@@ -171,7 +172,7 @@ def test_checkpoint_roundtrip_export_and_errors(tmp_path, tiny_model):
     (tmp_path / "cut.safetensors").write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(UserError, match="truncated or corrupt|not a complete safetensors"):
         load_checkpoint(tmp_path / "cut.safetensors")
-    other, _ = build_model(ModelConfig.from_dict(dict(model.config.to_dict(), fusion_layers=1)))
+    other, _ = build_model(config_from_dict(dict(model.config.to_dict(), fusion_layers=1)))
     wrong = tmp_path / "wrong.safetensors"
     save_checkpoint(wrong, other, {"config": model.config.to_dict()})
     with pytest.raises(UserError, match="does not fit the architecture.*unexpected|does not fit the architecture.*missing"):

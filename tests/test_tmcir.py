@@ -21,9 +21,10 @@ from cir.data.shapes.scene import Scene
 from cir.data.triplets import read_triplets
 from cir.errors import UserError
 from cir.evaluate import grounding
-from cir.model import ModelConfig, build_model
+from cir.models.context_cir import ConTextCIRConfig
+from cir.models.factory import build_model, config_from_dict, load_config
 from cir.pseudo_targets import ShapesOracle, oracle_scene, write_pseudo_targets
-from cir.tmcir import TMCIR, TMCIRConfig, TokenMerge
+from cir.models.tmcir import TMCIR, TMCIRConfig, TokenMerge
 
 
 @pytest.fixture(scope="module")
@@ -111,15 +112,15 @@ def test_interface_checkpoint_and_maps(tmcir, tmp_path, shapes_data):
 
 
 def test_config_dispatch_and_errors():
-    assert isinstance(ModelConfig.load("context-cir-tiny"), ModelConfig)
-    assert ModelConfig.from_dict(dict(ModelConfig.load("context-cir-tiny").to_dict(), method="context-cir")) == \
-        ModelConfig.load("context-cir-tiny")
-    cfg = ModelConfig.load("tmcir-shapes-grid7")
+    assert isinstance(load_config("context-cir-tiny"), ConTextCIRConfig)
+    assert config_from_dict(dict(load_config("context-cir-tiny").to_dict(), method="context-cir")) == \
+        load_config("context-cir-tiny")
+    cfg = load_config("tmcir-shapes-grid7")
     assert isinstance(cfg, TMCIRConfig) and cfg.clip_model == "cir-shapes-grid7" and cfg.fusion_layers == 1
     with pytest.raises(UserError, match="unknown method"):
-        ModelConfig.from_dict({"method": "other", "clip_model": "cir-tiny"})
+        config_from_dict({"method": "other", "clip_model": "cir-tiny"})
     with pytest.raises(UserError, match="unknown model config keys"):
-        ModelConfig.from_dict({"method": "tmcir", "clip_model": "cir-tiny", "fusion_width": 64})
+        config_from_dict({"method": "tmcir", "clip_model": "cir-tiny", "fusion_width": 64})
 
 
 def test_oracle_renders_the_target_scene_with_fresh_jitter(shapes_data):

@@ -100,7 +100,7 @@ def test_ablation_flags_and_user_errors(shapes_data, tmp_path):
 
 def test_zero_steps_writes_the_model_as_initialised(shapes_data, tmp_path):
     from cir.checkpoint import load_checkpoint
-    from cir.model import build_model
+    from cir.models.factory import build_model
     run(TRAIN + ["--data", str(shapes_data), "--out", str(tmp_path / "z"), "--steps", "0", "--seed", "3"])
     model, _, manifest = load_checkpoint(tmp_path / "z" / "last.safetensors", "cpu")
     assert manifest["step"] == 0
@@ -133,16 +133,16 @@ def test_warm_start_grows_a_text_to_image_model_into_both_directions(shapes_data
 
     from cir.checkpoint import load_checkpoint, load_weights, save_checkpoint
     from cir.errors import UserError
-    from cir.model import ModelConfig, build_model
+    from cir.models.factory import build_model, load_config
 
-    tiny = ModelConfig.load("context-cir-tiny").to_dict()
+    tiny = load_config("context-cir-tiny").to_dict()
     config, both = tmp_path / "tiny-t2i.json", tmp_path / "tiny-both.json"
     config.write_text(json.dumps(dict(tiny, fusion_image_to_text=False, pool_text=True)))
     both.write_text(json.dumps(dict(tiny, fusion_image_to_text=True, pool_text=True)))
     base = tmp_path / "base"
     run(TRAIN + ["--config", str(config), "--data", str(shapes_data), "--out", str(base), "--steps", "3", "--val-every", "0"])
     small, _, _ = load_checkpoint(base / "last.safetensors")
-    grown, _ = build_model(ModelConfig.load(str(both)))
+    grown, _ = build_model(load_config(str(both)))
     new = load_weights(grown, base / "last.safetensors")
     assert new and all(".image_to_text." in k or ".ln_image" in k or ".image_mlp." in k or ".ln_text_kv." in k for k in new)
     grown.eval()
@@ -173,7 +173,7 @@ def test_every_partial_fulfilment_is_a_negative_for_every_row(shapes_data):
     from cir.data.shapes.partials import partial_subsets
     from cir.data.triplets import read_triplets
     from cir.losses import contrastive_loss
-    from cir.model import build_model
+    from cir.models.factory import build_model
     from cir.train import MAX_PARTIALS, LossConfig, TrainingObjective, shapes_partials
 
     torch.manual_seed(0)

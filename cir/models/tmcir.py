@@ -1,8 +1,8 @@
 """TMCIR (arXiv 2504.10995): adaptive token fusion of CLIP's output tokens, behind the same
-interface as ConText-CIR (`cir.model.ComposedRetrieval`), so training, evaluation, the index and
+interface as ConText-CIR (`cir.models.base.ComposedRetrieval`), so training, evaluation, the index and
 the app take it unchanged.
 
-    model, preprocess = build_model("tmcir-shapes-grid7")        # a config with "method": "tmcir"
+    model, preprocess = build_model("tmcir-shapes-grid7")        # cir.models.factory; a config with "method": "tmcir"
     q = model.encode_query(images, ["make the red circle blue"])  # [B, E], L2-normalised
     g = model.encode_gallery(images)                              # nothing merged, [B, E]
 
@@ -16,7 +16,7 @@ The method (stage 2; stage 1, the towers' alignment on pseudo-targets, is `cir.a
      similarity: v'_i = (v_i + sum_{j: i*(j) = i} w_j t_j) / (1 + sum_{j: i*(j) = i} w_j), with
      w_j = max(S_i*(j) j, 0). A merged token keeps its patch's position; a patch no text token
      joins stays v_i; the CLS token c is kept as it is.
-  4. [c; v'] is pooled by PMA (the pooling of ConText-CIR, cir/fusion.py) and a linear head into
+  4. [c; v'] is pooled by PMA (the pooling of ConText-CIR, cir/models/fusion.py) and a linear head into
      the retrieval space. A gallery image is the same with nothing merged.
   5. Stage 2 fine-tunes everything with cir.train's InfoNCE (composed query against the target).
 
@@ -34,37 +34,28 @@ The paper leaves open, and this implementation chooses:
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cir.fusion import PMA, FusionOutput
-from cir.model import EOT_ID, ComposedRetrieval, text_tower_projection, text_tower_states
+from cir.models.base import EOT_ID, ComposedRetrieval, TowersConfig, text_tower_projection, text_tower_states
+from cir.models.fusion import PMA, FusionOutput
 from cir.tokenizer import CaptionTokenizer
 
 
 @dataclass
-class TMCIRConfig:
-    """Read through cir.model.ModelConfig.load / from_dict (the "method" key picks this class)."""
+class TMCIRConfig(TowersConfig):
+    """TMCIR's fields on top of the shared towers and pooling fields (read through
+    cir.models.factory.load_config / config_from_dict: the "method" key picks this class)."""
 
-    clip_model: str  # an open_clip model name (built in, or one of cir/configs/clip/*.json)
-    method: str = "tmcir"  # the key cir.model.ModelConfig.from_dict picks the config class by
-    pretrained: str | None = None  # open_clip pretrained tag or a local weights file; None = random init
-    context_length: int = 77
+    method: str = "tmcir"  # the key cir.models.factory.config_from_dict picks the config class by
     pool_heads: int = 8
-    pool_seeds: int = 1
-    mlp_ratio: float = 4.0
-    embed_dim: int = 512
-    init_temperature: float = 0.07
 
     # the maps are one layer and one head (what the app's layer and head selectors read)
     fusion_layers = 1
     fusion_heads = 1
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class TokenMerge(nn.Module):
