@@ -169,15 +169,26 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike, tensors: dict 
     e.g. image -> text fusion halves, which start as the identity). Returns the model's keys the
     checkpoint does not hold (they keep their initialisation); a checkpoint key the model lacks, one
     of another shape, or one holding NaN or inf, is refused with a message naming it."""
+    state, missing = checked_state(model, path, tensors, allow_missing)
+    model.load_state_dict(state, strict=False)
+    return missing
+
+
+def checked_state(model: torch.nn.Module, path: str | os.PathLike, tensors: dict | None = None,
+                  allow_missing: bool = True) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """(the checkpoint's weights decoded as `model`'s state dict, the model's keys it lacks), refused
+    as `load_weights` says. `model` may live on the "meta" device: only its keys and shapes are read,
+    so a manifest's config is checked against the tensors before the real model is built."""
     tensors = read_tensors(path) if tensors is None else tensors
     state = _decode({k: v for k, v in tensors.items() if not k.startswith(("optimizer.", "rng."))})
-    expected = model.state_dict()
+    expected = {k: v.shape for k, v in model.state_dict().items()}
     for key in [k[:-len(".rows")] for k in state if k.endswith(TOKEN_EMBEDDING_SUFFIX + ".rows")]:
         rows, compact = state.pop(key + ".rows"), state.pop(key + ".compact")
-        if key not in expected:
-            raise UserError(f"checkpoint {path} does not fit the architecture (unexpected: {key})")
-        full = torch.zeros_like(expected[key])
-        full[rows] = compact.to(full.dtype)
+        if key not in expected or compact.ndim != 2 or compact.shape[1:] != expected[key][1:] \
+                or len(rows) != len(compact) or (len(rows) and not 0 <= int(rows.min()) <= int(rows.max()) < expected[key][0]):
+            raise UserError(f"checkpoint {path} does not fit the architecture (token rows of {key})")
+        full = torch.zeros(expected[key], dtype=compact.dtype)
+        full[rows] = compact
         state[key] = full
     broken = sorted(k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all())
     if broken:
@@ -185,14 +196,13 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike, tensors: dict 
                         f"{', '.join(broken[:3])}{' ...' if len(broken) > 3 else ''}")
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+    wrong = sorted(k for k in set(expected) & set(state) if expected[k] != state[k].shape)
     refused = (("missing", [] if allow_missing else missing), ("unexpected", unexpected), ("wrong shape", wrong))
     if any(keys for _, keys in refused):
         detail = "; ".join(f"{name}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}" for name, keys in refused if keys)
         target = "the architecture asked for" if allow_missing else "the architecture its manifest names"
         raise UserError(f"checkpoint {path} does not fit {target} ({detail})")
-    model.load_state_dict(state, strict=False)
-    return missing
+    return state, missing
 
 
 def save_module(path: str | os.PathLike, module: torch.nn.Module, manifest: dict, fmt: str) -> None:
@@ -241,13 +251,15 @@ def load_checkpoint(path: str | os.PathLike | None = None, device: str | torch.d
     except UserError as e:
         raise UserError(f"checkpoint {path}: {e}") from None
     try:
+        skeleton, _ = build_model(config, device="meta")  # shapes only: nothing allocated
+        state, _ = checked_state(skeleton, path, tensors, allow_missing=False)
         model, preprocess = build_model(config, device="cpu")
     except UserError:
         raise
     except Exception as e:  # nonsense values in the manifest's config
         raise UserError(f"checkpoint {path}: its manifest's model config cannot be built "
                         f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
-    load_weights(model, path, tensors, allow_missing=False)
+    model.load_state_dict(state, strict=False)
     model.to(device).eval()
     return (model, preprocess, manifest, tensors) if with_training_state else (model, preprocess, manifest)
 

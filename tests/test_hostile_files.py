@@ -57,6 +57,23 @@ def test_checkpoint_with_the_wrong_architecture(tiny_checkpoint, tmp_path):
     assert_user_error(lambda: Explorer.load(wrong, gallery=tmp_path), "does not fit")
 
 
+def test_a_manifest_claiming_a_large_model_is_refused_before_it_is_built(tiny_checkpoint, tmp_path):
+    """A 76 KB file whose manifest names ViT-L-14 towers (1.7 GB in fp32) is checked against its
+    tensors on the meta device and refused in one line, without the model ever being allocated."""
+    manifest = read_manifest(tiny_checkpoint)
+    manifest["config"].update(clip_model="ViT-L-14", context_length=77)
+    liar = tmp_path / "liar.safetensors"
+    save_file({"clip.logit_scale": torch.zeros(())}, str(liar), metadata={"manifest": json.dumps(manifest)})
+    probe = ("import resource, sys\nfrom cir.checkpoint import load_checkpoint\nfrom cir.errors import UserError\n"
+             "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+             f"try:\n    load_checkpoint({str(liar)!r})\nexcept UserError as e:\n    print('refused:', e)\n"
+             "print('growth_mb', (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)")
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    out = r.stdout.splitlines()
+    assert out[0].startswith("refused: checkpoint") and "does not fit the architecture its manifest names" in out[0]
+    assert float(out[1].split()[1]) < 300  # building the towers for real grows the process by over 1.5 GB
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_checkpoint_with_non_finite_weights(tmp_path, shapes_data, bad):
     """Served with --gallery, such a checkpoint used to give "0 results" silently."""
