@@ -60,6 +60,28 @@ def test_typed_paths_open_only_inside_the_review_folders(ex, folders):
         assert sorted(p.name for p in outside.iterdir()) == ["private.png", "secret.jsonl"]  # nothing written there
 
 
+def test_review_files_beside_a_triplet_file_are_never_followed_through_links(ex, folders):
+    """A planted `x.review.sqlite` (or its journal) linking outside is refused instead of written,
+    and a planted `x.review.jsonl` linking outside is refused instead of read in."""
+    inside, outside = folders
+    write_triplets(inside / "notes.jsonl", read_triplets(inside / "batch.jsonl")[0])
+    os.symlink(outside / "planted.sqlite", inside / "batch.review.sqlite")
+    (outside / "notes.jsonl").write_text(json.dumps(review.decision("x", "reject", "planted note")) + "\n")
+    os.symlink(outside / "notes.jsonl", inside / "notes.review.jsonl")
+    with served(ex, FileAccess([inside], ex.index.paths)) as url:
+        client = Client(url, verbose=False)
+        fn = endpoints(client, REVIEW)
+        client.predict(str(inside / "batch.jsonl"), fn_index=fn["open"])
+        first = read_triplets(inside / "batch.jsonl")[0][0]
+        assert "symbolic link" in error_of(lambda: client.predict(first.caption, "fine", fn_index=fn["accept"]))
+        assert "symbolic link" in error_of(lambda: client.predict(str(inside / "notes.jsonl"), fn_index=fn["open"]))
+    assert sorted(p.name for p in outside.iterdir()) == ["notes.jsonl", "private.png", "secret.jsonl"]
+    os.symlink(outside / "planted-wal", inside / "other.review.sqlite-wal")
+    with pytest.raises(review.UserError, match="symbolic link"):
+        review.append_decision(inside / "other.review.sqlite", review.decision("x", "accept"))
+    assert not (outside / "planted-wal").exists() and not (inside / "other.review.sqlite").exists()
+
+
 def test_without_review_folders_no_server_file_opens(ex, folders):
     inside, _ = folders
     with served(ex) as url:

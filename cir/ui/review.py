@@ -84,11 +84,23 @@ def _enter_wal(db: sqlite3.Connection) -> None:
             time.sleep(0.01)
 
 
+def refuse_symlink(path: str | os.PathLike) -> Path:
+    """`path` as a Path, or UserError when it is a symbolic link: a review file (store, its SQLite
+    journals, log, exports) is never read or written through a link, which could lead outside the
+    review folders."""
+    path = Path(path)
+    if path.is_symlink():
+        raise UserError(f"{path.name} is a symbolic link; review files must be plain files")
+    return path
+
+
 @contextmanager
 def _connected(store: str | os.PathLike):
     """A connection to the store (created with its table when new), closed after use; a file that
-    is no review store is a UserError."""
-    store = Path(store)
+    is no review store, or a store or journal that is a symbolic link, is a UserError."""
+    store = refuse_symlink(store)
+    for journal in ("-wal", "-shm", "-journal"):
+        refuse_symlink(store.with_name(store.name + journal))
     try:
         with closing(sqlite3.connect(store, timeout=BUSY_TIMEOUT_S, isolation_level=None)) as db:
             _enter_wal(db)
@@ -244,7 +256,7 @@ def _split(data: bytes, path: Path) -> list[dict]:
 
 def read_log(path: str | os.PathLike) -> list[dict]:
     """The records of a JSONL review log in the order written ([] when there is none)."""
-    path = Path(path)
+    path = refuse_symlink(path)
     return _split(path.read_bytes(), path) if path.is_file() else []
 
 
@@ -262,7 +274,7 @@ def open_store(store: str | os.PathLike, log: str | os.PathLike) -> dict[str, di
 def export_log(store: str | os.PathLike, out: str | os.PathLike) -> int:
     """Write every decision in the store, in the order saved, as a JSONL log (atomically); returns how many."""
     records = read_records(store)
-    write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    write_text(refuse_symlink(out), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     return len(records)
 
 
@@ -289,5 +301,5 @@ def accepted(triplets: list[Triplet], decisions: dict[str, dict]) -> list[Triple
 def export_accepted(triplets: list[Triplet], decisions: dict[str, dict], out: str | os.PathLike) -> int:
     """Write the accepted triplets as a triplet file (atomically); returns how many."""
     keep = accepted(triplets, decisions)
-    write_triplets(out, keep)
+    write_triplets(refuse_symlink(out), keep)
     return len(keep)
