@@ -93,7 +93,7 @@ parse_first(__name__, parse_args)  # `python -m cir.evaluate`: --help and argume
 import torch
 from tqdm import tqdm
 
-from cir.atomic import write_json
+from cir.atomic import sha256_file, write_json
 from cir.checkpoint import DEFAULT_CHECKPOINT
 from cir.data.cirr import cirr_image_names
 from cir.data.datasets import image_batches
@@ -421,7 +421,10 @@ def main(argv: list[str] | None = None) -> int:
         res = evaluate_rankings(model, preprocess, triplets, rankings, members, keep, a.device, not a.no_grounding)
         print(format_results(res))
         if a.json:
-            write_json(a.json, res)
+            source = {"triplets": a.triplets} if a.dataset is None else {"dataset": a.dataset, "split": a.split}
+            write_json(a.json, res | {"evaluated": {"checkpoint": str(checkpoint or DEFAULT_CHECKPOINT),
+                                                    "checkpoint_sha256": sha256_file(checkpoint or DEFAULT_CHECKPOINT),
+                                                    **source, "gallery_images": len(gallery)}})
     return 0
 
 

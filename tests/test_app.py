@@ -705,3 +705,30 @@ def test_gallery_without_examples_shows_an_empty_state(demo):
     by_id = {b.elem_id: b for b in demo_app.blocks.values() if getattr(b, "elem_id", None)}
     assert not by_id["examples"].visible and by_id["no-examples"].visible
     assert "--examples" in by_id["no-examples"].value
+
+
+def test_the_card_and_the_why_header_state_the_models_measured_figures(tiny_checkpoint, shapes_data, tmp_path):
+    """`python -m cir.evaluate --json x.eval.json` beside a checkpoint puts its test figures, rounded,
+    in the model card and its measured grounding in the Why panel's header; figures of another file
+    (a changed checkpoint) are never shown, and without figures the header says the maps are unmeasured."""
+    from cir.ui.card import evaluation_path, maps_trust
+    ckpt = tmp_path / "measured.safetensors"
+    shutil.copy(tiny_checkpoint, ckpt)
+    ex = Explorer.load(ckpt, gallery=shapes_data / "gallery_test.txt", examples=shapes_data / "test.jsonl", device="cpu")
+    assert "not measured" in maps_trust(ex) and "Measured" not in model_card(ex)
+    subprocess.run([sys.executable, "-m", "cir.evaluate", "--checkpoint", str(ckpt), "--triplets",
+                    str(shapes_data / "test.jsonl"), "--gallery", str(shapes_data / "gallery_test.txt"),
+                    "--json", str(evaluation_path(ckpt))], check=True, capture_output=True)
+    res = json.loads(evaluation_path(ckpt).read_text())
+    objects = res["grounding"]["objects"]
+    card, trust = model_card(ex), maps_trust(ex)
+    assert f"**Measured** on `{shapes_data.name}` (16 queries): R@1 {res['recall']['1']:.1f}, " in card
+    assert f"for {objects['pointing']['in_context']:.0f} % of phrases in context " in trust
+    assert f"({objects['pointing']['isolated']:.0f} % alone)" in trust and trust in card
+    assert f"apart in {objects['distinct']['in_context']:.0f} % of captions" in trust
+    assert f"{objects['count']:,} phrases" in trust
+    ex.manifest["metrics"] = {"step": 3, "val_recall": {"1": 2 / 3}}
+    assert "**Validation** R@1 0.7 (at step 3)." in model_card(ex)  # rounded, never 0.666667
+    with open(ckpt, "ab") as f:  # another file now: its figures are stale
+        f.write(b" ")
+    assert "not measured" in maps_trust(ex) and "Measured" not in model_card(ex)

@@ -6,7 +6,9 @@ dozen coarse colours cover nearly all of an image; a photo (a portrait, a cat) s
 """
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -39,8 +41,50 @@ def model_card(ex) -> str:
              "background. It knows nothing else: a photo still returns shape scenes."]
     recall = ((m.get("metrics") or {}).get("val_recall")) or {}
     if recall:
-        lines.append("**Validation** " + ", ".join(f"R@{k} {v:g}" for k, v in recall.items())
+        lines.append("**Validation** " + ", ".join(f"R@{k} {v:.1f}" for k, v in recall.items())
                      + (f" (at step {m['metrics']['step']:,})" if isinstance(m["metrics"].get("step"), int) else "")
                      + ".")
+    figures = measured(ex.checkpoint)
+    if figures:
+        lines.append(f"**Measured** on {figures['on']} ({figures['count']:,} queries): "
+                     + ", ".join(f"R@{k} {figures['recall'][k]:.1f}" for k in ("1", "5", "10") if k in figures["recall"])
+                     + ". " + maps_trust(ex))
     lines.append(f"**Gallery** {len(ex.index):,} images · {len(ex.examples)} example queries.")
     return "\n\n".join(lines)
+
+
+def evaluation_path(checkpoint: str | os.PathLike) -> Path:
+    """`x.safetensors` -> `x.eval.json` beside it: the file `python -m cir.evaluate --json` wrote for it."""
+    p = Path(checkpoint)
+    return p.with_name(p.name.removesuffix(".safetensors") + ".eval.json")
+
+
+def measured(checkpoint: str | os.PathLike | None) -> dict | None:
+    """The figures measured for this very checkpoint file (its `evaluation_path`, whose recorded
+    sha256 must be the file's): {"on", "count", "recall", "grounding"}; None when there are none."""
+    if not checkpoint or not evaluation_path(checkpoint).is_file():
+        return None
+    from cir.atomic import sha256_file
+    try:
+        res = json.loads(evaluation_path(checkpoint).read_text())
+        evaluated = res["evaluated"]
+        if evaluated["checkpoint_sha256"] != sha256_file(checkpoint):
+            return None
+        on = Path(evaluated.get("triplets", "")).parent.name or evaluated.get("split", "?")
+        return {"on": f"`{on}`", "count": res["count"], "recall": res["recall"], "grounding": res.get("grounding")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def maps_trust(ex) -> str:
+    """One sentence on how far to trust the model's phrase maps, from its measured grounding: how
+    often a map peaks on the object its phrase names, in context and alone, and how often the
+    phrases of one caption peak apart; or that it was not measured."""
+    figures = measured(ex.checkpoint)
+    objects = ((figures or {}).get("grounding") or {}).get("objects") or {}
+    if not objects.get("count"):
+        return "Its phrase maps' grounding was not measured: read them with care."
+    pointing, distinct = objects["pointing"], objects["distinct"]
+    return (f"Its phrase maps peak on the object the phrase names for {pointing['in_context']:.0f} % of phrases in "
+            f"context ({pointing['isolated']:.0f} % alone), and the phrases of one caption peak apart in "
+            f"{distinct['in_context']:.0f} % of captions ({figures['on']}, {objects['count']:,} phrases).")

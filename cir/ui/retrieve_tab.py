@@ -18,7 +18,7 @@ import numpy as np
 from cir.atomic import write_text
 from cir.errors import UserError
 from cir.ui import limits
-from cir.ui.card import OUT_OF_DOMAIN, looks_like_shapes, model_card
+from cir.ui.card import OUT_OF_DOMAIN, looks_like_shapes, maps_trust, model_card
 from cir.ui.components import (MEAN, choice_index, gallery_value, image_output, markdown_literal, query_image, shown,
                                top_k, top_k_slider)
 from cir.ui.explorer import Explorer, as_image, phrase_spans
@@ -234,6 +234,7 @@ def _why_panel(c: SimpleNamespace, models: Models) -> None:
     """The Why panel: the phrase rows and the maps' controls beside the maps (`cir.ui.why_panel`)."""
     ex, several = models.primary, len(models) > 1
     with gr.Accordion("Why: per-phrase attention, in context vs isolated", open=True):
+        c.trust = gr.Markdown(maps_trust(ex), elem_id="maps-trust")
         c.maps_image, c.rows_caption = gr.State(None), gr.State(None)
         with gr.Row(elem_id="why-row"):
             with gr.Column(scale=1, min_width=280):
@@ -292,13 +293,14 @@ def _wire_results(c: SimpleNamespace, models: Models, exports: str, card: gr.Mar
     private = {"api_visibility": "private"}
     maps_inputs = [c.model_choice, c.maps_image, c.caption, c.phrases, c.rows_caption, c.layer, c.head, c.eps,
                    c.opacity, c.upsampling, c.compare, c.shared_scale, c.grid]
-    maps_outputs = [c.phrases, c.rows_caption, c.heatmaps, c.cc_table, c.maps_info]
+    maps_outputs = [c.phrases, c.rows_caption, c.heatmaps, c.cc_table, c.maps_info, c.trust]
     results_outputs = [c.results, c.table, c.status, c.hits, c.maps_image]
 
     @shown
     def maps(name, image, caption, rows, rows_caption, layer, head, eps, opacity, upsampling, other, shared, grid):
-        return attention(models[name], image, caption, rows, rows_caption, layer, head, eps, opacity, upsampling,
-                         None if other in (NO_COMPARE, name) else models[other], shared, grid)
+        return (*attention(models[name], image, caption, rows, rows_caption, layer, head, eps, opacity, upsampling,
+                           None if other in (NO_COMPARE, name) else models[other], shared, grid),
+                maps_trust(models[name]))
 
     @shown
     def on_retrieve(image, query_path, caption, k, targets, model):  # `model`: the API's name of the input
