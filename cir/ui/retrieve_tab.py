@@ -171,16 +171,17 @@ def change_model(models: Models, name: str, other: str, layer: str, head: str, i
 
 
 # ---------------------------------------------------------------------------- layout and events
-def build_retrieve_tab(models: Models, exports: str, card: gr.Markdown, concurrency: int) -> None:
-    """The Retrieve tab's components, inside the page's current gr.Tab, and their events: only
-    /retrieve is a public API, served `concurrency` events at once. `card` is the page's model card
-    (a model change replaces it); exports go into fresh folders under `exports`."""
+def build_retrieve_tab(models: Models, exports: str, card: gr.Markdown, concurrency: int) -> SimpleNamespace:
+    """The Retrieve tab's components, inside the page's current gr.Tab, and their events: /retrieve
+    is its public API, served `concurrency` events at once. `card` is the page's model card (a model
+    change replaces it); exports go into fresh folders under `exports`. -> the components."""
     c = SimpleNamespace()
     _query_row(c, models)
     _results(c)
     _why_panel(c, models)
     _wire_query(c, models.primary)
     _wire_results(c, models, exports, card, concurrency)
+    return c
 
 
 def _query_row(c: SimpleNamespace, models: Models) -> None:

@@ -2,7 +2,8 @@
 
 Tabs: Retrieve (`cir.ui.retrieve_tab`: a model; query from examples, the gallery or an upload;
 top-k with scores; per-phrase attention in context vs isolated with the CC term, beside another
-model's when compared) and Review (`cir.ui.review_tab`: step through a triplet file, accept /
+model's when compared), Research (`cir.ui.research_tab`: the gallery's embedding map, each phrase's
+effect on the ranking, prompt variants, the results' make-up, for the Retrieve tab's query) and Review (`cir.ui.review_tab`: step through a triplet file, accept /
 reject / edit, export). The page's CSS and script are `page.css` and `page.js` beside this module.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ from cir.ui.access import FileAccess
 from cir.ui.card import model_card
 from cir.ui.explorer import Explorer
 from cir.ui.models import Models
+from cir.ui.research_tab import build_research_tab
 from cir.ui.retrieve_tab import build_retrieve_tab
 from cir.ui.review_tab import build_review_tab
 from cir.ui.thumbnails import thumbnail
@@ -59,7 +61,9 @@ def build_demo(models: Models | Explorer, access: FileAccess | None = None) -> g
         with gr.Accordion("About this model", open=False, elem_id="model-card"):
             card = gr.Markdown(model_card(ex))
         with gr.Tab("Retrieve"):
-            build_retrieve_tab(models, exports, card, RETRIEVE_CONCURRENCY)
+            query = build_retrieve_tab(models, exports, card, RETRIEVE_CONCURRENCY)
+        with gr.Tab("Research"):
+            build_research_tab(models, query)
         with gr.Tab("Review"):
             build_review_tab(ex, access)
         demo.load(None, js=page_js())
