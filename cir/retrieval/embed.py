@@ -1,0 +1,162 @@
+"""Embedding gallery images in resumable chunks: f(image, "") with each file read once for both
+its pixels and its sha256, saved chunk by chunk so a killed build resumes where it stopped; under
+torchrun each rank embeds the chunks it owns."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from cir.atomic import atomic_path, sha256_file, write_json
+from cir.data.datasets import ImageDataset
+from cir.data.images import BadImage, load_rgb
+from cir.errors import UserError
+from cir.precision import autocast
+from cir.retrieval.shards import Shard
+
+ASSEMBLED = "embeddings.npy"  # the work folder's memory-mapped array of every chunk's rows
+
+
+def plan_key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
+class _HashedImages(ImageDataset):
+    """Item i -> (image [3, S, S] or None, sha256 of the file's bytes, problem or None)."""
+
+    def __getitem__(self, i):
+        path = self.paths[i]
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+            image = self.preprocess(load_rgb(io.BytesIO(data), name=path))
+        except FileNotFoundError:
+            return None, None, f"gallery image not found: {path}"
+        except BadImage as e:
+            return None, None, f"gallery image cannot be decoded: {path} ({e.reason})"
+        except Exception as e:  # preprocessing, or reading the file
+            return None, None, f"gallery image cannot be decoded: {path} ({type(e).__name__}: {' '.join(str(e).split())})"
+        return image, hashlib.sha256(data).hexdigest(), None
+
+
+def _collate(items):
+    """-> (the good images stacked [g, 3, S, S] or None, sha256 per item, problem per item ("" if none))."""
+    good = [im for im, _, p in items if p is None]
+    return (torch.stack(good) if good else None), [h or "" for _, h, _ in items], [p or "" for _, _, p in items]
+
+
+def _spans(n: int, chunk_size: int) -> list[tuple[int, int]]:
+    return [(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)]
+
+
+def _chunk(work: Path, paths: list[str], span: tuple[int, int], c: int) -> dict | None:
+    """Chunk c's arrays if its file holds the paths of `span`, else None."""
+    f = work / f"chunk-{c:06d}.npz"
+    if not f.is_file():
+        return None
+    with np.load(f) as z:
+        if z["paths"].tolist() != paths[slice(*span)]:
+            return None
+        return {"embeddings": z["embeddings"], "sha256": z["sha256"].tolist(),
+                "problems": z["problems"].tolist() if "problems" in z else [""] * (span[1] - span[0])}
+
+
+@torch.no_grad()
+def embed_chunks(model, preprocess, paths: list[str], work: Path, key: str, chunk_size: int = 4096,
+                 batch_size: int = 128, workers: int = 0, device="cpu", progress: bool = True,
+                 shard: Shard = Shard()) -> tuple[int, int]:
+    """f(image, "") for the paths of the chunks `shard` owns, each chunk saved to
+    `work`/chunk-NNNNNN.npz (embeddings [n, E], the paths, sha256 and problems it covers); chunks
+    already there under the same `key` are kept. Returns (images embedded now, images kept).
+    Batches never straddle chunks, so a resumed build gives the same vectors as an uninterrupted one."""
+    work.mkdir(parents=True, exist_ok=True)
+    plan = {"key": key, "count": len(paths), "chunk_size": chunk_size}
+    plan_file = work / "plan.json"
+    if plan_file.is_file() and json.loads(plan_file.read_text()) != plan:
+        raise UserError(f"--resume: the interrupted build in {work} was for another checkpoint, gallery or "
+                        "--chunk-size; run without --resume to start over")
+    write_json(plan_file, plan)
+    spans = _spans(len(paths), chunk_size)
+    mine = [c for c in range(len(spans)) if shard.owns(c)]
+    todo = [c for c in mine if _chunk(work, paths, spans[c], c) is None]
+    total = sum(spans[c][1] - spans[c][0] for c in mine)
+    resumed = total - sum(spans[c][1] - spans[c][0] for c in todo)
+    batches = [list(range(b, min(b + batch_size, spans[c][1])))
+               for c in todo for b in range(spans[c][0], spans[c][1], batch_size)]
+    dev = torch.device(device)
+    loader = DataLoader(_HashedImages(paths, preprocess), batch_sampler=batches, num_workers=workers,
+                        pin_memory=dev.type == "cuda", collate_fn=_collate)
+    rows, hashes, problems, todo_iter = [], [], [], iter(todo)
+    c = next(todo_iter, None)
+    dim = model.config.embed_dim
+    desc = "embedding" if shard.world == 1 else f"embedding (rank {shard.rank} of {shard.world})"
+    with tqdm(total=total, initial=resumed, desc=desc, unit="img", disable=not progress) as bar:
+        for images, batch_hashes, batch_problems in loader:
+            out = np.full((len(batch_hashes), dim), np.nan, np.float32)  # unreadable images stay NaN
+            if images is not None:
+                with autocast(dev):
+                    emb = model.encode_gallery(images.to(dev, non_blocking=True))
+                out[[i for i, p in enumerate(batch_problems) if not p]] = F.normalize(emb.float(), dim=-1).cpu().numpy()
+            rows.append(out)
+            hashes += batch_hashes
+            problems += batch_problems
+            bar.update(len(batch_hashes))
+            if len(hashes) == spans[c][1] - spans[c][0]:
+                with atomic_path(work / f"chunk-{c:06d}.npz") as tmp, open(tmp, "wb") as f:
+                    np.savez(f, embeddings=np.concatenate(rows), paths=np.array(paths[slice(*spans[c])]),
+                             sha256=np.array(hashes), problems=np.array(problems))
+                rows, hashes, problems, c = [], [], [], next(todo_iter, None)
+    if shard.world > 1 and progress:
+        print(f"rank {shard.rank} of {shard.world}: {total - resumed} images embedded, {resumed} kept from "
+              "an earlier run", file=sys.stderr)
+    return total - resumed, resumed
+
+
+def read_chunks(work: Path, paths: list[str], chunk_size: int, dim: int
+                ) -> tuple[np.ndarray, list[str], dict[int, str]]:
+    """Every chunk of `work` assembled: (embeddings [N, E] float32, memory-mapped from
+    `work`/ASSEMBLED, sha256 per path, {i: one-line reason} of the paths that could not be read:
+    their rows are NaN, their sha256 "")."""
+    emb = np.lib.format.open_memmap(work / ASSEMBLED, "w+", np.float32, (len(paths), dim))
+    hashes, problems = [], []
+    for c, span in enumerate(_spans(len(paths), chunk_size)):
+        z = _chunk(work, paths, span, c)
+        if z is None:
+            raise UserError(f"{work}: chunk {c} is missing or is not this gallery's; run again with --resume")
+        emb[span[0]:span[1]] = z["embeddings"]
+        hashes += z["sha256"]
+        problems += z["problems"]
+    emb.flush()
+    return emb, hashes, {i: p for i, p in enumerate(problems) if p}
+
+
+def embed_images(model, preprocess, paths: list[str], work: Path, key: str, chunk_size: int = 4096,
+                 batch_size: int = 128, workers: int = 0, device="cpu", progress: bool = True,
+                 shard: Shard = Shard()
+                 ) -> tuple[np.ndarray | None, list[str] | None, list[tuple[int, int]], dict[int, str] | None]:
+    """`embed_chunks` on every rank, then on the lead rank `read_chunks`: (embeddings, sha256 per
+    path, [(embedded, kept)] per rank, {i: reason} of the unreadable); on the other ranks
+    (None, None, [(embedded, kept)] per rank, None)."""
+    counts = shard.gather(embed_chunks(model, preprocess, paths, work, key, chunk_size, batch_size, workers,
+                                       device, progress, shard))
+    if not shard.lead:
+        return None, None, counts, None
+    emb, hashes, skipped = read_chunks(work, paths, chunk_size, model.config.embed_dim)
+    return emb, hashes, counts, skipped
+
+
+def hash_files(paths: list[str], workers: int = 4, progress: bool = True) -> list[str]:
+    """sha256 of each file's content, read in parallel."""
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        return list(tqdm(pool.map(sha256_file, paths), total=len(paths), desc="hashing", unit="img", disable=not progress))
+
+
