@@ -251,3 +251,21 @@ def test_the_app_writes_nothing_into_the_source_tree(ex):
     server.build_demo(ex)
     assert sorted(p for p in ROOT.joinpath("cir").rglob("*") if "__pycache__" not in p.parts) == before
     assert list(ROOT.joinpath("cir").rglob("*.pyi")) == []
+
+
+def test_a_visitors_mistakes_leave_no_traceback_in_the_server_log(ex, capfd):
+    """An empty caption, a k that is no number, an unreadable image: each is one line for the
+    visitor and nothing of a traceback in the server's output."""
+    import base64
+
+    as_input = lambda data: {"path": None, "url": "data:image/png;base64," + base64.b64encode(data).decode(),
+                             "meta": {"_type": "gradio.FileData"}}
+    scene, broken = as_input(Path(ex.examples[0].reference).read_bytes()), as_input(b"not an image")
+    with served(ex) as url:
+        capfd.readouterr()
+        for query, caption, k, message in ((scene, "   ", 3, "type a modification"), (scene, "make it red", "abc", "top k"),
+                                           (broken, "make it red", 3, "cannot read image")):
+            kind, answer = api_call(url, [query, caption, k, ex.name])
+            assert kind == "error" and message in answer and one_line(answer), answer[:300]
+        log = capfd.readouterr()
+    assert "Traceback" not in log.err + log.out

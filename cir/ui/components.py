@@ -23,6 +23,11 @@ from cir.ui.thumbnails import thumbnail
 MEAN = "mean"  # the layer and head dropdowns' value of the mean over all
 
 
+def user_error(message: str) -> gr.Error:
+    """A visitor's mistake as the page shows it: one line there, and no traceback in the server's log."""
+    return gr.Error(message, print_exception=False)
+
+
 def shown(fn):
     """Show a UserError in the page as a one-line error instead of a failed event."""
     @functools.wraps(fn)
@@ -30,7 +35,7 @@ def shown(fn):
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            raise gr.Error(str(e)) from None
+            raise user_error(str(e)) from None
     return wrapper
 
 
@@ -120,11 +125,11 @@ def query_image(**kwargs) -> gr.Image:
                 decoded(payload.path, name)  # the one decode of this upload, shared by the request's calls
             return gradio_preprocess(payload)
         except UserError as e:
-            raise gr.Error(str(e)) from None
+            raise user_error(str(e)) from None
         except gr.Error:
             raise
         except Exception as e:  # a data: URL PIL cannot read, or anything else Gradio trips on
-            raise gr.Error(f"cannot read image {name}: {type(e).__name__}: {' '.join(str(e).split())}") from None
+            raise user_error(f"cannot read image {name}: {type(e).__name__}: {' '.join(str(e).split())}") from None
 
     image.preprocess = preprocess
     return image
@@ -151,7 +156,7 @@ def top_k_slider(n: int, **kwargs) -> gr.Slider:
         try:
             return top_k(payload, n)
         except UserError as e:
-            raise gr.Error(str(e)) from None
+            raise user_error(str(e)) from None
 
     slider.preprocess = preprocess
     return slider
