@@ -6,9 +6,9 @@
 
 PCA (the top two principal axes of the centred embeddings, each axis's sign fixed so that its
 largest loading is positive) is exact and deterministic; UMAP (`umap-learn`) is used where installed
-and asked for ("auto" or "umap"): its fitted reducer maps queries, and it is kept in memory only,
-so a UMAP map read back from its file is refitted. An in-memory index (no folder) stores its map
-in the temporary folder, named by its hash.
+and asked for ("auto" or "umap"): its fitted reducer maps queries, so it is not stored (the caller
+keeps it). A PCA map of an index without a folder is stored in the temporary folder, named by the
+index's hash.
 """
 from __future__ import annotations
 

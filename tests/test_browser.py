@@ -1,5 +1,6 @@
 """The explorer in headless Chromium (Debian's /usr/bin/chromium, driven by Playwright): pick an
-example, retrieve, see k results and the heatmaps at phone, tablet and desktop widths; the model
+example, retrieve, see k results and the heatmaps at phone, tablet and desktop widths; the Research
+tab's map, phrase influence, variants (one applied) and make-up at phone and desktop widths; the model
 card; an uploaded photo gets the out-of-domain notice; select a second model (its results and card)
 and compare the first one's maps beside its own; in the review tab accept an item with the 'a'
 key, reject and undo, filter, export for download, and open the same file as an upload (a private copy
@@ -11,6 +12,7 @@ import json
 import os
 import shutil
 import socket
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -61,43 +63,94 @@ def served(tmp_path_factory, tiny_checkpoint, tiny_tmcir_checkpoint):
     demo.close()
 
 
+@contextmanager
+def page_at(url: str, width: int, height: int = 900):
+    """A headless Chromium page `width` x `height` px opened at `url`, with the tests' timeouts."""
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": width, "height": height})
+            page.set_default_timeout(TIMEOUT)
+            expect.set_options(timeout=TIMEOUT)
+            page.goto(url)
+            yield page
+        finally:
+            browser.close()
+
+
 @pytest.mark.parametrize("width", WIDTHS)
 def test_retrieve_at_every_width(served, width, tmp_path):
     url, ex, _ = served
     artifacts = ROOT / "test-artifacts"
     artifacts.mkdir(exist_ok=True)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        try:
-            page = browser.new_page(viewport={"width": width, "height": 900})
-            page.set_default_timeout(TIMEOUT)
-            expect.set_options(timeout=TIMEOUT)
-            page.goto(url)
-            page.get_by_text("About this model").click()
-            expect(page.locator("#model-card")).to_contain_text("synthetic scenes")
-            page.locator("#examples img").first.click()
-            expect(page.locator("#caption textarea")).to_have_value(ex.examples[0].caption)
-            page.locator("#retrieve").click()
-            expect(page.locator("#results img")).to_have_count(K)
-            # the result thumbnails came inside the answer as data: URLs, and each one is drawn
-            shown = page.locator("#results img").evaluate_all(
-                "imgs => Promise.all(imgs.map(i => i.decode().then(() => [i.src.slice(0, 22), i.naturalWidth])))")
-            assert shown == [["data:image/png;base64,", 128]] * K, shown
-            expect(page.locator("#maps-info")).to_contain_text("(gold)")
-            heatmaps = page.locator("#heatmaps img")
-            heatmaps.scroll_into_view_if_needed()
-            expect(heatmaps).to_be_visible()
-            box = heatmaps.bounding_box()
-            assert box["width"] >= min(250, width * 0.6) and box["height"] >= 200, box  # was 0 x 0 at <= 640 px
-            assert 0 <= box["x"] and box["x"] + box["width"] <= width + 1  # inside the window, no sideways scroll
-            page.screenshot(path=str(artifacts / f"explorer-retrieve-{width}.png"), full_page=True)
-            if width == WIDTHS[0]:  # an uploaded photo is told it is unlike the training scenes
-                x, y = np.meshgrid(np.linspace(0, 1, 96), np.linspace(0, 1, 96))
-                Image.fromarray((np.stack([x, y, x * y], -1) * 255).astype(np.uint8)).save(tmp_path / "photo.png")
-                page.locator("#query-image input[type=file]").set_input_files(str(tmp_path / "photo.png"))
-                expect(page.get_by_text("looks unlike the training data")).to_be_visible()
-        finally:
-            browser.close()
+    with page_at(url, width) as page:
+        page.get_by_text("About this model").click()
+        expect(page.locator("#model-card")).to_contain_text("synthetic scenes")
+        page.locator("#examples img").first.click()
+        expect(page.locator("#caption textarea")).to_have_value(ex.examples[0].caption)
+        page.locator("#retrieve").click()
+        expect(page.locator("#results img")).to_have_count(K)
+        # the result thumbnails came inside the answer as data: URLs, and each one is drawn
+        shown = page.locator("#results img").evaluate_all(
+            "imgs => Promise.all(imgs.map(i => i.decode().then(() => [i.src.slice(0, 22), i.naturalWidth])))")
+        assert shown == [["data:image/png;base64,", 128]] * K, shown
+        expect(page.locator("#maps-info")).to_contain_text("(gold)")
+        heatmaps = page.locator("#heatmaps img")
+        heatmaps.scroll_into_view_if_needed()
+        expect(heatmaps).to_be_visible()
+        box = heatmaps.bounding_box()
+        assert box["width"] >= min(250, width * 0.6) and box["height"] >= 200, box  # was 0 x 0 at <= 640 px
+        assert 0 <= box["x"] and box["x"] + box["width"] <= width + 1  # inside the window, no sideways scroll
+        page.screenshot(path=str(artifacts / f"explorer-retrieve-{width}.png"), full_page=True)
+        if width == WIDTHS[0]:  # an uploaded photo is told it is unlike the training scenes
+            x, y = np.meshgrid(np.linspace(0, 1, 96), np.linspace(0, 1, 96))
+            Image.fromarray((np.stack([x, y, x * y], -1) * 255).astype(np.uint8)).save(tmp_path / "photo.png")
+            page.locator("#query-image input[type=file]").set_input_files(str(tmp_path / "photo.png"))
+            expect(page.get_by_text("looks unlike the training data")).to_be_visible()
+
+
+@pytest.mark.parametrize("width", (390, 1400))
+def test_research_views_at_two_widths(served, width):
+    """The Research tab for the Retrieve tab's query: the map, each phrase masked, variants scored against a
+    result marked ideal (one applied to the modification), the make-up; each inside the window."""
+    url, ex, _ = served
+    artifacts = ROOT / "test-artifacts"
+    artifacts.mkdir(exist_ok=True)
+    t = ex.examples[0]
+    with page_at(url, width) as page:
+        page.locator("#examples img").first.click()
+        expect(page.locator("#caption textarea")).to_have_value(t.caption)
+        page.locator("#retrieve").click()
+        expect(page.locator("#results img")).to_have_count(K)
+        page.get_by_role("tab", name="Research").click()
+        page.locator("#map-draw").click()
+        expect(page.locator("#map-info")).to_contain_text(f"PCA map of {len(ex.index)} gallery images")
+        plot = page.locator("#map-plot canvas, #map-plot svg").first
+        expect(plot).to_be_visible()
+        box = plot.bounding_box()
+        assert box["width"] >= min(250, width * 0.6) and box["x"] + box["width"] <= width + 1, box
+        page.locator("#influence-run").click()
+        expect(page.locator("#influence-info")).to_contain_text("Followed: the target")
+        for phrase in t.noun_phrases:  # one row each, the example's gold phrases
+            expect(page.locator("#influence-table")).to_contain_text(phrase["text"])
+        expect(page.locator("#influence-plot canvas, #influence-plot svg").first).to_be_visible()
+        page.locator("#ideal input").click()
+        page.get_by_role("option").first.click()
+        page.locator("#variants-run").click()
+        expect(page.locator("#variants-info")).to_contain_text("variants, each encoded and ranked")
+        expect(page.locator("#variants-table")).to_contain_text("original")
+        expect(page.locator("#variants-heatmap img, #variants-heatmap canvas, #variants-heatmap svg").first
+               ).to_be_visible()
+        page.locator("#variant-choice input").click()
+        page.get_by_role("option").nth(1).click()
+        chosen = page.locator("#variant-choice input").input_value()
+        page.locator("#variant-apply").click()
+        page.locator("#makeup-run").click()
+        expect(page.locator("#makeup-info")).to_contain_text("by their CIR-Shapes scenes")
+        expect(page.locator("#makeup-plot canvas, #makeup-plot svg").first).to_be_visible()
+        page.screenshot(path=str(artifacts / f"explorer-research-{width}.png"), full_page=True)
+        page.get_by_role("tab", name="Retrieve").click()
+        expect(page.locator("#caption textarea")).to_have_value(chosen)  # the variant applied
 
 
 def test_retrieve_and_review_in_the_browser(served):

@@ -81,7 +81,7 @@ def embedding_map(ex: Explorer, image, query_path, caption: str, k):
                            "rank": np.append(rank, 0)})
     points["order"] = points["kind"].map(KINDS.index)
     points = points.sort_values("order", kind="stable").drop(columns="order").reset_index(drop=True)
-    where = f", stored at `{markdown_literal(projection.file)}`" if projection.file else ""
+    where = f", stored at {markdown_literal(projection.file)}" if projection.file else ""
     info = (f"{projection.method.upper()} map of {len(gallery.paths)} gallery images{where}; the query is projected "
             f"with the same map. Top {k} in blue, targets green, the reference orange, the query red.")
     return points, info
@@ -116,15 +116,15 @@ def rank_heatmap(record: dict, labels: list[str]):
     variants = record["variants"]
     ranks = np.array([v["ranks"] for v in variants])  # [V, R]
     change = ranks - ranks[:1]
-    fig, ax = plt.subplots(figsize=(4.2 + 1.2 * len(labels), 0.9 + 0.38 * len(variants)), dpi=100)
+    fig, ax = plt.subplots(figsize=(4.2 + 1.2 * len(labels), 0.9 + 0.38 * len(variants)), dpi=100,
+                           layout="constrained")
     bound = max(1, int(np.abs(change).max()))
     ax.imshow(change, cmap="RdYlGn_r", vmin=-bound, vmax=bound, aspect="auto")
     for (i, j), r in np.ndenumerate(ranks):
         ax.text(j, i, f"{r} ({change[i, j]:+d})" if i else str(r), ha="center", va="center", fontsize=8)
     ax.set_yticks(range(len(variants)), [v["name"][:48] for v in variants], fontsize=8)
     ax.set_xticks(range(len(labels)), [os.path.basename(x) for x in labels], fontsize=8, rotation=20)
-    ax.set_title("Rank of each ideal image (Δ vs the caption)", fontsize=9)
-    fig.tight_layout()
+    ax.set_title("Rank of each ideal image (Δ vs the caption)", fontsize=9, loc="right")
     plt.close(fig)
     return fig
 
