@@ -70,10 +70,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return a
 
 
-def launch(demo, host: str, port: int, share: bool, max_file_size: str) -> None:
-    """demo.launch, its start-up failures told in terms of this app's flags."""
+def launch(demo, host: str, port: int, share: bool, options: dict) -> None:
+    """demo.launch with `options` (cir.ui.edge.launch_options), its start-up failures told in terms
+    of this app's flags."""
     try:
-        demo.launch(server_name=host, server_port=port, share=share, max_file_size=max_file_size)
+        demo.launch(server_name=host, server_port=port, share=share, **options)
     except OSError:  # the port is taken, or the address is not one of this machine's
         raise UserError(f"cannot serve on {host}:{port}: the port is in use or {host} is not an address of this "
                         "machine; choose another with --port or --host") from None
@@ -87,13 +88,13 @@ def launch(demo, host: str, port: int, share: bool, max_file_size: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     from cir.ui.access import FileAccess
-    from cir.ui.server import build_demo
-    from cir.ui.limits import MAX_FILE_SIZE
+    from cir.ui.edge import launch_options
     from cir.ui.models import Models
+    from cir.ui.server import build_demo
 
     models = Models.load(a.checkpoint, a.index, a.gallery, a.examples, a.device)
     access = FileAccess(a.review_dir, models.primary.index.paths)
-    launch(build_demo(models, access), a.host, a.port, a.share, MAX_FILE_SIZE)
+    launch(build_demo(models, access), a.host, a.port, a.share, launch_options())
     return 0
 
 

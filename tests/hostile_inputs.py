@@ -283,12 +283,12 @@ class served:
 
     def __enter__(self) -> str:
         from cir.ui import server
-        from cir.ui import limits
+        from cir.ui.edge import launch_options
 
         port = free_port()
         self.demo = server.build_demo(self.explorer, self.access)
         self.demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                         max_file_size=limits.MAX_FILE_SIZE)
+                         **launch_options())
         return f"http://127.0.0.1:{port}/"
 
     def __exit__(self, *exc):

@@ -478,7 +478,7 @@ def test_app_flags_and_one_line_errors(tmp_path, capsys):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         with pytest.raises(UserError, match=r"cannot serve on 127\.0\.0\.1:\d+: the port is in use .*--port"):
-            app.launch(blank, "127.0.0.1", busy.getsockname()[1], False, "1mb")
+            app.launch(blank, "127.0.0.1", busy.getsockname()[1], False, {"max_file_size": "1mb"})
     # --help parses before the model code is imported
     probe = ("import runpy, sys; sys.argv = ['app.py', '--help']\ntry: runpy.run_path('app.py', run_name='__main__')\n"
              "except SystemExit: pass\nprint(sorted(m for m in ('torch', 'gradio', 'cir.ui.server') if m in sys.modules))")

@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from cir.checkpoint import load_checkpoint, save_checkpoint
 from cir.errors import UserError
 from cir.models.factory import build_model, config_from_dict, load_config
 from cir.ui import limits, server
+from cir.ui.edge import BodyCap
 from hostile_inputs import one_line, served
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -242,6 +244,8 @@ def test_app_py_launches_on_loopback_with_the_upload_limit(tiny_checkpoint, shap
     assert app.main(["--checkpoint", str(tiny_checkpoint), "--gallery", str(shapes_data / "gallery_test.txt"),
                      "--device", "cpu"]) == 0
     assert seen["server_name"] == "127.0.0.1" and seen["max_file_size"] == limits.MAX_FILE_SIZE and not seen["share"]
+    assert seen["state_session_capacity"] == limits.MAX_SESSIONS
+    assert [m.cls for m in seen["app_kwargs"]["middleware"]] == [BodyCap]
 
 
 def test_the_app_writes_nothing_into_the_source_tree(ex):
@@ -269,3 +273,51 @@ def test_a_visitors_mistakes_leave_no_traceback_in_the_server_log(ex, capfd):
             assert kind == "error" and message in answer and one_line(answer), answer[:300]
         log = capfd.readouterr()
     assert "Traceback" not in log.err + log.out
+
+
+def rss_mb() -> float:
+    return int(next(line for line in open("/proc/self/status") if line.startswith("VmRSS")).split()[1]) / 1024
+
+
+def post_large(url: str, path: str, size: int, session: str, chunked: bool = False) -> tuple[int, bytes]:
+    """POST a `size`-byte JSON-ish body to `path` (with Content-Length, or chunked without one),
+    writing until the server stops reading -> (status, response body)."""
+    u = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+    block = b"x" * 2 ** 20
+    try:
+        conn.putrequest("POST", f"{path}?session_hash={session}")
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader(*(("Transfer-Encoding", "chunked") if chunked else ("Content-Length", str(size))))
+        conn.endheaders()
+        try:
+            for _ in range(size // len(block)):
+                conn.send(b"%x\r\n%s\r\n" % (len(block), block) if chunked else block)
+            if chunked:
+                conn.send(b"0\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused before the whole body was read
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def test_large_request_bodies_are_refused_at_the_edge_in_one_line(ex):
+    """Twenty 100 MB bodies under fresh session hashes (with and without a Content-Length): each a
+    one-line 413 before Gradio stores anything; the server grows by at most 100 MB and keeps answering
+    GET /config within a second."""
+    import time
+    import uuid
+    with served(ex) as url:
+        assert urllib.request.urlopen(url + "config", timeout=5).status == 200
+        before = rss_mb()
+        for i in range(20):
+            status, body = post_large(url, "/gradio_api/queue/join", 100 * 2 ** 20, uuid.uuid4().hex, chunked=i % 2 == 1)
+            assert status == 413 and one_line(body.decode()) and b"over the limit" in body, (status, body[:200])
+            t0 = time.perf_counter()
+            assert urllib.request.urlopen(url + "config", timeout=5).status == 200
+            assert time.perf_counter() - t0 < 1.0
+        assert rss_mb() - before <= 100
+        kind, data = api_call(url, [None, "make it red", 3, ex.name])  # ordinary requests still pass
+        assert kind == "error" and "image" in data

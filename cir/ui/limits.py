@@ -2,7 +2,7 @@
 
 The model reads at most its context length (40 or 77 tokens), so longer captions only cost work;
 the caption path is linear in any case (cir.tokenizer). Limits that Gradio enforces are passed to
-it at launch (`MAX_FILE_SIZE`), to `gr.Blocks` (`DELETE_CACHE`) or through its environment, unless
+it at launch (`MAX_FILE_SIZE`, `MAX_SESSIONS`; `MAX_BODY_BYTES` by cir.ui.edge), to `gr.Blocks` (`DELETE_CACHE`) or through its environment, unless
 already set there (`GRADIO_ANALYTICS`)."""
 from __future__ import annotations
 
@@ -15,6 +15,9 @@ MAX_NAME_CHARS = 80  # an annotator's name
 MAX_FILE_MB = 25  # largest upload the server accepts, and largest data: URL image inside a request
 # (images are also refused above cir.data.images.MAX_IMAGE_PIXELS)
 MAX_FILE_SIZE = f"{MAX_FILE_MB}mb"  # as Gradio's launch(max_file_size=) takes it
+# any request body (cir.ui.edge): an upload, or a JSON body with a data: URL image of MAX_FILE_MB (base64: 4/3)
+MAX_BODY_BYTES = (MAX_FILE_MB * 4 // 3 + 2) * 2 ** 20
+MAX_SESSIONS = 1000  # visitors' sessions Gradio keeps (inputs, states); the least recently used are dropped
 DELETE_CACHE = (3600, 3600)  # every hour, delete uploaded and cached files older than an hour
 MAX_REQUEST_PIXELS = 24_000_000  # decoded pixels per request: one 24 MP photo (72 MB as RGB, about 1 s to decode)
 # Gradio's queue keeps this many event records and summarises them every this many events
