@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         f"images, ivf below {IVF_MAX:,}, else ivfpq (also when the vectors take over half the memory)")
     b.add_argument("--nlist", type=positive_int, default=None, help="IVF lists (default 4*sqrt(N), at most N/39)")
     b.add_argument("--pq-m", type=positive_int, default=None,
-                   help="IVF-PQ sub-quantisers = bytes per vector code; must divide the embedding dim (default dim/8)")
+                   help="IVF-PQ sub-quantisers = bytes per vector code; must divide the embedding dim (default dim/4)")
     b.add_argument("--train-sample", type=positive_int, default=None,
                    help="vectors sampled to train IVF/PQ (default min(N, 64*nlist), for ivfpq at least 9984)")
     b.add_argument("--nprobe", type=positive_int, default=None,

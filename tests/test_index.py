@@ -91,20 +91,50 @@ def _clustered(n, queries, dim, clusters, seed=0, noise=0.5):
     return x[:n], x[n:]
 
 
-def test_ivf_recall_on_clustered_vectors():
+def test_ivf_recall_on_clustered_vectors(tmp_path):
     data, queries = _clustered(20000, 100, 64, 100, noise=1.5)  # clusters overlap: IVF must probe several lists
+    np.save(tmp_path / "vectors.npy", data)
+    mapped = np.load(tmp_path / "vectors.npy", mmap_mode="r")
     exact = GalleryIndex.from_embeddings(data, index_type="flat").search(queries, 10)[1]
     ivf = GalleryIndex.from_embeddings(data, index_type="ivf", nlist=64, nprobe=16)
     recall = lambda ids: np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, exact)])
     assert recall(ivf.search(queries, 10, nprobe=1)[1]) < recall(ivf.search(queries, 10)[1])
     assert recall(ivf.search(queries, 10)[1]) > 0.9
     assert recall(ivf.search(queries, 10, nprobe=64)[1]) == 1.0  # every list visited: exact
-    pq = GalleryIndex.from_embeddings(data, index_type="ivfpq", nlist=64, pq_m=16, nprobe=16, train_sample=2560)
-    assert recall(pq.search(queries, 10)[1]) > 0.4
-    assert resolve_params(150_000, 256)["type"] == "flat" and resolve_params(300_000, 256)["type"] == "ivf"
-    assert resolve_params(6_000_000, 256)["type"] == "ivfpq"
+    pq = GalleryIndex.from_embeddings(mapped, index_type="ivfpq", nlist=64, pq_m=16, nprobe=32, train_sample=2560)
+    assert pq.embeddings is mapped and pq.memory()["mapped"]  # re-ranking reads the mapped file
+    assert pq.memory()["index"] == 20000 * (16 + 8) + 64 * 64 * 4 + 16 * 256 * 4 * 4  # codes+ids, lists, codebooks
+    pq.rerank = 0  # PQ scores only
+    assert recall(pq.search(queries, 10)[1]) < 0.7
+    pq.rerank = 10  # the 100 best PQ candidates re-ranked against the stored vectors
+    scores, ids = pq.search(queries, 10)
+    assert recall(ids) > 0.95
+    np.testing.assert_allclose(scores, np.einsum("qe,qke->qk", queries, data[ids]), atol=1e-5)  # exact scores
+    assert (np.diff(scores, axis=1) <= 0).all()
+    assert resolve_params(150_000, 256, memory=1 << 40)["type"] == "flat"
+    assert resolve_params(300_000, 256, memory=1 << 40)["type"] == "ivf"
+    assert resolve_params(6_000_000, 256, memory=1 << 40)["type"] == "ivfpq"
+    small = resolve_params(150_000, 256, memory=150_000 * 256 * 4)  # the vectors take all of the memory
+    assert small["type"] == "ivfpq" and small["rerank"] == 10 and small["pq_m"] == 64
     with pytest.raises(UserError, match="must divide"):
         resolve_params(20000, 64, "ivfpq", pq_m=7)
+
+
+def test_index_on_disk_is_memory_mapped(shapes, tmp_path):
+    """A folder written by the build is opened with its vectors and faiss lists memory-mapped, and
+    says what it holds."""
+    data, ckpt, full = shapes
+    out = tmp_path / "ivf"
+    build_index(out, data / "gallery_test.txt", ckpt, index_type="ivf", nlist=2, **SMALL)
+    ivf, flat = GalleryIndex.load(out, ckpt), GalleryIndex.load(full, ckpt)
+    assert isinstance(ivf.embeddings, np.memmap) and isinstance(flat.embeddings, np.memmap)
+    queries = np.asarray(flat.embeddings[:8]) + 0.05
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    assert np.array_equal(ivf.search(queries, 10, nprobe=2)[1], flat.search(queries, 10)[1])
+    memory = ivf.memory()
+    assert memory["mapped"] and memory["vectors"] == 34 * ivf.dim * 4
+    assert memory["index"] == 34 * (ivf.dim * 4 + 8) + 2 * ivf.dim * 4  # vectors + ids in the lists, centroids
+    assert flat.describe().startswith("34 images, flat index: faiss 0.0 MB and vectors 0.0 MB, memory-mapped")
 
 
 def test_checkpoint_mismatch_names_both_hashes(shapes, tmp_path):

@@ -5,4 +5,4 @@ and updating (build) and search (search)."""
 TYPES = ("auto", "flat", "ivf", "ivfpq")
 FLAT_MAX = 200_000  # auto: exact search below this many images
 IVF_MAX = 5_000_000  # auto: IVFFlat below this many, IVF-PQ above
-RERANK = 16  # ivfpq: re-rank RERANK * k candidates by default
+RERANK = 10  # ivfpq: re-rank RERANK * k candidates by default

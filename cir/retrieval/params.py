@@ -33,7 +33,7 @@ def resolve_params(n: int, dim: int, index_type: str = "auto", nlist: int | None
                    memory: int | None = None) -> dict:
     """Concrete index parameters for `n` vectors of `dim`: {"type", "nlist", "pq_m", "nbits",
     "train_sample", "nprobe", "rerank"} (None where the type has no such parameter). Defaults:
-    nlist = 4 sqrt(n) (at most n/39, faiss' minimum training points per list), pq_m = dim/8 (bytes
+    nlist = 4 sqrt(n) (at most n/39, faiss' minimum training points per list), pq_m = dim/4 (bytes
     per code), train_sample = min(n, 64 nlist, for ivfpq at least 39 * 256), nprobe = max(16,
     nlist/32), rerank = RERANK (ivfpq: rerank * k candidates re-ranked exactly; 0: PQ scores only)."""
     if index_type not in TYPES:
@@ -51,7 +51,7 @@ def resolve_params(n: int, dim: int, index_type: str = "auto", nlist: int | None
                         f"got {train} (of {n} images); lower --nlist or use --type flat")
     params.update(nlist=nlist, train_sample=train, nprobe=min(nlist, nprobe or max(16, nlist // 32)))
     if index_type == "ivfpq":
-        pq_m = pq_m or max(1, dim // 8)
+        pq_m = pq_m or max(1, dim // 4)
         if dim % pq_m:
             raise UserError(f"--pq-m {pq_m} must divide the embedding dim {dim}")
         if train < 2 ** PQ_NBITS:

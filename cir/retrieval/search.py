@@ -64,7 +64,8 @@ class GalleryIndex:
         if torch.device(device).type != "cuda":
             check_integrity(manifest, index_dir, files=(FAISS_FILE,))
             try:
-                index = faiss.read_index(str(index_dir / FAISS_FILE), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_MMAP_IFC)
+                flat = manifest["index"]["params"]["type"] == "flat"  # faiss maps flat codes and IVF lists apart
+                index = faiss.read_index(str(index_dir / FAISS_FILE), faiss.IO_FLAG_MMAP_IFC if flat else faiss.IO_FLAG_MMAP)
             except RuntimeError as e:  # faiss reports a missing or damaged file as RuntimeError
                 first = (str(e).strip().splitlines() or ["damaged"])[0]
                 raise UserError(f"{index_dir}: {FAISS_FILE} cannot be read ({first}); rebuild the index") from None
@@ -84,8 +85,10 @@ class GalleryIndex:
     def from_embeddings(embeddings: np.ndarray, paths: list[str] | None = None, index_type: str = "auto",
                         nlist: int | None = None, pq_m: int | None = None, train_sample: int | None = None,
                         nprobe: int | None = None, rerank: int | None = None, device="cpu") -> "GalleryIndex":
-        """An in-memory index over embeddings [N, E] (rows L2-normalised by the caller); paths default to "0".."N-1"."""
-        emb = np.ascontiguousarray(embeddings, dtype=np.float32)
+        """An index over embeddings [N, E] (rows L2-normalised by the caller), kept as they are when a
+        float32 np.memmap (IVF-PQ then re-ranks from the mapped file); paths default to "0".."N-1"."""
+        mapped = isinstance(embeddings, np.memmap) and embeddings.dtype == np.float32
+        emb = embeddings if mapped else np.ascontiguousarray(embeddings, dtype=np.float32)
         params = resolve_params(len(emb), emb.shape[1], index_type, nlist, pq_m, train_sample, nprobe, rerank)
         manifest = {"images": [{"path": p} for p in (paths or map(str, range(len(emb))))], "count": len(emb),
                     "embedding": {"dim": emb.shape[1], "normalization": "l2"},
@@ -167,3 +170,12 @@ class GalleryIndex:
                 torch.cat([i for _, i in out]).cpu().numpy().astype(np.int64))
 
 
+
+
+def resident_bytes() -> int:
+    """This process's resident memory (VmRSS; 0 where /proc is absent)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return 0
