@@ -7,20 +7,27 @@ Prints one table:
     (decoding, hashing, preprocessing, embedding, writing; rendered CIR-Shapes images);
   * query latency p50/p95 of encode (real image + caption through the model) + search, over
     galleries of 1k/10k/100k clustered random vectors;
+  * the same build run by `torchrun --nproc_per_node 2` (processes started included) and its
+    speed-up over one process;
   * search-only latency p50/p95 (one query at a time) and recall@10 against exact search for
-    exact, IVF and IVF-PQ at 100k and 1M clustered vectors, with the memory-bandwidth bound of
-    exact search (bytes scanned / numpy copy bandwidth) and the index bytes per image.
+    exact, IVF, IVF-PQ re-ranked against the stored vectors (the default) and IVF-PQ scores alone,
+    at 100k and 1M clustered vectors, with the memory-bandwidth bound of exact search (bytes
+    scanned / numpy copy bandwidth) and the bytes per image the faiss index holds;
+  * the largest IVF-PQ gallery written as an index folder and opened by a fresh process: search
+    latency with the vectors memory-mapped, the process's resident memory against the vectors' size.
 `--quick` shrinks every size to check the script in seconds; its numbers mean little.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import faiss
 import numpy as np
 import torch
 
@@ -31,7 +38,28 @@ from cir.data.triplets import read_gallery, read_triplets
 from cir.precision import autocast
 from cir.index import GalleryIndex, build_index
 from cir.models.factory import build_model
+from cir.retrieval.params import index_bytes
+from cir.retrieval.store import write_index
 
+ROOT = Path(__file__).resolve().parent.parent
+OPEN_AND_SEARCH = """
+import json, sys, time
+import numpy as np
+from cir.index import GalleryIndex
+from cir.retrieval.search import resident_bytes
+base = resident_bytes()
+index = GalleryIndex.load(sys.argv[1])
+opened = resident_bytes()
+queries = np.load(sys.argv[2])
+index.search(queries[:1], 10)
+seconds = []
+for q in queries:
+    t0 = time.perf_counter()
+    index.search(q[None], 10)
+    seconds.append(time.perf_counter() - t0)
+print(json.dumps({"base": base, "opened": opened, "searched": resident_bytes(), "seconds": seconds,
+                  "describe": index.describe()}))
+"""
 
 def clustered(n: int, queries: int, dim: int, seed: int = 0, noise: float = 1.5) -> tuple[np.ndarray, np.ndarray]:
     """Gallery [n, dim] and queries [queries, dim], L2-normalised, around sqrt(n) shared random centers."""
@@ -82,6 +110,29 @@ def recall_at_10(ids: np.ndarray, exact: np.ndarray) -> float:
     return float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, exact)]))
 
 
+def build_seconds(command: list[str]) -> float:
+    """Wall seconds of an index build run as its own command (process start included)."""
+    t0 = time.perf_counter()
+    subprocess.run(command, cwd=ROOT, check=True, capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return time.perf_counter() - t0
+
+
+def opened_from_disk(tmp: Path, index: GalleryIndex, queries: np.ndarray) -> dict:
+    """Write `index` (IVF-PQ over a memory-mapped array) as an index folder under synthetic image
+    names, then open and search it in a fresh process: its resident memory and latencies."""
+    n = len(index)
+    manifest = {"format": "context-cir-index/2", "checkpoint": {"path": str(tmp / "none.safetensors"), "sha256": ""},
+                "config": {}, "embedding": {"dim": index.dim, "normalization": "l2", "dtype": "float32"},
+                "index": dict(index.manifest["index"], metric="inner_product"), "count": n,
+                "images": [{"path": str(tmp / f"{i}.png"), "sha256": f"{i:064x}"} for i in range(n)], "skipped": []}
+    (tmp / "mapped.partial").mkdir()
+    write_index(tmp / "mapped", tmp / "mapped.partial", manifest, index.embeddings, index.faiss_index)
+    np.save(tmp / "queries.npy", queries)
+    out = subprocess.run([sys.executable, "-c", OPEN_AND_SEARCH, str(tmp / "mapped"), str(tmp / "queries.npy")],
+                         cwd=ROOT, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m bench.index_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -129,6 +180,17 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(("images/s", f"encoder forward only, batch {batch}", f"{batch / np.median(fwd):.1f}"))
         rows.append(("images/s", f"full build of {len(gallery)} images (load, decode, hash, write)",
                      f"{result['images'] / result['seconds']:.1f}"))
+        if dev.type == "cpu":
+            log("sharded build")
+            (tmp / "gallery.txt").write_text("\n".join(gallery) + "\n")
+            cmd = ["-m", "cir.index", "build", "--checkpoint", str(ckpt), "--gallery", str(tmp / "gallery.txt"),
+                   "--batch-size", str(batch), "--chunk-size", str(batch), "--workers", "0", "--device", "cpu"]
+            one = build_seconds([sys.executable] + cmd + ["--out", str(tmp / "one")])
+            two = build_seconds([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+                                + cmd + ["--out", str(tmp / "two")])
+            rows.append(("images/s", f"command build, 1 process (1 thread), {len(gallery)} images", f"{len(gallery) / one:.1f}"))
+            rows.append(("images/s", f"torchrun build, 2 processes (1 thread each), {len(gallery)} images",
+                         f"{len(gallery) / two:.1f} ({one / two:.2f}x)"))
 
         log("query latency")
         query_image, caption = load_rgb(triplets[0].reference), triplets[0].caption
@@ -160,19 +222,36 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(("search ms p50 / p95", f"exact on GPU fp16, {n:,}", one_by_one(gpu)))
                 rows.append(("recall@10 vs exact", f"exact on GPU fp16, {n:,}",
                              f"{recall_at_10(gpu.search(queries, 10)[1], truth):.3f}"))
-            sizes = {"exact": len(faiss.serialize_index(exact.faiss_index)) / n}
+            sizes = {"exact": index_bytes(exact.faiss_index) / n}
+            del exact
+            np.save(tmp / "vectors.npy", data)
+            mapped = np.load(tmp / "vectors.npy", mmap_mode="r")  # IVF-PQ re-ranks from the file
             for kind in ("ivf", "ivfpq"):
                 t0 = time.perf_counter()
-                idx = GalleryIndex.from_embeddings(data, index_type=kind)
+                idx = GalleryIndex.from_embeddings(mapped if kind == "ivfpq" else data, index_type=kind)
                 build_s = time.perf_counter() - t0
                 params = idx.manifest["index"]["params"]
                 setting = f"{kind} nlist {params['nlist']} nprobe {params['nprobe']}" + (
-                    f" m {params['pq_m']}" if kind == "ivfpq" else "") + f", {n:,}"
+                    f" m {params['pq_m']} rerank {params['rerank']}x" if kind == "ivfpq" else "") + f", {n:,}"
                 rows.append(("search ms p50 / p95", setting, one_by_one(idx)))
                 rows.append(("recall@10 vs exact", setting, f"{recall_at_10(idx.search(queries, 10)[1], truth):.3f}"))
                 rows.append(("train + add s", setting, f"{build_s:.1f}"))
-                sizes[kind] = len(faiss.serialize_index(idx.faiss_index)) / n
-            rows.append(("bytes / image", f"exact / ivf / ivfpq, {n:,}", " / ".join(f"{v:.0f}" for v in sizes.values())))
+                sizes[kind] = index_bytes(idx.faiss_index) / n
+            idx.rerank = 0
+            rows.append(("search ms p50 / p95", f"ivfpq scores only (rerank 0), {n:,}", one_by_one(idx)))
+            rows.append(("recall@10 vs exact", f"ivfpq scores only (rerank 0), {n:,}",
+                         f"{recall_at_10(idx.search(queries, 10)[1], truth):.3f}"))
+            rows.append(("bytes / image in memory", f"exact / ivf / ivfpq, {n:,}",
+                         " / ".join(f"{v:.0f}" for v in sizes.values())
+                         + f" (ivfpq + {4 * dim} on disk for re-ranking)"))
+        log(f"memory-mapped ivfpq at {n:,}, opened by a fresh process")
+        idx.rerank = params["rerank"]
+        opened = opened_from_disk(tmp, idx, queries)
+        rows.append(("search ms p50 / p95", f"ivfpq opened from disk, vectors memory-mapped, {n:,}",
+                     percentiles(opened["seconds"])))
+        rows.append(("resident MB", f"that process: imports / opened / after {len(queries)} searches (vectors "
+                     f"{data.nbytes / 1e6:.0f} MB)",
+                     " / ".join(f"{opened[k] / 1e6:.0f}" for k in ("base", "opened", "searched"))))
 
     w0, w1 = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
     print(f"{'measure':<{w0}}  {'setting':<{w1}}  value   (device {dev}{', quick' if a.quick else ''})")
