@@ -22,8 +22,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cir.cli import add_training_flags, positive_int
-from cir.data.images import load_rgb
+from cir.cli import add_training_flags, parse_first, positive_int, run_cli
 from cir.pseudo_targets import GENERATORS
 
 
@@ -62,6 +61,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     return a
 
 
+parse_first(__name__, parse_args)  # `python -m cir.align`: --help and argument errors before torch loads
+
+import math
+import random
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from cir import precision
+from cir.atomic import sha256_file
+from cir.checkpoint import load_checkpoint, load_weights, read_tensors, save_checkpoint
+from cir.data.images import load_rgb
+from cir.data.triplets import read_triplets
+from cir.errors import UserError
+from cir.losses import contrastive_loss
+from cir.models.factory import build_model, load_config
+from cir.models.tmcir import TMCIRConfig
+from cir.pseudo_targets import DiffusionEditor, ShapesOracle, write_pseudo_targets
+from cir.training.loop import LoopConfig, OptimConfig, epoch_order, make_optimizer, restore_optimizer, run_loop
+
+
 class PseudoTargetPairs:
     """Stage 1's training pairs: item i -> (pseudo-target image `paths[i]` preprocessed [3, S, S],
     its modification text's tokens `tokens[i]` [C])."""
@@ -79,34 +100,78 @@ class PseudoTargetPairs:
 def alignment_loss(model, images, tokens):
     """InfoNCE between the towers' image embeddings of pseudo-targets [B, 3, S, S] and their text
     embeddings (the EOT token) of the modification texts [B, C], at clip.logit_scale."""
-    import torch
-    from cir.losses import contrastive_loss
-
     image = model.image_tokens(images)[:, 0]  # the CLS embedding, unit
     states, pad = model.text_tokens(tokens)
     text = states[torch.arange(len(states), device=states.device), (~pad).sum(1) - 1]
     return contrastive_loss(image, text, None, model.clip.logit_scale)
 
 
+def stage1_model(a, last: Path, device):
+    """The model stage 1 starts from: its checkpoint (--resume) or a new TMCIR of --config, with the
+    towers of --towers-from. -> (model, preprocess, manifest or None, training tensors or None, step)."""
+    if a.resume:
+        if not last.is_file():
+            raise UserError(f"--resume: no checkpoint at {last}")
+        model, preprocess, manifest, tensors = load_checkpoint(last, device, with_training_state=True)
+        if manifest.get("stage") != "align":
+            raise UserError(f"--resume: {last} is not a stage-1 (cir.align) checkpoint")
+        return model, preprocess, manifest, tensors, manifest["step"]
+    config = load_config(a.config)
+    if not isinstance(config, TMCIRConfig):
+        raise UserError(f"config {a.config!r} is not a TMCIR config (\"method\": \"tmcir\")")
+    if a.pretrained is not None:
+        config.pretrained = a.pretrained
+    model, preprocess = build_model(config, device)
+    if a.towers_from:
+        towers = {k: v for k, v in read_tensors(a.towers_from).items() if k.startswith("clip.")}
+        if not towers:
+            raise UserError(f"{a.towers_from} holds no CLIP towers (clip.* tensors)")
+        load_weights(model, a.towers_from, towers)
+    return model, preprocess, None, None, 0
+
+
+def align_towers(a, model, preprocess, triplets, train_file: Path, opt, manifest_base: dict, start: int, stop: int,
+                 device) -> None:
+    """Steps start + 1 .. stop of the alignment loss on the pseudo-targets (written first, or kept
+    from an interrupted run), checkpointing OUT/last.safetensors every --save-every steps."""
+    out, last = Path(a.out), Path(a.out) / "last.safetensors"
+    generator = (ShapesOracle() if a.generator == "oracle" else
+                 DiffusionEditor(a.diffusion_weights, a.diffusion_steps, a.guidance_scale, a.image_guidance_scale,
+                                 str(device)))
+    paths = write_pseudo_targets(triplets, generator, out / "pseudo_targets", a.seed, train_file)
+    manifest_base["pseudo_targets"] = generator.describe()
+    pairs = PseudoTargetPairs(paths, model.tokenizer([t.caption for t in triplets]), preprocess)
+    dtype = precision.resolve(a.precision, device)
+
+    def batches():
+        per_epoch, step = len(paths) // a.batch_size, start
+        while True:
+            epoch, offset = divmod(step, per_epoch)
+            order = epoch_order(len(paths), a.batch_size, a.seed, epoch)[offset * a.batch_size:].tolist()
+            yield from DataLoader(torch.utils.data.Subset(pairs, order), batch_size=a.batch_size, num_workers=a.workers)
+            step = (epoch + 1) * per_epoch
+
+    def loss_of(batch):
+        images, toks = batch
+        with precision.autocast(device, dtype):
+            return alignment_loss(model, images.to(device), toks.to(device)), {}
+
+    @torch.no_grad()
+    def clamp_temperature():
+        model.clip.logit_scale.clamp_(0, math.log(100))
+
+    def on_step(step, record):
+        if step % a.save_every == 0 or step == stop:
+            save_checkpoint(last, model, dict(manifest_base, step=step), optimizer=opt)
+
+    model.train()
+    optim = OptimConfig.from_args(a)
+    run_loop(batches(), loss_of, opt, LoopConfig(optim.schedule, stop, a.clip_grad, out / "log.jsonl", "align"),
+             start, after_step=clamp_temperature, on_step=on_step)
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
-    import math
-    import random
-
-    import numpy as np
-    import torch
-    from torch.utils.data import DataLoader
-
-    from cir import precision
-    from cir.atomic import sha256_file
-    from cir.checkpoint import load_checkpoint, load_weights, read_tensors, save_checkpoint
-    from cir.data.triplets import read_triplets
-    from cir.errors import UserError
-    from cir.models.factory import build_model, load_config
-    from cir.pseudo_targets import DiffusionEditor, ShapesOracle, write_pseudo_targets
-    from cir.models.tmcir import TMCIRConfig
-    from cir.training.loop import LoopConfig, OptimConfig, epoch_order, make_optimizer, restore_optimizer, run_loop
-
     if a.threads:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -117,27 +182,7 @@ def main(argv=None) -> int:
     np.random.seed(a.seed)
     torch.manual_seed(a.seed)
     triplets = read_triplets(train_file, check_images=False)[0][:a.limit]
-    if a.resume:
-        if not last.is_file():
-            raise UserError(f"--resume: no checkpoint at {last}")
-        model, preprocess, manifest, tensors = load_checkpoint(last, device, with_training_state=True)
-        if manifest.get("stage") != "align":
-            raise UserError(f"--resume: {last} is not a stage-1 (cir.align) checkpoint")
-        start = manifest["step"]
-    else:
-        config = load_config(a.config)
-        if not isinstance(config, TMCIRConfig):
-            raise UserError(f"config {a.config!r} is not a TMCIR config (\"method\": \"tmcir\")")
-        if a.pretrained is not None:
-            config.pretrained = a.pretrained
-        model, preprocess = build_model(config, device)
-        if a.towers_from:
-            towers = {k: v for k, v in read_tensors(a.towers_from).items() if k.startswith("clip.")}
-            if not towers:
-                raise UserError(f"{a.towers_from} holds no CLIP towers (clip.* tensors)")
-            load_weights(model, a.towers_from, towers)
-        start, tensors = 0, None
-
+    model, preprocess, manifest, tensors, start = stage1_model(a, last, device)
     steps = 0 if a.no_alignment else a.steps
     if len(triplets) < a.batch_size and steps:
         raise UserError(f"{len(triplets)} training triplets are fewer than one batch of {a.batch_size}")
@@ -150,43 +195,9 @@ def main(argv=None) -> int:
         restore_optimizer(opt, tensors, manifest)
         torch.set_rng_state(tensors["rng.torch"])
     out.mkdir(parents=True, exist_ok=True)
-
     stop = min(steps, a.stop_after or steps)
     if stop > start:
-        generator = (ShapesOracle() if a.generator == "oracle" else
-                     DiffusionEditor(a.diffusion_weights, a.diffusion_steps, a.guidance_scale,
-                                     a.image_guidance_scale, str(device)))
-        paths = write_pseudo_targets(triplets, generator, out / "pseudo_targets", a.seed, train_file)
-        manifest_base["pseudo_targets"] = generator.describe()
-        pairs = PseudoTargetPairs(paths, model.tokenizer([t.caption for t in triplets]), preprocess)
-        dtype = precision.resolve(a.precision, device)
-
-        def batches():
-            per_epoch, step = len(paths) // a.batch_size, start
-            while True:
-                epoch, offset = divmod(step, per_epoch)
-                order = epoch_order(len(paths), a.batch_size, a.seed, epoch)[offset * a.batch_size:].tolist()
-                yield from DataLoader(torch.utils.data.Subset(pairs, order), batch_size=a.batch_size,
-                                      num_workers=a.workers)
-                step = (epoch + 1) * per_epoch
-
-        def loss_of(batch):
-            images, toks = batch
-            with precision.autocast(device, dtype):
-                return alignment_loss(model, images.to(device), toks.to(device)), {}
-
-        @torch.no_grad()
-        def clamp_temperature():
-            model.clip.logit_scale.clamp_(0, math.log(100))
-
-        def on_step(step, record):
-            if step % a.save_every == 0 or step == stop:
-                save_checkpoint(last, model, dict(manifest_base, step=step), optimizer=opt)
-
-        model.train()
-        optim = OptimConfig.from_args(a)
-        run_loop(batches(), loss_of, opt, LoopConfig(optim.schedule, stop, a.clip_grad, out / "log.jsonl", "align"),
-                 start, after_step=clamp_temperature, on_step=on_step)
+        align_towers(a, model, preprocess, triplets, train_file, opt, manifest_base, start, stop, device)
     if stop < steps:
         print(f"stopped at step {stop} of {steps}; continue with --resume")
         return 0
@@ -198,5 +209,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from cir.cli import run_cli
     run_cli(main)

@@ -24,7 +24,6 @@ import json
 import math
 import os
 import random
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -128,7 +127,6 @@ parse_first(__name__, parse_args)  # `python -m cir.train`: --help and argument 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -140,11 +138,10 @@ from cir.data.triplets import Triplet, read_gallery, read_triplets
 from cir.errors import UserError
 from cir.evaluate import evaluate
 from cir.image_cache import ImageCache
-from cir.losses import concept_consistency_loss, contrastive_loss, reduce_maps
-from cir.models.base import isolated_maps, span_maps
-from cir.models.context_cir import ConTextCIR
+from cir.models.base import ComposedRetrieval
 from cir.models.factory import build_model, load_config
 from cir.training.loop import LoopConfig, OptimConfig, epoch_order, make_optimizer, restore_optimizer, run_loop
+from cir.training.objectives import LossConfig, TrainingObjective, train_step
 
 
 def leaf_only(phrases: list[dict]) -> list[dict]:
@@ -184,98 +181,13 @@ def setup_distributed(device_arg):
     return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local}" if cuda else "cpu")
 
 
-def gather(x: torch.Tensor) -> torch.Tensor:
-    """All-gather with gradient (identity when not distributed)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return x
-    import torch.distributed.nn.functional as dnn
-    return torch.cat(dnn.all_gather(x))
-
-
-@dataclass(frozen=True)
-class LossConfig:
-    """The training loss: contrastive, with the query image as an extra negative when
-    `query_negative` and `partial_negatives` CIR-Shapes partial fulfilments per query as hard
-    negatives (0: none), plus `lambda_cc` x the CC loss (slack `eps` per patch, on maps of all
-    fusion layers averaged, `cc_maps` "mean", or of the last one, "last")."""
-
-    lambda_cc: float
-    eps: float
-    cc_maps: str
-    partial_negatives: int
-    query_negative: bool
-
-    @staticmethod
-    def from_args(a: argparse.Namespace) -> "LossConfig":
-        """The loss of the `parse_args` flags --lambda-cc, --eps, --cc-maps, --partial-negatives, --no-query-negative."""
-        return LossConfig(a.lambda_cc, a.eps, a.cc_maps, a.partial_negatives or 0, not a.no_query_negative)
-
-
-class TrainingObjective(nn.Module):
-    """Both losses of a training batch as one module call: what DDP wraps (its gradient sync needs
-    every parameter used inside the forward it wraps)."""
-
-    def __init__(self, model: ConTextCIR, loss: LossConfig):
-        super().__init__()
-        self.model, self.loss = model, loss
-
-    def forward(self, images, tokens, hard_rows, phrase_rows, phrase_positions, phrase_texts, cc_targets=None):
-        """images [B + B + M, 3, S, S], or their cached tower outputs [B + B + M, F]: references,
-        targets, then M hard negatives (of rows hard_rows [M], ascending); tokens [B, C];
-        phrase_rows [N], phrase_positions (N lists of token positions) and phrase_texts (N strings)
-        for the CC loss, whose targets are `cc_targets` [N, P] when given, else the model's own
-        isolated maps. Returns (total, contrastive, cc), scalars."""
-        m, c, B = self.model, self.loss, tokens.shape[0]
-        img = m.cached_image_tokens(images) if images.ndim == 2 else m.image_tokens(images)
-        fused_q = m.fuse(img[:B], m.text_tokens(tokens))
-        query = m.embed(fused_q)
-        gal = m.embed(m.fuse(img, m.empty_text(img.shape[0])))  # every image as f(image, "")
-        reference, target = gal[:B], gal[B:2 * B]
-        hard = hard_valid = None
-        if c.partial_negatives:  # K slots per row (fixed shape for the all-gather), filled where a row has negatives
-            K = c.partial_negatives
-            slots = hard_rows * K + torch.arange(len(hard_rows), device=gal.device) - torch.searchsorted(hard_rows, hard_rows)
-            hard = gather(gal.new_zeros(B * K, gal.shape[1]).index_copy(0, slots, gal[2 * B:]))
-            hard_valid = gather(torch.zeros(B * K, device=gal.device).index_fill(0, slots, 1.0)) > 0.5
-        cont = contrastive_loss(gather(query), gather(target), gather(reference) if c.query_negative else None,
-                                m.logit_scale, hard, hard_valid)
-        cc = torch.zeros((), device=gal.device)
-        if c.lambda_cc > 0 and len(phrase_texts):
-            ctx = reduce_maps(span_maps(fused_q.attention, phrase_rows, phrase_positions), layers=c.cc_maps)
-            if cc_targets is not None:
-                iso = cc_targets
-            else:
-                with torch.no_grad():
-                    iso = reduce_maps(isolated_maps(m, img[:B].detach(), phrase_rows, phrase_texts), layers=c.cc_maps)
-            cc = concept_consistency_loss(ctx.float(), iso.float(), c.eps)
-        return cont + c.lambda_cc * cc, cont, cc
-
-
-def train_step(objective, batch, device, autocast) -> tuple[torch.Tensor, dict]:
-    """`objective` (a TrainingObjective, maybe wrapped by DDP) on one collated batch.
-    Returns (total loss, {"contrastive", "cc"})."""
-    images = torch.cat([batch["reference"], batch["target"], batch["hard"]]).to(device, non_blocking=True)
-    with autocast():
-        loss, cont, cc = objective(images, batch["tokens"].to(device), batch["hard_rows"].to(device),
-                                   batch["phrase_rows"].to(device), batch["phrase_positions"], batch["phrase_texts"],
-                                   batch["cc_targets"].to(device) if "cc_targets" in batch else None)
-    return loss, {"contrastive": cont.item(), "cc": cc.item()}
-
-
 def main(argv=None) -> int:
     a = parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     rank, world, device = setup_distributed(a.device)
     out = Path(a.out)
-    data = benchmark_data(a, out, rank, world) if a.dataset else Path(a.data) if a.data else None
-    train_file = Path(a.train) if a.train else (data / "train.jsonl" if data else None)
-    if train_file is None:
-        raise UserError("give --data DIR or --train FILE")
-    val_file = Path(a.val) if a.val else (data / "val.jsonl" if data and (data / "val.jsonl").exists() else None)
-    val_gallery = a.val_gallery or (str(data / "gallery_val.txt") if data and val_file else None)
-    if a.batch_size % world:
-        raise UserError(f"--batch-size {a.batch_size} is not divisible by the {world} processes")
+    train_file, val_file, val_gallery = run_files(a, out, rank, world)
     last = out / "last.safetensors"
     if a.resume and not last.is_file():
         raise UserError(f"--resume: no checkpoint at {last}")
@@ -283,28 +195,7 @@ def main(argv=None) -> int:
     random.seed(a.seed)
     np.random.seed(a.seed)
     torch.manual_seed(a.seed)
-    if a.resume:
-        model, preprocess, manifest, tensors = load_checkpoint(last, device, with_training_state=True)
-        start, log_metrics = manifest["step"], manifest.get("metrics", {})
-        a.schedule_start = manifest.get("args", {}).get("schedule_start", 0)
-    elif a.init_from and a.config is None:
-        model, preprocess, manifest = load_checkpoint(a.init_from, device)
-        start, log_metrics, tensors = manifest.get("step", 0), manifest.get("metrics", {}), None
-    else:
-        config = load_config(a.config or "context-cir-shapes")
-        if a.pretrained is not None:
-            config.pretrained = a.pretrained
-        model, preprocess = build_model(config, device)
-        start, log_metrics, tensors = 0, {}, None
-        if a.init_from:  # grow: the checkpoint's weights, new modules as initialised
-            new = load_weights(model, a.init_from)
-            manifest = read_manifest(a.init_from)
-            start, log_metrics = manifest.get("step", 0), manifest.get("metrics", {})
-            print(f"warm start from {a.init_from} (step {start}); {len(new)} tensors newly initialised"
-                  + (f": {', '.join(sorted({k.rsplit('.', 1)[0] for k in new}))}" if new else ""))
-            if any(k.startswith("prior_text.") for k in new):  # the frozen prior starts as the loaded text tower
-                model.prior_text.copy_from(model.clip)
-                print("prior_text: a frozen copy of the loaded text tower")
+    model, preprocess, manifest, tensors, start, log_metrics = starting_model(a, last, device)
     if a.init_from and a.restart_schedule and not a.resume:
         a.schedule_start = start
     model.train()
@@ -315,14 +206,8 @@ def main(argv=None) -> int:
     if a.freeze_image:
         model.clip.visual.requires_grad_(False)
 
-    triplets, problems = read_triplets(train_file, check_images=False)
+    triplets, _ = read_triplets(train_file, check_images=False)
     phrases = training_phrases(triplets, train_file, a)
-    token_ids = set()
-    for t, ps in zip(triplets, phrases):
-        token_ids.update(model.tokenizer.encode_with_offsets(t.caption)[0])
-        for p in ps:
-            token_ids.update(model.tokenizer.encode_with_offsets(p["text"])[0])
-    token_ids.update(model.tokenizer([""])[0, :2].tolist())
     val = read_triplets(val_file)[0][:a.val_limit] if val_file and a.val_every else None
     val_gal = read_gallery(val_gallery) if val else None
 
@@ -340,29 +225,13 @@ def main(argv=None) -> int:
     dtype = precision.resolve(a.precision, device)
     autocast = lambda: precision.autocast(device, dtype)
 
-    if a.partial_negatives and not any(has_partials(t.meta or {}) for t in triplets):
-        raise UserError(f"--partial-negatives: no triplet in {train_file} has CIR-Shapes scenes with 2+ operations")
-    cache = cc_targets = None
-    if a.image_cache:
-        cache = ImageCache.open(a.image_cache)
-        cache.check(model, train_file)
-    if a.cc_teacher and a.lambda_cc > 0:
-        if world > 1:
-            raise UserError("--cc-teacher runs in one process (no torchrun)")
-        phrase_source = {"source": a.np_backend, "leaf_only": a.leaf_nps_only, "max": MAX_PHRASES}
-        cc_targets = run_cc_targets(out, a.cc_teacher, cache, phrases, phrase_source, a.cc_maps)
-    dataset = TripletDataset(triplets, phrases, preprocess, model.tokenizer,
-                             hard_negatives=functools.partial(shapes_partials, count=a.partial_negatives)
-                             if a.partial_negatives and cache is None else None, seed=a.seed,
-                             cache=cache, cached_partials=a.partial_negatives or 0, cc_targets=cc_targets)
-    if len(dataset) < a.batch_size:
-        raise UserError(f"{len(dataset)} training triplets are fewer than one batch of {a.batch_size}")
+    dataset = training_dataset(a, model, preprocess, triplets, phrases, train_file, out, world)
     manifest_base = {"config": model.config.to_dict(),
                      "tokenizer": {"type": "clip-bpe", "context_length": model.config.context_length},
                      "data": {"train": str(train_file), "sha256": sha256_file(train_file), "triplets": len(triplets)},
                      "phrases": {"source": a.np_backend, "leaf_only": a.leaf_nps_only, "max": MAX_PHRASES},
                      "args": {k: v for k, v in vars(a).items() if k not in ("resume", "stop_after", "init_from")},
-                     "token_ids_seen": sorted(token_ids)}
+                     "token_ids_seen": seen_token_ids(model.tokenizer, triplets, phrases)}
     out.mkdir(parents=True, exist_ok=True)
     stop = min(a.steps, a.stop_after or a.steps)
     if rank == 0:
@@ -384,14 +253,89 @@ def main(argv=None) -> int:
     batches = epoch_batches(dataset, a.batch_size, a.seed, start, rank, world, a.workers, device.type == "cuda")
     step = run_loop(batches, lambda batch: train_step(objective, batch, device, autocast), opt, loop, start,
                     clipped=list(model.parameters()), after_step=clamp_temperature, on_step=on_step)
-    log_metrics = metrics["latest"]
     if rank == 0 and step == start and not a.resume:  # no step to run (--steps 0): the model as initialised
-        save_checkpoint(last, model, dict(manifest_base, step=step, metrics=log_metrics), optimizer=opt)
+        save_checkpoint(last, model, dict(manifest_base, step=step, metrics=metrics["latest"]), optimizer=opt)
     if rank == 0:
         print(f"done at step {step}; checkpoint {last}")
     if world > 1:
         dist.destroy_process_group()
     return 0
+
+
+def run_files(a, out: Path, rank: int, world: int) -> tuple[Path, Path | None, str | None]:
+    """(training triplets, validation triplets or None, validation gallery or None) from the flags."""
+    data = benchmark_data(a, out, rank, world) if a.dataset else Path(a.data) if a.data else None
+    train_file = Path(a.train) if a.train else (data / "train.jsonl" if data else None)
+    if train_file is None:
+        raise UserError("give --data DIR or --train FILE")
+    val_file = Path(a.val) if a.val else (data / "val.jsonl" if data and (data / "val.jsonl").exists() else None)
+    val_gallery = a.val_gallery or (str(data / "gallery_val.txt") if data and val_file else None)
+    if a.batch_size % world:
+        raise UserError(f"--batch-size {a.batch_size} is not divisible by the {world} processes")
+    return train_file, val_file, val_gallery
+
+
+def starting_model(a, last: Path, device):
+    """The model a run starts from: its checkpoint (--resume, with the training state), a warm start
+    (--init-from, in its own config or grown into --config), or a new one of --config.
+    -> (model, preprocess, manifest, training tensors or None, start step, latest validation metrics)."""
+    if a.resume:
+        model, preprocess, manifest, tensors = load_checkpoint(last, device, with_training_state=True)
+        a.schedule_start = manifest.get("args", {}).get("schedule_start", 0)
+        return model, preprocess, manifest, tensors, manifest["step"], manifest.get("metrics", {})
+    if a.init_from and a.config is None:
+        model, preprocess, manifest = load_checkpoint(a.init_from, device)
+        return model, preprocess, manifest, None, manifest.get("step", 0), manifest.get("metrics", {})
+    config = load_config(a.config or "context-cir-shapes")
+    if a.pretrained is not None:
+        config.pretrained = a.pretrained
+    model, preprocess = build_model(config, device)
+    if not a.init_from:
+        return model, preprocess, None, None, 0, {}
+    new = load_weights(model, a.init_from)  # grow: the checkpoint's weights, new modules as initialised
+    manifest = read_manifest(a.init_from)
+    start = manifest.get("step", 0)
+    print(f"warm start from {a.init_from} (step {start}); {len(new)} tensors newly initialised"
+          + (f": {', '.join(sorted({k.rsplit('.', 1)[0] for k in new}))}" if new else ""))
+    if any(k.startswith("prior_text.") for k in new):  # the frozen prior starts as the loaded text tower
+        model.prior_text.copy_from(model.clip)
+        print("prior_text: a frozen copy of the loaded text tower")
+    return model, preprocess, manifest, None, start, manifest.get("metrics", {})
+
+
+def seen_token_ids(tokenizer, triplets: list[Triplet], phrases: list[list[dict]]) -> list[int]:
+    """Every token id of the captions and their phrases (and the empty text's): the token-embedding
+    rows an exported checkpoint keeps."""
+    token_ids = set(tokenizer([""])[0, :2].tolist())
+    for t, ps in zip(triplets, phrases):
+        token_ids.update(tokenizer.encode_with_offsets(t.caption)[0])
+        for p in ps:
+            token_ids.update(tokenizer.encode_with_offsets(p["text"])[0])
+    return sorted(token_ids)
+
+
+def training_dataset(a, model, preprocess, triplets: list[Triplet], phrases: list[list[dict]], train_file: Path,
+                     out: Path, world: int) -> TripletDataset:
+    """The training items: images decoded (or the image cache's tower outputs), partial fulfilments
+    as hard negatives, and the teacher's CC targets, as the flags ask."""
+    if a.partial_negatives and not any(has_partials(t.meta or {}) for t in triplets):
+        raise UserError(f"--partial-negatives: no triplet in {train_file} has CIR-Shapes scenes with 2+ operations")
+    cache = cc_targets = None
+    if a.image_cache:
+        cache = ImageCache.open(a.image_cache)
+        cache.check(model, train_file)
+    if a.cc_teacher and a.lambda_cc > 0:
+        if world > 1:
+            raise UserError("--cc-teacher runs in one process (no torchrun)")
+        phrase_source = {"source": a.np_backend, "leaf_only": a.leaf_nps_only, "max": MAX_PHRASES}
+        cc_targets = run_cc_targets(out, a.cc_teacher, cache, phrases, phrase_source, a.cc_maps)
+    dataset = TripletDataset(triplets, phrases, preprocess, model.tokenizer,
+                             hard_negatives=functools.partial(shapes_partials, count=a.partial_negatives)
+                             if a.partial_negatives and cache is None else None, seed=a.seed,
+                             cache=cache, cached_partials=a.partial_negatives or 0, cc_targets=cc_targets)
+    if len(dataset) < a.batch_size:
+        raise UserError(f"{len(dataset)} training triplets are fewer than one batch of {a.batch_size}")
+    return dataset
 
 
 def epoch_batches(dataset: TripletDataset, batch_size: int, seed: int, start: int, rank: int = 0, world: int = 1,
@@ -436,7 +380,7 @@ def grounding_text(g: dict | None) -> str:
             f"  energy {o['energy']['in_context']:.1f}  distinct {o['distinct']['in_context']:.1f}")
 
 
-def startup_summary(a, model: ConTextCIR, device: torch.device, dtype: str, world: int, train_file: Path,
+def startup_summary(a, model: ComposedRetrieval, device: torch.device, dtype: str, world: int, train_file: Path,
                     n_train: int, n_val: int, start: int, stop: int) -> str:
     """What a run is about to do, printed before its first step: config, parameters, device and
     precision, data sizes, schedule and losses, run folder."""

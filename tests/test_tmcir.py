@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from cir import align, train
+from cir.training import objectives
 from cir.checkpoint import load_checkpoint, save_checkpoint
 from cir.data.datasets import TripletDataset, collate_triplets
 from cir.data.images import load_rgb
@@ -199,9 +200,9 @@ def test_stage1_aligns_resumes_and_feeds_stage2(shapes_data, tmp_path):
     batch = collate_triplets([TripletDataset(triplets, phrases, preprocess, before.tokenizer)[i] for i in range(16)])
     loss = {}
     for name, m in (("before", after), ("after", trained)):
-        objective = train.TrainingObjective(m, train.LossConfig(0.0, 0.0, "mean", 0, True))
+        objective = objectives.TrainingObjective(m, objectives.LossConfig(0.0, 0.0, "mean", 0, True))
         with torch.no_grad():
-            loss[name] = float(train.train_step(objective, batch, "cpu", lambda: torch.autocast("cpu", enabled=False))[0])
+            loss[name] = float(objectives.train_step(objective, batch, "cpu", lambda: torch.autocast("cpu", enabled=False))[0])
     assert loss["after"] < loss["before"] - 0.2, loss
 
 
