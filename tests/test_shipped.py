@@ -53,3 +53,14 @@ def test_shipped_tmcir_is_offered_and_retrieves_with_its_own_embeddings():
     assert alone.name == "TMCIR" and alone.index.paths == tmcir.index.paths and len(alone.examples) == 60
     assert recall(alone) == (r1, r5)
 
+
+
+def test_every_shipped_model_carries_its_measured_test_figures():
+    """Each shipped model's x.eval.json (`python -m cir.evaluate --json`) names that very file, so the
+    model card and the Why panel state figures measured on it, on the test split."""
+    from cir.checkpoint import DEFAULT_CHECKPOINT, DEFAULT_TMCIR
+    from cir.ui.card import measured
+    for checkpoint in (DEFAULT_CHECKPOINT, DEFAULT_TMCIR):
+        figures = measured(checkpoint)
+        assert figures is not None and figures["on"] == "`shapes-test`" and figures["count"] == 1000, checkpoint
+        assert figures["grounding"]["objects"]["count"] > 1000
