@@ -129,6 +129,16 @@ def test_research_views_at_two_widths(served, width):
         expect(plot).to_be_visible()
         box = plot.bounding_box()
         assert box["width"] >= min(250, width * 0.6) and box["x"] + box["width"] <= width + 1, box
+        # brushing across the map (right of its y axis) opens the best-ranked image there, whose maps the
+        # Why panel then draws
+        plot.scroll_into_view_if_needed()
+        box = plot.bounding_box()
+        page.mouse.move(box["x"] + 0.35 * box["width"], box["y"] + box["height"] / 2)
+        page.mouse.down()
+        page.mouse.move(box["x"] + 0.98 * box["width"], box["y"] + box["height"] / 2, steps=8)
+        page.mouse.up()
+        expect(page.locator("#map-picked-info")).to_contain_text("images in the range")
+        first = page.locator("#map-picked-info strong").inner_text()
         page.locator("#influence-run").click()
         expect(page.locator("#influence-info")).to_contain_text("Followed: the target")
         for phrase in t.noun_phrases:  # one row each, the example's gold phrases
@@ -151,6 +161,7 @@ def test_research_views_at_two_widths(served, width):
         page.screenshot(path=str(artifacts / f"explorer-research-{width}.png"), full_page=True)
         page.get_by_role("tab", name="Retrieve").click()
         expect(page.locator("#caption textarea")).to_have_value(chosen)  # the variant applied
+        expect(page.locator("#maps-info")).to_contain_text(first)  # over the image opened from the map
 
 
 def test_retrieve_and_review_in_the_browser(served):

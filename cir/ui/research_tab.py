@@ -23,6 +23,7 @@ from cir.ui import limits
 from cir.ui.components import markdown_literal, shown, top_k
 from cir.ui.explorer import Explorer, as_image
 from cir.ui.models import Models
+from cir.ui.thumbnails import thumbnail
 
 KINDS = ["gallery", "top-k", "target", "reference", "query"]  # drawn in this order: the query on top
 COLOURS = {"gallery": "#c8c8c8", "top-k": "#1f77b4", "target": "#2ca02c", "reference": "#ff7f0e", "query": "#d62728"}
@@ -61,7 +62,8 @@ def query_of(ex: Explorer, image, query_path, caption: str):
 
 @shown
 def embedding_map(ex: Explorer, image, query_path, caption: str, k):
-    """-> (points: x, y, kind, image, rank — the gallery's, then the query's; the map's description)."""
+    """-> (points: x, y, kind, image, rank — the gallery's, then the query's; the map's description;
+    [x, rank, path] of each gallery point, for `picked_point`)."""
     source, caption, encoder, _, targets = query_of(ex, image, query_path, caption)
     gallery, projection = gallery_of(ex), map_of(ex)
     query = encoder([caption])
@@ -83,8 +85,26 @@ def embedding_map(ex: Explorer, image, query_path, caption: str, k):
     points = points.sort_values("order", kind="stable").drop(columns="order").reset_index(drop=True)
     where = f", stored at {markdown_literal(projection.file)}" if projection.file else ""
     info = (f"{projection.method.upper()} map of {len(gallery.paths)} gallery images{where}; the query is projected "
-            f"with the same map. Top {k} in blue, targets green, the reference orange, the query red.")
-    return points, info
+            f"with the same map. Top {k} in blue, targets green, the reference orange, the query red. "
+            "Drag across the map to open the best-ranked image there.")
+    picks = [[float(x), int(r), p] for x, r, p in zip(projection.points[:, 0], rank, gallery.paths)]
+    return points, info, picks
+
+
+@shown
+def picked_point(ex: Explorer, picks: list, x_range) -> tuple:
+    """The map brushed over `x_range` [x0, x1] -> (its best-ranked image's thumbnail, what it is, its
+    path): the Why panel of the Retrieve tab draws its maps over it."""
+    if not picks:
+        raise UserError("draw the map first")
+    x0, x1 = sorted(float(v) for v in x_range)
+    inside = [(rank, path) for x, rank, path in picks if x0 <= x <= x1]
+    if not inside:
+        raise UserError("no gallery image there: drag across some points")
+    rank, path = min(inside)
+    info = (f"**{markdown_literal(ex.label(path))}**, rank {rank} ({len(inside)} images in the range); its maps "
+            "are in the Retrieve tab's Why panel.")
+    return thumbnail(path), info, path
 
 
 @shown
@@ -183,6 +203,11 @@ def build_research_tab(models: Models, q: SimpleNamespace) -> None:
         map_info = gr.Markdown(elem_id="map-info")
         points = gr.ScatterPlot(x="x", y="y", color="kind", color_map=COLOURS, tooltip=["image", "rank", "kind"],
                                 height=420, label="Gallery map", elem_id="map-plot")
+        with gr.Row():
+            picked = gr.Image(label="Opened from the map", type="filepath", height=160, interactive=False,
+                              scale=1, elem_id="map-picked")
+            picked_info = gr.Markdown(elem_id="map-picked-info")
+        picks = gr.State([])
     with gr.Accordion("What each phrase does", open=True):
         influence_btn = gr.Button("Mask each phrase", elem_id="influence-run")
         influence_info = gr.Markdown(elem_id="influence-info")
@@ -220,7 +245,12 @@ def build_research_tab(models: Models, q: SimpleNamespace) -> None:
     def on_makeup(image, query_path, caption, k, model):
         return makeup_view(models[model], image, query_path, caption, k)
 
-    map_btn.click(on_map, query, [points, map_info], api_name="embedding_map")
+    def on_pick(model, rows, evt: gr.SelectData):
+        return picked_point(models[model], rows, evt.index)
+
+    map_btn.click(on_map, query, [points, map_info, picks], api_name="embedding_map")
+    points.select(on_pick, [q.model_choice, picks], [picked, picked_info, q.maps_image], **private).success(
+        q.redraw_maps, q.maps_inputs, q.maps_outputs, **private)
     influence_btn.click(on_influence, query, [bars, table, influence_info], api_name="phrase_influence")
     variants_btn.click(on_variants, query + [ideal], [variants_table, heatmap, variant, variants_info],
                        api_name="prompt_variants")

@@ -295,6 +295,7 @@ def _wire_results(c: SimpleNamespace, models: Models, exports: str, card: gr.Mar
     maps_inputs = [c.model_choice, c.maps_image, c.caption, c.phrases, c.rows_caption, c.layer, c.head, c.eps,
                    c.opacity, c.upsampling, c.compare, c.shared_scale, c.grid]
     maps_outputs = [c.phrases, c.rows_caption, c.heatmaps, c.cc_table, c.maps_info, c.trust]
+    c.maps_inputs, c.maps_outputs = maps_inputs, maps_outputs  # for other tabs that open an image's maps
     results_outputs = [c.results, c.table, c.status, c.hits, c.maps_image]
 
     @shown
@@ -302,6 +303,8 @@ def _wire_results(c: SimpleNamespace, models: Models, exports: str, card: gr.Mar
         return (*attention(models[name], image, caption, rows, rows_caption, layer, head, eps, opacity, upsampling,
                            None if other in (NO_COMPARE, name) else models[other], shared, grid),
                 maps_trust(models[name]))
+
+    c.redraw_maps = maps
 
     @shown
     def on_retrieve(image, query_path, caption, k, targets, model):  # `model`: the API's name of the input
