@@ -51,7 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     b = sub.add_parser("build", allow_abbrev=False, help="embed a gallery and write a new index folder")
     b.add_argument("--checkpoint", default=None, help="model checkpoint (.safetensors); default: the shipped one in assets/")
     b.add_argument("--gallery", required=True, help="gallery: a folder of images or a text file of paths")
-    b.add_argument("--out", required=True, help="index folder to write (an existing index there is replaced atomically)")
+    b.add_argument("--out", default=None,
+                   help="index folder to write (an existing index there is replaced atomically); faiss backend")
     b.add_argument("--type", choices=TYPES, default="auto",
                    help=f"faiss index: flat (exact), ivf (IVFFlat), ivfpq (IVF-PQ); auto: flat below {FLAT_MAX:,} "
                         f"images, ivf below {IVF_MAX:,}, else ivfpq (also when the vectors take over half the memory)")
@@ -68,13 +69,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         f"stored vectors; 0: PQ scores only; GalleryIndex.rerank changes it (default {RERANK})")
     _add_embedding_flags(b)
     u = sub.add_parser("update", allow_abbrev=False, help="bring an index up to date with a changed gallery (embeds only new images)")
-    u.add_argument("--index", required=True, help="index folder written by `build`")
+    u.add_argument("--index", default=None, help="index folder written by `build`; faiss backend")
     u.add_argument("--gallery", required=True, help="the gallery now: a folder of images or a text file of paths")
     u.add_argument("--checkpoint", default=None,
                    help="the index's checkpoint, if it moved (its sha256 must match; default: the recorded path)")
     u.add_argument("--retrain", action="store_true", help="re-train IVF/PQ on the updated gallery instead of reusing it")
     _add_embedding_flags(u)
     a = p.parse_args(argv)
+    folder = "out" if a.cmd == "build" else "index"
+    if a.backend == "faiss" and getattr(a, folder) is None:
+        (b if a.cmd == "build" else u).error(f"the faiss backend needs --{folder}")
+    if a.backend == "milvus" and (a.uri is None or a.collection is None):
+        (b if a.cmd == "build" else u).error("--backend milvus needs --uri and --collection")
     if a.workers is not None and a.workers < 0:
         raise UserError(f"--workers must be 0 or more, got {a.workers}")
     if getattr(a, "rerank", None) is not None and a.rerank < 0:
@@ -83,6 +89,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _add_embedding_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=("faiss", "milvus"), default="faiss",
+                   help="faiss: an index folder (--out / --index); milvus: a Milvus collection (--uri, --collection; "
+                        "pip install -r requirements-milvus.txt). Default faiss")
+    p.add_argument("--uri", default=None,
+                   help="milvus: a milvus-lite database file (e.g. gallery.db, made if absent) or a server URL "
+                        "(http://host:19530)")
+    p.add_argument("--collection", default=None, help="milvus: the collection holding the gallery")
     p.add_argument("--batch-size", type=positive_int, default=128, help="images per forward pass (default 128)")
     p.add_argument("--workers", type=int, default=None,
                    help="DataLoader processes decoding images (default: min(8, CPUs) on CUDA, 0 on CPU)")
@@ -101,6 +114,7 @@ import torch  # noqa: E402  (heavy imports after the command line is parsed)
 from cir.checkpoint import model_hash  # noqa: E402
 from cir.retrieval.build import build_index, update_index  # noqa: E402
 from cir.retrieval.embed import embed_images, plan_key as _plan_key  # noqa: E402
+from cir.retrieval.milvus import MilvusTarget, sync_collection  # noqa: E402
 from cir.retrieval.params import resolve_params  # noqa: E402
 from cir.retrieval.search import GalleryIndex  # noqa: E402
 from cir.retrieval.shards import current_shard  # noqa: E402
@@ -130,7 +144,13 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # torchrun: one GPU per rank
     common = dict(batch_size=a.batch_size, workers=a.workers, chunk_size=a.chunk_size, device=device,
                   resume=a.resume, progress=True)
-    if a.cmd == "build":
+    if a.backend == "milvus":
+        target = MilvusTarget(a.uri, a.collection)
+        r = sync_collection(target, a.gallery, a.checkpoint, replace=a.cmd == "build", **common)
+        line = (f"{'wrote' if a.cmd == 'build' else 'updated'} {target}: {r['images']} images ({r['kept']} kept, "
+                f"{r['embedded']} embedded, {r['resumed']} resumed, {r['removed']} removed, {r['skipped']} unreadable "
+                f"skipped), {r['seconds']:.1f} s")
+    elif a.cmd == "build":
         r = build_index(a.out, a.gallery, a.checkpoint, a.type, a.nlist, a.pq_m, a.train_sample, a.nprobe,
                         rerank=a.rerank, **common)
         line = (f"wrote {a.out}: {r['images']} images indexed, {r['skipped']} unreadable skipped ({r['embedded']} "

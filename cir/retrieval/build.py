@@ -32,7 +32,7 @@ def _report_skipped(skipped: dict[int, str], total: int, shown: int = 20) -> Non
         print(f"  ... and {len(skipped) - shown} more", file=sys.stderr)
 
 
-def _drop_skipped(paths: list[str], emb: np.ndarray, hashes: list[str], skipped: dict[int, str], gallery,
+def drop_skipped(paths: list[str], emb: np.ndarray, hashes: list[str], skipped: dict[int, str], gallery,
                   must_keep_one: bool = True) -> tuple[list[str], np.ndarray, list[str], list[dict]]:
     """The readable images only: (paths, embeddings, sha256, [{"path", "reason"}] of the skipped)."""
     if not skipped:
@@ -46,11 +46,11 @@ def _drop_skipped(paths: list[str], emb: np.ndarray, hashes: list[str], skipped:
             [{"path": paths[i], "reason": r} for i, r in skipped.items()])
 
 
-def _versions() -> dict:
+def index_versions() -> dict:
     return versions() | {"faiss": faiss.__version__, "numpy": np.__version__}
 
 
-def _work_dir(work: Path, resume: bool, progress: bool) -> None:
+def discard_unless_resuming(work: Path, resume: bool, progress: bool) -> None:
     """Discard the work folder of an interrupted run unless resuming it."""
     if work.exists() and not resume:
         if progress:
@@ -60,7 +60,7 @@ def _work_dir(work: Path, resume: bool, progress: bool) -> None:
         print(f"nothing to resume in {work}; starting a fresh build", file=sys.stderr)
 
 
-def _gallery_paths(gallery) -> list[str]:
+def gallery_paths(gallery) -> list[str]:
     if isinstance(gallery, (str, os.PathLike)):
         paths = read_gallery(gallery)
     else:
@@ -92,10 +92,10 @@ def build_index(out: str | os.PathLike, gallery: str | os.PathLike | list[str], 
     with build_lock(out) if shard.lead else nullcontext():
         def plan():
             check_out(out)
-            paths = _gallery_paths(gallery)
+            paths = gallery_paths(gallery)
             config = read_manifest(checkpoint)["config"]
             resolve_params(len(paths), config["embed_dim"], index_type, nlist, pq_m, train_sample, nprobe, rerank)
-            _work_dir(work, resume, progress)
+            discard_unless_resuming(work, resume, progress)
             return paths, config, model_hash(checkpoint)
         paths, config, sha = shard.from_lead(plan)
         model, preprocess, _ = load_checkpoint(checkpoint, device)
@@ -103,7 +103,7 @@ def build_index(out: str | os.PathLike, gallery: str | os.PathLike | list[str], 
                                                     batch_size, workers, device, progress, shard)
 
         def finish():
-            kept, vectors, sha256, dropped = _drop_skipped(paths, emb, hashes, skipped, gallery)
+            kept, vectors, sha256, dropped = drop_skipped(paths, emb, hashes, skipped, gallery)
             params = resolve_params(len(kept), config["embed_dim"], index_type, nlist, pq_m, train_sample, nprobe,
                                     rerank)
             requested = {"type": index_type, "nlist": nlist, "pq_m": pq_m, "train_sample": train_sample,
@@ -116,7 +116,7 @@ def build_index(out: str | os.PathLike, gallery: str | os.PathLike | list[str], 
                                   "file": FAISS_FILE},
                         "count": len(kept), "gallery": str(gallery) if isinstance(gallery, (str, os.PathLike)) else None,
                         "images": [{"path": p, "sha256": h} for p, h in zip(kept, sha256)], "skipped": dropped,
-                        "versions": _versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                        "versions": index_versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
             write_index(out, work, manifest, vectors, make_faiss_index(vectors, params))
             return {"images": len(kept), "embedded": sum(e for e, _ in counts), "resumed": sum(r for _, r in counts),
                     "skipped": len(dropped), "type": params["type"], "seconds": time.time() - t0, "ranks": counts}
@@ -146,11 +146,11 @@ def update_index(index_dir: str | os.PathLike, gallery: str | os.PathLike | list
                                 f"{manifest['checkpoint']['sha256']})")
             sha = check_checkpoint(manifest, ckpt, index_dir)
             check_integrity(manifest, index_dir, files=(EMBEDDINGS, FAISS_FILE))
-            paths = _gallery_paths(gallery)
+            paths = gallery_paths(gallery)
             old = {im["path"]: (i, im["sha256"]) for i, im in enumerate(manifest["images"])}
             current = hash_files(paths, max(workers, 4), progress)
             keep = {p: old[p][0] for p, h in zip(paths, current) if p in old and old[p][1] == h}
-            _work_dir(work, resume, progress)
+            discard_unless_resuming(work, resume, progress)
             return manifest, ckpt, sha, paths, keep
         manifest, ckpt, sha, paths, keep = shard.from_lead(plan)
         new = [p for p in paths if p not in keep]
@@ -166,7 +166,7 @@ def update_index(index_dir: str | os.PathLike, gallery: str | os.PathLike | list
             old_rows = {im["path"]: (i, im["sha256"]) for i, im in enumerate(manifest["images"])}
             old_emb = np.load(index_dir / EMBEDDINGS, mmap_mode="r")
             if new:
-                new, new_emb, new_hashes, skipped = _drop_skipped(new, new_emb, new_hashes, skipped, gallery,
+                new, new_emb, new_hashes, skipped = drop_skipped(new, new_emb, new_hashes, skipped, gallery,
                                                                   must_keep_one=False)
                 unreadable = {s["path"] for s in skipped}
                 paths = [p for p in paths if p not in unreadable]
@@ -193,7 +193,7 @@ def update_index(index_dir: str | os.PathLike, gallery: str | os.PathLike | list
                 add_rows(index, emb)
             updated = dict(manifest, count=len(paths), images=[{"path": p, "sha256": h} for p, h in zip(paths, hashes)],
                            skipped=skipped, gallery=str(gallery) if isinstance(gallery, (str, os.PathLike)) else None,
-                           versions=_versions(), updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+                           versions=index_versions(), updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
             updated["index"] = dict(manifest["index"], params=params)
             write_index(index_dir, work, updated, emb, index)
             return {"images": len(paths), "kept": len(keep), "embedded": sum(e for e, _ in counts),

@@ -30,6 +30,7 @@ from cir.data.triplets import Triplet, image_problem, read_gallery, read_triplet
 from cir.errors import UserError
 from cir.evaluate import embed_gallery
 from cir.index import GalleryIndex
+from cir.retrieval.milvus import PREFIX as MILVUS, MilvusIndex, MilvusTarget
 from cir.retrieval.search import resident_bytes
 from cir.losses import concept_consistency_loss
 from cir.phrases import extract_noun_phrases
@@ -206,7 +207,8 @@ class Explorer:
                 raise UserError(f"the gallery {gallery} holds no images")
             loaded = embedded_index(model, preprocess, paths, device, gallery)
         else:
-            loaded = GalleryIndex.load(index, checkpoint_path=checkpoint, device=device)
+            loaded = (MilvusIndex(MilvusTarget.parse(index), checkpoint) if str(index).startswith(MILVUS)
+                      else GalleryIndex.load(index, checkpoint_path=checkpoint, device=device))
             print(f"index {index}: {loaded.describe()}; the app's resident memory {resident_bytes() / 1e6:,.0f} MB",
                   file=sys.stderr)
         return cls(model, preprocess, loaded, triplets, device, name, str(checkpoint), manifest)
