@@ -61,3 +61,22 @@ def test_build_search_update_and_errors(tiny_checkpoint, shapes_data, tmp_path, 
         with pytest.raises(UserError, match=fragment) as e:
             call()
         assert "\n" not in str(e.value)
+
+
+def test_demo_gallery_same_top10_as_faiss_flat(tmp_path):
+    """The shipped model's demo gallery in milvus-lite: its vectors are the demo index's, and 100
+    queries get the top 10 of a faiss flat index over the same vectors."""
+    from cir.checkpoint import DEFAULT_CHECKPOINT
+    from cir.ui.explorer import DEFAULT_GALLERY, DEFAULT_INDEX
+    target = MilvusTarget(str(tmp_path / "demo.db"), "demo")
+    assert main(["build", "--backend", "milvus", "--uri", target.uri, "--collection", "demo", "--gallery",
+                 str(DEFAULT_GALLERY), "--checkpoint", str(DEFAULT_CHECKPOINT), "--workers", "0", "--device", "cpu"]) == 0
+    collection, shipped = MilvusIndex(target, DEFAULT_CHECKPOINT), GalleryIndex.load(DEFAULT_INDEX)
+    assert collection.paths == shipped.paths and len(collection) == 272
+    np.testing.assert_allclose(collection.embeddings, shipped.embeddings, atol=1e-4)
+    flat = GalleryIndex.from_embeddings(collection.embeddings, collection.paths, "flat")
+    queries = np.random.default_rng(1).standard_normal((100, flat.dim)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    (scores, ids), (want_scores, want_ids) = collection.search(queries, 10), flat.search(queries, 10)
+    assert np.array_equal(ids, want_ids)
+    np.testing.assert_allclose(scores, want_scores, atol=1e-5)
