@@ -27,12 +27,12 @@ import bisect
 import html
 import itertools
 import threading
-from collections import OrderedDict
 from functools import lru_cache
 
 import ftfy
 import regex
 import torch
+from cachetools import LRUCache, cached
 from ftfy.chardata import HTML_ENTITY_RE
 from ftfy.fixes import unescape_html
 from open_clip.tokenizer import SimpleTokenizer
@@ -213,36 +213,10 @@ def _cover_leftovers(text: str, spans: list[Span]) -> list[Span]:
 CACHE_BYTES = 32 * 2 ** 20  # the tokenizer's memo of encoded captions keeps at most about this much
 
 
-class _EncodingCache:
-    """Least-recently-used memo of caption -> (ids, offsets), bounded by an estimate of its bytes
-    (a Python int is 28 bytes, a tuple slot 8: about 130 bytes per token, 2 per character of the
-    key); an entry over an eighth of the budget is not kept."""
-
-    def __init__(self, encode, budget: int = CACHE_BYTES):
-        self.encode, self.budget, self.used = encode, budget, 0
-        self.entries: OrderedDict[str, tuple] = OrderedDict()
-        self.lock = threading.Lock()
-
-    @staticmethod
-    def cost(text: str, value: tuple) -> int:
-        return 100 + 2 * len(text) + 130 * len(value[0])
-
-    def __call__(self, text: str) -> tuple:
-        with self.lock:
-            if text in self.entries:
-                self.entries.move_to_end(text)
-                return self.entries[text]
-        value = self.encode(text)
-        cost = self.cost(text, value)
-        if cost <= self.budget // 8:
-            with self.lock:
-                if text not in self.entries:
-                    self.entries[text] = value
-                    self.used += cost
-                while self.used > self.budget:
-                    old, old_value = self.entries.popitem(last=False)
-                    self.used -= self.cost(old, old_value)
-        return value
+def encoding_size(value: tuple) -> int:
+    """Estimated bytes of a memo entry (ids, offsets): a Python int is 28 bytes, a tuple slot 8, about
+    130 bytes per token with its offsets."""
+    return 100 + 130 * len(value[0])
 
 
 class CaptionTokenizer:
@@ -256,7 +230,8 @@ class CaptionTokenizer:
             raise ValueError(f"context_length must be >= 3, got {context_length}")
         self.context_length = context_length
         self._tok = SimpleTokenizer(context_length=context_length)
-        self._encode = _EncodingCache(self._encode_uncached)
+        self._memo = LRUCache(CACHE_BYTES, getsizeof=encoding_size)  # an entry over the budget is not kept
+        self._encode = cached(self._memo, lock=threading.Lock())(self._encode_uncached)
 
     def __call__(self, texts: list[str]) -> torch.LongTensor:
         """Token ids, [B, context_length] int64, identical to open_clip's tokenizer."""

@@ -175,4 +175,4 @@ def test_notes_phrase_rows_and_the_tokenizer_memo_are_bounded(ex, folders):
     tok = CaptionTokenizer(40)
     for i in range(30):  # 30 distinct 100k-character captions: about 3 MB of memo each, unbounded before
         tok.encode_with_offsets(f"{i} " + "make the red circle blue " * 4000)
-    assert tok._encode.used <= CACHE_BYTES and len(tok._encode.entries) < 30
+    assert tok._memo.currsize <= CACHE_BYTES and len(tok._memo) < 30

@@ -5,7 +5,7 @@ image file becomes the RGB picture a viewer shows, or a `BadImage` with a one-li
 - limits: at most MAX_IMAGE_PIXELS pixels (checked on the header, before decoding: a decompression
   bomb is refused without allocating it) and sides at most MAX_ASPECT : 1 (preprocessing resizes
   the short side up to the model's input size, so a 20000 x 1 sliver would allocate gigabytes);
-  importing this module also puts PIL's own guard on that limit (`guard_pil` says why);
+  the first decode also puts PIL's own guard on that limit (`guard_pil` says why);
 - EXIF orientation is applied (`ImageOps.exif_transpose`); a multi-frame file gives its first
   frame (animated GIF, multi-page TIFF);
 - transparency is composited over white (RGBA, LA, palette or RGB with a transparent colour);
@@ -37,16 +37,12 @@ def guard_pil() -> None:
     code; any other library the process loads), and those must refuse a decompression bomb too. PIL's
     own guard (`Image.MAX_IMAGE_PIXELS`, default about 89 MP) only warns between its limit and
     twice it and raises above; with the limit set to ours and its `DecompressionBombWarning` made
-    an error, every decode in the process stops at the project's limit. Idempotent. Called once,
-    when this module is imported, which every entry point that decodes images does (through
-    `cir.data.triplets`, `cir.index`, the app); tests/test_images.py checks it is in effect in a
-    fresh interpreter after `import cir.data.images`.
+    an error, every decode in the process stops at the project's limit. Idempotent. Called by
+    `open_image` (every decode of the project goes through it) and by the app's `build_demo` (for
+    Gradio's own), never on import; tests/test_images.py checks both in a fresh interpreter.
     """
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
-
-
-guard_pil()
 
 
 class BadImage(UserError, OSError):
@@ -80,6 +76,7 @@ def open_image(source: str | os.PathLike | IO[bytes], name: str | None = None) -
     """`Image.open(source)` (the header only) within the project's limits, else `BadImage`.
 
     `name` names the file in messages (default: `source` when it is a path)."""
+    guard_pil()
     name = name or _display_name(source)
     try:
         im = Image.open(source)

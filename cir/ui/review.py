@@ -173,15 +173,6 @@ def _last_undoable(db: sqlite3.Connection, annotator: str | None) -> str | None:
     return row[0] if row else None
 
 
-def last_undoable(store: str | os.PathLike, annotator: str | None = None) -> str | None:
-    """The id of the most recently saved decision still in effect (of one annotator, when named):
-    what "undo" takes back; None when there is none."""
-    if not Path(store).is_file():
-        return None
-    with _connected(store) as db:
-        return _last_undoable(db, annotator)
-
-
 def undo(store: str | os.PathLike, annotator: str = "") -> str | None:
     """Take back the annotator's most recent decision still in effect (an "undo" row, saved in the
     same transaction that finds it); returns its id, None when there is nothing to undo."""

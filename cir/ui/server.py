@@ -16,6 +16,7 @@ from pathlib import Path
 import gradio as gr
 import matplotlib
 
+from cir.data.images import guard_pil
 from cir.ui import limits
 from cir.ui.access import FileAccess
 from cir.ui.card import model_card
@@ -47,6 +48,7 @@ def build_demo(models: Models | Explorer, access: FileAccess | None = None) -> g
     ex = models.primary
     access = access or FileAccess(gallery_paths=ex.index.paths)
     exports = tempfile.mkdtemp(prefix="cir-exports-")
+    guard_pil()  # Gradio decodes uploads itself: PIL refuses what the project's loader refuses
     gr.set_static_paths([thumbnail.folder])  # thumbnails are made once and served as files
     thumbnail.prepare(ex.index.paths)
     # maps are drawn off-screen; Gradio asks matplotlib for its backend around every event, which
@@ -63,7 +65,7 @@ def build_demo(models: Models | Explorer, access: FileAccess | None = None) -> g
         with gr.Tab("Retrieve"):
             query = build_retrieve_tab(models, exports, card, RETRIEVE_CONCURRENCY)
         with gr.Tab("Research"):
-            build_research_tab(models, query)
+            build_research_tab(models, query, exports)
         with gr.Tab("Review"):
             build_review_tab(ex, access)
         demo.load(None, js=page_js())
