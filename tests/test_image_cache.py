@@ -18,20 +18,11 @@ from cir.errors import UserError
 from cir.image_cache import ImageCache, build_cache
 from cir.models.base import isolated_maps
 from cir.models.factory import build_model, load_config
+from test_train import losses as log, run
 
 PRIOR_CONFIG = {**load_config("context-cir-tiny").to_dict(), "attention_prior": 20.0, "frozen_prior": True}
 TRAIN = [sys.executable, "-m", "cir.train", "--batch-size", "8", "--steps", "6", "--warmup", "2", "--workers", "0",
          "--val-every", "0", "--save-every", "2", "--lr", "1e-3", "--partial-negatives", "2", "--freeze-image"]
-
-
-def run(args):
-    r = subprocess.run(args, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    return r
-
-
-def log(run_dir):
-    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
