@@ -732,3 +732,25 @@ def test_the_card_and_the_why_header_state_the_models_measured_figures(tiny_chec
     with open(ckpt, "ab") as f:  # another file now: its figures are stale
         f.write(b" ")
     assert "not measured" in maps_trust(ex) and "Measured" not in model_card(ex)
+
+
+def test_compare_with_opens_on_the_lambda0_twin(tiny_checkpoint, tiny_tmcir_checkpoint, shapes_data, tmp_path):
+    """Of the models offered, the one trained as the primary was (same config, data, steps) but
+    with lambda = 0 is its twin, and the Why panel's "Compare with" opens on it; without a twin it
+    opens on none."""
+    from cir.checkpoint import load_checkpoint
+    model, _, manifest = load_checkpoint(tiny_checkpoint)
+    run = {"config": manifest["config"], "data": {"train": "t.jsonl", "sha256": "x"}, "step": 5}
+    for name, lam in (("cc", 0.08), ("nocc", 0.0), ("other", 0.0)):
+        save_checkpoint(tmp_path / f"{name}.safetensors", model,
+                        dict(run, args={"lambda_cc": lam}, step=6 if name == "other" else 5))
+    names = ["ConText-CIR λ = 0.08", "ConText-CIR λ = 0", "ConText-CIR λ = 0 (other)"]
+    primary = Explorer.load(tmp_path / "cc.safetensors", gallery=shapes_data / "gallery_test.txt", device="cpu",
+                            name=names[0])
+    paired = Models(primary, {names[2]: tmp_path / "other.safetensors", names[1]: tmp_path / "nocc.safetensors",
+                              "TMCIR": tiny_tmcir_checkpoint})
+    assert paired.twin == names[1]
+    compare = lambda demo: next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "compare")
+    assert compare(server.build_demo(paired)).value == names[1]
+    alone = Models(primary, {"TMCIR": tiny_tmcir_checkpoint})
+    assert alone.twin is None and compare(server.build_demo(alone)).value == "none"

@@ -23,6 +23,18 @@ def default_checkpoints() -> list[Path]:
     return [DEFAULT_CHECKPOINT, *(p for p in (DEFAULT_TWIN, DEFAULT_TMCIR) if p.is_file())]
 
 
+def twin_of(manifest: dict, others: dict[str, dict]) -> str | None:
+    """The name of the model among `others` ({name: manifest}) that is `manifest`'s lambda = 0 twin:
+    the same config, data and steps, trained without the CC loss while it was trained with it (the
+    page's "Compare with" opens on it); None when there is none."""
+    args = manifest.get("args") or {}
+    if not (isinstance(args.get("lambda_cc"), (int, float)) and args["lambda_cc"] > 0):
+        return None
+    same = lambda m: all(m.get(k) == manifest.get(k) for k in ("config", "data", "step"))
+    return next((name for name, m in others.items()
+                 if same(m) and (m.get("args") or {}).get("lambda_cc") == 0), None)
+
+
 def model_names(checkpoints: list, manifests: list[dict]) -> list[str]:
     """One name per checkpoint (`model_name`), with the file's stem added where two names would be the
     same (its path where the stems are too); the same file twice is an error."""
@@ -43,6 +55,7 @@ class Models:
         self.primary = primary
         self.names = [primary.name, *(others or {})]
         self._checkpoints = dict(others or {})
+        self.twin = twin_of(primary.manifest, {n: read_manifest(c) for n, c in self._checkpoints.items()})
         self._explorers = {primary.name: primary}
         self._building = threading.Lock()  # one model embeds the gallery at a time, once
 

@@ -251,7 +251,7 @@ def _why_panel(c: SimpleNamespace, models: Models) -> None:
                 c.opacity = gr.Slider(0, 1, value=ALPHA, step=0.05, label="Heat opacity", elem_id="opacity")
                 c.upsampling = gr.Radio(list(UPSAMPLING), value=UPSAMPLING[0], label="Patches drawn as",
                                         elem_id="upsampling")
-                c.compare = gr.Dropdown(compare_choices(models, ex.name), value=NO_COMPARE,
+                c.compare = gr.Dropdown(compare_choices(models, ex.name), value=models.twin or NO_COMPARE,
                                         label="Compare with (its maps beside the model's)", interactive=several,
                                         elem_id="compare")
                 c.shared_scale = gr.Checkbox(False, label="One difference scale for all phrases",
