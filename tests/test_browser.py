@@ -1,6 +1,7 @@
 """The explorer in headless Chromium (Debian's /usr/bin/chromium, driven by Playwright): pick an
 example, retrieve, see k results and the heatmaps at phone, tablet and desktop widths; the Research
-tab's map, phrase influence, variants (one applied) and make-up at phone and desktop widths; the model
+tab's map (brushed), phrase influence, variants (one applied), make-up and export at phone and desktop
+widths; the model
 card; an uploaded photo gets the out-of-domain notice; select a second model (its results and card)
 and compare the first one's maps beside its own; in the review tab accept an item with the 'a'
 key, reject and undo, filter, export for download, and open the same file as an upload (a private copy
@@ -158,6 +159,8 @@ def test_research_views_at_two_widths(served, width):
         page.locator("#makeup-run").click()
         expect(page.locator("#makeup-info")).to_contain_text("by their CIR-Shapes scenes")
         expect(page.locator("#makeup-plot canvas, #makeup-plot svg").first).to_be_visible()
+        page.locator("#research-export").click()
+        expect(page.locator("#research-file")).to_contain_text("research")
         page.screenshot(path=str(artifacts / f"explorer-research-{width}.png"), full_page=True)
         page.get_by_role("tab", name="Retrieve").click()
         expect(page.locator("#caption textarea")).to_have_value(chosen)  # the variant applied

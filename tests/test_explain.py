@@ -172,6 +172,21 @@ def test_cli_prints_json_and_one_line_errors(tmp_path):
     assert record["subject"] == "target" and [p["phrase"] for p in record["phrases"]] == [
         p["text"] for p in t["noun_phrases"]]
     bad = run("variants", "--image", image, "--caption", t["caption"], "--ideal", str(tmp_path / "none.png"))
-    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: mark at least one result")
-    assert len(bad.stderr.strip().splitlines()) == 1
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: mark at least one result")
+    assert "Traceback" not in bad.stderr
     assert run("project", "--image", image).returncode == 2
+
+
+def test_research_export_holds_every_view(ex, tmp_path):
+    from cir.ui.research_tab import export_research
+
+    t = example(ex, "test-000000")
+    files, _ = export_research(ex, str(tmp_path), t.reference, None, t.caption, 5, [ex.label(t.targets[0])])
+    record = json.loads(open(files["value"]).read())
+    assert record["targets"] == t.targets and record["k"] == 5
+    assert [p["phrase"] for p in record["influence"]["phrases"]] == [p["text"] for p in t.noun_phrases]
+    assert record["influence"]["phrases"][-1]["rank_change"] > 0  # "a small blue star", as above
+    assert record["variants"]["ideal"] == t.targets and record["variants"]["variants"][0]["ranks"] == [1]
+    assert len(record["makeup"]["top"]) == 5 and record["makeup"]["top"][0] == t.targets[0]
+    assert record["makeup"]["shapes"]["images"] == 5 and record["map"]["method"] == "pca"
+    assert len(record["map"]["query"]) == 2

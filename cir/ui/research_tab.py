@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import tempfile
 from types import SimpleNamespace
 
 import gradio as gr
@@ -15,6 +16,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from cir.atomic import write_json
 from cir.errors import UserError
 from cir.explain import (Gallery, InfluenceConfig, QueryEncoder, VariantConfig, folder_makeup, phrase_influence,
                          prompt_variants, score_variants, shapes_makeup, shapes_scenes, top_rows)
@@ -149,26 +151,42 @@ def rank_heatmap(record: dict, labels: list[str]):
     return fig
 
 
+def variants_record(ex: Explorer, encoder, caption: str, phrases: list[dict], k: int, ideal: list[str]) -> dict:
+    """`score_variants` of the query's variants against `ideal`: gallery labels (as the results show them)."""
+    by_label = {ex.label(p): p for p in ex.index.paths}
+    unknown = [x for x in ideal or [] if x not in by_label]
+    if unknown:
+        raise UserError(f"not a gallery image: {unknown[0]}")
+    config = VariantConfig(k, shapes=bool(scenes_of(ex)))
+    return score_variants(encoder, prompt_variants(caption, phrases, config), gallery_of(ex),
+                          [by_label[x] for x in ideal or []], config)
+
+
 @shown
 def variants_view(ex: Explorer, image, query_path, caption: str, k, ideal: list[str]):
     """-> (table rows, Rank-Δ heatmap, the variants' captions to apply, summary).
     `ideal`: gallery labels (as the results show them) marked ideal."""
     source, caption, encoder, phrases, _ = query_of(ex, image, query_path, caption)
-    by_label = {ex.label(p): p for p in ex.index.paths}
-    unknown = [x for x in ideal or [] if x not in by_label]
-    if unknown:
-        raise UserError(f"not a gallery image: {unknown[0]}")
-    config = VariantConfig(top_k(k, len(ex.index)), shapes=bool(scenes_of(ex)))
-    record = score_variants(encoder, prompt_variants(caption, phrases, config), gallery_of(ex),
-                            [by_label[x] for x in ideal or []], config)
+    record = variants_record(ex, encoder, caption, phrases, top_k(k, len(ex.index)), ideal)
     rows = [[v["name"], v["caption"], round(v["ndcg"], 4), round(v["mrr"], 4), " ".join(map(str, v["ranks"]))]
             for v in record["variants"]]
     labels = [ex.label(p) for p in record["ideal"]]
     captions = [v["caption"] for v in record["variants"]]
     best = max(record["variants"], key=lambda v: (v["ndcg"], v["mrr"]))
-    info = (f"{len(captions)} variants, each encoded and ranked over {len(ex.index)} images; best by NDCG@{config.k}: "
-            f"**{markdown_literal(best['name'])}** ({best['ndcg']:.3f}).")
+    info = (f"{len(captions)} variants, each encoded and ranked over {len(ex.index)} images; best by "
+            f"NDCG@{record['k']}: **{markdown_literal(best['name'])}** ({best['ndcg']:.3f}).")
     return rows, rank_heatmap(record, labels), gr.update(choices=captions, value=captions[0]), info
+
+
+def makeup_record(ex: Explorer, encoder, caption: str, k: int) -> dict:
+    """{"top": the top k's paths, "folders": their folder counts, "shapes": `shapes_makeup` where the
+    gallery's CIR-Shapes scenes are known}."""
+    gallery = gallery_of(ex)
+    top = [gallery.paths[i] for i in top_rows(encoder([caption]) @ gallery.embeddings.T, k)[0]]
+    record = {"top": top, "folders": folder_makeup(top)}
+    if scenes_of(ex):
+        record["shapes"] = shapes_makeup(top, scenes_of(ex))
+    return record
 
 
 @shown
@@ -176,25 +194,44 @@ def makeup_view(ex: Explorer, image, query_path, caption: str, k):
     """-> (bars: what, value, count; summary): shapes, colours and positions of the top k's
     objects where their CIR-Shapes scenes are known, else their folders."""
     source, caption, encoder, _, _ = query_of(ex, image, query_path, caption)
-    gallery = gallery_of(ex)
-    k = top_k(k, len(gallery.paths))
-    top = [gallery.paths[i] for i in top_rows(encoder([caption]) @ gallery.embeddings.T, k)[0]]
-    scenes = scenes_of(ex)
-    if scenes:
-        shapes = shapes_makeup(top, scenes)
+    k = top_k(k, len(ex.index))
+    record = makeup_record(ex, encoder, caption, k)
+    shapes = record.get("shapes")
+    if shapes:
         counts = [(what, value, n) for what in ("shape", "colour", "position") for value, n in shapes[what].items()]
         info = (f"Objects in the top {k} by their CIR-Shapes scenes ({shapes['images']} images; "
                 f"{shapes['unknown']} without a known scene).")
     else:
-        counts = [("folder", value, n) for value, n in folder_makeup(top).items()]
+        counts = [("folder", value, n) for value, n in record["folders"].items()]
         info = f"The top {k} by folder."
-    bars = pd.DataFrame(counts, columns=["what", "value", "count"])
-    return bars, info
+    return pd.DataFrame(counts, columns=["what", "value", "count"]), info
 
 
-def build_research_tab(models: Models, q: SimpleNamespace) -> None:
+@shown
+def export_research(ex: Explorer, exports: str, image, query_path, caption: str, k, ideal: list[str]):
+    """Write the views of the query as research.json into a fresh folder under `exports`: the phrase
+    influence, the make-up, the variants (when results are marked ideal) and the query's point on the
+    map -> (the file for download, message)."""
+    source, caption, encoder, phrases, targets = query_of(ex, image, query_path, caption)
+    k = top_k(k, len(ex.index))
+    projection = map_of(ex)
+    record = {"model": ex.name, "checkpoint": ex.checkpoint, "query": source, "modification": caption, "k": k,
+              "targets": targets,
+              "influence": phrase_influence(encoder, caption, phrases, gallery_of(ex), targets, InfluenceConfig(k))
+              if phrases else None,
+              "variants": variants_record(ex, encoder, caption, phrases, k, ideal) if ideal else None,
+              "makeup": makeup_record(ex, encoder, caption, k),
+              "map": {"method": projection.method, "file": projection.file,
+                      "query": projection.transform(encoder([caption]))[0].tolist()}}
+    path = os.path.join(tempfile.mkdtemp(prefix="research-", dir=exports), "research.json")
+    write_json(path, record)
+    return gr.update(value=path, visible=True), "Exported the phrase influence, variants, make-up and map point."
+
+
+def build_research_tab(models: Models, q: SimpleNamespace, exports: str) -> None:
     """The Research tab's components, inside the page's current gr.Tab, and their events; `q`: the
-    Retrieve tab's components (image, query_path, caption, k, model_choice, hits)."""
+    Retrieve tab's components (image, query_path, caption, k, model_choice, hits, the Why panel's
+    maps); exports go into fresh folders under `exports`."""
     query = [q.image, q.query_path, q.caption, q.k, q.model_choice]
     private = {"api_visibility": "private"}
     gr.Markdown("For the query of the Retrieve tab: each view re-encodes and ranks (nothing is approximated).")
@@ -232,6 +269,10 @@ def build_research_tab(models: Models, q: SimpleNamespace) -> None:
         makeup_info = gr.Markdown(elem_id="makeup-info")
         makeup = gr.BarPlot(x="value", y="count", color="what", height=300, label="Top k's make-up",
                             elem_id="makeup-plot")
+    with gr.Row():
+        export_btn = gr.Button("Export the views (JSON)", elem_id="research-export")
+        export_info = gr.Markdown(elem_id="research-export-info")
+    export_file = gr.File(label="Research views", interactive=False, visible=False, elem_id="research-file")
 
     def on_map(image, query_path, caption, k, model):  # parameter names: the API's names of the inputs
         return embedding_map(models[model], image, query_path, caption, k)
@@ -245,6 +286,9 @@ def build_research_tab(models: Models, q: SimpleNamespace) -> None:
     def on_makeup(image, query_path, caption, k, model):
         return makeup_view(models[model], image, query_path, caption, k)
 
+    def on_export(image, query_path, caption, k, model, ideal):
+        return export_research(models[model], exports, image, query_path, caption, k, ideal)
+
     def on_pick(model, rows, evt: gr.SelectData):
         return picked_point(models[model], rows, evt.index)
 
@@ -255,5 +299,6 @@ def build_research_tab(models: Models, q: SimpleNamespace) -> None:
     variants_btn.click(on_variants, query + [ideal], [variants_table, heatmap, variant, variants_info],
                        api_name="prompt_variants")
     makeup_btn.click(on_makeup, query, [makeup, makeup_info], api_name="results_makeup")
+    export_btn.click(on_export, query + [ideal], [export_file, export_info], **private)
     q.hits.change(lambda model, hits: ideal_choices(models[model], hits), [q.model_choice, q.hits], ideal, **private)
     apply.click(lambda text: text, variant, q.caption, **private)
