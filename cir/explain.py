@@ -10,7 +10,7 @@ over the whole gallery by inner product: 1 + the number of images scoring strict
 
 CLI (JSON on stdout):
     python -m cir.explain influence --image Q.png --caption "..." [--target T.png] [--k 10]
-    python -m cir.explain variants --image Q.png --caption "..." --ideal A.png [--ideal B.png]
+    python -m cir.explain variants --image Q.png --caption "..." --ideal A.png [--ideal B.png] [--llm-url URL --llm-model M]
     python -m cir.explain makeup --image Q.png --caption "..." [--examples triplets.jsonl]
     python -m cir.explain project [--index INDEX_DIR] [--image Q.png --caption "..."]
 """
@@ -63,11 +63,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             s.add_argument("--ideal", action="append", required=True, help="an image marked ideal (repeatable)")
             s.add_argument("--max-variants", type=positive_int, default=VARIANTS_MAX,
                            help=f"at most this many variants besides the caption (default {VARIANTS_MAX})")
+            s.add_argument("--llm-url", default=None,
+                           help="an OpenAI-compatible server (as python -m cir.synth --base-url): also score its rewrites")
+            s.add_argument("--llm-model", default=None, help="the model the server runs (with --llm-url)")
+            s.add_argument("--llm-key-env", default="OPENAI_API_KEY",
+                           help="environment variable holding the server's API key (default OPENAI_API_KEY)")
         if name == "project":
             s.add_argument("--method", choices=["auto", "pca", "umap"], default="auto",
                            help="auto: UMAP where umap-learn is installed, else PCA (default auto)")
             s.add_argument("--seed", type=int, default=0, help="random seed of the projection (default 0)")
     a = p.parse_args(argv)
+    if a.command == "variants" and (a.llm_url is None) != (a.llm_model is None):
+        raise UserError("give --llm-url and --llm-model together")
     if a.command == "project" and (a.image is None) != (a.caption is None):
         raise UserError("give --image and --caption together (the query to project), or neither")
     return a
@@ -247,6 +254,30 @@ def prompt_variants(caption: str, phrases: list[dict], config: VariantConfig = V
     return unique[:config.max_variants + 1]
 
 
+REWRITE_PROMPT = (
+    "Rewrite this instruction for editing an image in {n} different ways. Each rewrite must ask for exactly the "
+    "same changes to the same objects; vary the wording and the order of the changes only.\n"
+    "Instruction: {caption}\n"
+    'Answer with JSON only: {{"rewrites": ["...", "..."]}}')
+
+
+def llm_rewrites(backend, caption: str, n: int) -> list[dict]:
+    """[{"name", "caption"}]: up to `n` rewrites of `caption` by an LLM (`backend.complete`, e.g.
+    `cir.synth.backends.OpenAIBackend`, the good4cir pipeline's client); a UserError when its answer
+    holds no JSON list of rewrites."""
+    from cir.synth.backends import BadAnswer, PairFailed, Request
+
+    try:
+        answer = backend.complete(Request("rewrite", REWRITE_PROMPT.format(n=n, caption=caption), (), {}))
+        rewrites = json.loads(answer[answer.index("{"):answer.rindex("}") + 1])["rewrites"]
+    except (BadAnswer, PairFailed, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"the LLM gave no rewrites ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+    texts = [" ".join(r.split()) for r in rewrites if isinstance(r, str) and r.strip()] if isinstance(rewrites, list) else []
+    if not texts:
+        raise UserError("the LLM gave no rewrites (an empty or malformed list)")
+    return [{"name": f"LLM rewrite {i}", "caption": t} for i, t in enumerate(texts[:n], 1)]
+
+
 def ndcg_at_k(ranks: np.ndarray, k: int) -> float:
     """Binary-relevance NDCG@k of the ideal images at `ranks` [R] (1-based)."""
     dcg = sum(1 / math.log2(r + 1) for r in ranks if r <= k)
@@ -339,8 +370,12 @@ def main(argv: list[str] | None = None) -> int:
         out = phrase_influence(encoder, a.caption, phrases, gallery, targets, InfluenceConfig(a.k))
     elif a.command == "variants":
         config = VariantConfig(a.k, a.max_variants, shapes=bool(shapes_scenes(ex.examples)))
-        out = score_variants(encoder, prompt_variants(a.caption, phrases, config), gallery,
-                             [os.path.abspath(p) for p in a.ideal], config)
+        variants = prompt_variants(a.caption, phrases, config)
+        if a.llm_url:
+            from cir.synth.backends import OpenAIBackend
+            backend = OpenAIBackend(a.llm_url, a.llm_model, os.environ.get(a.llm_key_env) or None)
+            variants += llm_rewrites(backend, a.caption, a.max_variants)
+        out = score_variants(encoder, variants, gallery, [os.path.abspath(p) for p in a.ideal], config)
     elif a.command == "makeup":
         top = [gallery.paths[i] for i in top_rows(encoder([a.caption]) @ gallery.embeddings.T, a.k)[0]]
         out = {"top": top, "folders": folder_makeup(top), "shapes": shapes_makeup(top, shapes_scenes(ex.examples))}

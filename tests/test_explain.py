@@ -10,12 +10,15 @@ import math
 import os
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
 
-from cir.explain import (Gallery, InfluenceConfig, QueryEncoder, VariantConfig, folder_makeup, masked, ndcg_at_k,
-                         operations, phrase_influence, prompt_variants, score_variants, shapes_makeup, shapes_scenes,
+from cir.errors import UserError
+from cir.explain import (Gallery, InfluenceConfig, QueryEncoder, VariantConfig, folder_makeup, llm_rewrites, masked,
+                         ndcg_at_k, operations, phrase_influence, prompt_variants, score_variants, shapes_makeup, shapes_scenes,
                          synonyms, top_rows)
 from cir.index import GalleryIndex
 from cir.projection import FILE, ProjectionConfig, fit_pca, projection_of
@@ -190,3 +193,44 @@ def test_research_export_holds_every_view(ex, tmp_path):
     assert len(record["makeup"]["top"]) == 5 and record["makeup"]["top"][0] == t.targets[0]
     assert record["makeup"]["shapes"]["images"] == 5 and record["map"]["method"] == "pca"
     assert len(record["map"]["query"]) == 2
+
+
+def chat_server(replies: list[str]):
+    """An OpenAI-compatible chat-completions server on 127.0.0.1 answering `replies` in turn -> (url, prompts)."""
+    prompts = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            prompts.append(body["messages"][0]["content"][0]["text"])
+            data = json.dumps({"choices": [{"message": {"content": replies[len(prompts) - 1]}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}/v1", prompts
+
+
+def test_llm_rewrites_are_scored_beside_the_offline_variants(ex, monkeypatch):
+    from cir.synth.backends import OpenAIBackend
+    from cir.ui import research_tab
+
+    t = example(ex, "test-000000")
+    rewrites = ["add a small blue star at the top left and turn the small orange star into a triangle",
+                "make the small orange star a triangle"]  # the second leaves the star out
+    url, prompts = chat_server(["```json\n" + json.dumps({"rewrites": rewrites}) + "\n```", "no JSON here"])
+    monkeypatch.setenv(research_tab.LLM_URL, url)
+    monkeypatch.setenv(research_tab.LLM_MODEL, "any")
+    record = research_tab.variants_record(ex, encoder(ex, t), t.caption, [], 10, [ex.label(t.targets[0])])
+    assert t.caption in prompts[0]
+    scored = {v["name"]: v for v in record["variants"]}
+    assert scored["LLM rewrite 1"]["caption"] == rewrites[0] and scored["LLM rewrite 1"]["ranks"][0] <= 3
+    assert scored["LLM rewrite 2"]["ranks"][0] > scored["LLM rewrite 1"]["ranks"][0]
+    with pytest.raises(UserError, match="the LLM gave no rewrites"):
+        llm_rewrites(OpenAIBackend(url, "any", max_attempts=1), t.caption, 3)

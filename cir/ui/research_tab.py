@@ -18,15 +18,17 @@ import pandas as pd
 
 from cir.atomic import write_json
 from cir.errors import UserError
-from cir.explain import (Gallery, InfluenceConfig, QueryEncoder, VariantConfig, folder_makeup, phrase_influence,
-                         prompt_variants, score_variants, shapes_makeup, shapes_scenes, top_rows)
+from cir.explain import (Gallery, InfluenceConfig, QueryEncoder, VariantConfig, folder_makeup, llm_rewrites,
+                         phrase_influence, prompt_variants, score_variants, shapes_makeup, shapes_scenes, top_rows)
 from cir.projection import projection_of
+from cir.synth.backends import OpenAIBackend
 from cir.ui import limits
 from cir.ui.components import markdown_literal, shown, top_k
 from cir.ui.explorer import Explorer, as_image
 from cir.ui.models import Models
 from cir.ui.thumbnails import thumbnail
 
+LLM_URL, LLM_MODEL = "CIR_LLM_URL", "CIR_LLM_MODEL"  # environment: the rewrites' server and model
 KINDS = ["gallery", "top-k", "target", "reference", "query"]  # drawn in this order: the query on top
 COLOURS = {"gallery": "#c8c8c8", "top-k": "#1f77b4", "target": "#2ca02c", "reference": "#ff7f0e", "query": "#d62728"}
 
@@ -152,14 +154,20 @@ def rank_heatmap(record: dict, labels: list[str]):
 
 
 def variants_record(ex: Explorer, encoder, caption: str, phrases: list[dict], k: int, ideal: list[str]) -> dict:
-    """`score_variants` of the query's variants against `ideal`: gallery labels (as the results show them)."""
+    """`score_variants` of the query's variants against `ideal`: gallery labels (as the results show
+    them). With $CIR_LLM_URL and $CIR_LLM_MODEL set (an OpenAI-compatible server; its key in
+    $OPENAI_API_KEY), the LLM's rewrites are scored too."""
     by_label = {ex.label(p): p for p in ex.index.paths}
     unknown = [x for x in ideal or [] if x not in by_label]
     if unknown:
         raise UserError(f"not a gallery image: {unknown[0]}")
     config = VariantConfig(k, shapes=bool(scenes_of(ex)))
-    return score_variants(encoder, prompt_variants(caption, phrases, config), gallery_of(ex),
-                          [by_label[x] for x in ideal or []], config)
+    variants = prompt_variants(caption, phrases, config)
+    if os.environ.get(LLM_URL) and os.environ.get(LLM_MODEL):
+        backend = OpenAIBackend(os.environ[LLM_URL], os.environ[LLM_MODEL], os.environ.get("OPENAI_API_KEY") or None,
+                                timeout=30, max_attempts=2)
+        variants += llm_rewrites(backend, caption, config.max_variants)
+    return score_variants(encoder, variants, gallery_of(ex), [by_label[x] for x in ideal or []], config)
 
 
 @shown
