@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import threading
+import types
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -21,6 +22,7 @@ from cir.explain import (Gallery, InfluenceConfig, QueryEncoder, VariantConfig, 
                          ndcg_at_k, operations, phrase_influence, prompt_variants, score_variants, shapes_makeup, shapes_scenes,
                          synonyms, top_rows)
 from cir.index import GalleryIndex
+from cir import projection
 from cir.projection import FILE, ProjectionConfig, fit_pca, projection_of
 from cir.ui.explorer import Explorer, as_image
 
@@ -234,3 +236,24 @@ def test_llm_rewrites_are_scored_beside_the_offline_variants(ex, monkeypatch):
     assert scored["LLM rewrite 2"]["ranks"][0] > scored["LLM rewrite 1"]["ranks"][0]
     with pytest.raises(UserError, match="the LLM gave no rewrites"):
         llm_rewrites(OpenAIBackend(url, "any", max_attempts=1), t.caption, 3)
+
+
+def test_umap_is_used_where_installed_and_kept_in_memory(tmp_path, monkeypatch):
+    """With a stand-in `umap` module: "auto" fits it with the seed, queries go through its transform,
+    and nothing is stored (its reducer is not a file format)."""
+    class UMAP:
+        def __init__(self, n_components, metric, random_state):
+            self.seed = random_state
+
+        def fit_transform(self, x):
+            return x[:, :2] + self.seed
+
+        def transform(self, x):
+            return x[:, :2] - 1
+
+    monkeypatch.setitem(sys.modules, "umap", types.SimpleNamespace(UMAP=UMAP))
+    monkeypatch.setattr(projection, "umap_available", lambda: True)
+    emb = np.eye(4, dtype=np.float32)
+    out = projection_of(GalleryIndex.from_embeddings(emb), tmp_path, ProjectionConfig("auto", seed=3))
+    assert out.method == "umap" and out.file is None and not (tmp_path / FILE).exists()
+    assert np.array_equal(out.points, emb[:, :2] + 3) and np.array_equal(out.transform(emb[:1]), [[0, -1]])
