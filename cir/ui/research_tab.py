@@ -77,7 +77,8 @@ def embedding_map(ex: Explorer, image, query_path, caption: str, k):
     k = top_k(k, len(gallery.paths))
     real = os.path.realpath(source)
     kind = np.where(rank <= k, "top-k", "gallery").astype(object)
-    kind[[i for i, p in enumerate(gallery.paths) if p in set(targets)]] = "target"
+    targets = set(targets)
+    kind[[i for i, p in enumerate(gallery.paths) if p in targets]] = "target"
     kind[[i for i, p in enumerate(gallery.paths) if os.path.realpath(p) == real]] = "reference"
     point = projection.transform(query)[0]
     points = pd.DataFrame({"x": np.append(projection.points[:, 0], point[0]),
