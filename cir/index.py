@@ -4,6 +4,7 @@
     python -m cir.index build ... --resume            # continue a build that was killed
     python -m cir.index update --index INDEX_DIR --gallery FOLDER_OR_LIST
     torchrun --nproc_per_node N -m cir.index build ...  # N processes, each embedding its share
+    python -m cir.index build|update --backend milvus --uri gallery.db --collection NAME --gallery ...
 
 INDEX_DIR holds `manifest.json` (checkpoint sha256, model config, embedding dim, normalisation,
 index type and parameters, every image with its content sha256, integrity hashes, versions), `embeddings.npy`
@@ -29,6 +30,10 @@ torchrun (gloo process group; across nodes with torchrun's rendezvous flags and 
 shared file system) rank r embeds chunks r, r+N, ...; rank 0 lists the gallery, holds the lock and
 writes the one index. A rank that was killed leaves its missing chunks: run the same command with
 --resume and only those are embedded again.
+
+`--backend milvus` keeps the gallery in a Milvus collection instead (cir.retrieval.milvus):
+milvus-lite's local .db file or a server URL, the same embedding steps, rows of vector, path and
+content sha256, the checkpoint's sha256 recorded; the app opens it as milvus:URI?collection=NAME.
 
 Opening an index checks it: the manifest's keys and types, its image count, and the "integrity"
 hashes stored at build (one of the ordered image content hashes, one of each data file), so a

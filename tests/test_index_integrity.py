@@ -45,11 +45,14 @@ def refused(call, *fragments) -> str:
     return message
 
 
-def test_an_intact_index_opens_and_its_hashes_are_stored(index, tiny_checkpoint):
+def test_an_intact_index_opens_and_its_hashes_are_stored(index, tiny_checkpoint, capsys):
     loaded = GalleryIndex.load(index, checkpoint_path=tiny_checkpoint)
     assert len(loaded) == 12 and set(loaded.manifest["integrity"]) == {"images", "embeddings", "faiss"}
     scores, ids = loaded.search(loaded.embeddings[:3], k=1)
     assert ids[:, 0].tolist() == [0, 1, 2]  # each vector finds itself
+    Explorer.load(tiny_checkpoint, index, device="cpu")  # the app says what the index holds in memory
+    err = capsys.readouterr().err
+    assert "12 images, flat index: faiss 0.0 MB and vectors 0.0 MB, memory-mapped" in err and "MB private" in err
 
 
 def test_reordered_image_list(copy, tiny_checkpoint):

@@ -172,10 +172,17 @@ class GalleryIndex:
 
 
 
-def resident_bytes() -> int:
-    """This process's resident memory (VmRSS; 0 where /proc is absent)."""
+def resident_memory() -> dict[str, int]:
+    """This process's resident bytes: {"private": RssAnon (its own memory), "mapped": RssFile
+    (pages of mapped files, shared with the page cache and dropped under pressure)}; zeros where
+    /proc is absent."""
+    out = {"private": 0, "mapped": 0}
     try:
         with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
-    except (OSError, StopIteration):
-        return 0
+            for line in f:
+                key = {"RssAnon:": "private", "RssFile:": "mapped"}.get(line.split(":")[0] + ":")
+                if key:
+                    out[key] = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return out

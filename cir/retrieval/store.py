@@ -119,16 +119,21 @@ def check_integrity(manifest: dict, index_dir: Path, files=(EMBEDDINGS,)) -> Non
 def read_resolved_manifest(index_dir: Path) -> dict:
     """`read_index_manifest` with every file path in it absolute: stored relative paths are taken
     from `index_dir`."""
-    return _with_paths(read_index_manifest(index_dir), lambda p: normalize_path(p, index_dir))
+    return _with_paths(read_index_manifest(index_dir), lambda p: normalize_path(p, index_dir), copy=False)
 
 
-def _with_paths(manifest: dict, path) -> dict:
-    """A copy of `manifest` with the function `path` applied to every file path in it: the images',
-    the skipped images', the checkpoint's and the gallery's (None for a list of paths)."""
-    m = dict(manifest, checkpoint=dict(manifest["checkpoint"], path=path(manifest["checkpoint"]["path"])))
+def _with_paths(manifest: dict, path, copy: bool = True) -> dict:
+    """`manifest` with the function `path` applied to every file path in it: the images', the
+    skipped images', the checkpoint's and the gallery's (None for a list of paths). `copy=False`
+    changes the dicts in place (a manifest just read: a million images need no second set of dicts)."""
+    m = dict(manifest, checkpoint=dict(manifest["checkpoint"])) if copy else manifest
+    m["checkpoint"]["path"] = path(m["checkpoint"]["path"])
     for key in ("images", "skipped"):
         if key in m:
-            m[key] = [dict(im, path=path(im["path"])) for im in m[key]]
+            if copy:
+                m[key] = [dict(im) for im in m[key]]
+            for im in m[key]:
+                im["path"] = path(im["path"])
     if m.get("gallery") is not None:
         m["gallery"] = path(m["gallery"])
     return m

@@ -31,7 +31,7 @@ from cir.errors import UserError
 from cir.evaluate import embed_gallery
 from cir.index import GalleryIndex
 from cir.retrieval.milvus import PREFIX as MILVUS, MilvusIndex, MilvusTarget
-from cir.retrieval.search import resident_bytes
+from cir.retrieval.search import resident_memory
 from cir.losses import concept_consistency_loss
 from cir.phrases import extract_noun_phrases
 from cir.ui.batching import QueryBatcher
@@ -209,8 +209,9 @@ class Explorer:
         else:
             loaded = (MilvusIndex(MilvusTarget.parse(index), checkpoint) if str(index).startswith(MILVUS)
                       else GalleryIndex.load(index, checkpoint_path=checkpoint, device=device))
-            print(f"index {index}: {loaded.describe()}; the app's resident memory {resident_bytes() / 1e6:,.0f} MB",
-                  file=sys.stderr)
+            rss = resident_memory()
+            print(f"index {index}: {loaded.describe()}; the app's resident memory: {rss['private'] / 1e6:,.0f} MB "
+                  f"private, {rss['mapped'] / 1e6:,.0f} MB of mapped files", file=sys.stderr)
         return cls(model, preprocess, loaded, triplets, device, name, str(checkpoint), manifest)
 
     def with_checkpoint(self, checkpoint, name: str | None = None) -> "Explorer":
