@@ -103,7 +103,8 @@ def _rows(client, name: str, fields: list[str]) -> list[dict]:
     return sorted(rows, key=lambda r: r["id"])
 
 
-def _create(client, name: str, dim: int, sha: str) -> None:
+def create_collection(client, name: str, dim: int, sha: str) -> None:
+    """An empty gallery collection `name` of `dim`-d vectors (exact inner-product search) for checkpoint `sha`."""
     from pymilvus import DataType, MilvusClient
     schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
     schema.add_field("id", DataType.INT64, is_primary=True)
@@ -116,7 +117,8 @@ def _create(client, name: str, dim: int, sha: str) -> None:
                              properties={"format": FORMAT, "checkpoint_sha256": sha, "dim": str(dim)})
 
 
-def _insert(client, name: str, first_id: int, paths: list[str], hashes: list[str], emb: np.ndarray) -> None:
+def insert_rows(client, name: str, first_id: int, paths: list[str], hashes: list[str], emb: np.ndarray) -> None:
+    """Rows first_id, first_id + 1, ... of paths, content hashes and vectors [len(paths), E], then a flush."""
     for s in range(0, len(paths), INSERT_ROWS):
         client.insert(name, [{"id": first_id + i, "vector": emb[i].tolist(), "path": paths[i], "sha256": hashes[i]}
                              for i in range(s, min(s + INSERT_ROWS, len(paths)))])
@@ -169,8 +171,8 @@ def sync_collection(target: MilvusTarget, gallery, checkpoint=None, replace: boo
                 staging = f"{target.collection}__staging"
                 if client.has_collection(staging):
                     client.drop_collection(staging)
-                _create(client, staging, dim, sha)
-                _insert(client, staging, 0, added, sha256, vectors)
+                create_collection(client, staging, dim, sha)
+                insert_rows(client, staging, 0, added, sha256, vectors)
                 if client.has_collection(target.collection):
                     client.drop_collection(target.collection)
                 client.rename_collection(staging, target.collection)
@@ -178,7 +180,7 @@ def sync_collection(target: MilvusTarget, gallery, checkpoint=None, replace: boo
             else:
                 if gone:
                     client.delete(target.collection, ids=gone)
-                _insert(client, target.collection, max((i for i, _ in old.values()), default=-1) + 1, added,
+                insert_rows(client, target.collection, max((i for i, _ in old.values()), default=-1) + 1, added,
                         sha256, vectors)
             if work.exists():
                 shutil.rmtree(work)
