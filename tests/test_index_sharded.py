@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from cir.data.triplets import read_gallery
@@ -104,3 +105,18 @@ def test_a_killed_rank_resumes_only_its_slice(tiny_checkpoint, shapes_data, tmp_
     assert "(8 files read now, 32 resumed" in r.stdout and not work.exists()
     assert_same_index(GalleryIndex.load(out, tiny_checkpoint), one_process_build(tmp_path / "one", images,
                                                                                    tiny_checkpoint))
+
+
+def test_two_ranks_fill_a_milvus_collection(tiny_checkpoint, shapes_data, tmp_path):
+    pytest.importorskip("milvus_lite")
+    from cir.retrieval.milvus import MilvusIndex, MilvusTarget
+    images = read_gallery(shapes_data / "gallery_test.txt")[:40]
+    (tmp_path / "all.txt").write_text("\n".join(images) + "\n")
+    db = str(tmp_path / "g.db")
+    r = run(TORCHRUN_2 + ["-m", "cir.index", "build", "--backend", "milvus", "--uri", db, "--collection", "g",
+                          "--checkpoint", str(tiny_checkpoint), "--gallery", str(tmp_path / "all.txt")] + SMALL)
+    assert "rank 0: 24 embedded, 0 resumed" in r.stdout and "rank 1: 16 embedded, 0 resumed" in r.stdout
+    collection, reference = MilvusIndex(MilvusTarget(db, "g")), one_process_build(tmp_path / "one", images,
+                                                                                   tiny_checkpoint)
+    assert collection.paths == reference.paths
+    np.testing.assert_allclose(collection.embeddings, reference.embeddings, atol=1e-6)
