@@ -295,6 +295,11 @@ class served:
         self.demo.close()
 
 
+def rss_mb() -> float:
+    """This process's resident memory in MB."""
+    return int(next(line for line in open("/proc/self/status") if line.startswith("VmRSS")).split()[1]) / 1024
+
+
 def wait_for_http(url: str, proc=None, timeout: float = 120.0) -> None:
     """Poll `url` until it answers (or `proc` exits, or `timeout` seconds pass: AssertionError)."""
     import time

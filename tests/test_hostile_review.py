@@ -16,7 +16,7 @@ from gradio_client import Client, handle_file
 from cir.data.triplets import read_triplets, write_triplets
 from cir.ui import review, review_tab, why_panel
 from cir.ui.access import IMAGE_REFUSED, NO_FOLDERS, REFUSED, FileAccess
-from hostile_inputs import endpoints, served
+from hostile_inputs import endpoints, rss_mb, served
 
 REVIEW = {"open": "review-file:submit", "upload": "review-upload:upload", "accept": "review-accept:click"}
 
@@ -176,3 +176,87 @@ def test_notes_phrase_rows_and_the_tokenizer_memo_are_bounded(ex, folders):
     for i in range(30):  # 30 distinct 100k-character captions: about 3 MB of memo each, unbounded before
         tok.encode_with_offsets(f"{i} " + "make the red circle blue " * 4000)
     assert tok._memo.currsize <= CACHE_BYTES and len(tok._memo) < 30
+
+
+def hostile_review_file(path: Path, reference: str, target: str, size_mb: int = 19, lines: int = 20) -> Path:
+    """A triplet file of `lines` lines of about `size_mb` MB in all, each carrying a huge list of small
+    numbers in its meta (about 21x its size once parsed)."""
+    numbers = "0," * (size_mb * 2 ** 20 // lines // 2)
+    with open(path, "w") as f:
+        for i in range(lines):
+            f.write(f'{{"id": "h{i}", "reference": "{reference}", "caption": "make it red", '
+                    f'"targets": ["{target}"], "meta": {{"junk": [{numbers}0]}}}}\n')
+    return path
+
+
+def test_ten_hostile_review_uploads_stay_small_and_the_server_answers(ex, tmp_path):
+    """Ten 19 MB uploads of 20 lines with huge meta: each line is skipped unread (over MAX_LINE_CHARS),
+    the server grows by at most 200 MB and GET /config answers within a second throughout."""
+    import threading
+
+    t = ex.examples[0]
+    upload = hostile_review_file(tmp_path / "hostile.jsonl", t.reference, t.targets[0])
+    with served(ex, FileAccess([], ex.index.paths)) as url:
+        client = Client(url, verbose=False)
+        fn = endpoints(client, REVIEW)
+        urllib.request.urlopen(url + "config", timeout=5).read()
+        before, latencies, done = rss_mb(), [], threading.Event()
+
+        def poll():
+            while not done.is_set():
+                t0 = time.perf_counter()
+                urllib.request.urlopen(url + "config", timeout=30).read()
+                latencies.append(time.perf_counter() - t0)
+                time.sleep(0.1)
+        poller = threading.Thread(target=poll)
+        poller.start()
+        answers = []
+        try:
+            for _ in range(10):
+                try:
+                    answers.append(client.predict(handle_file(str(upload)), fn_index=fn["upload"]))
+                except Exception as e:
+                    answers.append(str(e))
+        finally:
+            done.set()
+            poller.join()
+        growth = rss_mb() - before
+    print(f"RSS growth {growth:.0f} MB, GET /config max {max(latencies):.2f} s over {len(latencies)} polls")
+    assert growth <= 200 and latencies and max(latencies) < 1.0, (growth, max(latencies))
+    assert all("no usable triplets" in str(a) for a in answers), answers[0]
+
+
+def test_review_targets_are_capped_and_merged_by_their_real_path(ex, folders):
+    """A triplet naming one gallery image through 17,136 `/proc/self/root` spellings (a line over
+    MAX_LINE_CHARS) or 100 times (over MAX_TARGETS) is skipped as a problem, fast; one naming it
+    three ways (a link among them) shows it once."""
+    from cir.ui import limits
+
+    inside, _ = folders
+    good = read_triplets(inside / "batch.jsonl")[0][0]
+    base, target = {"reference": good.reference, "caption": good.caption}, good.targets[0]
+    os.symlink(target, inside / "alias.png")
+    lines = [base | {"id": "spelled", "targets": ["/proc/self/root" * (1 + k % 64) + "/." * (k // 64) + target
+                                                  for k in range(17_136)]},
+             base | {"id": "repeated", "targets": [target] * 100},
+             base | {"id": "three", "targets": [target, "/proc/self/root" + target, str(inside / "alias.png")]}]
+    (inside / "limits.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    access = FileAccess([inside], ex.index.paths)
+    t0 = time.perf_counter()
+    state = review_tab.review_open(access, str(inside / "limits.jsonl"))
+    triplets, problems = review_tab.review_items(state)
+    shown = review_tab.review_show(ex, access, state)
+    assert time.perf_counter() - t0 < 5.0
+    assert [t.id for t in triplets] == ["three"] and triplets[0].targets == [target] and len(shown[1]) == 1
+    assert len(problems) == 2 and f"longer than {limits.MAX_LINE_CHARS:,}" in problems[0]
+    assert f"100 targets; at most {limits.MAX_TARGETS}" in problems[1]
+
+
+def test_a_review_file_of_too_many_lines_is_refused(ex, folders):
+    from cir.ui import limits
+
+    inside, _ = folders
+    line = (inside / "batch.jsonl").read_text().splitlines()[0]
+    (inside / "long.jsonl").write_text(line + "\n" + "\n" * limits.MAX_REVIEW_LINES)
+    with pytest.raises(Exception, match=f"more than {limits.MAX_REVIEW_LINES:,} lines"):
+        review_tab.review_open(FileAccess([inside], ex.index.paths), str(inside / "long.jsonl"))

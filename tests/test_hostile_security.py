@@ -19,7 +19,7 @@ from cir.errors import UserError
 from cir.models.factory import build_model, config_from_dict, load_config
 from cir.ui import limits, server
 from cir.ui.edge import BodyCap
-from hostile_inputs import one_line, served
+from hostile_inputs import one_line, rss_mb, served
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = load_config("context-cir-tiny").to_dict()
@@ -273,10 +273,6 @@ def test_a_visitors_mistakes_leave_no_traceback_in_the_server_log(ex, capfd):
             assert kind == "error" and message in answer and one_line(answer), answer[:300]
         log = capfd.readouterr()
     assert "Traceback" not in log.err + log.out
-
-
-def rss_mb() -> float:
-    return int(next(line for line in open("/proc/self/status") if line.startswith("VmRSS")).split()[1]) / 1024
 
 
 def post_large(url: str, path: str, size: int, session: str, chunked: bool = False) -> tuple[int, bytes]:

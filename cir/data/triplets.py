@@ -122,12 +122,14 @@ def _parse_line(obj, base: str, line_no: int, where: str) -> Triplet:
 
 
 def read_triplets(path: str | os.PathLike, skip_bad: bool = False, check_images: bool = True,
-                  base: str | os.PathLike | None = None) -> tuple[list[Triplet], list[str]]:
+                  base: str | os.PathLike | None = None, max_lines: int | None = None,
+                  max_line_chars: int | None = None) -> tuple[list[Triplet], list[str]]:
     """Read a triplet JSONL file; relative image paths are taken from `base` (default: the file's folder).
 
     Returns (triplets, problems). A bad line (invalid JSON, missing field, duplicate id, missing or
-    undecodable image) raises a UserError naming file and line, or with `skip_bad` is skipped and
-    its one-line reason appended to `problems`."""
+    undecodable image, more than `max_line_chars` characters: never held whole) raises a UserError
+    naming file and line, or with `skip_bad` is skipped and its one-line reason appended to
+    `problems`. A file of more than `max_lines` lines is a UserError."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"triplet file not found: {path}")
@@ -137,11 +139,15 @@ def read_triplets(path: str | os.PathLike, skip_bad: bool = False, check_images:
     problems: list[str] = []
     ids: set[str] = set()
     with open(path, encoding="utf-8", errors="strict") as f:
-        for line_no, raw in enumerate(_lines(f, path), start=1):
+        for line_no, raw in enumerate(_lines(f, path, max_line_chars), start=1):
             where = f"{path}:{line_no}"
+            if max_lines is not None and line_no > max_lines:
+                raise UserError(f"{path.name}: more than {max_lines:,} lines; split it into smaller files")
             if not raw.strip():
                 continue
             try:
+                if raw is _TOO_LONG:
+                    raise BadLine(f"{where}: longer than {max_line_chars:,} characters")
                 try:
                     obj = json.loads(raw)
                 except json.JSONDecodeError as e:
@@ -165,9 +171,21 @@ def read_triplets(path: str | os.PathLike, skip_bad: bool = False, check_images:
     return triplets, problems
 
 
-def _lines(f, path: Path) -> Iterable[str]:
+_TOO_LONG = "too long"  # stands for a line over the length limit, which is skipped unread
+
+
+def _lines(f, path: Path, max_chars: int | None = None) -> Iterable[str]:
+    """The file's lines; one longer than `max_chars` is read in pieces and given as _TOO_LONG."""
     try:
-        yield from f
+        if max_chars is None:
+            yield from f
+            return
+        while line := f.readline(max_chars + 1):
+            if len(line) > max_chars and not line.endswith("\n"):
+                while (rest := f.readline(max_chars)) and not rest.endswith("\n"):
+                    pass
+                line = _TOO_LONG
+            yield line
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 

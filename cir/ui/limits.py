@@ -19,6 +19,10 @@ MAX_FILE_SIZE = f"{MAX_FILE_MB}mb"  # as Gradio's launch(max_file_size=) takes i
 MAX_BODY_BYTES = (MAX_FILE_MB * 4 // 3 + 2) * 2 ** 20
 MAX_SESSIONS = 1000  # visitors' sessions Gradio keeps (inputs, states); the least recently used are dropped
 DELETE_CACHE = (3600, 3600)  # every hour, delete uploaded and cached files older than an hour
+# a triplet file the Review tab opens: CIR-Shapes lines are under 4,000 characters
+MAX_REVIEW_LINES = 5000  # lines of the file
+MAX_LINE_CHARS = 16 * 1024  # characters of one line (a longer one is skipped unread)
+MAX_TARGETS = 16  # targets of one triplet (those naming one file are then merged)
 MAX_REQUEST_PIXELS = 24_000_000  # decoded pixels per request: one 24 MP photo (72 MB as RGB, about 1 s to decode)
 # Gradio's queue keeps this many event records and summarises them every this many events
 GRADIO_ANALYTICS = {"GRADIO_ANALYTICS_MAX_EVENTS": 1000, "GRADIO_ANALYTICS_CACHE_FREQUENCY": 1000}

@@ -6,13 +6,15 @@ position, filter, annotator) is a plain dict; the decisions live in the file's r
 from __future__ import annotations
 
 import functools
+import json
 import os
 import time
+from dataclasses import replace
 from types import SimpleNamespace
 
 import gradio as gr
 
-from cir.data.triplets import read_triplets
+from cir.data.triplets import normalize_path, read_triplets
 from cir.errors import UserError
 from cir.synth.report import changed_objects, mentions
 from cir.ui import limits, review
@@ -29,8 +31,29 @@ SHOW = ("all", "undecided", "accepted", "rejected", "flagged")  # the filter; "a
 
 @functools.lru_cache(maxsize=8)
 def _triplets(path: str, base: str | None, mtime: float):
-    # images are not checked here: whether one may be read at all is FileAccess.image's call
-    return read_triplets(path, skip_bad=True, check_images=False, base=base)
+    """(triplets, problems) of a triplet file within the Review limits (cir.ui.limits): a file of too
+    many lines is refused, a line too long or a triplet over a limit is skipped as a problem, and
+    targets naming one file (by its real path) are merged. Images are not checked here: whether
+    one may be read at all is FileAccess.image's call."""
+    triplets, problems = read_triplets(path, skip_bad=True, check_images=False, base=base,
+                                       max_lines=limits.MAX_REVIEW_LINES, max_line_chars=limits.MAX_LINE_CHARS)
+    kept = []
+    for t in triplets:
+        if (why := _over_limits(t)) is not None:
+            problems.append(f"{os.path.basename(path)}: triplet {t.id!r}: {why}")
+            continue
+        real = {}
+        for p in t.targets:
+            real.setdefault(os.path.realpath(p), p)
+        kept.append(replace(t, targets=list(real.values())))
+    return kept, problems
+
+
+def _over_limits(t) -> str | None:
+    """Why a triplet is over the Review limits, or None."""
+    if len(t.targets) > limits.MAX_TARGETS:
+        return f"{len(t.targets):,} targets; at most {limits.MAX_TARGETS} are reviewed"
+    return None
 
 
 def missing_changes(t, caption: str) -> list[str] | None:
@@ -93,15 +116,29 @@ UPLOAD_BASE_LEVELS = 3  # folders above the gallery's folder tried as the base o
 def upload_base(root: str, access: FileAccess, path: str) -> str:
     """The folder an uploaded triplet file's relative image paths are taken from: the gallery's folder
     `root`, or the nearest of its first UPLOAD_BASE_LEVELS parents from which the file's first
-    triplet names an existing reference the app may show (a file written beside the gallery's image folder,
-    like an examples file, names "images/x.png"); `root` when none does."""
+    line names an existing reference the app may show (a file written beside the gallery's image folder,
+    like an examples file, names "images/x.png"); `root` when none does. Only that line is read."""
+    reference = _first_reference(path)
     base = root
-    for _ in range(UPLOAD_BASE_LEVELS + 1):
-        triplets = read_triplets(path, skip_bad=True, check_images=False, base=base)[0]
-        if triplets and os.path.isfile(triplets[0].reference) and access.image(triplets[0].reference):
+    for _ in range(UPLOAD_BASE_LEVELS + 1 if reference else 0):
+        found = normalize_path(reference, base)
+        if os.path.isfile(found) and access.image(found):
             return base
         base = os.path.dirname(base)
     return root
+
+
+def _first_reference(path: str) -> str | None:
+    """The "reference" of a triplet file's first non-empty line (read up to MAX_LINE_CHARS), or None."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        while line := f.readline(limits.MAX_LINE_CHARS + 1):
+            if line.strip():
+                try:
+                    reference = json.loads(line).get("reference")
+                except (ValueError, AttributeError, RecursionError):
+                    return None
+                return reference if isinstance(reference, str) else None
+    return None
 
 
 def _current(state):
