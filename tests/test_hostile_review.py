@@ -260,3 +260,34 @@ def test_a_review_file_of_too_many_lines_is_refused(ex, folders):
     (inside / "long.jsonl").write_text(line + "\n" + "\n" * limits.MAX_REVIEW_LINES)
     with pytest.raises(Exception, match=f"more than {limits.MAX_REVIEW_LINES:,} lines"):
         review_tab.review_open(FileAccess([inside], ex.index.paths), str(inside / "long.jsonl"))
+
+
+def scene_json(n: int) -> dict:
+    cells = [(shape, color, cell) for shape in ("circle", "square", "triangle", "star") for color in
+             ("red", "blue", "green", "yellow", "purple") for cell in range(9)]
+    return {"background": "white", "objects": [{"shape": s, "color": c, "size": "small", "cell": k}
+                                               for s, c, k in (cells * (n // len(cells) + 1))[:n]]}
+
+
+def test_the_flagged_check_compares_only_small_scenes(ex, folders):
+    """A 130 KB line of 1,000 objects per scene (41 s of CPU per display before: the matching is
+    cubic) is skipped unread, and a short line of 40 objects per scene is skipped for its scene;
+    opening and showing the file takes well under the seconds either cost."""
+    from cir.ui import limits
+
+    inside, _ = folders
+    good = read_triplets(inside / "batch.jsonl")[0][0]
+    base = {"reference": good.reference, "caption": good.caption, "targets": good.targets}
+    lines = [base | {"id": f"n{n}", "meta": {"reference_scene": scene_json(n), "target_scene": scene_json(n - 1)}}
+             for n in (1000, 40)] + [good.to_json()]
+    assert 100_000 < len(json.dumps(lines[0])) < 200_000
+    (inside / "scenes.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    access = FileAccess([inside], ex.index.paths)
+    t0 = time.perf_counter()
+    state = review_tab.review_open(access, str(inside / "scenes.jsonl"))
+    status = review_tab.review_show(ex, access, state)[5]
+    assert time.perf_counter() - t0 < 3.0
+    triplets, problems = review_tab.review_items(state)
+    assert [t.id for t in triplets] == [good.id] and "0 flagged" in status
+    assert len(problems) == 2 and f"longer than {limits.MAX_LINE_CHARS:,}" in problems[0]
+    assert f"40 objects in its reference_scene; at most {limits.MAX_SCENE_OBJECTS}" in problems[1]

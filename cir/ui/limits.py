@@ -23,6 +23,7 @@ DELETE_CACHE = (3600, 3600)  # every hour, delete uploaded and cached files olde
 MAX_REVIEW_LINES = 5000  # lines of the file
 MAX_LINE_CHARS = 16 * 1024  # characters of one line (a longer one is skipped unread)
 MAX_TARGETS = 16  # targets of one triplet (those naming one file are then merged)
+MAX_SCENE_OBJECTS = 32  # objects per scene the "flagged" check compares (CIR-Shapes: at most 4; matching is cubic)
 MAX_REQUEST_PIXELS = 24_000_000  # decoded pixels per request: one 24 MP photo (72 MB as RGB, about 1 s to decode)
 # Gradio's queue keeps this many event records and summarises them every this many events
 GRADIO_ANALYTICS = {"GRADIO_ANALYTICS_MAX_EVENTS": 1000, "GRADIO_ANALYTICS_CACHE_FREQUENCY": 1000}

@@ -53,6 +53,12 @@ def _over_limits(t) -> str | None:
     """Why a triplet is over the Review limits, or None."""
     if len(t.targets) > limits.MAX_TARGETS:
         return f"{len(t.targets):,} targets; at most {limits.MAX_TARGETS} are reviewed"
+    scenes = t.meta.get("pair_meta") or t.meta
+    for key in ("reference_scene", "target_scene"):
+        scene = scenes.get(key) if isinstance(scenes, dict) else None
+        objects = scene.get("objects") if isinstance(scene, dict) else None
+        if isinstance(objects, list) and len(objects) > limits.MAX_SCENE_OBJECTS:
+            return f"{len(objects):,} objects in its {key}; at most {limits.MAX_SCENE_OBJECTS} are compared"
     return None
 
 
