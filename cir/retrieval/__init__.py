@@ -1,6 +1,6 @@
 """The gallery index behind `python -m cir.index`: index parameters (params), the index folder on
 disk (store), embedding images in resumable chunks (embed), ranks under torchrun (shards), building
-and updating (build) and search (search)."""
+and updating (build), search (search) and the Milvus backend (milvus)."""
 
 TYPES = ("auto", "flat", "ivf", "ivfpq")
 FLAT_MAX = 200_000  # auto: exact search below this many images
