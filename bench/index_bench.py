@@ -47,20 +47,15 @@ from cir.retrieval.store import write_index
 
 ROOT = Path(__file__).resolve().parent.parent
 OPEN_AND_SEARCH = """
-import json, sys, time
+import json, sys
 import numpy as np
+from bench.index_bench import single_queries
 from cir.index import GalleryIndex
 from cir.retrieval.search import resident_memory
 base = resident_memory()
 index = GalleryIndex.load(sys.argv[1])
 opened = resident_memory()
-queries = np.load(sys.argv[2])
-index.search(queries[:1], 10)
-seconds = []
-for q in queries:
-    t0 = time.perf_counter()
-    index.search(q[None], 10)
-    seconds.append(time.perf_counter() - t0)
+seconds = single_queries(index, np.load(sys.argv[2]))
 print(json.dumps({"base": base, "opened": opened, "searched": resident_memory(), "seconds": seconds,
                   "describe": index.describe()}))
 """
