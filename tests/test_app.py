@@ -675,19 +675,23 @@ def test_queries_labels_card_and_export(ex, demo, tmp_path):
     assert "unlike the training data" in retrieve_tab.uploaded(str(photo))[2]
     assert "unlike" not in retrieve_tab.uploaded(t.reference)[2]
     assert "unlike the training data" in retrieve_tab.run_retrieve(ex, str(photo), None, "make it red", 3, [])[2]
-    # export: CSV rows and a JSON record of exactly the shown results and CC terms
+    # export: CSV rows and a JSON record of exactly the shown results (retrieved again on the server,
+    # never read from the page's table) and CC terms, images named relative to the gallery's folder
     gallery, table, status, paths, _ = retrieve_tab.run_retrieve(ex, None, t.reference, t.caption, 4, t.targets)
     rows = [[p["text"], p["start"], p["end"]] for p in t.noun_phrases[:2]]
-    update, message = retrieve_tab.export_results(ex, str(tmp_path), None, t.reference, t.caption, paths, table,
+    update, message = retrieve_tab.export_results(ex, str(tmp_path), None, t.reference, t.caption, paths, t.targets,
                                                   paths[1], rows, t.caption, "0", "mean", 0.0)
     csv_path, json_path = update["value"]
     lines = Path(csv_path).read_text().splitlines()
-    assert lines[0] == "rank,score,image,target,path" and len(lines) == 5
-    assert lines[1].split(",")[:3] == ["1", str(table[0][1]), table[0][2]]
+    assert lines[0] == "rank,score,image,target" and len(lines) == 5
+    assert lines[1].split(",") == ["1", str(table[0][1]), ex.label(paths[0]), str(paths[0] in t.targets)]
     record = json.loads(Path(json_path).read_text())
-    assert [r["path"] for r in record["results"]] == paths and record["modification"] == t.caption
+    assert [r["image"] for r in record["results"]] == [os.path.relpath(p, ex.root) for p in paths]
+    assert record["modification"] == t.caption
+    assert all(ex.root not in Path(f).read_text() for f in (csv_path, json_path))  # no server paths
     assert [r["target"] for r in record["results"]] == [p in t.targets for p in paths]
-    assert record["query"] == t.reference and record["maps"]["image"] == paths[1]
+    assert record["query"] == os.path.relpath(t.reference, ex.root) and record["maps"]["image"] == ex.label(paths[1])
+    assert record["checkpoint"] == os.path.basename(ex.checkpoint)
     want = ex.phrase_maps(paths[1], t.caption, t.noun_phrases[:2], layer=0, eps=0.0)
     got = record["maps"]["phrases"]
     assert [(m["phrase"], m["start"], m["end"]) for m in got] == [tuple(r) for r in rows]
@@ -696,6 +700,12 @@ def test_queries_labels_card_and_export(ex, demo, tmp_path):
     np.testing.assert_allclose(got[0]["isolated"], want[0].isolated, atol=1e-6)
     with pytest.raises(gr.Error, match="retrieve first"):
         retrieve_tab.export_results(ex, str(tmp_path), None, None, "", [], [], [])
+    other = next(x.reference for x in ex.examples if x.reference != t.reference)
+    with pytest.raises(gr.Error, match="retrieve again"):  # the shown results are another query's
+        retrieve_tab.export_results(ex, str(tmp_path), None, other, t.caption, paths, t.targets)
+    cells = ["=HYPERLINK(\"http://x\")", "@SUM(1,1)", "+1", "-1+2", "\tx", "\rx", "a=b", "", -0.5, True]
+    assert [retrieve_tab.csv_cell(c) for c in cells] == ["'=HYPERLINK(\"http://x\")", "'@SUM(1,1)", "'+1", "'-1+2",
+                                                          "'\tx", "'\rx", "a=b", "", -0.5, True]
 
 
 def test_gallery_without_examples_shows_an_empty_state(demo):

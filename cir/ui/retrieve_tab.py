@@ -109,39 +109,54 @@ def retrieve_values(ex: Explorer, table: gr.Dataframe, status: gr.Markdown, imag
     return gallery_value(gallery), table.postprocess(rows).model_dump(), status.postprocess(text), paths, source
 
 
-def results_record(ex: Explorer, query, caption: str, hits: list[str], table, maps_over=None, maps=(),
+def results_record(ex: Explorer, query: str, caption: str, hits, maps_over=None, maps=(),
                    layer: str = MEAN, head: str = MEAN, eps: float = DEFAULT_EPS) -> dict:
-    """The retrieval and the Why panel's maps (`PhraseResult`s over the image `maps_over`) as one
-    plain record (what the export writes)."""
-    rows = [dict(zip(("rank", "score", "image", "target"), r)) for r in table or []]
-    for row, path in zip(rows, hits or []):
-        row["path"], row["target"] = path, bool(row.get("target"))
+    """The retrieval (`Hit`s) and the Why panel's maps (`PhraseResult`s over the image `maps_over`) as
+    one plain record (what the export writes); images are named relative to the gallery's folder."""
     as_list = lambda a: None if a is None else np.asarray(a, dtype=float).round(6).tolist()
-    return {"model": ex.name, "checkpoint": ex.checkpoint, "query": query, "modification": caption,
-            "results": rows, "maps": {"image": maps_over, "layer": layer, "head": head, "eps": float(eps), "phrases": [
-                {"phrase": r.text, "start": r.start, "end": r.end, "cc": r.cc, "in_context": as_list(r.in_context),
-                 "isolated": as_list(r.isolated)} for r in maps]}}
+    return {"model": ex.name, "checkpoint": os.path.basename(ex.checkpoint or "") or None, "query": query,
+            "modification": caption,
+            "results": [{"rank": h.rank, "score": round(h.score, 4), "image": ex.label(h.path), "target": h.is_target}
+                        for h in hits],
+            "maps": {"image": maps_over and ex.label(maps_over), "layer": layer, "head": head, "eps": float(eps),
+                     "phrases": [{"phrase": r.text, "start": r.start, "end": r.end, "cc": r.cc,
+                                  "in_context": as_list(r.in_context), "isolated": as_list(r.isolated)} for r in maps]}}
+
+
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # a spreadsheet reads a cell starting so as a formula
+
+
+def csv_cell(value):
+    """`value` safe in a spreadsheet (OWASP CSV injection): text starting with FORMULA_STARTS gets a
+    leading apostrophe; numbers and booleans are kept."""
+    return "'" + value if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
 
 
 @shown
-def export_results(ex: Explorer, exports: str, query, query_path, caption: str, hits, table, maps_over=None,
+def export_results(ex: Explorer, exports: str, query, query_path, caption: str, hits, targets, maps_over=None,
                    rows=None, rows_caption=None, layer: str = MEAN, head: str = MEAN, eps: float = DEFAULT_EPS):
     """Write the current results as CSV (one row per result) and JSON (results, and the Why panel's
     phrase maps and CC terms over `maps_over` as it shows them) into a fresh folder under `exports`
-    -> (the two files for download, message)."""
+    -> (the two files for download, message). The results are retrieved again on the server for the
+    shown paths `hits` (never taken from the table the page sends); when they differ, the query,
+    caption or model changed since the retrieve, and nothing is written."""
     if not hits:
         raise UserError("retrieve first: there are no results to export")
     caption = limits.caption(caption)
+    found = ex.retrieve(query_path or query, caption, len(hits), targets or [])
+    if [h.path for h in found] != list(hits):
+        raise UserError("the query, modification or model changed since these results: retrieve again, then export")
     maps = []
     if maps_over and rows and caption == rows_caption:
         phrases = phrase_spans(caption, limits.phrase_rows(rows))
         maps = ex.phrase_maps(maps_over, caption, phrases, choice_index(layer), choice_index(head), float(eps))
-    record = results_record(ex, query_path or query, caption, hits, table, maps_over, maps, layer, head, eps)
+    record = results_record(ex, ex.label(query_path) if query_path else "uploaded image", caption, found, maps_over,
+                            maps, layer, head, eps)
     folder = tempfile.mkdtemp(prefix="results-", dir=exports)
     text = io.StringIO()
-    writer = csv.DictWriter(text, ["rank", "score", "image", "target", "path"], lineterminator="\n")
+    writer = csv.DictWriter(text, ["rank", "score", "image", "target"], lineterminator="\n")
     writer.writeheader()
-    writer.writerows(record["results"])
+    writer.writerows({k: csv_cell(v) for k, v in row.items()} for row in record["results"])
     csv_path, json_path = os.path.join(folder, "results.csv"), os.path.join(folder, "results.json")
     write_text(csv_path, text.getvalue())
     write_text(json_path, json.dumps(record, ensure_ascii=False, indent=1) + "\n")
@@ -333,7 +348,7 @@ def _wire_results(c: SimpleNamespace, models: Models, exports: str, card: gr.Mar
            c.compare.change, c.shared_scale.change, c.grid.change],
           maps, maps_inputs, maps_outputs,
           trigger_mode="always_last", **private)
-    c.export_btn.click(on_export, [c.model_choice, c.image, c.query_path, c.caption, c.hits, c.table, c.maps_image,
+    c.export_btn.click(on_export, [c.model_choice, c.image, c.query_path, c.caption, c.hits, c.targets, c.maps_image,
                                    c.phrases, c.rows_caption, c.layer, c.head, c.eps], [c.export_files, c.export_info],
                        **private)
     c.add.click(add_phrase, [c.caption, c.phrases, c.new_phrase], [c.phrases, c.new_phrase], **private).success(
