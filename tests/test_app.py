@@ -330,10 +330,11 @@ def test_review_callbacks(ex, demo, tmp_path):
     state = review_tab.review_decide(
         review_tab.review_decide(undone | {"pos": 0}, triplets[0].caption, "", kind="accept"),
         "  a better caption ", "typo", kind="accept")
-    update, message = review_tab.review_export(state)
+    update, message = review_tab.review_export(str(tmp_path), state)
     accepted_file, log_file = update["value"]
-    assert [t.caption for t in read_triplets(accepted_file)[0]] == [triplets[0].caption, "a better caption"]
-    assert log_file == str(review.log_path(src)) and "all 6 decision(s)" in message
+    assert [t.caption for t in read_triplets(review.export_path(src))[0]] == [triplets[0].caption, "a better caption"]
+    assert Path(accepted_file).read_text() == review.export_path(src).read_text()
+    assert Path(log_file).read_bytes() == review.log_path(src).read_bytes() and "all 6 decision(s)" in message
     assert [(r["id"], r["decision"]) for r in review.read_log(log_file)] == [
         (triplets[0].id, "accept"), (triplets[1].id, "edit"), (triplets[1].id, "undo"), (triplets[0].id, "undo"),
         (triplets[0].id, "accept"), (triplets[1].id, "edit")]

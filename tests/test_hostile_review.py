@@ -291,3 +291,35 @@ def test_the_flagged_check_compares_only_small_scenes(ex, folders):
     assert [t.id for t in triplets] == [good.id] and "0 flagged" in status
     assert len(problems) == 2 and f"longer than {limits.MAX_LINE_CHARS:,}" in problems[0]
     assert f"40 objects in its reference_scene; at most {limits.MAX_SCENE_OBJECTS}" in problems[1]
+
+
+def test_export_accepted_downloads_from_a_review_folder_outside_cwd_and_temp_with_the_uploads_paths(ex, shapes_data):
+    """A review folder outside the working directory and the temp folder: "Export accepted" offers
+    its files for download; an uploaded file's export names its images as the upload did."""
+    import tempfile
+
+    home = Path(tempfile.mkdtemp(prefix="cir-test-review-", dir=Path.home()))
+    try:
+        assert not str(home).startswith((tempfile.gettempdir(), os.getcwd()))
+        triplets = read_triplets(shapes_data / "test.jsonl")[0][:2]
+        write_triplets(home / "batch.jsonl", triplets)
+        upload = home / "mine.jsonl"  # as an annotator writes it beside the images folder
+        upload.write_text("".join(json.dumps(t.to_json(shapes_data)) + "\n" for t in triplets))
+        access = FileAccess([home], ex.index.paths)
+        with served(ex, access) as url:
+            client = Client(url, verbose=False)
+            fn = endpoints(client, REVIEW | {"export": "review-export:click"})
+            opens = [(lambda: client.predict(str(home / "batch.jsonl"), fn_index=fn["open"]), home / "batch.jsonl"),
+                     (lambda: client.predict(handle_file(str(upload)), fn_index=fn["upload"]), upload)]
+            for opened, source in opens:  # the export names images as the file opened did
+                opened()
+                client.predict(triplets[0].caption, "", fn_index=fn["accept"])
+                files, message = client.predict(fn_index=fn["export"])
+                assert "1 accepted" in message
+                accepted = [json.loads(line) for line in Path(files["value"][0]).read_text().splitlines()]
+                want = json.loads(source.read_text().splitlines()[0])
+                assert [(a["id"], a["reference"], a["targets"]) for a in accepted] == [
+                    (want["id"], want["reference"], want["targets"])]
+        assert want["reference"].startswith("images/")
+    finally:
+        shutil.rmtree(home)

@@ -190,10 +190,10 @@ def _lines(f, path: Path, max_chars: int | None = None) -> Iterable[str]:
         raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
-def write_triplets(path: str | os.PathLike, triplets: Iterable[Triplet]) -> None:
-    """Write triplets atomically, image paths relative to the file's folder."""
+def write_triplets(path: str | os.PathLike, triplets: Iterable[Triplet], base: str | os.PathLike | None = None) -> None:
+    """Write triplets atomically, image paths relative to `base` (default: the file's folder)."""
     path = Path(path)
-    base = str(path.parent.resolve())
+    base = str(Path(base or path.parent).resolve())
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for t in triplets:
             f.write(json.dumps(t.to_json(base), ensure_ascii=False) + "\n")

@@ -289,8 +289,10 @@ def accepted(triplets: list[Triplet], decisions: dict[str, dict]) -> list[Triple
     return out
 
 
-def export_accepted(triplets: list[Triplet], decisions: dict[str, dict], out: str | os.PathLike) -> int:
-    """Write the accepted triplets as a triplet file (atomically); returns how many."""
+def export_accepted(triplets: list[Triplet], decisions: dict[str, dict], out: str | os.PathLike,
+                    base: str | os.PathLike | None = None) -> int:
+    """Write the accepted triplets as a triplet file (atomically), image paths relative to `base`
+    (default: its folder); returns how many."""
     keep = accepted(triplets, decisions)
-    write_triplets(refuse_symlink(out), keep)
+    write_triplets(refuse_symlink(out), keep, base)
     return len(keep)

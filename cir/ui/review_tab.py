@@ -8,6 +8,8 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import replace
 from types import SimpleNamespace
@@ -301,27 +303,32 @@ def review_undo(state):
 
 
 @shown
-def review_export(state):
-    """Write the accepted triplets and every annotator's decisions (JSONL) beside the input
-    -> (downloads: those two files, message)."""
+def review_export(exports: str, state):
+    """Write the accepted triplets and every annotator's decisions (JSONL) beside the input, image
+    paths relative to where the file's own relative paths are taken from (so an uploaded file's
+    export names images as the uploaded file did), and copy both into a fresh folder under
+    `exports` for download -> (downloads: the two copies, message)."""
     if not state:
         raise UserError("open a triplet file first")
     triplets, decisions, _ = _current(state)
     out, log = review.export_path(state["path"]), review.log_path(state["path"])
-    n = review.export_accepted(triplets, decisions, out)
+    n = review.export_accepted(triplets, decisions, out, state.get("base"))
     saved = review.export_log(review.store_path(state["path"]), log)
-    return (gr.update(value=[str(out), str(log)], visible=True),
+    folder = tempfile.mkdtemp(prefix="review-", dir=exports)
+    downloads = [shutil.copyfile(f, os.path.join(folder, f.name)) for f in (out, log)]
+    return (gr.update(value=downloads, visible=True),
             f"Wrote {n} accepted triplet(s) to {markdown_literal(out.name)} and all {saved} decision(s) "
             f"to {markdown_literal(log.name)}.")
 
 
 # ---------------------------------------------------------------------------- layout and events
-def build_review_tab(ex: Explorer, access: FileAccess) -> None:
+def build_review_tab(ex: Explorer, access: FileAccess, exports: str) -> None:
     """The Review tab's components, inside the page's current gr.Tab, and their events, over the
-    primary model `ex`; `access` says which triplet files and images the tab may open."""
+    primary model `ex`; `access` says which triplet files and images the tab may open; downloads
+    are offered from fresh folders under `exports`."""
     c = SimpleNamespace()
     _layout(c, access)
-    _wire(c, ex, access)
+    _wire(c, ex, access, exports)
 
 
 def _layout(c: SimpleNamespace, access: FileAccess) -> None:
@@ -363,7 +370,7 @@ def _layout(c: SimpleNamespace, access: FileAccess) -> None:
     c.review_maps = image_output(show_label=False, format="png", interactive=False, elem_id="review-maps")
 
 
-def _wire(c: SimpleNamespace, ex: Explorer, access: FileAccess) -> None:
+def _wire(c: SimpleNamespace, ex: Explorer, access: FileAccess, exports: str) -> None:
     """Buttons and keys only move the review state; the item is shown from its latest value (no stale overwrites)."""
     private = {"api_visibility": "private"}
     p = functools.partial
@@ -387,4 +394,4 @@ def _wire(c: SimpleNamespace, ex: Explorer, access: FileAccess) -> None:
                    trigger_mode="always_last", **private)
     gr.on([c.state.change, c.over.change], on_details, [c.state, c.over], [c.review_maps, c.rank_md],
           trigger_mode="always_last", **private)
-    c.export.click(review_export, c.state, [c.export_file, c.export_md], **private)
+    c.export.click(p(review_export, exports), c.state, [c.export_file, c.export_md], **private)

@@ -67,6 +67,6 @@ def build_demo(models: Models | Explorer, access: FileAccess | None = None) -> g
         with gr.Tab("Research"):
             build_research_tab(models, query, exports)
         with gr.Tab("Review"):
-            build_review_tab(ex, access)
+            build_review_tab(ex, access, exports)
         demo.load(None, js=page_js())
     return demo.queue(default_concurrency_limit=CONCURRENCY, status_update_rate=STATUS_UPDATE_S)
