@@ -107,10 +107,10 @@ def test_thumbnails_are_static_files_made_once(ex, monkeypatch):
         client = Client(url, verbose=False, download_files=False)
         first = client.predict(handle_file(t.reference), t.caption, 5, api_name="/retrieve")[0]
         files = [Path(item["image"]["path"]) for item in first]
-        made = [f.stat().st_mtime_ns for f in files]
+        made = [f.stat().st_ino for f in files]  # a file made again is a new one (written and renamed)
         again = client.predict(handle_file(t.reference), t.caption, 5, api_name="/retrieve")[0]
         assert [Path(item["image"]["path"]) for item in again] == files
-        assert [f.stat().st_mtime_ns for f in files] == made
+        assert [f.stat().st_ino for f in files] == made
         for item, f in zip(first, files):
             assert f.parent == thumbnail.folder and max(Image.open(f).size) <= 256
             assert f.stat().st_size <= INLINE_BYTES and "meta" not in item["image"]

@@ -19,6 +19,9 @@ MAX_FILE_SIZE = f"{MAX_FILE_MB}mb"  # as Gradio's launch(max_file_size=) takes i
 MAX_BODY_BYTES = (MAX_FILE_MB * 4 // 3 + 2) * 2 ** 20
 MAX_SESSIONS = 1000  # visitors' sessions Gradio keeps (inputs, states); the least recently used are dropped
 DELETE_CACHE = (3600, 3600)  # every hour, delete uploaded and cached files older than an hour
+# the app's own files for visitors (review uploads, exports, thumbnails; cir.ui.cleanup): every ten minutes,
+# delete those unused for an hour, then the least recently used until they hold at most 1 GB
+CLEANUP_AGE_S, CLEANUP_EVERY_S, CLEANUP_MAX_BYTES = 3600, 600, 2 ** 30
 # a triplet file the Review tab opens: CIR-Shapes lines are under 4,000 characters
 MAX_REVIEW_LINES = 5000  # lines of the file
 MAX_LINE_CHARS = 16 * 1024  # characters of one line (a longer one is skipped unread)

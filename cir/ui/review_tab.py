@@ -81,7 +81,12 @@ def _flagged(path: str, base: str | None, mtime: float) -> frozenset[str]:
 
 def review_items(state: dict):
     """(triplets, problems) of a review state's triplet file, re-read when it changes."""
-    return _triplets(state["path"], state.get("base"), os.path.getmtime(state["path"]))
+    try:
+        mtime = os.path.getmtime(state["path"])
+    except FileNotFoundError:
+        raise UserError(f"{os.path.basename(state['path'])} is gone (an upload unused for an hour is deleted); "
+                        "open or upload it again") from None
+    return _triplets(state["path"], state.get("base"), mtime)
 
 
 def _opened(path: str, base: str | None = None):

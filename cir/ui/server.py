@@ -17,7 +17,7 @@ import gradio as gr
 import matplotlib
 
 from cir.data.images import guard_pil
-from cir.ui import limits
+from cir.ui import cleanup, limits
 from cir.ui.access import FileAccess
 from cir.ui.card import model_card
 from cir.ui.explorer import Explorer
@@ -50,6 +50,7 @@ def build_demo(models: Models | Explorer, access: FileAccess | None = None) -> g
     exports = tempfile.mkdtemp(prefix="cir-exports-")
     guard_pil()  # Gradio decodes uploads itself: PIL refuses what the project's loader refuses
     gr.set_static_paths([thumbnail.folder])  # thumbnails are made once and served as files
+    cleanup.start([access.upload_root, exports, thumbnail.folder])
     thumbnail.prepare(ex.index.paths)
     # maps are drawn off-screen; Gradio asks matplotlib for its backend around every event, which
     # costs ~17 ms each time while none is chosen

@@ -24,7 +24,8 @@ INLINE_BYTES = 8192  # thumbnails up to this size are sent inside answers, large
 class Thumbnails:
     """`thumbnails(path)`: the path of `path`'s thumbnail, made on first use or by `prepare` (named
     by a hash of the file's real path, size and modification time, so a changed file gets a new
-    one). The folder is a fresh temporary one, removed at exit."""
+    one; its modification time is its last use, and one deleted by the cleanup is made again). The
+    folder is a fresh temporary one, removed at exit."""
 
     def __init__(self, size: int = THUMBNAIL):
         self.size = size
@@ -48,7 +49,11 @@ class Thumbnails:
             raise UserError(f"image not found: {path}") from None
         made = self._made.get(path)
         if made is not None and made[:2] == (st.st_size, st.st_mtime_ns):
-            return made[2]
+            try:
+                os.utime(made[2])  # in use: the cleanup (cir.ui.cleanup) keeps it
+                return made[2]
+            except FileNotFoundError:
+                pass  # deleted by the cleanup: made again
         key = hashlib.sha256(f"{os.path.realpath(path)}\0{st.st_size}\0{st.st_mtime_ns}\0{self.size}".encode())
         out = self.folder / f"{key.hexdigest()[:32]}.png"
         if not out.is_file():
