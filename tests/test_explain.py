@@ -187,12 +187,15 @@ def test_research_export_holds_every_view(ex, tmp_path):
 
     t = example(ex, "test-000000")
     files, _ = export_research(ex, str(tmp_path), t.reference, None, t.caption, 5, [ex.label(t.targets[0])])
-    record = json.loads(open(files["value"]).read())
-    assert record["targets"] == t.targets and record["k"] == 5
+    text = open(files["value"]).read()
+    record = json.loads(text)
+    assert ex.root not in text and str(tmp_path) not in text  # images named as the page names them
+    assert record["targets"] == [ex.label(p) for p in t.targets] and record["k"] == 5
+    assert record["checkpoint"] == os.path.basename(ex.checkpoint) and record["query"] == ex.label(t.reference)
     assert [p["phrase"] for p in record["influence"]["phrases"]] == [p["text"] for p in t.noun_phrases]
     assert record["influence"]["phrases"][-1]["rank_change"] > 0  # "a small blue star", as above
-    assert record["variants"]["ideal"] == t.targets and record["variants"]["variants"][0]["ranks"] == [1]
-    assert len(record["makeup"]["top"]) == 5 and record["makeup"]["top"][0] == t.targets[0]
+    assert record["variants"]["ideal"] == [ex.label(t.targets[0])] and record["variants"]["variants"][0]["ranks"] == [1]
+    assert len(record["makeup"]["top"]) == 5 and record["makeup"]["top"][0] == ex.label(t.targets[0])
     assert record["makeup"]["shapes"]["images"] == 5 and record["map"]["method"] == "pca"
     assert len(record["map"]["query"]) == 2
 

@@ -216,6 +216,19 @@ def makeup_view(ex: Explorer, image, query_path, caption: str, k):
     return pd.DataFrame(counts, columns=["what", "value", "count"]), info
 
 
+def portable(ex: Explorer, value):
+    """`value` (JSON-like) with every absolute path named as on the page: relative to the gallery's
+    folder inside it, else by its file name, so an export holds no server path."""
+    if isinstance(value, dict):
+        return {portable(ex, k): portable(ex, v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [portable(ex, v) for v in value]
+    if isinstance(value, str) and os.path.isabs(value):
+        label = ex.label(value)
+        return os.path.basename(value) if os.path.isabs(label) else label
+    return value
+
+
 @shown
 def export_research(ex: Explorer, exports: str, image, query_path, caption: str, k, ideal: list[str]):
     """Write the views of the query as research.json into a fresh folder under `exports`: the phrase
@@ -233,7 +246,7 @@ def export_research(ex: Explorer, exports: str, image, query_path, caption: str,
               "map": {"method": projection.method, "file": projection.file,
                       "query": projection.transform(encoder([caption]))[0].tolist()}}
     path = os.path.join(tempfile.mkdtemp(prefix="research-", dir=exports), "research.json")
-    write_json(path, record)
+    write_json(path, {k: v if k == "modification" else portable(ex, v) for k, v in record.items()})
     return gr.update(value=path, visible=True), "Exported the phrase influence, variants, make-up and map point."
 
 
