@@ -334,7 +334,7 @@ def test_review_callbacks(ex, demo, tmp_path):
     accepted_file, log_file = update["value"]
     assert [t.caption for t in read_triplets(review.export_path(src))[0]] == [triplets[0].caption, "a better caption"]
     assert Path(accepted_file).read_text() == review.export_path(src).read_text()
-    assert Path(log_file).read_bytes() == review.log_path(src).read_bytes() and "all 6 decision(s)" in message
+    assert Path(log_file).read_bytes() == review.log_path(src).read_bytes() and "your 6 decision(s)" in message
     assert [(r["id"], r["decision"]) for r in review.read_log(log_file)] == [
         (triplets[0].id, "accept"), (triplets[1].id, "edit"), (triplets[1].id, "undo"), (triplets[0].id, "undo"),
         (triplets[0].id, "accept"), (triplets[1].id, "edit")]
@@ -379,6 +379,12 @@ def test_two_annotators_on_one_file_at_once(ex, demo, tmp_path):
     # undo takes back only the annotator's own latest decision
     review_tab.review_undo(state)
     assert triplets[5].id not in review.read_decisions(log, "bob") and triplets[5].id in review.read_decisions(log, "ada")
+    # bob's export: his accepted triplets and only his decisions to download; everyone's beside the file
+    update, message = review_tab.review_export(str(tmp_path), state)
+    accepted_file, log_file = update["value"]
+    assert {r.get("annotator") for r in review.read_log(log_file)} == {"bob"} and len(review.read_log(log_file)) == 7
+    assert {r.get("annotator") for r in review.read_log(review.log_path(src))} == {"ada", "bob"}
+    assert "your 7 decision(s)" in message and len(Path(accepted_file).read_text().splitlines()) == 3
 
 
 def test_review_flags_captions_that_miss_a_change(ex, demo, tmp_path):

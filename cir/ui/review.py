@@ -9,7 +9,7 @@ in WAL mode with synchronous writes and a busy timeout, so processes and threads
 each wait their turn and every committed decision survives a crash.
 
 Decisions travel as records `{"id", "decision", "note", "time"[, "caption"][, "annotator"]}`;
-`export_log` writes all of them as JSONL to `data/x.review.jsonl`, and a store with no decisions
+`export_log` writes all of them (or one annotator's) as JSONL to `data/x.review.jsonl`, and a store with no decisions
 yet takes in such a log found beside it (a last line cut short by a crash is dropped, every complete
 line kept). `export_accepted` writes the accepted and edited triplets to `data/x.accepted.jsonl`;
 an edited one loses its noun phrases and grounding spans (character spans of the old caption; the
@@ -262,9 +262,10 @@ def open_store(store: str | os.PathLike, log: str | os.PathLike) -> dict[str, di
     return read_decisions(store)
 
 
-def export_log(store: str | os.PathLike, out: str | os.PathLike) -> int:
-    """Write every decision in the store, in the order saved, as a JSONL log (atomically); returns how many."""
-    records = read_records(store)
+def export_log(store: str | os.PathLike, out: str | os.PathLike, annotator: str | None = None) -> int:
+    """Write every decision in the store (one annotator's, when named; "" is the unnamed one), in
+    the order saved, as a JSONL log (atomically); returns how many."""
+    records = [r for r in read_records(store) if annotator is None or r.get("annotator", "") == annotator]
     write_text(refuse_symlink(out), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     return len(records)
 

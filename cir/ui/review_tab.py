@@ -311,19 +311,20 @@ def review_undo(state):
 def review_export(exports: str, state):
     """Write the accepted triplets and every annotator's decisions (JSONL) beside the input, image
     paths relative to where the file's own relative paths are taken from (so an uploaded file's
-    export names images as the uploaded file did), and copy both into a fresh folder under
-    `exports` for download -> (downloads: the two copies, message)."""
+    export names images as the uploaded file did); offer for download, from a fresh folder under
+    `exports`, a copy of the accepted triplets and the annotator's own decisions -> (downloads, message)."""
     if not state:
         raise UserError("open a triplet file first")
     triplets, decisions, _ = _current(state)
-    out, log = review.export_path(state["path"]), review.log_path(state["path"])
+    store, out, log = review.store_path(state["path"]), review.export_path(state["path"]), review.log_path(state["path"])
     n = review.export_accepted(triplets, decisions, out, state.get("base"))
-    saved = review.export_log(review.store_path(state["path"]), log)
+    review.export_log(store, log)
     folder = tempfile.mkdtemp(prefix="review-", dir=exports)
-    downloads = [shutil.copyfile(f, os.path.join(folder, f.name)) for f in (out, log)]
+    mine = review.export_log(store, os.path.join(folder, log.name), state.get("annotator", ""))
+    downloads = [shutil.copyfile(out, os.path.join(folder, out.name)), os.path.join(folder, log.name)]
     return (gr.update(value=downloads, visible=True),
-            f"Wrote {n} accepted triplet(s) to {markdown_literal(out.name)} and all {saved} decision(s) "
-            f"to {markdown_literal(log.name)}.")
+            f"Wrote {n} accepted triplet(s) to {markdown_literal(out.name)} and every annotator's decisions to "
+            f"{markdown_literal(log.name)}; the download holds your {mine} decision(s).")
 
 
 # ---------------------------------------------------------------------------- layout and events
