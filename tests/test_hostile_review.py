@@ -323,3 +323,13 @@ def test_export_accepted_downloads_from_a_review_folder_outside_cwd_and_temp_wit
         assert want["reference"].startswith("images/")
     finally:
         shutil.rmtree(home)
+
+
+def test_an_uploads_refusal_names_the_file_not_its_server_copy(ex, tmp_path):
+    access = FileAccess([], ex.index.paths)
+    bad_json, not_utf8 = tmp_path / "bad.jsonl", tmp_path / "latin.jsonl"
+    bad_json.write_text("{not json\n")
+    not_utf8.write_bytes(b'{"id": "caf\xe9"}\n')
+    for upload in (bad_json, not_utf8):
+        message = error_of(lambda: review_tab.review_upload(ex, access, str(upload)))
+        assert upload.name in message and access.upload_root not in message and "/" not in message, message

@@ -37,8 +37,13 @@ def _triplets(path: str, base: str | None, mtime: float):
     many lines is refused, a line too long or a triplet over a limit is skipped as a problem, and
     targets naming one file (by its real path) are merged. Images are not checked here: whether
     one may be read at all is FileAccess.image's call."""
-    triplets, problems = read_triplets(path, skip_bad=True, check_images=False, base=base,
-                                       max_lines=limits.MAX_REVIEW_LINES, max_line_chars=limits.MAX_LINE_CHARS)
+    unplaced = lambda text: text.replace(path, os.path.basename(path))  # the page shows no server path
+    try:
+        triplets, problems = read_triplets(path, skip_bad=True, check_images=False, base=base,
+                                           max_lines=limits.MAX_REVIEW_LINES, max_line_chars=limits.MAX_LINE_CHARS)
+    except UserError as e:
+        raise UserError(unplaced(str(e))) from None
+    problems = [unplaced(p) for p in problems]
     kept = []
     for t in triplets:
         if (why := _over_limits(t)) is not None:
