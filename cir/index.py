@@ -169,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         print(line)
         for rank, (embedded, resumed) in enumerate(r["ranks"] if shard.world > 1 else ()):
             print(f"  rank {rank}: {embedded} embedded, {resumed} resumed")
+    shard.close()
     return 0
 
 

@@ -43,6 +43,13 @@ class Shard:
             raise UserError(value)
         return value
 
+    def close(self) -> None:
+        """Wait for every rank, then end the process group: a rank that exits while others still talk
+        to it over gloo makes them abort."""
+        if self.world > 1:
+            dist.barrier()
+            dist.destroy_process_group()
+
     def gather(self, value) -> list:
         """[value of rank 0, value of rank 1, ...] on every rank."""
         if self.world == 1:
