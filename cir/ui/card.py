@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from cir.atomic import sha256_file
+from cir.ui.decoded import file_key
 
 COLOURS, COVER = 12, 0.9  # a scene: its 12 most common coarse colours cover at least 90 % of its pixels
 OUT_OF_DOMAIN = ("⚠ **This image looks unlike the training data**: the model knows only synthetic CIR-Shapes "
@@ -61,14 +65,20 @@ def evaluation_path(checkpoint: str | os.PathLike) -> Path:
 
 def measured(checkpoint: str | os.PathLike | None) -> dict | None:
     """The figures measured for this very checkpoint file (its `evaluation_path`, whose recorded
-    sha256 must be the file's): {"on", "count", "recall", "grounding"}; None when there are none."""
+    sha256 must be the file's): {"on", "count", "recall", "grounding"}; None when there are none.
+    Read and checked once per version of the two files (the Why panel asks on every redraw)."""
     if not checkpoint or not evaluation_path(checkpoint).is_file():
         return None
-    from cir.atomic import sha256_file
+    return _measured(file_key(checkpoint), file_key(evaluation_path(checkpoint)))
+
+
+@lru_cache(maxsize=32)
+def _measured(checkpoint: tuple, evaluation: tuple) -> dict | None:
+    """`measured` of the files `decoded.file_key` names (path, modification time, size)."""
     try:
-        res = json.loads(evaluation_path(checkpoint).read_text())
+        res = json.loads(Path(evaluation[0]).read_text())
         evaluated = res["evaluated"]
-        if evaluated["checkpoint_sha256"] != sha256_file(checkpoint):
+        if evaluated["checkpoint_sha256"] != sha256_file(checkpoint[0]):
             return None
         on = Path(evaluated.get("triplets", "")).parent.name or evaluated.get("split", "?")
         return {"on": f"`{on}`", "count": res["count"], "recall": res["recall"], "grounding": res.get("grounding")}
