@@ -47,7 +47,6 @@ from cir.atomic import atomic_path, sha256_file, write_json
 from cir.errors import UserError
 
 FORMAT = "context-cir-checkpoint/1"
-TOKEN_EMBEDDING = "clip.token_embedding.weight"
 TOKEN_EMBEDDING_SUFFIX = "token_embedding.weight"  # every text tower's (the model's, and a frozen prior copy's)
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "assets" / "context-cir-shapes.safetensors"
 DEFAULT_TWIN = DEFAULT_CHECKPOINT.with_name("context-cir-shapes-lambda0.safetensors")  # its lambda = 0 twin
