@@ -15,6 +15,8 @@ as Hugging Face Spaces and most container hosts set them; otherwise 127.0.0.1:78
 """
 import argparse
 import os
+import signal
+import sys
 
 from cir.cli import run_cli
 from cir.errors import UserError
@@ -85,6 +87,12 @@ def launch(demo, host: str, port: int, share: bool, options: dict) -> None:
                         "without no_proxy=localhost?); fix that, or start it with --share") from None
 
 
+def exit_on_sigterm() -> None:
+    """Make SIGTERM (a Space or container stopping) exit as Ctrl-C does, with status 143, so the
+    atexit removal of the visitors' files (cir.ui.cleanup) runs."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     from cir.ui.access import FileAccess
@@ -92,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     from cir.ui.models import Models
     from cir.ui.server import build_demo
 
+    exit_on_sigterm()
     models = Models.load(a.checkpoint, a.index, a.gallery, a.examples, a.device)
     access = FileAccess(a.review_dir, models.primary.index.paths)
     launch(build_demo(models, access), a.host, a.port, a.share, launch_options())

@@ -1,16 +1,20 @@
 """The cleanup policy (cir.ui.cleanup) for review uploads, exports and thumbnails: entries unused
 for an hour go, then the least recently used until the folders fit their byte cap; a folder's last
-use is its newest file; a deleted thumbnail is made again; the folders go at exit, on SIGTERM too."""
+use is its newest file; a deleted thumbnail is made again; the folders go at exit, on the app's SIGTERM
+too, while a process that only builds the app keeps its own signal handling."""
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from PIL import Image
 
 from cir.ui import cleanup, limits
 from cir.ui.thumbnails import Thumbnails
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def entry(path, size: int, age_s: float, now: float):
@@ -54,12 +58,13 @@ def test_a_thumbnail_in_use_is_kept_and_one_deleted_is_made_again(tmp_path):
     assert again == first and Image.open(again).size == (256, 192)
 
 
-def test_the_folders_are_removed_at_sigterm(tmp_path):
+def test_the_folders_are_removed_at_the_apps_sigterm(tmp_path):
     folder = tmp_path / "uploads"
     entry(folder / "a" / "x.jsonl", 10, 0, time.time())
-    code = ("import os, signal, sys, time\nfrom cir.ui import cleanup\ncleanup.start([sys.argv[1]])\n"
-            "print('ready', flush=True)\ntime.sleep(60)")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True)
+    code = ("import sys, time\nimport app\nfrom cir.ui import cleanup\napp.exit_on_sigterm()\n"
+            "cleanup.start([sys.argv[1]])\nprint('ready', flush=True)\ntime.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True,
+                            cwd=ROOT)
     assert proc.stdout.readline().strip() == "ready"
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 128 + signal.SIGTERM and not folder.exists()
@@ -73,6 +78,7 @@ def test_the_app_sweeps_its_review_uploads_when_built(ex, tmp_path):
     old = entry(tmp_path / "uploads" / "old" / "x.jsonl", 10, 2 * limits.CLEANUP_AGE_S, now).parent
     new = entry(tmp_path / "uploads" / "new" / "x.jsonl", 10, 60, now).parent
     build_demo(ex, FileAccess([], ex.index.paths, upload_root=tmp_path / "uploads"))
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # a test runner's own SIGTERM is left alone
     deadline = time.time() + 10
     while old.exists() and time.time() < deadline:
         time.sleep(0.1)

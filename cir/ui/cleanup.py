@@ -6,15 +6,13 @@ folder, with its review store and exports), exports and thumbnails.
 `limits.CLEANUP_MAX_BYTES`. An entry's last use is its newest modification: a review store is
 written at every decision, a thumbnail touched whenever it is handed out (`cir.ui.thumbnails`).
 `start(folders)` sweeps every `limits.CLEANUP_EVERY_S` in a daemon thread and removes the folders
-when the process exits, on SIGTERM too.
+when the process exits (app.py makes SIGTERM such an exit).
 """
 from __future__ import annotations
 
 import atexit
 import os
 import shutil
-import signal
-import sys
 import threading
 import time
 
@@ -79,13 +77,10 @@ def sweep(folders, max_age_s: float = limits.CLEANUP_AGE_S, max_bytes: int = lim
 
 def start(folders) -> threading.Thread:
     """Sweep `folders` every CLEANUP_EVERY_S in a daemon thread (the first time at once), and remove
-    them when the process exits; SIGTERM, unless the process handles it already, exits as Ctrl-C does
-    (so the removal runs)."""
+    them when the process exits normally. The process's signal handlers are left alone."""
     folders = [os.fspath(f) for f in folders]
     for folder in folders:
         atexit.register(shutil.rmtree, folder, True)
-    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
     def run():
         while True:
