@@ -25,7 +25,7 @@ from cir.checkpoint import DEFAULT_CHECKPOINT, DEFAULT_TMCIR, DEFAULT_TWIN, save
 from cir.data.images import load_rgb
 from cir.data.triplets import Triplet, read_gallery, read_triplets, write_triplets
 from cir.errors import UserError
-from cir.evaluate import embed_gallery, embed_queries, rank
+from cir.retrieval.evaluate import embed_gallery, embed_queries, rank
 from cir.losses import concept_consistency_loss, reduce_maps
 from cir.models.factory import build_model
 from cir.synth.report import changed_objects
@@ -134,17 +134,16 @@ def test_target_rank_and_retrieve_callback(ex):
     assert ex.target_rank(t.reference, t.caption, t.targets, [t.reference]) is None
     assert ex.target_rank(t.reference, t.caption, t.targets, [t.reference, *t.targets])[1] == 2
     # the page callback: uploaded image (no query path) with an example's ground truth
-    gallery, table, status, paths, maps_image = retrieve_tab.run_retrieve(ex, t.reference, None, t.caption, 5,
-                                                                          t.targets)
+    gallery, table, status, paths, maps_image = retrieve_tab.run_retrieve(ex, t.reference, None, t.caption, 5)
     assert paths == full[0][:5] and [row[2] for row in table] == [ex.label(p) for p in paths]
     assert len(gallery) == 5 and maps_image == t.reference
     assert f"rank **{full[0].index(t.targets[0]) + 1}**" in status
     with pytest.raises(Exception, match="choose a query image"):
-        retrieve_tab.run_retrieve(ex, None, None, "x", 5, [])
+        retrieve_tab.run_retrieve(ex, None, None, "x", 5)
     # the served event (postprocess=False) sends the values Gradio's postprocessing would make
     headers = ["rank", "score", "image", "target"]
     results, values = retrieve_tab.retrieve_values(ex, gr.Dataframe(headers=headers, type="array"), gr.Markdown(),
-                                                   t.reference, None, t.caption, 5, t.targets)[:2]
+                                                   t.reference, None, t.caption, 5)[:2]
     expected = gr.Gallery().postprocess(gallery).model_dump()
     for item in expected:  # small thumbnails travel inline: a data: URL of the file, no file marker
         del item["image"]["meta"]
@@ -160,12 +159,33 @@ def test_browse_pages_and_filter(ex):
     tgt = ex.browse("TGT", 0, per_page=100)[0]
     assert tgt and all("-tgt" in os.path.basename(p) for p in tgt)
     assert ex.browse("no such file", 0)[3] == 0
-    query_path, _, targets, _ = retrieve_tab.pick_browsed(ex, "tgt", 0, 1)
-    assert query_path == tgt[1] and targets == []
-    query_path, _, caption, targets, _, rows, owner = retrieve_tab.pick_example(ex, 2)
+    query_path, _, info = retrieve_tab.pick_browsed(ex, "tgt", 0, 1)
+    assert query_path == tgt[1] and info.endswith("(no ground truth).")
+    query_path, _, caption, info, rows, owner = retrieve_tab.pick_example(ex, 2)
     assert rows == [[p["text"], p["start"], p["end"]] for p in ex.examples[2].noun_phrases] and owner == caption
-    assert (query_path, caption, targets) == (ex.examples[2].reference, ex.examples[2].caption, ex.examples[2].targets)
+    assert (query_path, caption) == (ex.examples[2].reference, ex.examples[2].caption)
+    assert f"{len(ex.examples[2].targets)} ground-truth target(s), marked ★" in info
 
+
+
+def test_ground_truth_only_while_the_query_is_the_examples(ex):
+    """An example's ground truth (★ and its rank) holds for its reference with its own caption: once the
+    caption is edited, the note, the status and the results carry none; typed back, it returns."""
+    t, n = ex.examples[0], len(ex.index)
+    gallery, table, status, paths, _ = retrieve_tab.run_retrieve(ex, None, t.reference, t.caption, n)
+    rank = paths.index(t.targets[0]) + 1
+    assert f"Ground truth: rank **{rank}** of {n}." in status and gallery[rank - 1][1].endswith("★ target")
+    edited = t.caption + " and make it bigger"
+    gallery, table, status, paths, _ = retrieve_tab.run_retrieve(ex, None, t.reference, edited, n)
+    assert "Ground truth" not in status and len(paths) == n
+    assert not any("★" in label for _, label in gallery) and {row[3] for row in table} == {""}
+    note = retrieve_tab.caption_edited(ex, t.reference, edited)
+    assert f"reference of example **{components.markdown_literal(t.id)}**, with another modification, so no " \
+           "ground truth" in note and "★" not in note
+    assert retrieve_tab.caption_edited(ex, t.reference, t.caption) == retrieve_tab.pick_example(ex, 0)[3]
+    assert retrieve_tab.caption_edited(ex, None, edited) == gr.skip()  # an upload's note stays
+    assert retrieve_tab.pick_browsed(ex, "", 0, 0, edited)[2] == retrieve_tab.query_note(ex, ex.browse("", 0)[0][0],
+                                                                                          edited)
 
 # ---------------------------------------------------------------------------- attention
 def test_cc_terms_equal_the_loss_on_the_same_maps(ex):
@@ -557,7 +577,7 @@ def test_model_selector_retrieves_with_each_models_own_embeddings(ex, demo, tiny
     t = ex.examples[2]
     want = evaluation_ranking(tm, [t], len(tm.index))[0]
     card, layer, head, compare, gallery, table, status, hits, maps_image = retrieve_tab.change_model(
-        both, "TMCIR", "none", "1", "1", None, t.reference, t.caption, 6, t.targets, ["earlier results"])
+        both, "TMCIR", "none", "1", "1", None, t.reference, t.caption, 6, ["earlier results"])
     assert hits == want[:6] and maps_image == t.reference and "results of **TMCIR**" in status
     assert f"rank **{min(want.index(p) for p in t.targets) + 1}**" in status
     assert "tmcir-tiny.safetensors" in card and "token merging" in card
@@ -566,12 +586,11 @@ def test_model_selector_retrieves_with_each_models_own_embeddings(ex, demo, tiny
     assert compare["choices"] == [("none", "none"), ("ConText-CIR", "ConText-CIR")] and compare["value"] == "none"
     # the first model again, compared with TMCIR; without results nothing is retrieved
     *controls, gallery, table, status, hits, maps_image = retrieve_tab.change_model(
-        both, "ConText-CIR", "TMCIR", "1", "mean", None, t.reference, t.caption, 6, t.targets, [])
+        both, "ConText-CIR", "TMCIR", "1", "mean", None, t.reference, t.caption, 6, [])
     assert [c["value"] for c in controls[1:]] == ["1", "mean", "TMCIR"] and "sharp.safetensors" in controls[0]
     assert all(v == gr.skip() for v in (gallery, table, status, hits, maps_image))
     # results that cannot be retrieved again are cleared, never shown under the other model's name
-    cleared = retrieve_tab.change_model(both, "TMCIR", "none", "mean", "mean", None, t.reference, " ", 6, [],
-                                        want[:6])[4:]
+    cleared = retrieve_tab.change_model(both, "TMCIR", "none", "mean", "mean", None, t.reference, " ", 6, want[:6])[4:]
     assert cleared[0] == [] and cleared[3] == [] and "Results cleared" in cleared[2]
 
 
@@ -666,11 +685,11 @@ def test_gold_phrases_boxes_and_shared_difference_scale(ex):
 def test_queries_labels_card_and_export(ex, demo, tmp_path):
     t = ex.examples[0]
     with pytest.raises(gr.Error, match="type a modification"):
-        retrieve_tab.run_retrieve(ex, t.reference, None, "  ", 5, [])
+        retrieve_tab.run_retrieve(ex, t.reference, None, "  ", 5)
     assert retrieve_tab.example_items(ex)[0][1] == t.caption  # whole captions, never cut
     # a gallery image that is an example's reference says so
     page = next(p for p in range(9) if t.reference in ex.browse("", p, retrieve_tab.PER_PAGE)[0])
-    info = retrieve_tab.pick_browsed(ex, "", page, ex.browse("", page, retrieve_tab.PER_PAGE)[0].index(t.reference))[3]
+    info = retrieve_tab.pick_browsed(ex, "", page, ex.browse("", page, retrieve_tab.PER_PAGE)[0].index(t.reference))[2]
     assert f"reference of example **{components.markdown_literal(t.id)}**" in info
     # the model card and the notice for photos
     card = model_card(ex)
@@ -679,14 +698,14 @@ def test_queries_labels_card_and_export(ex, demo, tmp_path):
     x, y = np.meshgrid(np.linspace(0, 1, 96), np.linspace(0, 1, 96))
     photo = tmp_path / "photo.png"
     Image.fromarray((np.stack([x, y, x * y], -1) * 255).astype(np.uint8)).save(photo)
-    assert "unlike the training data" in retrieve_tab.uploaded(str(photo))[2]
-    assert "unlike" not in retrieve_tab.uploaded(t.reference)[2]
-    assert "unlike the training data" in retrieve_tab.run_retrieve(ex, str(photo), None, "make it red", 3, [])[2]
+    assert "unlike the training data" in retrieve_tab.uploaded(str(photo))[1]
+    assert "unlike" not in retrieve_tab.uploaded(t.reference)[1]
+    assert "unlike the training data" in retrieve_tab.run_retrieve(ex, str(photo), None, "make it red", 3)[2]
     # export: CSV rows and a JSON record of exactly the shown results (retrieved again on the server,
     # never read from the page's table) and CC terms, images named relative to the gallery's folder
-    gallery, table, status, paths, _ = retrieve_tab.run_retrieve(ex, None, t.reference, t.caption, 4, t.targets)
+    gallery, table, status, paths, _ = retrieve_tab.run_retrieve(ex, None, t.reference, t.caption, 4)
     rows = [[p["text"], p["start"], p["end"]] for p in t.noun_phrases[:2]]
-    update, message = retrieve_tab.export_results(ex, str(tmp_path), None, t.reference, t.caption, paths, t.targets,
+    update, message = retrieve_tab.export_results(ex, str(tmp_path), None, t.reference, t.caption, paths,
                                                   paths[1], rows, t.caption, "0", "mean", 0.0)
     csv_path, json_path = update["value"]
     lines = Path(csv_path).read_text().splitlines()
@@ -706,10 +725,10 @@ def test_queries_labels_card_and_export(ex, demo, tmp_path):
     np.testing.assert_allclose(got[1]["in_context"], want[1].in_context, atol=1e-6)
     np.testing.assert_allclose(got[0]["isolated"], want[0].isolated, atol=1e-6)
     with pytest.raises(gr.Error, match="retrieve first"):
-        retrieve_tab.export_results(ex, str(tmp_path), None, None, "", [], [], [])
+        retrieve_tab.export_results(ex, str(tmp_path), None, None, "", [])
     other = next(x.reference for x in ex.examples if x.reference != t.reference)
     with pytest.raises(gr.Error, match="retrieve again"):  # the shown results are another query's
-        retrieve_tab.export_results(ex, str(tmp_path), None, other, t.caption, paths, t.targets)
+        retrieve_tab.export_results(ex, str(tmp_path), None, other, t.caption, paths)
     cells = ["=HYPERLINK(\"http://x\")", "@SUM(1,1)", "+1", "-1+2", "\tx", "\rx", "a=b", "", -0.5, True]
     assert [retrieve_tab.csv_cell(c) for c in cells] == ["'=HYPERLINK(\"http://x\")", "'@SUM(1,1)", "'+1", "'-1+2",
                                                           "'\tx", "'\rx", "a=b", "", -0.5, True]

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from cir.data.images import load_rgb
 from cir.data.triplets import BadLine, read_triplets
 from cir.errors import UserError
-from cir.phrases import extract_noun_phrases
-from cir.tokenizer import CaptionTokenizer
+from cir.text.phrases import extract_noun_phrases
+from cir.text.tokenizer import CaptionTokenizer
 from cir.ui import limits, retrieve_tab, review, why_panel
 from cir.ui.explorer import phrase_spans
 from hostile_inputs import HOSTILE_CAPTIONS, one_line
@@ -44,7 +44,7 @@ def test_caption_through_encoder_phrases_and_callbacks(ex, name):
     assert all(0 <= p["start"] < p["end"] <= len(caption) and caption[p["start"]:p["end"]] == p["text"] for p in phrases)
 
     if len(caption) > limits.MAX_CAPTION_CHARS:  # refused at the app's entry, in one line
-        for call in (lambda: retrieve_tab.run_retrieve(ex, image, None, caption, 5, []),
+        for call in (lambda: retrieve_tab.run_retrieve(ex, image, None, caption, 5),
                      lambda: why_panel.attention(ex, image, caption, [], None, "mean", "mean", 0.005)):
             with pytest.raises(gr.Error, match=f"at most {limits.MAX_CAPTION_CHARS:,}") as e:
                 call()
@@ -53,10 +53,10 @@ def test_caption_through_encoder_phrases_and_callbacks(ex, name):
         phrases = ex.noun_phrases(caption)
     if not caption.strip():  # an empty modification asks for one instead of searching
         with pytest.raises(gr.Error, match="type a modification") as e:
-            retrieve_tab.run_retrieve(ex, image, None, caption, 5, [])
+            retrieve_tab.run_retrieve(ex, image, None, caption, 5)
         assert one_line(str(e.value))
         caption += "."  # still no noun phrase
-    _, table, status, paths, _ = retrieve_tab.run_retrieve(ex, image, None, caption, 5, [])
+    _, table, status, paths, _ = retrieve_tab.run_retrieve(ex, image, None, caption, 5)
     assert len(paths) == 5 and len(table) == 5
     rows, owner, maps, cc, info = why_panel.attention(ex, image, caption, [], None, "mean", "mean", 0.005)
     assert owner == caption and len(rows) == len(phrases) and len(cc) == len(phrases)
@@ -96,10 +96,10 @@ def test_hostile_widget_values(ex):
     """Values no widget sends but the HTTP API can: odd top-k, phrase rows with odd spans."""
     image = ex.examples[0].reference
     for k, n in ((0, 1), (-5, 1), ("7", 7), (7.0, 7), (" 3 ", 3), (10 ** 12, len(ex.index))):
-        assert len(retrieve_tab.run_retrieve(ex, image, None, "make it red", k, [])[3]) == n
+        assert len(retrieve_tab.run_retrieve(ex, image, None, "make it red", k)[3]) == n
     for k in (float("nan"), float("inf"), None, "many", "abc", 2.7, "2.7", True, False, [3]):
         with pytest.raises(gr.Error) as e:
-            retrieve_tab.run_retrieve(ex, image, None, "make it red", k, [])
+            retrieve_tab.run_retrieve(ex, image, None, "make it red", k)
         assert one_line(e.value.message) and "top k" in e.value.message
     caption = "make the red circle blue"
     rows = [["the red circle", float("inf"), float("nan")], ["blue", 10 ** 30, -1], [None], [], ["", 1, 2]]

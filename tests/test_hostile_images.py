@@ -186,13 +186,13 @@ def test_app_query_callbacks(ex, hostile):
         good = IMAGE_KINDS[kind][1] is not None
         if good:
             _, table, status, paths, maps_image = retrieve_tab.run_retrieve(ex, str(path), None, "make the circle red",
-                                                                            5, [])
+                                                                            5)
             assert len(paths) == 5 and maps_image == str(path), kind
             rows, _, image, cc, info = why_panel.attention(ex, str(path), "make the red circle blue", [], None, "mean",
                                                            "mean", 0.005)
             assert image is not None and "Maps over" in info, kind
         else:
-            for call in (lambda: retrieve_tab.run_retrieve(ex, str(path), None, "make the circle red", 5, []),
+            for call in (lambda: retrieve_tab.run_retrieve(ex, str(path), None, "make the circle red", 5),
                          lambda: why_panel.attention(ex, str(path), "make the red circle blue", [], None, "mean",
                                                      "mean", 0.005)):
                 with pytest.raises(gr.Error) as e:

@@ -34,17 +34,31 @@ NO_EXAMPLES = ("No example queries with this gallery: start the app with `--exam
 
 
 def example_items(ex: Explorer) -> list:
-    return [(thumbnail(t.reference), t.caption) for t in ex.examples]
+    return [(thumbnail.or_missing(t.reference), t.caption) for t in ex.examples]
+
+
+def query_note(ex: Explorer, query_path: str, caption: str | None) -> str:
+    """The note under a gallery query image: an example's query (its reference and caption) has ground
+    truth, marked ★ in the results; its reference with another caption, or any other image, has none."""
+    t = ex.example_of(query_path, caption or "")
+    if t is not None:
+        return f"Example **{markdown_literal(t.id)}**: {len(t.targets)} ground-truth target(s), marked ★ in the results."
+    info = f"Gallery image **{markdown_literal(ex.label(query_path))}**"
+    t = ex.example_of(query_path)
+    if t is not None:
+        return info + (f": the reference of example **{markdown_literal(t.id)}**, with another modification, so no "
+                       "ground truth; pick the example under Examples for its caption and ground truth.")
+    return info + " (no ground truth)."
 
 
 @shown
 def pick_example(ex: Explorer, index: int):
-    """Example `index` chosen -> (query path, query image, caption, targets, info, phrase rows, their
-    caption): the Why panel starts from the example's own (gold) noun phrases when it has them."""
+    """Example `index` chosen -> (query path, query image, caption, info, phrase rows, their caption):
+    the Why panel starts from the example's own (gold) noun phrases when it has them."""
     t = ex.examples[index]
-    info = f"Example **{markdown_literal(t.id)}**: {len(t.targets)} ground-truth target(s), marked ★ in the results."
     rows = [[p["text"], p["start"], p["end"]] for p in t.noun_phrases or []]
-    return t.reference, thumbnail(t.reference), t.caption, t.targets, info, rows, t.caption if rows else None
+    return (t.reference, thumbnail(t.reference), t.caption, query_note(ex, t.reference, t.caption), rows,
+            t.caption if rows else None)
 
 
 @shown
@@ -55,15 +69,16 @@ def browse(ex: Explorer, text: str, page: int):
 
 
 @shown
-def pick_browsed(ex: Explorer, text: str, page: int, index: int):
-    """Image `index` of a gallery page chosen -> (query path, query image, targets, info)."""
+def pick_browsed(ex: Explorer, text: str, page: int, index: int, caption: str | None = None):
+    """Image `index` of a gallery page chosen, with the modification `caption` -> (query path, query image, info)."""
     path = ex.browse(text, page, PER_PAGE)[0][index]
-    info = f"Gallery image **{markdown_literal(ex.label(path))}**"
-    t = ex.example_of(path)
-    if t is not None:
-        return path, thumbnail(path), [], info + (f": the reference of example **{markdown_literal(t.id)}**; pick it "
-                                                  "under Examples for its caption and ground truth.")
-    return path, thumbnail(path), [], info + " (no ground truth)."
+    return path, thumbnail(path), query_note(ex, path, caption)
+
+
+@shown
+def caption_edited(ex: Explorer, query_path: str | None, caption: str):
+    """The modification typed: a gallery query's note says again whether it has ground truth (an upload's is kept)."""
+    return query_note(ex, query_path, limits.caption(caption)) if query_path else gr.skip()
 
 
 def domain_notice(image) -> str:
@@ -74,19 +89,22 @@ def domain_notice(image) -> str:
 @shown
 def uploaded(image):
     """The user uploaded or cleared the query image: it is the query now, without ground truth."""
-    return None, [], ("Uploaded image (no ground truth)." + domain_notice(image)) if image else ""
+    return None, ("Uploaded image (no ground truth)." + domain_notice(image)) if image else ""
 
 
 @shown
-def run_retrieve(ex: Explorer, image, query_path, caption: str, k: int, targets):
-    """-> (result thumbnails with rank and score, result table, status, result paths, maps image)."""
+def run_retrieve(ex: Explorer, image, query_path, caption: str, k: int):
+    """-> (result thumbnails with rank and score, result table, status, result paths, maps image). The
+    ground truth (★, and its rank in the status) is the example's whose reference and caption the query is."""
     source = query_path or image
     caption = limits.caption(caption)
     if not caption.strip():
         raise UserError("type a modification first: what should change in the query image?")
+    example = ex.example_of(source, caption)
+    targets = example.targets if example is not None else []
     t0 = time.perf_counter()
     query = ex.encode(source, caption)
-    hits = ex.retrieve(source, caption, top_k(k, len(ex.index)), targets or [], query=query)
+    hits = ex.retrieve(source, caption, top_k(k, len(ex.index)), targets, query=query)
     ms = (time.perf_counter() - t0) * 1000
     status = (f"{len(hits)} results of **{markdown_literal(ex.name)}** in {ms:.0f} ms (encode + search) over "
               f"{len(ex.index)} images.")
@@ -96,16 +114,16 @@ def run_retrieve(ex: Explorer, image, query_path, caption: str, k: int, targets)
         status += f" Ground truth: rank **{found[0]}** of {found[1]}." if found else " Ground truth: not in this gallery."
     if not query_path:
         status += domain_notice(source)
-    gallery = [(thumbnail(h.path), f"#{h.rank} · {h.score:.3f}" + (" · ★ target" if h.is_target else "")) for h in hits]
+    gallery = [(thumbnail.or_missing(h.path), f"#{h.rank} · {h.score:.3f}" + (" · ★ target" if h.is_target else ""))
+               for h in hits]
     table = [[h.rank, round(h.score, 4), ex.label(h.path), "★" if h.is_target else ""] for h in hits]
     return gallery, table, status, [h.path for h in hits], source
 
 
-def retrieve_values(ex: Explorer, table: gr.Dataframe, status: gr.Markdown, image, query_path, caption: str, k: int,
-                    targets):
+def retrieve_values(ex: Explorer, table: gr.Dataframe, status: gr.Markdown, image, query_path, caption: str, k: int):
     """`run_retrieve`'s outputs as the values its components send, for the retrieve event with
     `postprocess=False` (Gradio's postprocessing would handle the gallery's files twice per event)."""
-    gallery, rows, text, paths, source = run_retrieve(ex, image, query_path, caption, k, targets)
+    gallery, rows, text, paths, source = run_retrieve(ex, image, query_path, caption, k)
     return gallery_value(gallery), table.postprocess(rows).model_dump(), status.postprocess(text), paths, source
 
 
@@ -133,7 +151,7 @@ def csv_cell(value):
 
 
 @shown
-def export_results(ex: Explorer, exports: str, query, query_path, caption: str, hits, targets, maps_over=None,
+def export_results(ex: Explorer, exports: str, query, query_path, caption: str, hits, maps_over=None,
                    rows=None, rows_caption=None, layer: str = MEAN, head: str = MEAN, eps: float = DEFAULT_EPS):
     """Write the current results as CSV (one row per result) and JSON (results, and the Why panel's
     phrase maps and CC terms over `maps_over` as it shows them) into a fresh folder under `exports`
@@ -143,7 +161,8 @@ def export_results(ex: Explorer, exports: str, query, query_path, caption: str, 
     if not hits:
         raise UserError("retrieve first: there are no results to export")
     caption = limits.caption(caption)
-    found = ex.retrieve(query_path or query, caption, len(hits), targets or [])
+    example = ex.example_of(query_path or query, caption)
+    found = ex.retrieve(query_path or query, caption, len(hits), example.targets if example is not None else [])
     if [h.path for h in found] != list(hits):
         raise UserError("the query, modification or model changed since these results: retrieve again, then export")
     maps = []
@@ -164,7 +183,7 @@ def export_results(ex: Explorer, exports: str, query, query_path, caption: str, 
 
 
 def change_model(models: Models, name: str, other: str, layer: str, head: str, image, query_path, caption: str,
-                 k, targets, hits):
+                 k, hits):
     """The model `name` selected -> (model card, layer, head and "Compare with" choices, then the
     results outputs of `run_retrieve`): shown results are retrieved again with it (the status names
     the model); when that fails they are cleared, so no results stand under another model's name.
@@ -180,7 +199,7 @@ def change_model(models: Models, name: str, other: str, layer: str, head: str, i
     if not hits:
         return controls + (gr.skip(),) * 5
     try:
-        return controls + run_retrieve(ex, image, query_path, caption, k, targets)
+        return controls + run_retrieve(ex, image, query_path, caption, k)
     except gr.Error as e:
         return controls + ([], [], f"⚠ Results cleared: {e.message}", [], None)
 
@@ -202,7 +221,7 @@ def build_retrieve_tab(models: Models, exports: str, card: gr.Markdown, concurre
 def _query_row(c: SimpleNamespace, models: Models) -> None:
     """The query (image, model, modification, top k) beside its pickers (examples, gallery pages)."""
     ex, several = models.primary, len(models) > 1
-    c.query_path, c.targets, c.hits = gr.State(None), gr.State([]), gr.State([])
+    c.query_path, c.hits = gr.State(None), gr.State([])
     with gr.Row():
         with gr.Column(scale=1):
             c.image = query_image(label="Query image", type="filepath", format="png", height=260,
@@ -291,16 +310,18 @@ def _wire_query(c: SimpleNamespace, ex: Explorer) -> None:
     def on_example(evt: gr.SelectData):
         return pick_example(ex, evt.index)
 
-    def on_browsed(text, pg, evt: gr.SelectData):
-        return pick_browsed(ex, text, pg, evt.index)
+    def on_browsed(text, pg, caption, evt: gr.SelectData):
+        return pick_browsed(ex, text, pg, evt.index, caption)
 
-    c.examples.select(on_example, None, [c.query_path, c.image, c.caption, c.targets, c.query_info, c.phrases,
-                                         c.rows_caption], **private)
-    c.browser.select(on_browsed, [c.search, c.page], [c.query_path, c.image, c.targets, c.query_info], **private)
+    c.examples.select(on_example, None, [c.query_path, c.image, c.caption, c.query_info, c.phrases, c.rows_caption],
+                      **private)
+    c.browser.select(on_browsed, [c.search, c.page, c.caption], [c.query_path, c.image, c.query_info], **private)
+    c.caption.input(lambda path, caption: caption_edited(ex, path, caption), [c.query_path, c.caption], c.query_info,
+                    trigger_mode="always_last", **private)
     c.search.change(lambda text: browse(ex, text, 0), c.search, pages, trigger_mode="always_last", **private)
     c.prev_page.click(lambda text, pg: browse(ex, text, pg - 1), [c.search, c.page], pages, **private)
     c.next_page.click(lambda text, pg: browse(ex, text, pg + 1), [c.search, c.page], pages, **private)
-    c.image.input(uploaded, c.image, [c.query_path, c.targets, c.query_info], **private)
+    c.image.input(uploaded, c.image, [c.query_path, c.query_info], **private)
 
 
 def _wire_results(c: SimpleNamespace, models: Models, exports: str, card: gr.Markdown, concurrency: int) -> None:
@@ -322,33 +343,32 @@ def _wire_results(c: SimpleNamespace, models: Models, exports: str, card: gr.Mar
     c.redraw_maps = maps
 
     @shown
-    def on_retrieve(image, query_path, caption, k, targets, model):  # `model`: the API's name of the input
-        return retrieve_values(models[model], c.table, c.status, image, query_path, caption, k, targets)
+    def on_retrieve(image, query_path, caption, k, model):  # `model`: the API's name of the input
+        return retrieve_values(models[model], c.table, c.status, image, query_path, caption, k)
 
     @shown
     def on_export(name, *values):
         return export_results(models[name], exports, *values)
 
-    def on_model(name, other, layer, head, image, query_path, caption, k, targets, hits,
+    def on_model(name, other, layer, head, image, query_path, caption, k, hits,
                  progress=gr.Progress(track_tqdm=True)):  # shows the gallery's embedding progress
-        return change_model(models, name, other, layer, head, image, query_path, caption, k, targets, hits)
+        return change_model(models, name, other, layer, head, image, query_path, caption, k, hits)
 
     def on_result(paths, evt: gr.SelectData):
         return paths[evt.index]
 
-    gr.on([c.go.click, c.caption.submit], on_retrieve, [c.image, c.query_path, c.caption, c.k, c.targets,
-                                                        c.model_choice],
+    gr.on([c.go.click, c.caption.submit], on_retrieve, [c.image, c.query_path, c.caption, c.k, c.model_choice],
           results_outputs, api_name="retrieve", concurrency_limit=concurrency, postprocess=False).success(
         maps, maps_inputs, maps_outputs, **private)
     c.model_choice.input(on_model, [c.model_choice, c.compare, c.layer, c.head, c.image, c.query_path, c.caption, c.k,
-                                    c.targets, c.hits], [card, c.layer, c.head, c.compare, *results_outputs],
+                                    c.hits], [card, c.layer, c.head, c.compare, *results_outputs],
                          **private).then(maps, maps_inputs, maps_outputs, **private)
     c.results.select(on_result, c.hits, c.maps_image, **private).success(maps, maps_inputs, maps_outputs, **private)
     gr.on([c.update.click, c.layer.change, c.head.change, c.eps.submit, c.opacity.release, c.upsampling.change,
            c.compare.change, c.shared_scale.change, c.grid.change],
           maps, maps_inputs, maps_outputs,
           trigger_mode="always_last", **private)
-    c.export_btn.click(on_export, [c.model_choice, c.image, c.query_path, c.caption, c.hits, c.targets, c.maps_image,
+    c.export_btn.click(on_export, [c.model_choice, c.image, c.query_path, c.caption, c.hits, c.maps_image,
                                    c.phrases, c.rows_caption, c.layer, c.head, c.eps], [c.export_files, c.export_info],
                        **private)
     c.add.click(add_phrase, [c.caption, c.phrases, c.new_phrase], [c.phrases, c.new_phrase], **private).success(
