@@ -109,7 +109,7 @@ def picked_point(ex: Explorer, picks: list, x_range) -> tuple:
     rank, path = min(inside)
     info = (f"**{markdown_literal(ex.label(path))}**, rank {rank} ({len(inside)} images in the range); its maps "
             "are in the Retrieve tab's Why panel.")
-    return thumbnail(path), info, path
+    return thumbnail.or_missing(path), info, path
 
 
 @shown

@@ -65,7 +65,8 @@ def pick_example(ex: Explorer, index: int):
 def browse(ex: Explorer, text: str, page: int):
     """(thumbnails with file names, page, page info) of one gallery page."""
     paths, page, pages, total = ex.browse(text, page, PER_PAGE)
-    return [(thumbnail(p), ex.label(p)) for p in paths], page, f"page {page + 1} of {pages} · {total} images"
+    items = [(thumbnail.or_missing(p), ex.label(p)) for p in paths]
+    return items, page, f"page {page + 1} of {pages} · {total} images"
 
 
 @shown

@@ -1,7 +1,8 @@
 """Thumbnails as files: each image's small PNG copy is written once into one folder, which the app
 gives Gradio as a static path, so it is served as is and never re-encoded or copied per request.
 A thumbnail of at most `INLINE_BYTES` also travels inside an answer as a data: URL (`data_url`),
-which saves the browser one request per result image."""
+which saves the browser one request per result image. A gallery image that is missing or cannot be
+read is shown as the "image missing" tile (`or_missing`)."""
 from __future__ import annotations
 
 import atexit
@@ -13,12 +14,15 @@ import tempfile
 import threading
 from pathlib import Path
 
+from PIL import Image, ImageDraw
+
 from cir.atomic import atomic_path
 from cir.data.images import load_rgb
 from cir.errors import UserError
 
 THUMBNAIL = 256  # px, longer side of images sent to the browser
 INLINE_BYTES = 8192  # thumbnails up to this size are sent inside answers, larger ones as files
+MISSING = "image missing"  # the text of the tile shown for an image that is missing or cannot be read
 
 
 class Thumbnails:
@@ -62,6 +66,26 @@ class Thumbnails:
             with atomic_path(out, bulk=True) as tmp:
                 image.save(tmp, "PNG")
         self._made[path] = (st.st_size, st.st_mtime_ns, str(out))
+        return str(out)
+
+    def or_missing(self, path: str | os.PathLike) -> str:
+        """`self(path)`, or the path of the "image missing" tile when `path` is missing or cannot be read."""
+        try:
+            return self(path)
+        except (UserError, OSError):
+            return self.missing()
+
+    def missing(self) -> str:
+        """The path of the "image missing" tile (made on first use, touched on every use as thumbnails are)."""
+        out = self.folder / f"missing-{self.size}.png"
+        try:
+            os.utime(out)
+        except FileNotFoundError:
+            tile = Image.new("RGB", (self.size, self.size), (230, 230, 230))
+            ImageDraw.Draw(tile).text((self.size // 2, self.size // 2), MISSING, fill=(90, 90, 90), anchor="mm",
+                                      font_size=self.size // 10)
+            with atomic_path(out, bulk=True) as tmp:
+                tile.save(tmp, "PNG")
         return str(out)
 
     def data_url(self, thumbnail_path: str | os.PathLike, limit: int = INLINE_BYTES) -> str | None:
