@@ -43,7 +43,7 @@ from cir.precision import autocast
 from cir.index import GalleryIndex, build_index
 from cir.models.factory import build_model
 from cir.retrieval.params import index_bytes
-from cir.retrieval.store import write_index
+from cir.retrieval.store import FORMAT, write_index
 
 ROOT = Path(__file__).resolve().parent.parent
 OPEN_AND_SEARCH = """
@@ -138,8 +138,8 @@ def opened_from_disk(tmp: Path, index: GalleryIndex, queries: np.ndarray) -> dic
     """Write `index` (IVF-PQ over a memory-mapped array) as an index folder under synthetic image
     names, then open and search it in a fresh process: its resident memory and latencies."""
     n = len(index)
-    manifest = {"format": "context-cir-index/2", "checkpoint": {"path": str(tmp / "none.safetensors"), "sha256": ""},
-                "config": {}, "embedding": {"dim": index.dim, "normalization": "l2", "dtype": "float32"},
+    manifest = {"format": FORMAT, "checkpoint": {"path": str(tmp / "none.safetensors"), "sha256": ""},
+                "config": {}, "root": str(tmp), "embedding": {"dim": index.dim, "normalization": "l2", "dtype": "float32"},
                 "index": dict(index.manifest["index"], metric="inner_product"), "count": n,
                 "images": [{"path": str(tmp / f"{i}.png"), "sha256": f"{i:064x}"} for i in range(n)], "skipped": []}
     (tmp / "mapped.partial").mkdir()

@@ -7,17 +7,18 @@
     python -m cir.index build|update --backend milvus --uri gallery.db --collection NAME --gallery ...
 
 INDEX_DIR holds `manifest.json` (checkpoint sha256, model config, embedding dim, normalisation,
-index type and parameters, every image with its content sha256, integrity hashes, versions), `embeddings.npy`
-([N, E] float32, L2-normalised, row i = image i) and `index.faiss` (a faiss index over the rows).
+index type and parameters, the gallery root, every image with its content sha256, integrity
+hashes, versions), `embeddings.npy` ([N, E] float32, L2-normalised, row i = image i) and
+`index.faiss` (a faiss index over the rows).
 Index types: `flat` (exact inner product), `ivf` (IVFFlat) and `ivfpq` (IVF with product
 quantisation; its rerank*k best candidates are re-ranked by exact inner product against
 embeddings.npy). `auto`: flat below 200k images, ivf below 5M, ivfpq above or whenever the
 vectors take more than half of this machine's memory. Search memory-maps both files: a gallery
 larger than memory is searched with only the IVF-PQ codes and the candidates' rows resident.
-Embeddings are kept so updates and re-indexing never re-embed. The manifest stores the paths of
-the images, the checkpoint and the gallery relative to INDEX_DIR (`../` where need be) and they are
-resolved against it on reading, so an index moved or copied together with its images and
-checkpoint keeps working; absolute paths (in older indexes) are read as they are.
+Embeddings are kept so updates and re-indexing never re-embed. The manifest stores the gallery
+root (the deepest folder holding every image), the checkpoint and the gallery relative to INDEX_DIR
+(`../` where need be) and each image relative to the root; they are resolved against them on
+reading, so an index moved or copied together with its images and checkpoint keeps working.
 
 Unreadable images (corrupt, truncated, not images, over the pixel limit of cir.data.images) are
 skipped: the build completes with the others, names them on stderr and lists them, with their
@@ -36,10 +37,13 @@ milvus-lite's local .db file or a server URL, the same embedding steps, rows of 
 content sha256, the checkpoint's sha256 recorded; the app opens it as milvus:URI?collection=NAME.
 
 Opening an index checks it: the manifest's keys and types, its image count, and the "integrity"
-hashes stored at build (one of the ordered image content hashes, one of each data file), so a
-reordered or cut image list or a changed vector file is refused with one line instead of giving
-wrong results. A build or update holds an exclusive lock (INDEX_DIR.lock); a second one to the
-same folder is refused while it runs.
+hashes stored at build (one of the root and the ordered image paths and content hashes, one of each
+data file), so a reordered, cut or re-pointed image list or a changed vector file is refused with
+one line instead of giving wrong results; an image whose path resolves (links followed) outside
+the gallery root is refused too, and a build refuses a gallery holding a link out of its root. An
+index of an older format is refused with one line saying to rebuild it; `build --out` replaces it.
+A build or update holds an exclusive lock (INDEX_DIR.lock); a second one to the same folder is
+refused while it runs.
 """
 from __future__ import annotations
 

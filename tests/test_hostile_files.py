@@ -1,15 +1,18 @@
 """Damaged or mismatched files the project owns: checkpoints (wrong architecture, truncated, not
 safetensors, bad manifests), gallery indexes (built by another checkpoint, damaged parts), review
 logs (a last line half-written by a crash, at every byte) and triplet files. Each is detected and
-explained in one line (a UserError); a review log recovers every complete line."""
+explained in one line (a UserError); a review log recovers every complete line. Gallery images
+deleted or overwritten after the index was built are shown by the served app as missing."""
 import json
 import shutil
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 from cir.checkpoint import FORMAT, load_checkpoint, read_manifest, save_checkpoint
@@ -17,10 +20,11 @@ from cir.data.triplets import read_gallery, read_triplets, write_triplets
 from cir.errors import UserError
 from cir.index import EMBEDDINGS, FAISS_FILE, MANIFEST, GalleryIndex, build_index, update_index
 from cir.models.factory import build_model, config_from_dict, load_config
-from cir.ui import review, review_tab
+from cir.ui import retrieve_tab, review, review_tab
 from cir.ui.access import FileAccess
 from cir.ui.explorer import Explorer
-from hostile_inputs import one_line
+from cir.ui.thumbnails import thumbnail
+from hostile_inputs import one_line, served
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = load_config("context-cir-tiny").to_dict()
@@ -165,6 +169,71 @@ def test_damaged_index(index, tiny_checkpoint, tmp_path, damage):
         path.write_bytes({"half": data[: len(data) // 2], "cut": data[: len(data) - 100], "junk": b"\x93NUMPY junk" * 10,
                           "deep": b"[" * 100_000, "binary": b"\xff\xfe\x00garbage"}[how])
     assert_user_error(lambda: GalleryIndex.load(copy, checkpoint_path=tiny_checkpoint), str(copy))
+
+
+# ---------------------------------------------------------------------------- gallery images gone or broken
+@pytest.fixture(scope="module")
+def two_pages(tmp_path_factory, tiny_checkpoint, shapes_data):
+    """A folder with `images`, two pages of the gallery browser (PER_PAGE + 2 images), and their `index`."""
+    tree = tmp_path_factory.mktemp("two-pages")
+    (tree / "images").mkdir()
+    for p in read_gallery(shapes_data / "gallery_test.txt")[:retrieve_tab.PER_PAGE + 2]:
+        shutil.copy(p, tree / "images")
+    build_index(tree / "index", tree / "images", tiny_checkpoint)
+    return tree
+
+
+def served_with_damage(two_pages, tiny_checkpoint, tmp_path, damage: dict[int, bytes | None]) -> tuple:
+    """The app over a copy of `two_pages` whose image of row i is, after its index was built, given
+    the bytes `damage[i]` or deleted (None); served, it makes a retrieve that ranks every image.
+    -> (explorer, labels of the served first gallery page's images shown as the "image missing"
+    tile, labels of the results shown as that tile)."""
+    from gradio_client import Client, handle_file
+
+    shutil.copytree(two_pages, tmp_path / "tree")
+    ex = Explorer.load(tiny_checkpoint, tmp_path / "tree" / "index", device="cpu")
+    intact = next(p for i, p in enumerate(ex.index.paths) if i not in damage)
+    for row, data in damage.items():
+        if data is None:
+            Path(ex.index.paths[row]).unlink()
+        else:
+            Path(ex.index.paths[row]).write_bytes(data)
+    tile = Path(thumbnail.missing())
+    with served(ex) as url:
+        with urllib.request.urlopen(url + "config") as r:
+            components = json.load(r)["components"]
+        first = next(c for c in components if c.get("props", {}).get("elem_id") == "browser")["props"]["value"]
+        on_page = [item for item in first if item["image"]["orig_name"] == tile.name]
+        for item in on_page:
+            with urllib.request.urlopen(item["image"]["url"]) as r:
+                assert r.read() == tile.read_bytes()
+        client = Client(url, verbose=False, download_files=False)
+        items, table, status = client.predict(handle_file(intact), "make the circle red", len(ex.index),
+                                              api_name="/retrieve")
+    assert len(first) == retrieve_tab.PER_PAGE and Image.open(tile).size == (256, 256)
+    assert f"{len(ex.index)} results" in status and len(items) == len(table["data"]) == len(ex.index)
+    inline = thumbnail.data_url(tile)
+    results = [row[2] for item, row in zip(items, table["data"]) if item["image"]["url"] == inline]
+    return ex, [item["caption"] for item in on_page], results
+
+
+def test_a_non_image_on_the_first_gallery_page_is_shown_as_missing(two_pages, tiny_checkpoint, tmp_path):
+    """A gallery image overwritten with HTML after the build: the app starts, and its first gallery
+    page and a retrieve that ranks it show it as missing."""
+    ex, on_page, in_results = served_with_damage(two_pages, tiny_checkpoint, tmp_path, {1: b"<!doctype html><p>"})
+    label = ex.label(ex.index.paths[1])
+    assert on_page == in_results == [label]
+
+
+@pytest.mark.parametrize("row", [0, retrieve_tab.PER_PAGE + 1], ids=["first-page", "second-page"])
+def test_a_gallery_image_deleted_after_the_build_is_shown_as_missing(two_pages, tiny_checkpoint, tmp_path, row):
+    """A gallery image deleted after the build: the app starts, its gallery page and a retrieve that
+    ranks it show it as missing; the other images are shown."""
+    ex, on_page, in_results = served_with_damage(two_pages, tiny_checkpoint, tmp_path, {row: None})
+    label = ex.label(ex.index.paths[row])
+    assert on_page == ([label] if row < retrieve_tab.PER_PAGE else []) and in_results == [label]
+    page, _, _ = retrieve_tab.browse(ex, "", row // retrieve_tab.PER_PAGE)
+    assert [name for tile, name in page if tile == thumbnail.missing()] == [label]
 
 
 # ---------------------------------------------------------------------------- review logs and stores

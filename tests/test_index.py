@@ -177,8 +177,9 @@ def test_update_adds_removes_and_reembeds_changed(shapes, tmp_path):
 
 
 def test_index_moved_with_its_images_and_checkpoint_embeds_nothing_again(shapes, tmp_path, capsys):
-    """The manifest stores paths relative to the index folder: a copy of the whole tree (index,
-    images, checkpoint) loads and updates on its own files; absolute paths (older indexes) still load."""
+    """The manifest stores the gallery root and the checkpoint relative to the index folder and the
+    images relative to the root: a copy of the whole tree (index, images, checkpoint) loads and
+    updates on its own files; a checkpoint path written absolute still loads."""
     data, ckpt, full = shapes
     moved = tmp_path / "moved"
     shutil.copytree(full.parent, moved)
@@ -190,9 +191,10 @@ def test_index_moved_with_its_images_and_checkpoint_embeds_nothing_again(shapes,
     assert copy.manifest["checkpoint"]["path"] == str(checkpoint)
     assert np.array_equal(copy.embeddings, GalleryIndex.load(full).embeddings)
     stored = json.loads((index / "manifest.json").read_text())
-    assert not any(os.path.isabs(im["path"]) for im in stored["images"]) and not os.path.isabs(stored["checkpoint"]["path"])
+    assert stored["root"] == os.path.relpath(os.path.commonpath(copy.paths), index) and not os.path.isabs(
+        stored["checkpoint"]["path"])
+    assert [os.path.join(moved, data.name, "images", "test", im["path"]) for im in stored["images"]] == copy.paths
 
-    stored["images"] = [dict(im, path=p) for im, p in zip(stored["images"], copy.paths)]
     stored["checkpoint"]["path"] = str(checkpoint)
     (index / "manifest.json").write_text(json.dumps(stored))
     assert GalleryIndex.load(index, checkpoint_path=checkpoint).paths == copy.paths

@@ -1,21 +1,30 @@
 """A damaged gallery index is refused with one line when it is opened, never searched with wrong
-answers: a reordered or cut image list, changed vector files, missing manifest keys, a config that
-is not the checkpoint's. Two builds to one folder never run at once."""
+answers: a reordered or cut image list, swapped image paths, changed vector files, missing manifest
+keys, a config that is not the checkpoint's, an index of an older format. An image that resolves
+outside the index's gallery root (a `../` path, a link out of it) is refused even when the hash
+was made again. Two builds to one folder never run at once."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import faiss
 import numpy as np
 import pytest
+from PIL import Image
 
 from cir.data.triplets import read_gallery
 from cir.errors import UserError
 from cir.index import EMBEDDINGS, FAISS_FILE, MANIFEST, GalleryIndex, build_index, build_lock, update_index
+from cir.retrieval.store import images_hash
 from cir.ui.explorer import Explorer
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +67,92 @@ def test_an_intact_index_opens_and_its_hashes_are_stored(index, tiny_checkpoint,
 def test_reordered_image_list(copy, tiny_checkpoint):
     edit_manifest(copy, lambda m: m["images"].reverse())
     refused(lambda: GalleryIndex.load(copy, checkpoint_path=tiny_checkpoint), "image list", "rebuild")
+
+
+def test_swapped_image_paths(copy, tiny_checkpoint):
+    """Two images' paths swapped (their content hashes left in place): each vector would show the
+    other image."""
+    def swap(m):
+        first, second = m["images"][0], m["images"][1]
+        first["path"], second["path"] = second["path"], first["path"]
+    edit_manifest(copy, swap)
+    refused(lambda: GalleryIndex.load(copy, checkpoint_path=tiny_checkpoint), str(copy), "image list", "paths",
+            "rebuild")
+    refused(lambda: Explorer.load(tiny_checkpoint, copy, device="cpu"), str(copy), "image list", "paths")
+
+
+def private_image(tmp_path) -> Path:
+    """A real image outside every gallery: what an attacker would have the app serve."""
+    outside = tmp_path / "outside" / "private.png"
+    outside.parent.mkdir()
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(outside)
+    return outside
+
+
+@pytest.mark.parametrize("rehashed", [False, True])
+def test_a_path_out_of_the_gallery_root_is_refused(copy, tiny_checkpoint, tmp_path, rehashed):
+    """An image pointed at `../../…/outside/private.png` from the gallery root: refused by the
+    integrity hash, and, with the hash made again as an attacker can, by the root's confinement."""
+    outside = private_image(tmp_path)
+    loaded = GalleryIndex.load(copy, checkpoint_path=tiny_checkpoint)
+    root = os.path.normpath(copy / json.loads((copy / MANIFEST).read_text())["root"])
+
+    def point_outside(m):
+        m["images"][3]["path"] = os.path.relpath(outside, root)
+        if rehashed:
+            m["integrity"]["images"] = images_hash(m["root"], m["images"])
+    edit_manifest(copy, point_outside)
+    assert json.loads((copy / MANIFEST).read_text())["images"][3]["path"].startswith("../")
+    fragments = ("outside the index's gallery root", str(outside)) if rehashed else ("image list", "rebuild")
+    refused(lambda: GalleryIndex.load(copy, checkpoint_path=tiny_checkpoint), str(copy), *fragments)
+    refused(lambda: update_index(copy, loaded.paths, tiny_checkpoint), str(copy), *fragments)
+
+
+def test_app_py_refuses_an_index_pointing_outside_its_root(copy, tiny_checkpoint, tmp_path):
+    """`python app.py --index` over an index whose image (hash made again) points outside its root
+    exits with one line naming the index, before serving anything."""
+    outside = private_image(tmp_path)
+
+    def point_outside(m):
+        m["images"][0]["path"] = os.path.join(*[".."] * 12, *outside.parts[1:])
+        m["integrity"]["images"] = images_hash(m["root"], m["images"])
+    edit_manifest(copy, point_outside)
+    with socket.socket() as busy:  # an app that got as far as serving would stop at its port
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        run = subprocess.run([sys.executable, str(ROOT / "app.py"), "--checkpoint", str(tiny_checkpoint), "--index",
+                              str(copy), "--port", str(busy.getsockname()[1])], capture_output=True, text=True,
+                             timeout=300)
+    assert run.returncode == 2 and run.stderr.strip().count("\n") == 0 and "Traceback" not in run.stderr, run.stderr
+    assert str(copy) in run.stderr and "outside the index's gallery root" in run.stderr and str(outside) in run.stderr
+
+
+def test_a_link_out_of_the_gallery_root_is_refused(tiny_checkpoint, shapes_data, tmp_path):
+    """A gallery image replaced by a symlink to a file outside the gallery root after the build is
+    refused when the index opens; a gallery holding such a link is refused before a build embeds it."""
+    gallery = tmp_path / "gallery"
+    gallery.mkdir()
+    for p in read_gallery(shapes_data / "gallery_test.txt")[:4]:
+        shutil.copy(p, gallery)
+    out = tmp_path / "idx"
+    build_index(out, gallery, tiny_checkpoint)
+    outside = private_image(tmp_path)
+    linked = sorted(gallery.iterdir())[1]
+    linked.unlink()
+    linked.symlink_to(outside)
+    refused(lambda: GalleryIndex.load(out, checkpoint_path=tiny_checkpoint), str(out), str(linked),
+            "outside the index's gallery root")
+    refused(lambda: build_index(tmp_path / "other", gallery, tiny_checkpoint), str(linked), "links outside")
+    assert not (tmp_path / "other").exists()
+
+
+def test_an_index_of_the_previous_format_is_refused_and_rebuilt_in_place(copy, tiny_checkpoint, index):
+    edit_manifest(copy, lambda m: m.update(format="context-cir-index/2"))
+    refused(lambda: GalleryIndex.load(copy, checkpoint_path=tiny_checkpoint), str(copy),
+            "unsupported index format 'context-cir-index/2' (expected context-cir-index/3)", "rebuild")
+    paths = GalleryIndex.load(index).paths
+    build_index(copy, paths, tiny_checkpoint)  # the advice works: a build replaces it
+    assert GalleryIndex.load(copy, checkpoint_path=tiny_checkpoint).paths == paths
 
 
 def test_image_list_cut_to_ten(copy, tiny_checkpoint):

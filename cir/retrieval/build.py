@@ -19,7 +19,8 @@ from cir.retrieval.embed import embed_images, hash_files, plan_key
 from cir.retrieval.params import add_rows, make_faiss_index, resolve_params
 from cir.retrieval.shards import current_shard
 from cir.retrieval.store import (EMBEDDINGS, FAISS_FILE, FORMAT, MANIFEST, build_lock, check_checkpoint,
-                                 check_integrity, check_out, read_resolved_manifest, write_index)
+                                 check_integrity, check_out, escaping, gallery_root, read_resolved_manifest,
+                                 write_index)
 
 
 def _report_skipped(skipped: dict[int, str], total: int, shown: int = 20) -> None:
@@ -61,6 +62,8 @@ def discard_unless_resuming(work: Path, resume: bool, progress: bool) -> None:
 
 
 def gallery_paths(gallery) -> list[str]:
+    """The gallery's image paths (absolute, normalised); a UserError when one is missing or
+    resolves outside the gallery root (a link out of the deepest folder holding them all)."""
     if isinstance(gallery, (str, os.PathLike)):
         paths = read_gallery(gallery)
     else:
@@ -71,6 +74,11 @@ def gallery_paths(gallery) -> list[str]:
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise UserError(f"gallery image not found: {missing[0]}{more}")
+    root = gallery_root(paths)
+    outside = escaping(paths, root)
+    if outside is not None:
+        raise UserError(f"gallery image {outside} links outside the gallery's folder {root}, which an index "
+                        "refuses; list the file it links to instead")
     return paths
 
 
@@ -109,7 +117,7 @@ def build_index(out: str | os.PathLike, gallery: str | os.PathLike | list[str], 
             requested = {"type": index_type, "nlist": nlist, "pq_m": pq_m, "train_sample": train_sample,
                          "nprobe": nprobe, "rerank": rerank}
             manifest = {"format": FORMAT, "checkpoint": {"path": normalize_path(checkpoint), "sha256": sha},
-                        "config": config,
+                        "config": config, "root": gallery_root(paths),
                         "embedding": {"dim": vectors.shape[1], "normalization": "l2", "dtype": "float32",
                                       "file": EMBEDDINGS},
                         "index": {"requested": requested, "params": params, "metric": "inner_product",
@@ -163,6 +171,7 @@ def update_index(index_dir: str | os.PathLike, gallery: str | os.PathLike | list
 
         def finish():
             nonlocal paths, new, new_emb, new_hashes, skipped
+            root = gallery_root(paths)  # of every listed image: the readable ones lie inside it
             old_rows = {im["path"]: (i, im["sha256"]) for i, im in enumerate(manifest["images"])}
             old_emb = np.load(index_dir / EMBEDDINGS, mmap_mode="r")
             if new:
@@ -191,8 +200,9 @@ def update_index(index_dir: str | os.PathLike, gallery: str | os.PathLike | list
                 index = faiss.read_index(str(index_dir / FAISS_FILE))
                 index.reset()
                 add_rows(index, emb)
-            updated = dict(manifest, count=len(paths), images=[{"path": p, "sha256": h} for p, h in zip(paths, hashes)],
-                           skipped=skipped, gallery=str(gallery) if isinstance(gallery, (str, os.PathLike)) else None,
+            updated = dict(manifest, root=root, count=len(paths),
+                           images=[{"path": p, "sha256": h} for p, h in zip(paths, hashes)], skipped=skipped,
+                           gallery=str(gallery) if isinstance(gallery, (str, os.PathLike)) else None,
                            versions=index_versions(), updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
             updated["index"] = dict(manifest["index"], params=params)
             write_index(index_dir, work, updated, emb, index)

@@ -1,5 +1,6 @@
-"""The index folder on disk: its manifest (keys, types, integrity hashes), the memory-mapped
-embeddings, the checkpoint check, the atomic write of a new folder and the build lock."""
+"""The index folder on disk: its manifest (keys, types, integrity hashes, image paths confined to
+the gallery root), the memory-mapped embeddings, the checkpoint check, the atomic write of a new
+folder and the build lock."""
 from __future__ import annotations
 
 import fcntl
@@ -18,7 +19,8 @@ from cir.checkpoint import model_hash, read_manifest
 from cir.data.triplets import normalize_path
 from cir.errors import UserError
 
-FORMAT = "context-cir-index/2"  # /2: integrity hashes in the manifest
+FORMAT = "context-cir-index/3"  # /3: image paths relative to the gallery root, inside the integrity hash
+FORMAT_NAME = FORMAT.rsplit("/", 1)[0]  # every version's format starts with it
 MANIFEST, EMBEDDINGS, FAISS_FILE = "manifest.json", "embeddings.npy", "index.faiss"
 
 
@@ -73,7 +75,7 @@ def read_index_manifest(index_dir: Path) -> dict:
 
 
 # key -> the type its value must have; "a.b" is key b of the dict at a, "images[]" every list item
-MANIFEST_FIELDS = {"checkpoint": dict, "checkpoint.path": str, "checkpoint.sha256": str, "config": dict,
+MANIFEST_FIELDS = {"checkpoint": dict, "checkpoint.path": str, "checkpoint.sha256": str, "config": dict, "root": str,
                    "embedding": dict, "embedding.dim": int, "index": dict, "index.params": dict,
                    "index.params.type": str, "index.requested": dict, "count": int, "images": list,
                    "images[]": dict, "images[].path": str, "images[].sha256": str, "integrity": dict,
@@ -98,17 +100,16 @@ def _check_manifest_fields(manifest: dict, index_dir: Path) -> None:
                         f"{manifest['count']}; rebuild the index")
 
 
-def images_hash(images: list[dict]) -> str:
-    """The integrity hash of an image list: sha256 over the images' content hashes, in row order."""
-    return hashlib.sha256("\n".join(im["sha256"] for im in images).encode()).hexdigest()
+def images_hash(root: str, images: list[dict]) -> str:
+    """The integrity hash of an image list as stored: sha256 over the gallery root (relative to the
+    index folder) and each image's path (relative to the root) and content hash, in row order."""
+    stored = [root, [[im["path"], im["sha256"]] for im in images]]
+    return hashlib.sha256(json.dumps(stored, ensure_ascii=False).encode()).hexdigest()
 
 
 def check_integrity(manifest: dict, index_dir: Path, files=(EMBEDDINGS,)) -> None:
-    """Refuse (one line) an index whose image list or whose data `files` (EMBEDDINGS, FAISS_FILE)
-    are not the ones it was built with."""
-    if images_hash(manifest["images"]) != manifest["integrity"]["images"]:
-        raise UserError(f"{index_dir}: the image list in {MANIFEST} was changed after the build (its hash "
-                        "differs); rebuild the index")
+    """Refuse (one line) an index whose data `files` (EMBEDDINGS, FAISS_FILE) are not the ones it was
+    built with (`read_resolved_manifest` checks the image list)."""
     for name in files:
         key = "embeddings" if name == EMBEDDINGS else "faiss"
         if (index_dir / name).is_file() and sha256_file(index_dir / name) != manifest["integrity"][key]:
@@ -117,25 +118,51 @@ def check_integrity(manifest: dict, index_dir: Path, files=(EMBEDDINGS,)) -> Non
 
 
 def read_resolved_manifest(index_dir: Path) -> dict:
-    """`read_index_manifest` with every file path in it absolute: stored relative paths are taken
-    from `index_dir`."""
-    return _with_paths(read_index_manifest(index_dir), lambda p: normalize_path(p, index_dir), copy=False)
+    """`read_index_manifest` with every file path in it absolute (the images' taken from the gallery
+    root, the others from `index_dir`); a one-line UserError naming `index_dir` when the stored
+    images and paths are not the ones its integrity hash was made of, or an image resolves outside
+    the gallery root."""
+    manifest = read_index_manifest(index_dir)
+    if images_hash(manifest["root"], manifest["images"]) != manifest["integrity"]["images"]:
+        raise UserError(f"{index_dir}: the image list in {MANIFEST} (its paths or content hashes) was changed after "
+                        "the build (its hash differs); rebuild the index")
+    root = normalize_path(manifest["root"], index_dir)
+    manifest = _with_paths(manifest, lambda p: normalize_path(p, index_dir), lambda p: normalize_path(p, root),
+                           copy=False)
+    outside = escaping([im["path"] for im in manifest["images"]], root)
+    if outside is not None:
+        raise UserError(f"{index_dir}: the gallery image {outside} lies outside the index's gallery root {root} "
+                        "(links followed); refusing to open the index")
+    return manifest
 
 
-def _with_paths(manifest: dict, path, copy: bool = True) -> dict:
-    """`manifest` with the function `path` applied to every file path in it: the images', the
-    skipped images', the checkpoint's and the gallery's (None for a list of paths). `copy=False`
-    changes the dicts in place (a manifest just read: a million images need no second set of dicts)."""
+def gallery_root(paths: list[str]) -> str:
+    """The gallery root of absolute `paths`: the deepest folder holding them all."""
+    return os.path.commonpath([os.path.dirname(p) for p in paths])
+
+
+def escaping(paths: list[str], root: str) -> str | None:
+    """The first of the absolute `paths` that resolves outside `root` (symlinks followed), or None."""
+    inside = os.path.join(os.path.realpath(root), "")
+    return next((p for p in paths if not os.path.realpath(p).startswith(inside)), None)
+
+
+def _with_paths(manifest: dict, path, image_path, copy: bool = True) -> dict:
+    """`manifest` with the function `image_path` applied to its images' paths and `path` to every
+    other file path in it: the skipped images', the checkpoint's, the gallery root's and the
+    gallery's (None for a list of paths). `copy=False` changes the dicts in place (a manifest just
+    read: a million images need no second set of dicts)."""
     m = dict(manifest, checkpoint=dict(manifest["checkpoint"])) if copy else manifest
     m["checkpoint"]["path"] = path(m["checkpoint"]["path"])
-    for key in ("images", "skipped"):
+    for key, change in (("images", image_path), ("skipped", path)):
         if key in m:
             if copy:
                 m[key] = [dict(im) for im in m[key]]
             for im in m[key]:
-                im["path"] = path(im["path"])
-    if m.get("gallery") is not None:
-        m["gallery"] = path(m["gallery"])
+                im["path"] = change(im["path"])
+    for key in ("root", "gallery"):
+        if m.get(key) is not None:
+            m[key] = path(m[key])
     return m
 
 
@@ -153,22 +180,30 @@ def check_checkpoint(manifest: dict, checkpoint_path, index_dir: Path) -> str:
 
 
 def check_out(out: Path) -> None:
-    """Refuse to replace anything but an index or an empty folder."""
-    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / MANIFEST).is_file())):
+    """Refuse to replace anything but an index (of any format version) or an empty folder."""
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or _is_index(out))):
         raise UserError(f"refusing to replace {out}: it exists and is not a gallery index")
-    if (out / MANIFEST).is_file():
-        read_index_manifest(out)
+
+
+def _is_index(folder: Path) -> bool:
+    """Whether `folder` holds a manifest naming an index format, of this version or another."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(manifest, dict) and str(manifest.get("format")).startswith(FORMAT_NAME + "/")
 
 
 def write_index(out: Path, work: Path, manifest: dict, embeddings: np.ndarray, index: faiss.Index) -> None:
     """Stage the index folder in `work`/staged, swap it onto `out`, then remove `work`. The
-    manifest's file paths are stored relative to `out`."""
+    manifest's images are stored relative to its gallery "root", its other file paths relative to `out`."""
     base = normalize_path(out)
-    stored = _with_paths(manifest, lambda p: os.path.relpath(p, base))
+    stored = _with_paths(manifest, lambda p: os.path.relpath(p, base), lambda p: os.path.relpath(p, manifest["root"]))
     with staged_dir(out, work / "staged") as staged:
         np.save(staged / EMBEDDINGS, embeddings)
         faiss.write_index(index, str(staged / FAISS_FILE))
-        stored["integrity"] = {"images": images_hash(stored["images"]), "embeddings": sha256_file(staged / EMBEDDINGS),
+        stored["integrity"] = {"images": images_hash(stored["root"], stored["images"]),
+                               "embeddings": sha256_file(staged / EMBEDDINGS),
                                "faiss": sha256_file(staged / FAISS_FILE)}
         (staged / MANIFEST).write_text(json.dumps(stored, indent=1, ensure_ascii=False), encoding="utf-8")
     shutil.rmtree(work)
