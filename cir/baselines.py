@@ -63,7 +63,8 @@ from cir.atomic import atomic_path, sha256_file, write_json
 from cir.checkpoint import load_module, save_module
 from cir.data.triplets import Triplet
 from cir.errors import UserError
-from cir.evaluate import embed_gallery, evaluate, format_results, read_data
+from cir.cli import read_data
+from cir.retrieval.evaluate import embed_gallery, evaluate, format_results
 from cir.towers import load_towers
 from cir.data.triplets import read_training_triplets
 from cir.training.loop import OptimConfig, epoch_order, fit

@@ -84,3 +84,18 @@ def add_data_flags(p: argparse.ArgumentParser, required: bool = True) -> None:
                    help="keep the reference image in the ranking as a negative, or remove it (auto: remove for CIRR only)")
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) bad triplet lines instead of stopping")
     p.add_argument("--batch-size", type=int, default=128, help="images per forward pass (default 128)")
+
+
+def read_data(a: argparse.Namespace) -> tuple[list, list[str], bool | None]:
+    """(triplets, gallery paths, keep_reference or None for auto) from the flags of add_data_flags."""
+    from cir.data.triplets import read_gallery, read_triplets
+
+    triplets, problems = read_triplets(a.triplets, skip_bad=a.skip_bad)
+    if problems:
+        print(f"skipped {len(problems)} bad line(s); first: {problems[0]}")
+    if not triplets:
+        raise UserError(f"no usable triplets in {a.triplets}")
+    gallery = read_gallery(a.gallery)
+    if not gallery:
+        raise UserError(f"the gallery {a.gallery} holds no images")
+    return triplets, gallery, None if a.reference == "auto" else a.reference == "keep"

@@ -1,4 +1,4 @@
-"""Test-server submission files for CIRR and CIRCO, from rankings of `cir.evaluate.ranked`.
+"""Test-server submission files for CIRR and CIRCO, from rankings of `cir.retrieval.evaluate.ranked`.
 
 CIRR (https://cirr.cecs.anu.edu.au/, the CIRR repository's Test-split_server.md) takes two JSON
 files, each {"version": "rc2", "metric": M, "<pairid>": [image names]} over every pairid of the

@@ -77,7 +77,7 @@ from cir.data.shapes.scene import Scene
 from cir.errors import UserError
 from cir.models.base import EOT_ID, create_towers, text_tower_projection, text_tower_states
 from cir.models.factory import CONFIG_DIR, register_tower_configs
-from cir.tokenizer import CaptionTokenizer
+from cir.text.tokenizer import CaptionTokenizer
 from cir.data.triplets import read_training_triplets
 from cir.training.loop import OptimConfig, epoch_seed, fit
 

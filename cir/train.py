@@ -20,16 +20,13 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import math
-import os
 import random
 from pathlib import Path
-from typing import Iterator
 
 from cir import precision
 from cir.cli import parse_first, run_cli
-from cir.data.shapes.partials import has_partials, partial_subsets, random_partials
+from cir.data.shapes.partials import has_partials, partial_subsets
 
 MAX_PHRASES = 10
 MAX_PARTIALS = len(partial_subsets(3))  # CIR-Shapes queries have at most 3 operations
@@ -127,21 +124,20 @@ parse_first(__name__, parse_args)  # `python -m cir.train`: --help and argument 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from cir.atomic import sha256_file
 from cir.checkpoint import load_checkpoint, load_weights, read_manifest, save_checkpoint
 from cir.cc_teacher import run_cc_targets
-from cir.data.datasets import TripletDataset, collate_triplets
+from cir.data.datasets import TripletDataset
 from cir.data.triplets import Triplet, read_gallery, read_triplets
 from cir.errors import UserError
-from cir.evaluate import evaluate
 from cir.image_cache import ImageCache
 from cir.models.base import ComposedRetrieval
 from cir.models.factory import build_model, load_config
-from cir.training.loop import LoopConfig, OptimConfig, epoch_order, make_optimizer, restore_optimizer, run_loop
+from cir.training.batches import epoch_batches, seen_token_ids, setup_distributed, shapes_partials
+from cir.training.loop import LoopConfig, OptimConfig, make_optimizer, restore_optimizer, run_loop
 from cir.training.objectives import LossConfig, TrainingObjective, train_step
+from cir.training.validation import validate
 
 
 def leaf_only(phrases: list[dict]) -> list[dict]:
@@ -155,30 +151,12 @@ def training_phrases(triplets, data_file: Path, a) -> list[list[dict]]:
         phrases = [t.noun_phrases for t in triplets]
         phrases = [leaf_only(p) if a.leaf_nps_only else p for p in phrases]
     else:
-        from cir.phrases import noun_phrases_for, phrase_cache_path  # loads a parser only when spans must be extracted
+        from cir.text.phrases import noun_phrases_for, phrase_cache_path  # loads a parser only when spans must be extracted
 
         backend = "spacy" if a.np_backend == "gold" else a.np_backend
         cache = phrase_cache_path(data_file.parent, backend, MAX_PHRASES, a.leaf_nps_only)
         phrases = noun_phrases_for([t.caption for t in triplets], cache, backend, MAX_PHRASES, a.leaf_nps_only)
     return [p[:MAX_PHRASES] for p in phrases]
-
-
-def shapes_partials(t, rng, count: int):
-    """`count` CIR-Shapes partial fulfilments of triplet t, rendered ([] for 1-operation queries)."""
-    return random_partials(t.meta or {}, rng, count)
-
-
-def setup_distributed(device_arg):
-    """(rank, world, device) — torchrun sets LOCAL_RANK; gloo on CPU, nccl on CUDA."""
-    if "LOCAL_RANK" not in os.environ:
-        dev = torch.device(device_arg or ("cuda" if torch.cuda.is_available() else "cpu"))
-        return 0, 1, dev
-    local = int(os.environ["LOCAL_RANK"])
-    cuda = torch.cuda.is_available() and (device_arg is None or device_arg.startswith("cuda"))
-    dist.init_process_group("nccl" if cuda else "gloo")
-    if cuda:
-        torch.cuda.set_device(local)
-    return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local}" if cuda else "cpu")
 
 
 def main(argv=None) -> int:
@@ -303,17 +281,6 @@ def starting_model(a, last: Path, device):
     return model, preprocess, manifest, None, start, manifest.get("metrics", {})
 
 
-def seen_token_ids(tokenizer, triplets: list[Triplet], phrases: list[list[dict]]) -> list[int]:
-    """Every token id of the captions and their phrases (and the empty text's): the token-embedding
-    rows an exported checkpoint keeps."""
-    token_ids = set(tokenizer([""])[0, :2].tolist())
-    for t, ps in zip(triplets, phrases):
-        token_ids.update(tokenizer.encode_with_offsets(t.caption)[0])
-        for p in ps:
-            token_ids.update(tokenizer.encode_with_offsets(p["text"])[0])
-    return sorted(token_ids)
-
-
 def training_dataset(a, model, preprocess, triplets: list[Triplet], phrases: list[list[dict]], train_file: Path,
                      out: Path, world: int) -> TripletDataset:
     """The training items: images decoded (or the image cache's tower outputs), partial fulfilments
@@ -336,48 +303,6 @@ def training_dataset(a, model, preprocess, triplets: list[Triplet], phrases: lis
     if len(dataset) < a.batch_size:
         raise UserError(f"{len(dataset)} training triplets are fewer than one batch of {a.batch_size}")
     return dataset
-
-
-def epoch_batches(dataset: TripletDataset, batch_size: int, seed: int, start: int, rank: int = 0, world: int = 1,
-                  workers: int = 0, pin: bool = False) -> Iterator[dict]:
-    """The collated batches of steps start + 1, start + 2, ... without end: each epoch's order from
-    `epoch_order`, this process's share (rank of world) of every batch, `dataset.epoch` set for its
-    draws, so that a run resumed at `start` sees the batches of an uninterrupted one."""
-    per_epoch, per_rank = len(dataset) // batch_size, batch_size // world
-    step = start
-    while True:
-        epoch, offset = divmod(step, per_epoch)
-        dataset.epoch = epoch
-        order = epoch_order(len(dataset), batch_size, seed, epoch).view(per_epoch, batch_size)
-        order = order[offset:, rank * per_rank:(rank + 1) * per_rank].flatten().tolist()
-        yield from DataLoader(torch.utils.data.Subset(dataset, order), batch_size=per_rank, shuffle=False,
-                              num_workers=workers, collate_fn=collate_triplets, pin_memory=pin)
-        step = (epoch + 1) * per_epoch
-
-
-def validate(model, preprocess, val: list[Triplet], gallery: list[str], device, step: int, path: Path) -> dict:
-    """Retrieval and grounding on the validation triplets at `step`: printed, appended to `path`
-    (val.jsonl) and returned as {"step", "val_recall", "val_grounding"} for the checkpoint."""
-    res = evaluate(model, preprocess, val, gallery, device)
-    model.train()
-    metrics = {"step": step, "val_recall": res["recall"]}
-    if "grounding" in res:
-        metrics["val_grounding"] = {k: v for k, v in res["grounding"].items() if k != "per_layer_head"}
-    tqdm.write(f"step {step}: val R@1 {res['recall']['1']:.2f}  R@5 {res['recall']['5']:.2f}  "
-               f"R@10 {res['recall']['10']:.2f}" + grounding_text(res.get("grounding")))
-    with open(path, "a") as f:
-        f.write(json.dumps(metrics) + "\n")
-    return metrics
-
-
-def grounding_text(g: dict | None) -> str:
-    """The validation's grounding in one line: pointing in context / isolated, energy and distinct
-    peaks per caption over the phrases naming a reference object ("" without grounding boxes)."""
-    if not g or not g.get("objects", {}).get("count"):
-        return ""
-    o = g["objects"]
-    return (f"  pointing {o['pointing']['in_context']:.1f} / {o['pointing']['isolated']:.1f}"
-            f"  energy {o['energy']['in_context']:.1f}  distinct {o['distinct']['in_context']:.1f}")
 
 
 def startup_summary(a, model: ComposedRetrieval, device: torch.device, dtype: str, world: int, train_file: Path,

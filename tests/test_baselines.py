@@ -19,7 +19,7 @@ from cir.baselines import build_parser, main
 from cir.data.shapes.pretraining_texts import describe_scene
 from cir.data.shapes.scene import CELLS, Obj, Scene, cell_box, random_scene
 from cir.data.triplets import read_gallery, read_triplets, write_triplets
-from cir.evaluate import evaluate
+from cir.retrieval.evaluate import evaluate
 from cir.models.factory import build_model, load_config
 
 

@@ -323,7 +323,7 @@ def test_circo_test_submission_file(circo, tiny_checkpoint, tmp_path):
 
 
 def test_evaluate_reuses_an_index(cirr, tiny_checkpoint, tmp_path, monkeypatch):
-    import cir.evaluate
+    import cir.retrieval.evaluate
     from cir.index import build_index
 
     _run("--checkpoint", tiny_checkpoint, "--dataset", "cirr", "--root", cirr, "--json", tmp_path / "embedded.json")
@@ -331,7 +331,7 @@ def test_evaluate_reuses_an_index(cirr, tiny_checkpoint, tmp_path, monkeypatch):
 
     def no_embedding(*args, **kwargs):
         raise AssertionError("the gallery was embedded again")
-    monkeypatch.setattr(cir.evaluate, "embed_gallery", no_embedding)
+    monkeypatch.setattr(cir.retrieval.evaluate, "embed_gallery", no_embedding)
     _run("--dataset", "cirr", "--root", cirr, "--index", tmp_path / "index", "--json", tmp_path / "indexed.json")
     embedded, indexed = (json.loads((tmp_path / f).read_text()) for f in ("embedded.json", "indexed.json"))
     assert indexed == embedded

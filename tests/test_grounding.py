@@ -64,7 +64,7 @@ def test_one_head_grounding_table_equals_the_averaged_number(shapes_data):
     """With one layer and one head, the per-head table and the averaged map are the same map; the
     reference-object figures are percentages over their own counts."""
     from cir.data.triplets import read_triplets
-    from cir.evaluate import format_results, grounding
+    from cir.retrieval.evaluate import format_results, grounding
     from cir.models.factory import build_model, config_from_dict, load_config
     torch.manual_seed(0)
     cfg = dict(load_config("context-cir-tiny").to_dict(), fusion_layers=1, fusion_heads=1)

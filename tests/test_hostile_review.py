@@ -146,7 +146,7 @@ def test_a_caption_of_combining_marks_does_not_freeze_the_server(ex):
 
 
 def test_the_caption_fallback_is_linear():
-    from cir.tokenizer import CaptionTokenizer
+    from cir.text.tokenizer import CaptionTokenizer
 
     tok = CaptionTokenizer(40)
     times = {}
@@ -159,7 +159,7 @@ def test_the_caption_fallback_is_linear():
 
 
 def test_notes_phrase_rows_and_the_tokenizer_memo_are_bounded(ex, folders):
-    from cir.tokenizer import CACHE_BYTES, CaptionTokenizer
+    from cir.text.tokenizer import CACHE_BYTES, CaptionTokenizer
     from cir.ui import limits
 
     inside, _ = folders

@@ -89,7 +89,7 @@ def test_no_queries_is_an_error():
 
 def test_first_result_outcomes_of_cir_shapes_queries():
     from cir.data.triplets import Triplet
-    from cir.evaluate import top1_outcomes
+    from cir.retrieval.evaluate import top1_outcomes
 
     meta = {"partials": [{"path": "images/test/q-partial-0.png", "operations": [0]}]}
     t = Triplet("q", "/d/images/test/q-ref.png", "remove the red circle and add a star", ["/d/images/test/q-tgt.png"], meta=meta)
@@ -106,7 +106,7 @@ def _circo(targets, qid="0"):
 
 
 def test_circo_recall_counts_the_target_only():
-    from cir.evaluate import protocol_metrics
+    from cir.retrieval.evaluate import protocol_metrics
 
     # the issue's minimal case: ranking [2, 1, 3], ground truths [1, 2], target 1 -> a miss at rank 1
     assert recall_at_k([[2, 1, 3]], [[1]], [1]) == {1: 0.0}
@@ -121,18 +121,18 @@ def test_circo_recall_counts_the_target_only():
 
 def test_protocol_metrics_refuses_queries_without_targets():
     from cir.errors import UserError
-    from cir.evaluate import protocol_metrics
+    from cir.retrieval.evaluate import protocol_metrics
 
     with pytest.raises(UserError, match="none of the 2 queries has a target"):
         protocol_metrics([_circo([]), _circo([], "1")], [[1], [1]], [[], []])
 
 
 def _ranked(scores, gallery, reference, subset, k):
-    """`cir.evaluate.ranked` for one query whose scores against the gallery are `scores`."""
+    """`cir.retrieval.evaluate.ranked` for one query whose scores against the gallery are `scores`."""
     import torch
 
     from cir.data.triplets import Triplet
-    from cir.evaluate import ranked
+    from cir.retrieval.evaluate import ranked
 
     query = torch.eye(len(gallery))[:1]            # [1, N]: scores = the first row of the gallery matrix
     gallery_emb = torch.tensor([scores]).T.expand(-1, len(gallery)).contiguous()  # [N, N], column 0 = scores

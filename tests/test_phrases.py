@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 from stanza.models.constituency.tree_reader import read_trees
 
-import cir.phrases as phrases
+import cir.text.phrases as phrases
 from cir.errors import UserError
-from cir.phrases import (NounPhraseCache, extract_noun_phrases, noun_phrases_for, noun_phrases_from_tree,
+from cir.text.phrases import (NounPhraseCache, extract_noun_phrases, noun_phrases_for, noun_phrases_from_tree,
                          phrase_cache_path)
 
 

@@ -21,7 +21,7 @@ from cir.data.shapes.render import render
 from cir.data.shapes.scene import Scene
 from cir.data.triplets import read_triplets
 from cir.errors import UserError
-from cir.evaluate import grounding
+from cir.retrieval.evaluate import grounding
 from cir.models.context_cir import ConTextCIRConfig
 from cir.models.factory import build_model, config_from_dict, load_config
 from cir.pseudo_targets import ShapesOracle, oracle_scene, write_pseudo_targets

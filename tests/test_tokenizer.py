@@ -4,7 +4,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from cir.tokenizer import CaptionTokenizer
+from cir.text.tokenizer import CaptionTokenizer
 
 CAPTIONS = [
     "the red circle and the red square",

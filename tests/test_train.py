@@ -174,7 +174,8 @@ def test_every_partial_fulfilment_is_a_negative_for_every_row(shapes_data):
     from cir.data.triplets import read_triplets
     from cir.losses import contrastive_loss
     from cir.models.factory import build_model
-    from cir.train import MAX_PARTIALS, shapes_partials
+    from cir.train import MAX_PARTIALS
+    from cir.training.batches import shapes_partials
     from cir.training.objectives import LossConfig, TrainingObjective
 
     torch.manual_seed(0)

@@ -18,6 +18,7 @@ from torch import nn
 
 from cir.errors import UserError
 from cir.models.fusion import FusionOutput
+from cir.text.tokenizer import CaptionTokenizer
 
 EOT_ID = 49407
 
@@ -58,6 +59,17 @@ class ComposedRetrieval(nn.Module):
     `tokens_from_tower(pooled, patches)`, `text_tokens(tokens)` -> (states, pad), `empty_text(batch)`,
     `fuse(image_tok, text)` -> FusionOutput (its `attention` [B, L, H, T, P]: per text token a
     distribution over the patches, drawn by the app) and `embed(fused)` -> [B, E]."""
+
+    def __init__(self, config, clip: nn.Module):
+        """The parts every method shares: `config`, the towers `clip` (registered first, so parameter
+        and optimizer-state order is the towers', then the method's modules), the caption tokenizer and
+        the patch grid."""
+        super().__init__()
+        self.config = config
+        self.clip = clip
+        clip.visual.output_tokens = True
+        self.tokenizer = CaptionTokenizer(config.context_length)
+        self.grid = clip.visual.grid_size[0]
 
     def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """images [B, 3, S, S] (preprocessed) -> the fusion's image tokens [B, 1 + P, ...]."""

@@ -17,7 +17,6 @@ from cir.errors import UserError
 from cir.models.base import (EOT_ID, ComposedRetrieval, FrozenTextTower, TowersConfig, text_tower_projection,
                              text_tower_states)
 from cir.models.fusion import MAP_SOURCES, PMA, Fusion, FusionOutput
-from cir.tokenizer import CaptionTokenizer
 
 
 @dataclass
@@ -46,14 +45,9 @@ class ConTextCIRConfig(TowersConfig):
 
 class ConTextCIR(ComposedRetrieval):
     def __init__(self, config: ConTextCIRConfig, clip: nn.Module):
-        super().__init__()
-        self.config = config
-        self.clip = clip
-        clip.visual.output_tokens = True
+        super().__init__(config, clip)
         d = config.fusion_width
-        self.tokenizer = CaptionTokenizer(config.context_length)
         vis_width = clip.visual.transformer.width
-        self.grid = clip.visual.grid_size[0]
         self.patch_proj = nn.Linear(vis_width, d)
         self.cls_proj = nn.Linear(clip.visual.output_dim, d)
         self.text_proj = nn.Linear(self._text_width(), d)

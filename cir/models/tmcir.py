@@ -42,7 +42,6 @@ from torch import nn
 
 from cir.models.base import EOT_ID, ComposedRetrieval, TowersConfig, text_tower_projection, text_tower_states
 from cir.models.fusion import PMA, FusionOutput
-from cir.tokenizer import CaptionTokenizer
 
 
 @dataclass
@@ -79,12 +78,7 @@ class TokenMerge(nn.Module):
 
 class TMCIR(ComposedRetrieval):
     def __init__(self, config: TMCIRConfig, clip: nn.Module):
-        super().__init__()
-        self.config = config
-        self.clip = clip
-        clip.visual.output_tokens = True
-        self.tokenizer = CaptionTokenizer(config.context_length)
-        self.grid = clip.visual.grid_size[0]
+        super().__init__(config, clip)
         width = clip.visual.output_dim  # the towers' joint space
         self.fusion = TokenMerge()
         self.pool = PMA(width, config.pool_heads, config.pool_seeds, config.mlp_ratio)

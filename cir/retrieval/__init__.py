@@ -1,6 +1,7 @@
 """The gallery index behind `python -m cir.index`: index parameters (params), the index folder on
 disk (store), embedding images in resumable chunks (embed), ranks under torchrun (shards), building
-and updating (build), search (search) and the Milvus backend (milvus)."""
+and updating (build), search (search), the Milvus backend (milvus), and scoring a model's ranking
+on triplets (evaluate)."""
 
 TYPES = ("auto", "flat", "ivf", "ivfpq")
 FLAT_MAX = 200_000  # auto: exact search below this many images

@@ -39,7 +39,7 @@ def target_ranks(triplets: list[Triplet], checkpoint: str, gallery: str | None, 
     """1-based rank of each triplet's first target by the model (the targets are added to the
     gallery; default gallery: every reference and target of the triplets). Returns (ranks, gallery size)."""
     from cir.checkpoint import load_checkpoint
-    from cir.evaluate import default_keep_reference, embed_gallery, embed_queries, rank
+    from cir.retrieval.evaluate import default_keep_reference, embed_gallery, embed_queries, rank
 
     images = read_gallery(gallery) if gallery else [p for t in triplets for p in (t.reference, *t.targets)]
     images = list(dict.fromkeys(images + [t.targets[0] for t in triplets]))

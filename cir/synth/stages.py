@@ -38,7 +38,7 @@ PROMPTS = Path(__file__).resolve().parent / "prompts"
 PROMPT_FILES = {"step1": "step1_objects.txt", "step2": "step2_target_objects.txt", "step3": "step3_differences.txt"}
 PROMPT_INPUTS = {"step1": set(), "step2": {"reference_objects"}, "step3": {"reference_objects", "target_objects"}}
 RETRY_NOTE = "Your previous answer was rejected: {}. Answer again with JSON only, in the form asked for."
-MAX_PHRASES = 10  # noun phrases kept per caption (the paper's cap, as in cir.phrases)
+MAX_PHRASES = 10  # noun phrases kept per caption (the paper's cap, as in cir.text.phrases)
 
 _OBJECT = {"type": "object", "required": ["name", "descriptors", "location"],
            "properties": {"name": {"type": "string", "minLength": 1},
@@ -284,7 +284,7 @@ def _lead(clause: str, upper: bool) -> str:
 
 def join_differences(differences: list[dict], order: list[int], rng: random.Random) -> tuple[str, list[dict]]:
     """One caption from the differences `order` names, and its noun phrases as character spans:
-    the step-3 mentions, or the spaCy noun phrases of cir.phrases when some mention is unknown."""
+    the step-3 mentions, or the spaCy noun phrases of cir.text.phrases when some mention is unknown."""
     text, spans, known = "", [], True
     for n, i in enumerate(order):
         clause = differences[i]["caption"].strip()
@@ -298,6 +298,6 @@ def join_differences(differences: list[dict], order: list[int], rng: random.Rand
         spans += [(len(text) + s, len(text) + e) for s, e in found or []]
         text += clause
     if not known:
-        from cir.phrases import extract_noun_phrases  # loads spaCy only when needed
+        from cir.text.phrases import extract_noun_phrases  # loads spaCy only when needed
         return text, extract_noun_phrases([text], max_phrases=MAX_PHRASES)[0]
     return text, [{"text": text[s:e], "start": s, "end": e} for s, e in dict.fromkeys(spans)][:MAX_PHRASES]

@@ -28,12 +28,12 @@ from PIL import Image
 from cir.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
 from cir.data.triplets import Triplet, image_problem, read_gallery, read_triplets
 from cir.errors import UserError
-from cir.evaluate import embed_gallery
+from cir.retrieval.evaluate import embed_gallery
 from cir.index import GalleryIndex
 from cir.retrieval.milvus import PREFIX as MILVUS, MilvusIndex, MilvusTarget
 from cir.retrieval.search import resident_memory
 from cir.losses import concept_consistency_loss
-from cir.phrases import extract_noun_phrases
+from cir.text.phrases import extract_noun_phrases
 from cir.ui.batching import QueryBatcher
 from cir.ui.decoded import decoded
 from cir.ui.heatmaps import select
@@ -223,7 +223,7 @@ class Explorer:
 
     # ------------------------------------------------------------------ retrieval
     def encode(self, image, caption: str) -> torch.Tensor:
-        """The query embedding [1, E] float32, as `cir.evaluate.embed_queries` computes it (concurrent
+        """The query embedding [1, E] float32, as `cir.retrieval.evaluate.embed_queries` computes it (concurrent
         calls are encoded in one batch: `cir.ui.batching`)."""
         return self.batcher(self.preprocess(as_image(image)), caption)
 

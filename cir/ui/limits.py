@@ -1,7 +1,7 @@
 """Every resource limit the app puts on what a visitor sends, in one place.
 
 The model reads at most its context length (40 or 77 tokens), so longer captions only cost work;
-the caption path is linear in any case (cir.tokenizer). Limits that Gradio enforces are passed to
+the caption path is linear in any case (cir.text.tokenizer). Limits that Gradio enforces are passed to
 it at launch (`MAX_FILE_SIZE`, `MAX_SESSIONS`; `MAX_BODY_BYTES` by cir.ui.edge), to `gr.Blocks` (`DELETE_CACHE`) or through its environment, unless
 already set there (`GRADIO_ANALYTICS`)."""
 from __future__ import annotations
