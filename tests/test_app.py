@@ -29,7 +29,7 @@ from cir.retrieval.evaluate import embed_gallery, embed_queries, rank
 from cir.losses import concept_consistency_loss, reduce_maps
 from cir.models.factory import build_model
 from cir.synth.report import changed_objects
-from cir.ui import components, limits, retrieve_tab, review, review_tab, server, why_panel
+from cir.ui import components, limits, retrieve_tab, review, review_file, review_tab, server, why_panel
 from cir.ui.access import FileAccess
 from cir.ui.card import looks_like_shapes, model_card
 from cir.ui.explorer import Explorer, model_name, phrase_spans
@@ -315,7 +315,7 @@ def test_review_callbacks(ex, demo, tmp_path):
     write_triplets(src, read_triplets(demo[0] / "examples.jsonl")[0][:3])
     triplets = read_triplets(src)[0]
     access = FileAccess([tmp_path], ex.index.paths)
-    state = review_tab.review_open(access, str(src))
+    state = review_file.review_open(access, str(src))
     assert (state["path"], state["pos"]) == (os.path.realpath(src), 0)
     reference, targets, pieces, caption, note, status = review_tab.review_show(ex, access, state)
     assert caption == triplets[0].caption and "".join(text for text, _ in pieces) == caption
@@ -330,7 +330,7 @@ def test_review_callbacks(ex, demo, tmp_path):
     assert log[triplets[0].id]["decision"] == "accept"
     assert log[triplets[1].id] | {"time": None} == {"id": triplets[1].id, "decision": "edit", "note": "typo",
                                                     "caption": "a better caption", "time": None}
-    assert review_tab.review_open(access, str(src))["pos"] == 2  # reopening resumes at the first undecided item
+    assert review_file.review_open(access, str(src))["pos"] == 2  # reopening resumes at the first undecided item
     assert review_tab.review_move(state, -5)["pos"] == 0 and review_tab.review_move(state, 9)["pos"] == 3
     # filters: only the items of one kind; undo takes the latest decision back and goes to its item
     undecided = review_tab.review_filter(state, "undecided")
@@ -359,7 +359,7 @@ def test_review_callbacks(ex, demo, tmp_path):
         (triplets[0].id, "accept"), (triplets[1].id, "edit"), (triplets[1].id, "undo"), (triplets[0].id, "undo"),
         (triplets[0].id, "accept"), (triplets[1].id, "edit")]
     with pytest.raises(Exception, match="not found"):
-        review_tab.review_open(access, str(tmp_path / "missing.jsonl"))
+        review_file.review_open(access, str(tmp_path / "missing.jsonl"))
 
 
 def test_two_annotators_on_one_file_at_once(ex, demo, tmp_path):
@@ -374,7 +374,7 @@ def test_two_annotators_on_one_file_at_once(ex, demo, tmp_path):
     plans = {"ada": ["accept"] * 6, "bob": ["accept", "reject", "accept", "accept", "reject", "accept"]}
 
     def annotate(name: str):
-        state = review_tab.review_annotator(review_tab.review_open(access, str(src)), name)
+        state = review_tab.review_annotator(review_file.review_open(access, str(src)), name)
         for kind in plans[name]:
             state = review_tab.review_decide(state, triplets[state["pos"]].caption, f"by {name}", kind=kind)
 
@@ -388,7 +388,7 @@ def test_two_annotators_on_one_file_at_once(ex, demo, tmp_path):
         mine = review.read_decisions(log, name)
         assert [mine[t.id]["decision"] for t in triplets] == kinds and all(r["annotator"] == name for r in mine.values())
     assert review.agreement(log) == (2, 6, pytest.approx(4 / 6))
-    state = review_tab.review_annotator(review_tab.review_open(access, str(src)), "bob")
+    state = review_tab.review_annotator(review_file.review_open(access, str(src)), "bob")
     status = review_tab.review_show(ex, access, review_tab.review_move(state, -6))[5]
     assert "by **bob**" in status and "2 annotators, agreement 67% on 6 item(s)" in status
     assert "(0 undecided, 4 accepted, 2 rejected" in status
@@ -407,6 +407,53 @@ def test_two_annotators_on_one_file_at_once(ex, demo, tmp_path):
     assert "your 7 decision(s)" in message and len(Path(accepted_file).read_text().splitlines()) == 3
 
 
+def test_an_annotators_name_belongs_to_the_browser_that_first_decides_under_it(ex, demo, tmp_path):
+    """A name is bound to the browser key of its first decision: another browser can neither take the
+    name, nor decide or undo under it; the same browser, after reopening, can. The unnamed one too."""
+    src = tmp_path / "batch.jsonl"
+    triplets = read_triplets(demo[0] / "examples.jsonl")[0][:3]
+    write_triplets(src, triplets)
+    store, access = review.store_path(src), FileAccess([tmp_path], ex.index.paths)
+    mine, theirs = review_tab.browser_key(None), review_tab.browser_key("not a key")
+    assert len(mine) == 22 and mine != theirs and review_tab.browser_key(mine) == mine
+    alice = review_tab.review_annotator(review_file.review_open(access, str(src)), "alice", mine)
+    review_tab.review_decide(alice, triplets[0].caption, "", kind="accept")
+    opened = review_file.review_open(access, str(src))
+    with pytest.raises(gr.Error, match="the name 'alice' is another browser's"):
+        review_tab.review_annotator(opened, "alice", theirs)
+    forged = review_tab.review_annotator(opened, "mallory", theirs) | {"annotator": "alice", "pos": 0}
+    for call in (lambda: review_tab.review_undo(forged),
+                 lambda: review_tab.review_decide(forged, triplets[0].caption, "", kind="reject")):
+        with pytest.raises(gr.Error, match="another browser's"):
+            call()
+    assert {i: d["decision"] for i, d in review.read_decisions(store, "alice").items()} == {triplets[0].id: "accept"}
+    again = review_tab.review_annotator(review_file.review_open(access, str(src)), "alice", mine)
+    assert review_tab.review_undo(again)["pos"] == 0 and review.read_decisions(store, "alice") == {}
+    review_tab.review_decide(review_tab.review_annotator(opened, "", mine), triplets[0].caption, "", kind="accept")
+    with pytest.raises(gr.Error, match="decisions without a name are another browser's"):
+        review_tab.review_annotator(opened, "", theirs)
+    assert review.bound_elsewhere(store, "alice", theirs) and not review.bound_elsewhere(store, "bob", theirs)
+
+
+def test_review_tab_explains_triplet_files_and_offers_only_what_applies(demo, tmp_path):
+    """The Review tab says what a triplet file is and shows its format; the path box and Open are
+    there only with review folders; the item's buttons start disabled (a file opened enables them)."""
+    folder, ckpt = demo
+    ex = Explorer.load(ckpt, gallery=folder / "gallery.txt", device="cpu")
+    for dirs in ([], [tmp_path]):
+        page = server.build_demo(ex, FileAccess(dirs, ex.index.paths))
+        by_id = {b.elem_id: b for b in page.blocks.values() if getattr(b, "elem_id", None)}
+        path = by_id["review-path"]
+        assert path.visible is bool(dirs) and {by_id["review-file"], by_id["review-open"]} <= set(
+            b for b in page.blocks.values() if b.parent is path or getattr(b.parent, "parent", None) is path)
+        assert all(by_id[f"review-{name}"].interactive is False
+                   for name in ("prev", "accept", "reject", "next", "undo", "export"))
+    assert "**triplet file**: a JSON Lines file" in by_id["review-intro"].value
+    fields = [b.value for b in by_id["triplet-format"].children if isinstance(b, gr.Markdown)][0]
+    assert all(f"| `{field}` |" in fields for field in ("id", "reference", "caption", "targets")) \
+        and "docs/triplets.md" in fields
+    assert "no other browser can decide or undo under it" in by_id["review-annotator"].info
+
 def test_review_flags_captions_that_miss_a_change(ex, demo, tmp_path):
     """The check of `python -m cir.synth report` reaches the Review tab: a caption that misses a change
     between reference and target is flagged in the status and found by the "flagged" filter."""
@@ -418,12 +465,12 @@ def test_review_flags_captions_that_miss_a_change(ex, demo, tmp_path):
     src = tmp_path / "batch.jsonl"
     write_triplets(src, [triplets[0], vague, *triplets[2:]])
     changes = changed_objects(vague)[1]
-    assert review_tab.missing_changes(vague, vague.caption) == [names[0] for names in changes] and changes
-    expected = [i for i, t in enumerate(read_triplets(src)[0]) if review_tab.missing_changes(t, t.caption)]
-    assert 1 in expected and all(not review_tab.missing_changes(t, t.caption)
+    assert review_file.missing_changes(vague, vague.caption) == [names[0] for names in changes] and changes
+    expected = [i for i, t in enumerate(read_triplets(src)[0]) if review_file.missing_changes(t, t.caption)]
+    assert 1 in expected and all(not review_file.missing_changes(t, t.caption)
                                  for i, t in enumerate(triplets) if i not in expected)
     access = FileAccess([tmp_path], ex.index.paths)
-    state = review_tab.review_open(access, str(src))
+    state = review_file.review_open(access, str(src))
     flagged = review_tab.review_filter(state, "flagged")
     assert flagged["pos"] == expected[0]
     status = review_tab.review_show(ex, access, flagged | {"pos": 1})[5]
@@ -433,7 +480,7 @@ def test_review_flags_captions_that_miss_a_change(ex, demo, tmp_path):
     while (flagged := review_tab.review_move(flagged, 1))["pos"] < len(triplets):
         visited.append(flagged["pos"])
     assert visited == expected
-    assert review_tab.missing_changes(replace(vague, meta={}), "x") is None  # nothing to check against
+    assert review_file.missing_changes(replace(vague, meta={}), "x") is None  # nothing to check against
 
 
 # ---------------------------------------------------------------------------- the served app
@@ -619,6 +666,13 @@ def test_compare_view_opacity_and_upsampling(ex, models):
     # the page's callback: the model and the one compared with chosen by name
     image = why_panel.attention(ex, t.reference, t.caption, [], None, "mean", "mean", 0.005, other=tm)[2]
     assert image.shape[1] == both.shape[1]
+    # every layer and head is one model's grid, and the info says the comparison is off while it is shown
+    _, _, grid, _, info = why_panel.attention(ex, t.reference, t.caption, [], None, "mean", "mean", 0.005, other=tm,
+                                              grid=True)
+    assert np.array_equal(grid, why_panel.render_maps(ex, t.reference, t.caption, ex.caption_phrases(t.caption)[0],
+                                                      boxes=ex.boxes(t.reference, t.caption), grid=True)[0])
+    assert f"by **{components.markdown_literal(ex.name)}** ·" in info
+    assert f"every layer and head is one model's: untick it to compare with **{tm.name}**" in info
     # two models with different patch grids (3 x 3, 7 x 7): each drawn over the whole view, on one scale
     rng = np.random.default_rng(0)
     coarse, fine = (rng.random((3, 3)), rng.random((3, 3))), (rng.random((7, 7)) * 2, rng.random((7, 7)))

@@ -1,11 +1,15 @@
 """The explorer in headless Chromium (Debian's /usr/bin/chromium, driven by Playwright): pick an
-example, retrieve, see k results and the heatmaps at phone, tablet and desktop widths; the Research
+example, retrieve, see k results, the examples, the phrase tables and the heatmaps whole at phone,
+tablet and desktop widths (the maps right above their controls on a phone; an opacity typed and
+committed with Enter redraws them; an edited caption has no ground truth); the Research
 tab's map (brushed), phrase influence, variants (one applied), make-up and export at phone and desktop
 widths; the model
 card; an uploaded photo gets the out-of-domain notice; select a second model (its results and card)
 and compare the first one's maps beside its own; in the review tab accept an item with the 'a'
 key, reject and undo, filter, export for download, and open the same file as an upload (a private copy
-with none of those decisions). Screenshots go to test-artifacts/.
+with none of those decisions); the Review tab at a phone's and a desktop's width: its buttons live only
+once a file is open, the uploaded file's name whole, each target at the reference's size, one error
+toast at a time. Screenshots go to test-artifacts/.
 
 Skipped only where Chromium (or Playwright) is missing and the CI variable is unset."""
 import importlib.util
@@ -79,6 +83,15 @@ def page_at(url: str, width: int, height: int = 900):
             browser.close()
 
 
+def inside(page, selector: str, within: str | None = None) -> list:
+    """The boxes [left, top, right, bottom] of the elements `selector` that reach outside the window's
+    width (or outside the element `within`); [] when all lie inside it."""
+    return page.locator(selector).evaluate_all("""(els, within) => {
+        const c = within ? document.querySelector(within).getBoundingClientRect() : {left: 0, right: innerWidth};
+        return els.map(e => e.getBoundingClientRect()).filter(r => r.left < c.left - 1 || r.right > c.right + 1)
+                  .map(r => [r.left, r.top, r.right, r.bottom]); }""", within)
+
+
 @pytest.mark.parametrize("width", WIDTHS)
 def test_retrieve_at_every_width(served, width, tmp_path):
     url, ex, _ = served
@@ -100,9 +113,31 @@ def test_retrieve_at_every_width(served, width, tmp_path):
         heatmaps.scroll_into_view_if_needed()
         expect(heatmaps).to_be_visible()
         box = heatmaps.bounding_box()
-        assert box["width"] >= min(250, width * 0.6) and box["height"] >= 200, box  # was 0 x 0 at <= 640 px
-        assert 0 <= box["x"] and box["x"] + box["width"] <= width + 1  # inside the window, no sideways scroll
+        assert box["width"] >= min(250, width * 0.85) and box["height"] >= 200, box  # was 0 x 0 at <= 640 px
+        # every result, example and phrase-table cell inside the window (and the tables inside their
+        # boxes), and nothing to scroll sideways
+        assert inside(page, "#results img") == [] and inside(page, "#examples img", "#examples") == []
+        for table in ("#phrases", "#cc-table"):
+            assert inside(page, f"{table} th, {table} td", table) == [], table
+        assert page.evaluate("document.documentElement.scrollWidth") <= width
+        if width < 640:  # a phone: the maps right above the phrase table and the controls below it
+            table = page.locator("#phrases").bounding_box()
+            assert 0 <= table["y"] - (box["y"] + box["height"]) <= 80, (box, table)
         page.screenshot(path=str(artifacts / f"explorer-retrieve-{width}.png"), full_page=True)
+        if width == WIDTHS[-1]:  # an opacity typed and committed with Enter redraws the maps
+            drawn = heatmaps.get_attribute("src")
+            number = page.locator("#opacity input[type=number]")
+            number.fill("")
+            number.type("0.2")
+            number.press("Enter")
+            expect(heatmaps).not_to_have_attribute("src", drawn)
+            # the example's caption edited: no ground truth is promised or reported
+            page.locator("#caption textarea").fill(ex.examples[0].caption + " twice")
+            expect(page.locator("#query-info")).to_contain_text("with another modification, so no ground truth")
+            page.locator("#retrieve").click()
+            expect(page.locator("#status")).not_to_contain_text("Ground truth")
+            expect(page.locator("#status")).to_contain_text(f"{K} results")
+            expect(page.locator("#results")).not_to_contain_text("★")
         if width == WIDTHS[0]:  # an uploaded photo is told it is unlike the training scenes
             x, y = np.meshgrid(np.linspace(0, 1, 96), np.linspace(0, 1, 96))
             Image.fromarray((np.stack([x, y, x * y], -1) * 255).astype(np.uint8)).save(tmp_path / "photo.png")
@@ -165,6 +200,42 @@ def test_research_views_at_two_widths(served, width):
         page.get_by_role("tab", name="Retrieve").click()
         expect(page.locator("#caption textarea")).to_have_value(chosen)  # the variant applied
         expect(page.locator("#maps-info")).to_contain_text(first)  # over the image opened from the map
+
+
+@pytest.mark.parametrize("width", (390, 1400))
+def test_review_tab_at_two_widths(served, width):
+    """Before a file is open only the ways to open one are live; the uploaded file's name shows whole;
+    each target is drawn at the reference's size and whole; a second error replaces the first toast."""
+    url, ex, to_review = served
+    artifacts = ROOT / "test-artifacts"
+    artifacts.mkdir(exist_ok=True)
+    with page_at(url, width) as page:
+        page.get_by_role("tab", name="Review").click()
+        expect(page.locator("#review-intro")).to_contain_text("triplet file")
+        for name in ("prev", "accept", "reject", "next", "undo", "export"):
+            expect(page.locator(f"#review-{name}")).to_be_disabled()
+        page.locator("#review-open").click()  # two mistakes in a row: one toast, the latest
+        expect(page.get_by_text("type the path of a triplet file")).to_be_visible()
+        page.locator("#review-file textarea").fill("/etc/passwd")
+        page.locator("#review-open").click()
+        expect(page.get_by_text("only triplet files inside")).to_be_visible()
+        expect(page.locator("[data-testid=toast-text]:visible")).to_have_count(1)
+        page.locator("#review-upload input[type=file]").set_input_files(str(to_review))
+        expect(page.locator("#review-status")).to_contain_text("Item 1 of")
+        expect(page.locator("#review-accept")).to_be_enabled()
+        name = page.locator("#review-upload td.filename")
+        expect(name).to_have_attribute("aria-label", to_review.name)
+        assert name.evaluate("e => e.scrollWidth <= e.clientWidth && e.clientWidth > 0")
+        reference, target = page.locator("#review-reference img"), page.locator("#review-targets img").first
+        expect(target).to_be_visible()
+        target.evaluate("img => img.decode()")
+        ref, tgt = reference.bounding_box(), target.bounding_box()
+        assert (tgt["width"], tgt["height"]) == (ref["width"], ref["height"]) and ref["width"] >= 200, (ref, tgt)
+        assert inside(page, "#review-targets img", "#review-targets") == []
+        gallery = page.locator("#review-targets").bounding_box()
+        assert gallery["y"] <= tgt["y"] and tgt["y"] + tgt["height"] <= gallery["y"] + gallery["height"] + 1
+        assert page.evaluate("document.documentElement.scrollWidth") <= width
+        page.screenshot(path=str(artifacts / f"explorer-review-{width}.png"), full_page=True)
 
 
 def test_retrieve_and_review_in_the_browser(served):

@@ -89,7 +89,7 @@ def test_a_swept_upload_under_review_asks_to_be_opened_again(tmp_path):
     import pytest
 
     from cir.errors import UserError
-    from cir.ui import review_tab
+    from cir.ui import review_file
 
     with pytest.raises(UserError, match="x.jsonl is gone .* open or upload it again"):
-        review_tab.review_items({"path": str(tmp_path / "x.jsonl"), "base": None})
+        review_file.review_items({"path": str(tmp_path / "x.jsonl"), "base": None})

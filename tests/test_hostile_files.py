@@ -20,7 +20,7 @@ from cir.data.triplets import read_gallery, read_triplets, write_triplets
 from cir.errors import UserError
 from cir.index import EMBEDDINGS, FAISS_FILE, MANIFEST, GalleryIndex, build_index, update_index
 from cir.models.factory import build_model, config_from_dict, load_config
-from cir.ui import retrieve_tab, review, review_tab
+from cir.ui import retrieve_tab, review, review_file, review_tab
 from cir.ui.access import FileAccess
 from cir.ui.explorer import Explorer
 from cir.ui.thumbnails import thumbnail
@@ -272,11 +272,11 @@ def test_a_damaged_review_store_is_refused_in_one_line(shapes_data, tmp_path, co
     write_triplets(src, read_triplets(shapes_data / "test.jsonl")[0][:2])
     review.store_path(src).write_bytes(content)
     if not content:  # an empty file is an empty store
-        assert review_tab.review_open(FileAccess([tmp_path]), str(src))["pos"] == 0
+        assert review_file.review_open(FileAccess([tmp_path]), str(src))["pos"] == 0
         return
     assert_user_error(lambda: review.read_decisions(review.store_path(src)), "batch.review.sqlite: not a review store")
     with pytest.raises(Exception, match="batch.review.sqlite: not a review store"):
-        review_tab.review_open(FileAccess([tmp_path]), str(src))
+        review_file.review_open(FileAccess([tmp_path]), str(src))
     assert review.store_path(src).read_bytes() == content
 
 
@@ -288,12 +288,12 @@ def test_review_tab_opens_a_crashed_log(tiny_checkpoint, shapes_data, tmp_path):
     log.write_text("".join(json.dumps(review.decision(t.id, kind)) + "\n"
                            for t, kind in zip(triplets, ("accept", "reject"))))
     log.write_bytes(log.read_bytes() + b'{"id": "' + triplets[2].id.encode() + b'", "decision": "acc')
-    state = review_tab.review_open(FileAccess([tmp_path]), str(src))
+    state = review_file.review_open(FileAccess([tmp_path]), str(src))
     store = review.store_path(src)
     assert state["pos"] == 2 and set(review.read_decisions(store)) == {triplets[0].id, triplets[1].id}
     state = review_tab.review_decide(state, triplets[2].caption, "", kind="accept")
     assert state["pos"] == 3 and review.read_decisions(store)[triplets[2].id]["decision"] == "accept"
-    assert review_tab.review_open(FileAccess([tmp_path]), str(src))["pos"] == 3  # the log is taken in once
+    assert review_file.review_open(FileAccess([tmp_path]), str(src))["pos"] == 3  # the log is taken in once
 
 
 # ---------------------------------------------------------------------------- triplet files

@@ -14,7 +14,7 @@ import pytest
 from gradio_client import Client, handle_file
 
 from cir.data.triplets import read_triplets, write_triplets
-from cir.ui import review, review_tab, why_panel
+from cir.ui import limits, review, review_file, review_tab, why_panel
 from cir.ui.access import IMAGE_REFUSED, NO_FOLDERS, REFUSED, FileAccess
 from hostile_inputs import endpoints, rss_mb, served
 
@@ -106,7 +106,7 @@ def test_an_uploaded_file_shows_only_gallery_images_and_writes_beside_its_copy(e
     copies = list(Path(access.upload_root).rglob("mine.jsonl"))
     assert len(copies) == 1 and copies[0] != upload
     # what the page then shows of the copy: the outside reference is not shown, the gallery target is
-    state = review_tab.review_upload(ex, access, str(upload))  # the upload callback, as the page runs it
+    state = review_file.review_upload(ex, access, str(upload))  # the upload callback, as the page runs it
     assert Path(state["path"]).parent.parent == Path(access.upload_root)
     reference, targets, _, _, _, status = review_tab.review_show(ex, access, state)
     assert reference is None and IMAGE_REFUSED in status
@@ -164,7 +164,7 @@ def test_notes_phrase_rows_and_the_tokenizer_memo_are_bounded(ex, folders):
 
     inside, _ = folders
     access = FileAccess([inside], ex.index.paths)
-    state = review_tab.review_open(access, str(inside / "batch.jsonl"))
+    state = review_file.review_open(access, str(inside / "batch.jsonl"))
     caption = read_triplets(inside / "batch.jsonl")[0][0].caption
     with pytest.raises(Exception, match=f"at most {limits.MAX_NOTE_CHARS:,}"):
         review_tab.review_decide(state, caption, "x" * (limits.MAX_NOTE_CHARS + 1), kind="accept")
@@ -243,8 +243,8 @@ def test_review_targets_are_capped_and_merged_by_their_real_path(ex, folders):
     (inside / "limits.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     access = FileAccess([inside], ex.index.paths)
     t0 = time.perf_counter()
-    state = review_tab.review_open(access, str(inside / "limits.jsonl"))
-    triplets, problems = review_tab.review_items(state)
+    state = review_file.review_open(access, str(inside / "limits.jsonl"))
+    triplets, problems = review_file.review_items(state)
     shown = review_tab.review_show(ex, access, state)
     assert time.perf_counter() - t0 < 5.0
     assert [t.id for t in triplets] == ["three"] and triplets[0].targets == [target] and len(shown[1]) == 1
@@ -259,7 +259,7 @@ def test_a_review_file_of_too_many_lines_is_refused(ex, folders):
     line = (inside / "batch.jsonl").read_text().splitlines()[0]
     (inside / "long.jsonl").write_text(line + "\n" + "\n" * limits.MAX_REVIEW_LINES)
     with pytest.raises(Exception, match=f"more than {limits.MAX_REVIEW_LINES:,} lines"):
-        review_tab.review_open(FileAccess([inside], ex.index.paths), str(inside / "long.jsonl"))
+        review_file.review_open(FileAccess([inside], ex.index.paths), str(inside / "long.jsonl"))
 
 
 def scene_json(n: int) -> dict:
@@ -284,10 +284,10 @@ def test_the_flagged_check_compares_only_small_scenes(ex, folders):
     (inside / "scenes.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     access = FileAccess([inside], ex.index.paths)
     t0 = time.perf_counter()
-    state = review_tab.review_open(access, str(inside / "scenes.jsonl"))
+    state = review_file.review_open(access, str(inside / "scenes.jsonl"))
     status = review_tab.review_show(ex, access, state)[5]
     assert time.perf_counter() - t0 < 3.0
-    triplets, problems = review_tab.review_items(state)
+    triplets, problems = review_file.review_items(state)
     assert [t.id for t in triplets] == [good.id] and "0 flagged" in status
     assert len(problems) == 2 and f"longer than {limits.MAX_LINE_CHARS:,}" in problems[0]
     assert f"40 objects in its reference_scene; at most {limits.MAX_SCENE_OBJECTS}" in problems[1]
@@ -331,5 +331,23 @@ def test_an_uploads_refusal_names_the_file_not_its_server_copy(ex, tmp_path):
     bad_json.write_text("{not json\n")
     not_utf8.write_bytes(b'{"id": "caf\xe9"}\n')
     for upload in (bad_json, not_utf8):
-        message = error_of(lambda: review_tab.review_upload(ex, access, str(upload)))
+        message = error_of(lambda: review_file.review_upload(ex, access, str(upload)))
         assert upload.name in message and access.upload_root not in message and "/" not in message, message
+
+
+def test_a_triplet_file_over_the_byte_cap_is_refused_in_one_line(ex, folders):
+    """A triplet file over limits.MAX_REVIEW_MB, typed or uploaded, is refused by its size before it is
+    read or copied, in one line naming the file."""
+    inside, _ = folders
+    big = inside / "big.jsonl"
+    with open(big, "wb") as f:
+        f.truncate((limits.MAX_REVIEW_MB + 1) * 2 ** 20)
+    access = FileAccess([inside], ex.index.paths)
+    want = f"big.jsonl has {limits.MAX_REVIEW_MB + 1:.1f} MB; the Review tab opens triplet files of at most " \
+           f"{limits.MAX_REVIEW_MB} MB"
+    for call in (lambda: review_file.review_open(access, str(big)),
+                 lambda: review_file.review_upload(ex, access, str(big))):
+        with pytest.raises(Exception) as refused:
+            call()
+        assert refused.value.message == want
+    assert os.listdir(access.upload_root) == [] and not review.store_path(big).exists()

@@ -23,6 +23,7 @@ DELETE_CACHE = (3600, 3600)  # every hour, delete uploaded and cached files olde
 # delete those unused for an hour, then the least recently used until they hold at most 1 GB
 CLEANUP_AGE_S, CLEANUP_EVERY_S, CLEANUP_MAX_BYTES = 3600, 600, 2 ** 30
 # a triplet file the Review tab opens: CIR-Shapes lines are under 4,000 characters
+MAX_REVIEW_MB = 20  # bytes of the file, in MB (5,000 CIR-Shapes lines are at most 20 MB)
 MAX_REVIEW_LINES = 5000  # lines of the file
 MAX_LINE_CHARS = 16 * 1024  # characters of one line (a longer one is skipped unread)
 MAX_TARGETS = 16  # targets of one triplet (those naming one file are then merged)
@@ -68,6 +69,13 @@ def request_pixels(pixels: int, name: str) -> None:
     if pixels > MAX_REQUEST_PIXELS:
         raise UserError(f"cannot read image {name}: {pixels:,} pixels is over this app's limit of "
                         f"{MAX_REQUEST_PIXELS:,} per request")
+
+
+def review_bytes(size: int, name: str) -> None:
+    """UserError when a triplet file of `size` bytes exceeds MAX_REVIEW_MB."""
+    if size > MAX_REVIEW_MB * 2 ** 20:
+        raise UserError(f"{name} has {size / 2 ** 20:,.1f} MB; the Review tab opens triplet files of at most "
+                        f"{MAX_REVIEW_MB} MB")
 
 
 def annotator(name: str | None) -> str:

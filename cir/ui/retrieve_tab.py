@@ -42,7 +42,8 @@ def query_note(ex: Explorer, query_path: str, caption: str | None) -> str:
     truth, marked ★ in the results; its reference with another caption, or any other image, has none."""
     t = ex.example_of(query_path, caption or "")
     if t is not None:
-        return f"Example **{markdown_literal(t.id)}**: {len(t.targets)} ground-truth target(s), marked ★ in the results."
+        return (f"Example **{markdown_literal(t.id)}**: {len(t.targets)} ground-truth target(s), marked ★ in the "
+                "results.")
     info = f"Gallery image **{markdown_literal(ex.label(query_path))}**"
     t = ex.example_of(query_path)
     if t is not None:
@@ -78,7 +79,8 @@ def pick_browsed(ex: Explorer, text: str, page: int, index: int, caption: str | 
 
 @shown
 def caption_edited(ex: Explorer, query_path: str | None, caption: str):
-    """The modification typed: a gallery query's note says again whether it has ground truth (an upload's is kept)."""
+    """The modification changed (typed, an example's, a variant applied): a gallery query's note says
+    again whether it has ground truth (an upload's is kept)."""
     return query_note(ex, query_path, limits.caption(caption)) if query_path else gr.skip()
 
 
@@ -227,7 +229,7 @@ def _query_row(c: SimpleNamespace, models: Models) -> None:
         with gr.Column(scale=1):
             c.image = query_image(label="Query image", type="filepath", format="png", height=260,
                                   sources=["upload", "clipboard"], elem_id="query-image")
-            c.query_info = gr.Markdown()
+            c.query_info = gr.Markdown(elem_id="query-info")
             c.model_choice = gr.Dropdown(models.names, value=ex.name, label="Model", interactive=several,
                                          info=None if several else
                                          "one model loaded (app.py --checkpoint, repeatable)", elem_id="model")
@@ -275,8 +277,9 @@ def _why_panel(c: SimpleNamespace, models: Models) -> None:
         with gr.Row(elem_id="why-row"):
             with gr.Column(scale=1, min_width=280):
                 c.phrases = gr.Dataframe(headers=["phrase", "start", "end"], datatype=["str", "number", "number"],
-                                         type="array", interactive=True,
-                                         label="Noun phrases (an example's gold ones, else spaCy's; editable)")
+                                         type="array", interactive=True, column_widths=["60%", "20%", "20%"],
+                                         label="Noun phrases (an example's gold ones, else spaCy's; editable)",
+                                         elem_id="phrases")
                 with gr.Row():
                     c.new_phrase = gr.Textbox(label="Add a phrase of the caption", scale=3)
                     c.add = gr.Button("Add", scale=1)
@@ -291,11 +294,12 @@ def _why_panel(c: SimpleNamespace, models: Models) -> None:
                                         elem_id="compare")
                 c.shared_scale = gr.Checkbox(False, label="One difference scale for all phrases",
                                              elem_id="shared-scale")
-                c.grid = gr.Checkbox(False, label="Every layer and head (a grid of in-context maps)",
+                c.grid = gr.Checkbox(False, label="Every layer and head (one model's grid of in-context maps)",
                                      elem_id="head-grid")
                 c.update = gr.Button("Update maps")
                 c.maps_info = gr.Markdown(elem_id="maps-info")
                 c.cc_table = gr.Dataframe(headers=["phrase", "CC term"], type="array", interactive=False,
+                                          column_widths=["65%", "35%"], elem_id="cc-table",
                                           label="CC term: Σ over patches of ReLU(|A_ctx − A_iso| − ε)")
             with gr.Column(scale=2, min_width=280):
                 gr.Markdown("Per phrase: in context | isolated (one colour scale) | their difference; "
@@ -317,8 +321,8 @@ def _wire_query(c: SimpleNamespace, ex: Explorer) -> None:
     c.examples.select(on_example, None, [c.query_path, c.image, c.caption, c.query_info, c.phrases, c.rows_caption],
                       **private)
     c.browser.select(on_browsed, [c.search, c.page, c.caption], [c.query_path, c.image, c.query_info], **private)
-    c.caption.input(lambda path, caption: caption_edited(ex, path, caption), [c.query_path, c.caption], c.query_info,
-                    trigger_mode="always_last", **private)
+    c.caption.change(lambda path, caption: caption_edited(ex, path, caption), [c.query_path, c.caption], c.query_info,
+                     trigger_mode="always_last", **private)
     c.search.change(lambda text: browse(ex, text, 0), c.search, pages, trigger_mode="always_last", **private)
     c.prev_page.click(lambda text, pg: browse(ex, text, pg - 1), [c.search, c.page], pages, **private)
     c.next_page.click(lambda text, pg: browse(ex, text, pg + 1), [c.search, c.page], pages, **private)

@@ -4,7 +4,9 @@
 (`seq`, `id`, `annotator`, `kind`: accept | reject | edit | undo, `note`, `caption`, `time`;
 "edit" accepts the triplet with `caption` replacing its caption, "undo" takes the item's decision
 back so it is undecided again). The latest decision per id counts, per annotator when several share
-a store ("" is the unnamed annotator); `agreement` compares the annotators' decisions. The store is
+a store ("" is the unnamed annotator); `agreement` compares the annotators' decisions. A name is
+bound to the browser that first decides under it (table `annotators`: the name and the sha256 of
+that browser's key): a decision or undo under a name bound to another key is refused. The store is
 in WAL mode with synchronous writes and a busy timeout, so processes and threads that save at once
 each wait their turn and every committed decision survives a crash.
 
@@ -17,6 +19,7 @@ project recomputes noun phrases when absent).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sqlite3
@@ -44,6 +47,7 @@ CREATE TABLE IF NOT EXISTS decisions (
     time TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS decisions_by_annotator ON decisions (annotator, id, seq);
+CREATE TABLE IF NOT EXISTS annotators (name TEXT PRIMARY KEY, key_sha256 TEXT NOT NULL);
 """
 _COLUMNS = "id, kind, note, caption, time, annotator"
 # the latest row per (annotator, id), or per id over everyone when no annotator is named
@@ -173,12 +177,46 @@ def _last_undoable(db: sqlite3.Connection, annotator: str | None) -> str | None:
     return row[0] if row else None
 
 
-def undo(store: str | os.PathLike, annotator: str = "") -> str | None:
+def taken_message(annotator: str) -> str:
+    """What a browser is told when `annotator` is bound to another browser."""
+    who = f"the name {annotator!r} is" if annotator else "decisions without a name are"
+    return (f"{who} another browser's (a name belongs to the browser that first decides under it): "
+            "type another name under Annotator")
+
+
+def _key_sha256(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _bind(db: sqlite3.Connection, annotator: str, key: str | None) -> None:
+    """Bind `annotator` to the browser key `key` when unbound; UserError when another key holds it
+    (None: no binding checked)."""
+    if key is None:
+        return
+    row = db.execute("SELECT key_sha256 FROM annotators WHERE name = ?", (annotator,)).fetchone()
+    if row is None:
+        db.execute("INSERT INTO annotators (name, key_sha256) VALUES (?, ?)", (annotator, _key_sha256(key)))
+    elif row[0] != _key_sha256(key):
+        raise UserError(taken_message(annotator))
+
+
+def bound_elsewhere(store: str | os.PathLike, annotator: str, key: str) -> bool:
+    """Whether `annotator` is bound to another browser key than `key` in the store."""
+    if not Path(store).is_file():
+        return False
+    with _connected(store) as db:
+        row = db.execute("SELECT key_sha256 FROM annotators WHERE name = ?", (annotator,)).fetchone()
+    return row is not None and row[0] != _key_sha256(key)
+
+
+def undo(store: str | os.PathLike, annotator: str = "", key: str | None = None) -> str | None:
     """Take back the annotator's most recent decision still in effect (an "undo" row, saved in the
-    same transaction that finds it); returns its id, None when there is nothing to undo."""
+    same transaction that finds it); returns its id, None when there is nothing to undo. With a
+    browser `key`, the name must be bound to it (see `append_decision`)."""
     if not Path(store).is_file():
         return None
     with _writing(store) as db:
+        _bind(db, annotator, key)
         undone = _last_undoable(db, annotator)
         if undone is not None:
             _insert(db, decision(undone, UNDO, annotator=annotator))
@@ -205,9 +243,11 @@ def _insert(db: sqlite3.Connection, *records: dict) -> None:
                      r.get("time", ""), r.get("annotator", "")) for r in records])
 
 
-def append_decision(store: str | os.PathLike, record: dict) -> None:
-    """Save one decision (committed to disk before this returns)."""
+def append_decision(store: str | os.PathLike, record: dict, key: str | None = None) -> None:
+    """Save one decision (committed to disk before this returns). With a browser `key`, its annotator's
+    name is bound to that key in the same transaction, or refused (UserError) when bound to another."""
     with _writing(store) as db:
+        _bind(db, record.get("annotator", ""), key)
         _insert(db, record)
 
 

@@ -1,162 +1,32 @@
-"""The Review tab: step through a triplet file (one in a review folder, or an upload), accept,
+"""The Review tab: step through a triplet file (`cir.ui.review_file` opens and reads it), accept,
 reject or edit each caption, see where the model ranks the target and its noun phrases' maps over
 the reference, and export the accepted triplets with the review log. The review state (file,
-position, filter, annotator) is a plain dict; the decisions live in the file's review store
-(`cir.ui.review`)."""
+position, filter, annotator, browser key) is a plain dict; the decisions live in the file's review
+store (`cir.ui.review`), each annotator's name bound to the browser that first decides under it."""
 from __future__ import annotations
 
 import functools
-import json
 import os
+import re
+import secrets
 import shutil
 import tempfile
-import time
-from dataclasses import replace
 from types import SimpleNamespace
 
 import gradio as gr
 
-from cir.data.triplets import normalize_path, read_triplets
 from cir.errors import UserError
-from cir.synth.report import changed_objects, mentions
 from cir.ui import limits, review
 from cir.ui.access import IMAGE_REFUSED, FileAccess
 from cir.ui.components import highlight, image_output, markdown_literal, shown
 from cir.ui.explorer import Explorer, grounding_boxes
+from cir.ui.review_file import flagged, missing_changes, review_items, review_open, review_upload
 from cir.ui.thumbnails import thumbnail
 from cir.ui.why_panel import render_maps
 
 RANK_OVER = ("file images", "gallery index")
 SHOW = ("all", "undecided", "accepted", "rejected", "flagged")  # the filter; "accepted" includes edits; "flagged":
 # the caption misses a change between reference and target (as `python -m cir.synth report` finds)
-
-
-@functools.lru_cache(maxsize=8)
-def _triplets(path: str, base: str | None, mtime: float):
-    """(triplets, problems) of a triplet file within the Review limits (cir.ui.limits): a file of too
-    many lines is refused, a line too long or a triplet over a limit is skipped as a problem, and
-    targets naming one file (by its real path) are merged. Images are not checked here: whether
-    one may be read at all is FileAccess.image's call."""
-    unplaced = lambda text: text.replace(path, os.path.basename(path))  # the page shows no server path
-    try:
-        triplets, problems = read_triplets(path, skip_bad=True, check_images=False, base=base,
-                                           max_lines=limits.MAX_REVIEW_LINES, max_line_chars=limits.MAX_LINE_CHARS)
-    except UserError as e:
-        raise UserError(unplaced(str(e))) from None
-    problems = [unplaced(p) for p in problems]
-    kept = []
-    for t in triplets:
-        if (why := _over_limits(t)) is not None:
-            problems.append(f"{os.path.basename(path)}: triplet {t.id!r}: {why}")
-            continue
-        real = {}
-        for p in t.targets:
-            real.setdefault(os.path.realpath(p), p)
-        kept.append(replace(t, targets=list(real.values())))
-    return kept, problems
-
-
-def _over_limits(t) -> str | None:
-    """Why a triplet is over the Review limits, or None."""
-    if len(t.targets) > limits.MAX_TARGETS:
-        return f"{len(t.targets):,} targets; at most {limits.MAX_TARGETS} are reviewed"
-    scenes = t.meta.get("pair_meta") or t.meta
-    for key in ("reference_scene", "target_scene"):
-        scene = scenes.get(key) if isinstance(scenes, dict) else None
-        objects = scene.get("objects") if isinstance(scene, dict) else None
-        if isinstance(objects, list) and len(objects) > limits.MAX_SCENE_OBJECTS:
-            return f"{len(objects):,} objects in its {key}; at most {limits.MAX_SCENE_OBJECTS} are compared"
-    return None
-
-
-def missing_changes(t, caption: str) -> list[str] | None:
-    """The changes between a triplet's reference and target that `caption` does not mention (the
-    check of `python -m cir.synth report`); None when the triplet carries no scenes or stage outputs."""
-    try:
-        changes = changed_objects(t)[1]
-    except (UserError, KeyError, TypeError, ValueError, IndexError):
-        return None
-    return [names[0] for names in changes if not mentions(caption, names)]
-
-
-@functools.lru_cache(maxsize=8)
-def _flagged(path: str, base: str | None, mtime: float) -> frozenset[str]:
-    return frozenset(t.id for t in _triplets(path, base, mtime)[0] if missing_changes(t, t.caption))
-
-
-def review_items(state: dict):
-    """(triplets, problems) of a review state's triplet file, re-read when it changes."""
-    try:
-        mtime = os.path.getmtime(state["path"])
-    except FileNotFoundError:
-        raise UserError(f"{os.path.basename(state['path'])} is gone (an upload unused for an hour is deleted); "
-                        "open or upload it again") from None
-    return _triplets(state["path"], state.get("base"), mtime)
-
-
-def _opened(path: str, base: str | None = None):
-    """A review state at the first undecided item of a triplet file the app may open (its review store
-    takes in a JSONL review log beside it when it has no decisions yet); relative image paths are taken
-    from `base` (default: its folder)."""
-    state = {"path": path, "base": base}
-    triplets, problems = review_items(state)
-    if not triplets:
-        raise UserError(f"no usable triplets in {os.path.basename(path)}" + (f" ({problems[0]})" if problems else ""))
-    decisions = review.open_store(review.store_path(path), review.log_path(path))
-    if problems:
-        gr.Warning(f"skipped {len(problems)} bad line(s); first: {problems[0]}")
-    # "opened" makes reopening a changed state, so the page refreshes even at the same position
-    return state | {"pos": review.first_undecided(triplets, decisions), "opened": time.time()}
-
-
-@shown
-def review_open(access: FileAccess, path: str):
-    """Open a triplet file typed by the visitor: only inside the review folders."""
-    path = (path or "").strip()
-    if not path:
-        raise UserError("type the path of a triplet file in a review folder, or upload one")
-    return _opened(access.triplet_file(path))
-
-
-@shown
-def review_upload(ex: Explorer, access: FileAccess, uploaded: str | None):
-    """Open an uploaded triplet file (a private copy; its review store and exports stay beside the copy);
-    its relative image paths are taken from `upload_base`."""
-    if not uploaded:
-        raise UserError("upload a triplet file (.jsonl)")
-    path = access.adopt_upload(uploaded)
-    return _opened(path, upload_base(ex.root, access, path))
-
-
-UPLOAD_BASE_LEVELS = 3  # folders above the gallery's folder tried as the base of an upload's relative paths
-
-
-def upload_base(root: str, access: FileAccess, path: str) -> str:
-    """The folder an uploaded triplet file's relative image paths are taken from: the gallery's folder
-    `root`, or the nearest of its first UPLOAD_BASE_LEVELS parents from which the file's first
-    line names an existing reference the app may show (a file written beside the gallery's image folder,
-    like an examples file, names "images/x.png"); `root` when none does. Only that line is read."""
-    reference = _first_reference(path)
-    base = root
-    for _ in range(UPLOAD_BASE_LEVELS + 1 if reference else 0):
-        found = normalize_path(reference, base)
-        if os.path.isfile(found) and access.image(found):
-            return base
-        base = os.path.dirname(base)
-    return root
-
-
-def _first_reference(path: str) -> str | None:
-    """The "reference" of a triplet file's first non-empty line (read up to MAX_LINE_CHARS), or None."""
-    with open(path, encoding="utf-8", errors="replace") as f:
-        while line := f.readline(limits.MAX_LINE_CHARS + 1):
-            if line.strip():
-                try:
-                    reference = json.loads(line).get("reference")
-                except (ValueError, AttributeError, RecursionError):
-                    return None
-                return reference if isinstance(reference, str) else None
-    return None
 
 
 def _current(state):
@@ -185,7 +55,7 @@ def review_show(ex: Explorer, access: FileAccess, state):
         return None, [], [], "", "", "Open a triplet file to review."
     triplets, decisions, t = _current(state)
     counts = {kind: sum(_shown_as(decisions.get(x.id)) == kind for x in triplets) for kind in SHOW[1:4]}
-    counts["flagged"] = len(_flagged(state["path"], state.get("base"), os.path.getmtime(state["path"])))
+    counts["flagged"] = len(flagged(state))
     who = state.get("annotator", "")
     people, shared, agree = review.agreement(review.store_path(state["path"]))
     progress = (f"{len(triplets) - counts['undecided']} of {len(triplets)} decided"
@@ -248,7 +118,7 @@ def review_decide(state, caption: str, note: str, kind: str):
         kind = "edit"
     review.append_decision(review.store_path(state["path"]),
                            review.decision(t.id, kind, note, caption.strip() if kind == "edit" else None,
-                                           state.get("annotator", "")))
+                                           state.get("annotator", "")), key=state.get("key", ""))
     return review_move(state, 1)
 
 
@@ -265,8 +135,8 @@ def review_move(state, step: int):
         return state
     triplets, decisions, _ = _current(state)
     show = state.get("show", SHOW[0])
-    flagged = _flagged(state["path"], state.get("base"), os.path.getmtime(state["path"])) if show == "flagged" else ()
-    shown_at = [i for i, t in enumerate(triplets) if show == SHOW[0] or t.id in flagged
+    marked = flagged(state) if show == "flagged" else ()
+    shown_at = [i for i, t in enumerate(triplets) if show == SHOW[0] or t.id in marked
                 or _shown_as(decisions.get(t.id)) == show]
     pos = state["pos"]
     for _ in range(abs(step)):
@@ -277,13 +147,25 @@ def review_move(state, step: int):
     return {**state, "pos": pos}
 
 
+KEY = re.compile(r"[A-Za-z0-9_-]{22}")  # a browser key as `browser_key` makes it
+
+
+def browser_key(key) -> str:
+    """The browser's review key (kept in its localStorage): `key` when it is one, else a new one."""
+    return key if isinstance(key, str) and KEY.fullmatch(key) else secrets.token_urlsafe(16)
+
+
 @shown
-def review_annotator(state, name: str):
-    """Review as the annotator `name` ('' for unnamed): their own decisions are shown, saved and
-    exported; go to their first undecided item."""
+def review_annotator(state, name: str, key: str = ""):
+    """Review as the annotator `name` ('' for unnamed) from the browser with the review key `key`:
+    their own decisions are shown, saved and exported; go to their first undecided item. A name
+    bound to another browser (`cir.ui.review`) is refused."""
     if not state:
         return state
-    state = {**state, "annotator": limits.annotator(name)}
+    name = limits.annotator(name)
+    if review.bound_elsewhere(review.store_path(state["path"]), name, key):
+        raise UserError(review.taken_message(name))
+    state = {**state, "annotator": name, "key": key}
     triplets, decisions, _ = _current(state)
     return {**state, "pos": review.first_undecided(triplets, decisions)}
 
@@ -303,7 +185,7 @@ def review_undo(state):
     """Take back the annotator's most recent decision still in effect (an "undo" decision), and go to its item."""
     if not state:
         raise UserError("open a triplet file first")
-    undone = review.undo(review.store_path(state["path"]), state.get("annotator", ""))
+    undone = review.undo(review.store_path(state["path"]), state.get("annotator", ""), key=state.get("key", ""))
     if undone is None:
         raise UserError("nothing to undo: no decision is in effect")
     triplets, _ = review_items(state)
@@ -333,6 +215,28 @@ def review_export(exports: str, state):
 
 
 # ---------------------------------------------------------------------------- layout and events
+INTRO = ("Review a **triplet file**: a JSON Lines file (`.jsonl`) with one query per line, "
+         '`{"id", "reference", "caption", "targets"}` (the reference image, the caption saying how to change '
+         "it, the target image(s)), e.g. from `python -m cir.synth`. Accept, reject or edit each caption; "
+         "decisions are saved as you go, and \"Export accepted\" writes the accepted triplets.")
+FORMAT = """| field | type | meaning |
+|---|---|---|
+| `id` | string | unique within the file |
+| `reference` | string | the query image's path: absolute, or relative to the file's folder (for an upload: to the \
+gallery's folder) |
+| `caption` | string | the modification: what should change in the reference |
+| `targets` | list of strings | the image(s) the reference becomes |
+| `noun_phrases` | list of `{"text", "start", "end"}`, optional | character spans of the caption's noun phrases |
+| `meta` | object, optional | anything else (CIR-Shapes scenes, grounding boxes); kept as is |
+
+The full format is `docs/triplets.md` in the project's repository."""
+NAMES = ("Your decisions are saved under the name typed as Annotator, and that name then belongs to "
+         "this browser: no other browser can decide or undo under it (decisions without a name, too).")
+KEY_STORAGE, KEY_SECRET = "cir-review-key", "cir-review"  # where the browser keeps its review key; the
+# browser encrypts it with KEY_SECRET, which keeps it readable across app restarts, not from the browser's owner
+ITEM_BUTTONS = ("prev_btn", "accept", "reject", "next_btn", "undo", "export")  # live once a file is open
+
+
 def build_review_tab(ex: Explorer, access: FileAccess, exports: str) -> None:
     """The Review tab's components, inside the page's current gr.Tab, and their events, over the
     primary model `ex`; `access` says which triplet files and images the tab may open; downloads
@@ -343,36 +247,44 @@ def build_review_tab(ex: Explorer, access: FileAccess, exports: str) -> None:
 
 
 def _layout(c: SimpleNamespace, access: FileAccess) -> None:
-    """The file to open and the filters; the item (reference, targets, rank, caption); the decision buttons."""
-    c.state = gr.State(None)
+    """What a triplet file is; the file to open (a path box only where review folders are) and the
+    options; the item (reference, targets, rank, caption); the decision buttons, live once a file is open."""
+    c.state, c.key = gr.State(None), gr.BrowserState("", storage_key=KEY_STORAGE, secret=KEY_SECRET)
+    gr.Markdown(INTRO, elem_id="review-intro")
+    with gr.Accordion("The triplet file format", open=False, elem_id="triplet-format"):
+        gr.Markdown(FORMAT)
     with gr.Row():
-        c.review_file = gr.Textbox(label="Triplet file (JSONL) in a review folder",
-                                   placeholder=access.review_dirs[0] + "/out.jsonl" if access.review_dirs
-                                   else "no review folder: upload a file", scale=4, elem_id="review-file")
-        c.open_btn = gr.Button("Open", scale=1, elem_id="review-open")
-        c.upload = gr.File(label="…or upload one", file_types=[".jsonl"], type="filepath", scale=2,
-                           elem_id="review-upload")
+        c.upload = gr.File(label="Upload a triplet file (.jsonl)", file_types=[".jsonl"], type="filepath",
+                           scale=2, min_width=240, elem_id="review-upload")
+        with gr.Column(scale=3, min_width=240, visible=bool(access.review_dirs), elem_id="review-path"):
+            c.review_file = gr.Textbox(label="…or a triplet file's path in a review folder",
+                                       placeholder=access.review_dirs[0] + "/out.jsonl" if access.review_dirs else "",
+                                       elem_id="review-file")
+            c.open_btn = gr.Button("Open", elem_id="review-open")
+    with gr.Row():
         c.over = gr.Radio(list(RANK_OVER), value=RANK_OVER[0], label="Rank the target among", scale=2)
-        c.show_only = gr.Radio(list(SHOW), value=SHOW[0], label="Show", scale=2, elem_id="review-show")
-        c.annotator = gr.Textbox(label="Annotator (your name)", scale=1, elem_id="review-annotator",
-                                 max_length=limits.MAX_NAME_CHARS)
+        c.show_only = gr.Radio(list(SHOW), value=SHOW[0], label="Show", scale=3, elem_id="review-show")
+        c.annotator = gr.Textbox(label="Annotator (your name)", scale=2, elem_id="review-annotator",
+                                 max_length=limits.MAX_NAME_CHARS, info=NAMES)
     c.status = gr.Markdown(elem_id="review-status")
     with gr.Row():
-        c.reference = gr.Image(label="Reference", height=260, interactive=False, format="png")
-        c.target_images = gr.Gallery(label="Target(s)", columns=1, height=260, object_fit="contain",
-                                     allow_preview=False)  # one per row: the reference's size
+        c.reference = gr.Image(label="Reference", height=260, interactive=False, format="png", min_width=290,
+                               elem_id="review-reference")
+        c.target_images = gr.Gallery(label="Target(s)", columns=1, height="auto", object_fit="contain",
+                                     allow_preview=False, min_width=290, elem_id="review-targets")  # page.css: at
+        # the reference's size
         with gr.Column():
             c.rank_md = gr.Markdown(elem_id="review-rank")
             c.highlighted = gr.HighlightedText(label="Caption", color_map={"noun phrase": "#fcd34d"})
     c.edited = gr.Textbox(label="Caption (edit it, then accept, to record an edit)", elem_id="review-caption")
     c.note = gr.Textbox(label="Note", elem_id="review-note")
     with gr.Row():
-        c.prev_btn = gr.Button("◀ Previous (p)", elem_id="review-prev")
-        c.accept = gr.Button("Accept (a)", variant="primary", elem_id="review-accept")
-        c.reject = gr.Button("Reject (r)", variant="stop", elem_id="review-reject")
-        c.next_btn = gr.Button("Next ▶ (n)", elem_id="review-next")
-        c.undo = gr.Button("Undo last decision (u)", elem_id="review-undo")
-        c.export = gr.Button("Export accepted", elem_id="review-export")
+        c.prev_btn = gr.Button("◀ Previous (p)", interactive=False, elem_id="review-prev")
+        c.accept = gr.Button("Accept (a)", variant="primary", interactive=False, elem_id="review-accept")
+        c.reject = gr.Button("Reject (r)", variant="stop", interactive=False, elem_id="review-reject")
+        c.next_btn = gr.Button("Next ▶ (n)", interactive=False, elem_id="review-next")
+        c.undo = gr.Button("Undo last decision (u)", interactive=False, elem_id="review-undo")
+        c.export = gr.Button("Export accepted", interactive=False, elem_id="review-export")
     c.export_md = gr.Markdown()
     c.export_file = gr.File(label="Accepted triplets and the review log", file_count="multiple",
                             interactive=False, visible=False, elem_id="review-downloads")
@@ -385,24 +297,28 @@ def _wire(c: SimpleNamespace, ex: Explorer, access: FileAccess, exports: str) ->
     """Buttons and keys only move the review state; the item is shown from its latest value (no stale overwrites)."""
     private = {"api_visibility": "private"}
     p = functools.partial
+    buttons = [getattr(c, name) for name in ITEM_BUTTONS]
 
     def on_details(state, over, progress=gr.Progress(track_tqdm=True)):  # shows embedding progress
         return review_details(ex, access, state, over)
 
-    gr.on([c.open_btn.click, c.review_file.submit], p(review_open, access), c.review_file, c.state, **private).success(
-        review_annotator, [c.state, c.annotator], c.state, **private)  # a name typed before opening counts
-    c.upload.upload(p(review_upload, ex, access), c.upload, c.state, **private).success(
-        review_annotator, [c.state, c.annotator], c.state, **private)
+    for opened in (gr.on([c.open_btn.click, c.review_file.submit], p(review_open, access), c.review_file, c.state,
+                         **private),
+                   c.upload.upload(p(review_upload, ex, access), c.upload, c.state, **private)):
+        opened.success(browser_key, c.key, c.key, **private).success(  # a name typed before opening counts
+            review_annotator, [c.state, c.annotator, c.key], c.state, **private)
     c.accept.click(p(review_decide, kind="accept"), [c.state, c.edited, c.note], c.state, **private)
     c.reject.click(p(review_decide, kind="reject"), [c.state, c.edited, c.note], c.state, **private)
     c.prev_btn.click(p(review_move, step=-1), c.state, c.state, **private)
     c.next_btn.click(p(review_move, step=1), c.state, c.state, **private)
     c.undo.click(review_undo, c.state, c.state, **private)
     c.show_only.input(review_filter, [c.state, c.show_only], c.state, **private)
-    c.annotator.change(review_annotator, [c.state, c.annotator], c.state, trigger_mode="always_last", **private)
+    c.annotator.change(review_annotator, [c.state, c.annotator, c.key], c.state, trigger_mode="always_last",
+                       **private)
     c.state.change(p(review_show, ex, access), c.state,
                    [c.reference, c.target_images, c.highlighted, c.edited, c.note, c.status],
                    trigger_mode="always_last", **private)
+    c.state.change(lambda state: [gr.update(interactive=bool(state))] * len(buttons), c.state, buttons, **private)
     gr.on([c.state.change, c.over.change], on_details, [c.state, c.over], [c.review_maps, c.rank_md],
           trigger_mode="always_last", **private)
     c.export.click(p(review_export, exports), c.state, [c.export_file, c.export_md], **private)

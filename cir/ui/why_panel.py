@@ -29,8 +29,6 @@ def truncation_notice(ex: Explorer, caption: str) -> str:
             "characters are used.")
 
 
-
-
 def render_maps(ex: Explorer, image, caption: str, phrases: list[dict], layer: str = MEAN, head: str = MEAN,
                 eps: float = DEFAULT_EPS, opacity: float = ALPHA, upsampling: str = UPSAMPLING[0],
                 other: Explorer | None = None, shared_scale: bool = False, boxes: dict | None = None,
@@ -96,9 +94,12 @@ def attention(ex: Explorer, image, caption: str, rows, rows_caption: str, layer:
     outlined = sum((p["start"], p["end"]) in boxes for p in phrases)
     by = markdown_literal(ex.name) + (f"** beside **{markdown_literal(other.name)}" if other is not None and not grid
                                       else "")
+    alone = ("" if other is None or not grid else
+             f" · ⚠ every layer and head is one model's: untick it to compare with **{markdown_literal(other.name)}**")
     info = f"Maps over **{markdown_literal(os.path.basename(image))}** by **{by}** · {len(phrases)} phrase(s)" + (
         f" ({source})") + (f" · {outlined} known box(es) outlined" if outlined else "") + (
-        f" · mean CC term (the loss) {sum(scores) / len(scores):.4f}" if scores else "") + truncation_notice(ex, caption)
+        f" · mean CC term (the loss) {sum(scores) / len(scores):.4f}" if scores else "") + alone + truncation_notice(
+        ex, caption)
     return [[p["text"], p["start"], p["end"]] for p in phrases], caption, maps, table, info
 
 
