@@ -89,7 +89,8 @@ def launch(demo, host: str, port: int, share: bool, options: dict) -> None:
 
 def exit_on_sigterm() -> None:
     """Make SIGTERM (a Space or container stopping) exit as Ctrl-C does, with status 143, so the
-    atexit removal of the visitors' files (cir.ui.cleanup) runs."""
+    atexit removal of the visitors' files (cir.ui.cleanup) runs. Only `python app.py` does this; a
+    process that calls `main` (a test runner) keeps its own signal handling."""
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
@@ -100,7 +101,6 @@ def main(argv: list[str] | None = None) -> int:
     from cir.ui.models import Models
     from cir.ui.server import build_demo
 
-    exit_on_sigterm()
     models = Models.load(a.checkpoint, a.index, a.gallery, a.examples, a.device)
     access = FileAccess(a.review_dir, models.primary.index.paths)
     launch(build_demo(models, access), a.host, a.port, a.share, launch_options())
@@ -108,4 +108,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()
     run_cli(main)
