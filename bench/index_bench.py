@@ -150,7 +150,10 @@ def opened_from_disk(tmp: Path, index: GalleryIndex, queries: np.ndarray) -> dic
     return json.loads(out.stdout)
 
 
-def main(argv: list[str] | None = None) -> int:
+Rows = list[tuple[str, str, str]]  # (measure, setting, value)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m bench.index_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None,
@@ -158,126 +161,168 @@ def main(argv: list[str] | None = None) -> int:
                         "(same speed) when it is absent")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--quick", action="store_true", help="tiny sizes, to check that the bench runs")
-    a = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def bench_checkpoint(checkpoint: str | None, tmp: Path) -> Path:
+    """`checkpoint`, else the shipped one, else a random context-cir-shapes saved in `tmp`."""
+    ckpt = Path(checkpoint or DEFAULT_CHECKPOINT)
+    if checkpoint is None and not ckpt.is_file():
+        log(f"{ckpt} is absent: benchmarking a random context-cir-shapes")
+        torch.manual_seed(0)
+        model, _ = build_model("context-cir-shapes")
+        ckpt = tmp / "random.safetensors"
+        save_checkpoint(ckpt, model, {"config": model.config.to_dict(), "step": 0})
+    return ckpt
+
+
+def throughput_rows(tmp: Path, gallery: list[str], ckpt: Path, batch: int, dev: torch.device, repeats: int
+                    ) -> tuple[Rows, GalleryIndex]:
+    """Images/s of the bare encoder forward, a full build_index, and (on CPU) the command build in one
+    process and under torchrun with two; -> (rows, the built index)."""
+    result = build_index(tmp / "index", gallery, ckpt, batch_size=batch, device=dev,
+                         workers=min(8, torch.get_num_threads()) if dev.type == "cuda" else 0)
+    model, preprocess, _ = load_checkpoint(ckpt, dev)
+    images = torch.stack([preprocess(load_rgb(p)) for p in gallery[:batch]]).to(dev)
+
+    def forward():
+        with autocast(dev):
+            model.encode_gallery(images)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+    fwd = timed(forward, max(2, repeats // 10))
+    rows = [("images/s", f"encoder forward only, batch {batch}", f"{batch / np.median(fwd):.1f}"),
+            ("images/s", f"full build of {len(gallery)} images (load, decode, hash, write)",
+             f"{result['images'] / result['seconds']:.1f}")]
+    if dev.type == "cpu":
+        log("sharded build")
+        (tmp / "gallery.txt").write_text("\n".join(gallery) + "\n")
+        cmd = ["-m", "cir.index", "build", "--checkpoint", str(ckpt), "--gallery", str(tmp / "gallery.txt"),
+               "--batch-size", str(batch), "--chunk-size", str(batch), "--workers", "0", "--device", "cpu"]
+        one = build_seconds([sys.executable] + cmd + ["--out", str(tmp / "one")])
+        two = build_seconds([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+                            + cmd + ["--out", str(tmp / "two")])
+        rows.append(("images/s", f"command build, 1 process (1 thread), {len(gallery)} images", f"{len(gallery) / one:.1f}"))
+        rows.append(("images/s", f"torchrun build, 2 processes (1 thread each), {len(gallery)} images",
+                     f"{len(gallery) / two:.1f} ({one / two:.2f}x)"))
+    return rows, GalleryIndex.load(tmp / "index", ckpt)
+
+
+def query_rows(ckpt: Path, triplet, dim: int, sizes: tuple[int, ...], dev: torch.device, repeats: int) -> Rows:
+    """Encode (a real image and caption) + search latency over clustered galleries of each size."""
+    model, preprocess, _ = load_checkpoint(ckpt, dev)
+    query_image, caption = load_rgb(triplet.reference), triplet.caption
+    rows = []
+    for n in sizes:
+        data, _ = clustered(n, 0, dim)
+        gallery_index = GalleryIndex.from_embeddings(data, device=dev)
+
+        def query():
+            with autocast(dev):
+                q = model.encode_query(preprocess(query_image)[None].to(dev), [caption])
+            gallery_index.search(q.float(), 10)
+        rows.append(("query ms p50 / p95", f"encode + search, {n:,} ({gallery_index.manifest['index']['params']['type']})",
+                     percentiles(timed(query, repeats))))
+    return rows
+
+
+def search_rows(tmp: Path, n: int, n_queries: int, dim: int, dev: torch.device, bandwidth: float, milvus: bool
+                ) -> tuple[Rows, GalleryIndex, np.ndarray, np.ndarray]:
+    """Exact, IVF and re-ranked IVF-PQ search at `n` clustered vectors: latency, recall@10 against
+    exact, build time and bytes per image (and milvus-lite's rows when `milvus`);
+    -> (rows, the IVF-PQ index, the vectors, the queries)."""
+    data, queries = clustered(n, n_queries, dim, seed=1)
+    exact = GalleryIndex.from_embeddings(data, index_type="flat")
+    truth = exact.search(queries, 10)[1]
+    one_by_one = lambda idx: percentiles(single_queries(idx, queries))
+    rows = [("search ms p50 / p95", f"exact, {n:,}", one_by_one(exact)),
+            ("search ms bound", f"exact, {n:,}: {data.nbytes / 1e6:.0f} MB scanned / bandwidth",
+             f"{data.nbytes / bandwidth * 1e3:.2f}")]
+    if dev.type == "cuda":
+        gpu = GalleryIndex.from_embeddings(data, device=dev)
+        rows.append(("search ms p50 / p95", f"exact on GPU fp16, {n:,}", one_by_one(gpu)))
+        rows.append(("recall@10 vs exact", f"exact on GPU fp16, {n:,}",
+                     f"{recall_at_10(gpu.search(queries, 10)[1], truth):.3f}"))
+    sizes = {"exact": index_bytes(exact.faiss_index) / n}
+    del exact
+    np.save(tmp / "vectors.npy", data)
+    mapped = np.load(tmp / "vectors.npy", mmap_mode="r")  # IVF-PQ re-ranks from the file
+    for kind in ("ivf", "ivfpq"):
+        t0 = time.perf_counter()
+        idx = GalleryIndex.from_embeddings(mapped if kind == "ivfpq" else data, index_type=kind)
+        build_s = time.perf_counter() - t0
+        params = idx.manifest["index"]["params"]
+        setting = f"{kind} nlist {params['nlist']} nprobe {params['nprobe']}" + (
+            f" m {params['pq_m']} rerank {params['rerank']}x" if kind == "ivfpq" else "") + f", {n:,}"
+        rows.append(("search ms p50 / p95", setting, one_by_one(idx)))
+        rows.append(("recall@10 vs exact", setting, f"{recall_at_10(idx.search(queries, 10)[1], truth):.3f}"))
+        rows.append(("train + add s", setting, f"{build_s:.1f}"))
+        sizes[kind] = index_bytes(idx.faiss_index) / n
+    idx.rerank = 0
+    rows.append(("search ms p50 / p95", f"ivfpq scores only (rerank 0), {n:,}", one_by_one(idx)))
+    rows.append(("recall@10 vs exact", f"ivfpq scores only (rerank 0), {n:,}",
+                 f"{recall_at_10(idx.search(queries, 10)[1], truth):.3f}"))
+    idx.rerank = params["rerank"]
+    if milvus:
+        log(f"milvus-lite at {n:,}")
+        rows += milvus_rows(tmp, data, queries, truth)
+    rows.append(("bytes / image in memory", f"exact / ivf / ivfpq, {n:,}",
+                 " / ".join(f"{v:.0f}" for v in sizes.values()) + f" (ivfpq + {4 * dim} on disk for re-ranking)"))
+    return rows, idx, data, queries
+
+
+def mapped_rows(tmp: Path, idx: GalleryIndex, data: np.ndarray, queries: np.ndarray) -> Rows:
+    """The IVF-PQ index written as a folder and opened by a fresh process: search latency with the
+    vectors memory-mapped, and that process's resident memory against the vectors' size."""
+    n = len(data)
+    log(f"memory-mapped ivfpq at {n:,}, opened by a fresh process")
+    opened = opened_from_disk(tmp, idx, queries)
+    rows = [("search ms p50 / p95", f"ivfpq opened from disk, vectors memory-mapped, {n:,}",
+             percentiles(opened["seconds"]))]
+    for kind in ("private", "mapped"):
+        rows.append((f"resident MB, {kind}", f"that process: imports / opened / after {len(queries)} searches "
+                     f"(vectors {data.nbytes / 1e6:.0f} MB)",
+                     " / ".join(f"{opened[k][kind] / 1e6:.0f}" for k in ("base", "opened", "searched"))))
+    return rows
+
+
+def table(rows: Rows, dev: torch.device, quick: bool) -> str:
+    w0, w1 = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
+    lines = [f"{'measure':<{w0}}  {'setting':<{w1}}  value   (device {dev}{', quick' if quick else ''})"]
+    return "\n".join(lines + [f"{r[0]:<{w0}}  {r[1]:<{w1}}  {r[2]}" for r in rows])
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
     dev = torch.device(a.device)
     n_images, batch, repeats = (32, 16, 5) if a.quick else (1024, 64, 50)
     query_sizes = (1_000, 5_000) if a.quick else (1_000, 10_000, 100_000)
     search_sizes = (20_000,) if a.quick else (100_000, 1_000_000)
     n_queries = 50 if a.quick else 200
-    rows: list[tuple[str, str, str]] = []
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)
-
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        ckpt = Path(a.checkpoint or DEFAULT_CHECKPOINT)
-        if a.checkpoint is None and not ckpt.is_file():
-            log(f"{ckpt} is absent: benchmarking a random context-cir-shapes")
-            torch.manual_seed(0)
-            model, _ = build_model("context-cir-shapes")
-            ckpt = tmp / "random.safetensors"
-            save_checkpoint(ckpt, model, {"config": model.config.to_dict(), "step": 0})
+        ckpt = bench_checkpoint(a.checkpoint, tmp)
         log(f"rendering {n_images} gallery images")
         generate(tmp / "shapes", {"test": n_images // 4 + 1}, seed=0, progress=False)
         gallery = read_gallery(tmp / "shapes" / "gallery_test.txt")[:n_images]
         triplets, _ = read_triplets(tmp / "shapes" / "test.jsonl", check_images=False)
-
         log("embedding throughput")
-        result = build_index(tmp / "index", gallery, ckpt, batch_size=batch, device=dev,
-                             workers=min(8, torch.get_num_threads()) if dev.type == "cuda" else 0)
-        index = GalleryIndex.load(tmp / "index", ckpt)
-        model, preprocess, _ = load_checkpoint(ckpt, dev)
-        images = torch.stack([preprocess(load_rgb(p)) for p in gallery[:batch]]).to(dev)
-
-        def forward():
-            with autocast(dev):
-                model.encode_gallery(images)
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-        fwd = timed(forward, max(2, repeats // 10))
-        rows.append(("images/s", f"encoder forward only, batch {batch}", f"{batch / np.median(fwd):.1f}"))
-        rows.append(("images/s", f"full build of {len(gallery)} images (load, decode, hash, write)",
-                     f"{result['images'] / result['seconds']:.1f}"))
-        if dev.type == "cpu":
-            log("sharded build")
-            (tmp / "gallery.txt").write_text("\n".join(gallery) + "\n")
-            cmd = ["-m", "cir.index", "build", "--checkpoint", str(ckpt), "--gallery", str(tmp / "gallery.txt"),
-                   "--batch-size", str(batch), "--chunk-size", str(batch), "--workers", "0", "--device", "cpu"]
-            one = build_seconds([sys.executable] + cmd + ["--out", str(tmp / "one")])
-            two = build_seconds([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-                                + cmd + ["--out", str(tmp / "two")])
-            rows.append(("images/s", f"command build, 1 process (1 thread), {len(gallery)} images", f"{len(gallery) / one:.1f}"))
-            rows.append(("images/s", f"torchrun build, 2 processes (1 thread each), {len(gallery)} images",
-                         f"{len(gallery) / two:.1f} ({one / two:.2f}x)"))
-
+        rows, index = throughput_rows(tmp, gallery, ckpt, batch, dev, repeats)
         log("query latency")
-        query_image, caption = load_rgb(triplets[0].reference), triplets[0].caption
-        dim = index.dim
-        for n in query_sizes:
-            data, _ = clustered(n, 0, dim)
-            gallery_index = GalleryIndex.from_embeddings(data, device=dev)
-
-            def query():
-                with autocast(dev):
-                    q = model.encode_query(preprocess(query_image)[None].to(dev), [caption])
-                gallery_index.search(q.float(), 10)
-            rows.append(("query ms p50 / p95", f"encode + search, {n:,} ({gallery_index.manifest['index']['params']['type']})",
-                         percentiles(timed(query, repeats))))
-
+        rows += query_rows(ckpt, triplets[0], index.dim, query_sizes, dev, repeats)
         bandwidth = copy_bandwidth()
         rows.append(("copy bandwidth", "numpy copy, read + write", f"{bandwidth / 1e9:.1f} GB/s"))
         for n in search_sizes:
             log(f"search at {n:,}")
-            data, queries = clustered(n, n_queries, dim, seed=1)
-            exact = GalleryIndex.from_embeddings(data, index_type="flat")
-            truth = exact.search(queries, 10)[1]
-            one_by_one = lambda idx: percentiles(single_queries(idx, queries))
-            rows.append(("search ms p50 / p95", f"exact, {n:,}", one_by_one(exact)))
-            rows.append(("search ms bound", f"exact, {n:,}: {data.nbytes / 1e6:.0f} MB scanned / bandwidth",
-                         f"{data.nbytes / bandwidth * 1e3:.2f}"))
-            if dev.type == "cuda":
-                gpu = GalleryIndex.from_embeddings(data, device=dev)
-                rows.append(("search ms p50 / p95", f"exact on GPU fp16, {n:,}", one_by_one(gpu)))
-                rows.append(("recall@10 vs exact", f"exact on GPU fp16, {n:,}",
-                             f"{recall_at_10(gpu.search(queries, 10)[1], truth):.3f}"))
-            sizes = {"exact": index_bytes(exact.faiss_index) / n}
-            del exact
-            np.save(tmp / "vectors.npy", data)
-            mapped = np.load(tmp / "vectors.npy", mmap_mode="r")  # IVF-PQ re-ranks from the file
-            for kind in ("ivf", "ivfpq"):
-                t0 = time.perf_counter()
-                idx = GalleryIndex.from_embeddings(mapped if kind == "ivfpq" else data, index_type=kind)
-                build_s = time.perf_counter() - t0
-                params = idx.manifest["index"]["params"]
-                setting = f"{kind} nlist {params['nlist']} nprobe {params['nprobe']}" + (
-                    f" m {params['pq_m']} rerank {params['rerank']}x" if kind == "ivfpq" else "") + f", {n:,}"
-                rows.append(("search ms p50 / p95", setting, one_by_one(idx)))
-                rows.append(("recall@10 vs exact", setting, f"{recall_at_10(idx.search(queries, 10)[1], truth):.3f}"))
-                rows.append(("train + add s", setting, f"{build_s:.1f}"))
-                sizes[kind] = index_bytes(idx.faiss_index) / n
-            idx.rerank = 0
-            rows.append(("search ms p50 / p95", f"ivfpq scores only (rerank 0), {n:,}", one_by_one(idx)))
-            rows.append(("recall@10 vs exact", f"ivfpq scores only (rerank 0), {n:,}",
-                         f"{recall_at_10(idx.search(queries, 10)[1], truth):.3f}"))
-            if n == search_sizes[0]:
-                log(f"milvus-lite at {n:,}")
-                rows += milvus_rows(tmp, data, queries, truth)
-            rows.append(("bytes / image in memory", f"exact / ivf / ivfpq, {n:,}",
-                         " / ".join(f"{v:.0f}" for v in sizes.values())
-                         + f" (ivfpq + {4 * dim} on disk for re-ranking)"))
-        log(f"memory-mapped ivfpq at {n:,}, opened by a fresh process")
-        idx.rerank = params["rerank"]
-        opened = opened_from_disk(tmp, idx, queries)
-        rows.append(("search ms p50 / p95", f"ivfpq opened from disk, vectors memory-mapped, {n:,}",
-                     percentiles(opened["seconds"])))
-        for kind in ("private", "mapped"):
-            rows.append((f"resident MB, {kind}", f"that process: imports / opened / after {len(queries)} searches "
-                         f"(vectors {data.nbytes / 1e6:.0f} MB)",
-                         " / ".join(f"{opened[k][kind] / 1e6:.0f}" for k in ("base", "opened", "searched"))))
-
-    w0, w1 = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
-    print(f"{'measure':<{w0}}  {'setting':<{w1}}  value   (device {dev}{', quick' if a.quick else ''})")
-    for r in rows:
-        print(f"{r[0]:<{w0}}  {r[1]:<{w1}}  {r[2]}")
+            found, idx, data, queries = search_rows(tmp, n, n_queries, index.dim, dev, bandwidth,
+                                                    milvus=n == search_sizes[0])
+            rows += found
+        rows += mapped_rows(tmp, idx, data, queries)
+    print(table(rows, dev, a.quick))
     return 0
 
 
