@@ -1,10 +1,11 @@
 """Gallery-index cost: embedding throughput, query latency, search speed and recall, memory.
 
-    python -m bench.index_bench [--checkpoint CKPT] [--device cpu|cuda] [--quick]
+    python -m bench.index_bench [--checkpoint CKPT] [--device cpu|cuda] [--images N] [--quick]
 
 Prints one table:
   * images/s of the bare encoder forward (preprocessed batch in memory) vs a full `build_index`
-    (decoding, hashing, preprocessing, embedding, writing; rendered CIR-Shapes images);
+    (checkpoint loading, reading, hashing, decoding, preprocessing in its default DataLoader
+    workers, embedding, writing; `--images` rendered CIR-Shapes images) and the build's share of the forward;
   * query latency p50/p95 of encode (real image + caption through the model) + search, over
     galleries of 1k/10k/100k clustered random vectors;
   * the same build run by `torchrun --nproc_per_node 2` (processes started included) and its
@@ -42,6 +43,7 @@ from cir.data.triplets import read_gallery, read_triplets
 from cir.precision import autocast
 from cir.index import GalleryIndex, build_index
 from cir.models.factory import build_model
+from cir.retrieval.embed import default_workers
 from cir.retrieval.params import index_bytes
 from cir.retrieval.store import FORMAT, write_index
 
@@ -160,6 +162,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="model checkpoint; default: the shipped one, or a random context-cir-shapes "
                         "(same speed) when it is absent")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--images", type=int, default=None,
+                   help="rendered gallery images the build embeds (default 1024; 32 with --quick)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, to check that the bench runs")
     return p.parse_args(argv)
 
@@ -184,8 +188,7 @@ def throughput_rows(tmp: Path, gallery: list[str], ckpt: Path, batch: int, dev: 
                     ) -> tuple[Rows, GalleryIndex]:
     """Images/s of the bare encoder forward, a full build_index, and (on CPU) the command build in one
     process and under torchrun with two; -> (rows, the built index)."""
-    result = build_index(tmp / "index", gallery, ckpt, batch_size=batch, device=dev,
-                         workers=min(8, torch.get_num_threads()) if dev.type == "cuda" else 0)
+    result = build_index(tmp / "index", gallery, ckpt, batch_size=batch, device=dev, workers=default_workers(dev))
     model, preprocess, _ = load_checkpoint(ckpt, dev)
     images = torch.stack([preprocess(load_rgb(p)) for p in gallery[:batch]]).to(dev)
 
@@ -194,10 +197,11 @@ def throughput_rows(tmp: Path, gallery: list[str], ckpt: Path, batch: int, dev: 
             model.encode_gallery(images)
         if dev.type == "cuda":
             torch.cuda.synchronize()
-    fwd = timed(forward, max(2, repeats // 10))
-    rows = [("images/s", f"encoder forward only, batch {batch}", f"{batch / np.median(fwd):.1f}"),
-            ("images/s", f"full build of {len(gallery)} images (load, decode, hash, write)",
-             f"{result['images'] / result['seconds']:.1f}")]
+    fwd = batch / np.median(timed(forward, max(2, repeats // 10)))
+    built = result["images"] / result["seconds"]
+    rows = [("images/s", f"encoder forward only, batch {batch}", f"{fwd:.1f}"),
+            ("images/s", f"full build of {len(gallery)} images (load, decode, hash, write; "
+                         f"{default_workers(dev)} workers)", f"{built:.1f} ({built / fwd:.0%} of the forward)")]
     if dev.type == "cpu":
         log("sharded build")
         (tmp / "gallery.txt").write_text("\n".join(gallery) + "\n")
@@ -300,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     dev = torch.device(a.device)
     n_images, batch, repeats = (32, 16, 5) if a.quick else (1024, 64, 50)
+    n_images = a.images or n_images
     query_sizes = (1_000, 5_000) if a.quick else (1_000, 10_000, 100_000)
     search_sizes = (20_000,) if a.quick else (100_000, 1_000_000)
     n_queries = 50 if a.quick else 200

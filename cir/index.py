@@ -107,7 +107,8 @@ def _add_embedding_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--collection", default=None, help="milvus: the collection holding the gallery")
     p.add_argument("--batch-size", type=positive_int, default=128, help="images per forward pass (default 128)")
     p.add_argument("--workers", type=int, default=None,
-                   help="DataLoader processes decoding images (default: min(8, CPUs) on CUDA, 0 on CPU)")
+                   help="DataLoader processes reading, hashing and decoding images ahead of the model (default: min(8, "
+                        "CPUs) on CUDA; on CPU, whose torch threads run the model, CPUs/4, at least 1 with 2 CPUs)")
     p.add_argument("--chunk-size", type=positive_int, default=4096,
                    help="images per saved chunk in INDEX_DIR.partial/ (the unit --resume skips; default 4096)")
     p.add_argument("--device", default=None,
@@ -122,7 +123,7 @@ import torch  # noqa: E402  (heavy imports after the command line is parsed)
 
 from cir.checkpoint import model_hash  # noqa: E402
 from cir.retrieval.build import build_index, update_index  # noqa: E402
-from cir.retrieval.embed import embed_images, plan_key as _plan_key  # noqa: E402
+from cir.retrieval.embed import default_workers, embed_images, plan_key as _plan_key  # noqa: E402
 from cir.retrieval.milvus import MilvusTarget, sync_collection  # noqa: E402
 from cir.retrieval.params import resolve_params  # noqa: E402
 from cir.retrieval.search import GalleryIndex  # noqa: E402
@@ -141,7 +142,6 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     cuda = torch.cuda.is_available()
     a.device = a.device or ("cuda" if cuda else "cpu")
-    a.workers = (min(8, os.cpu_count() or 1) if cuda else 0) if a.workers is None else a.workers
     try:
         device = torch.device(a.device)
     except RuntimeError:
@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     shard = current_shard()
     if device.type == "cuda" and device.index is None and shard.world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # torchrun: one GPU per rank
-    common = dict(batch_size=a.batch_size, workers=a.workers, chunk_size=a.chunk_size, device=device,
+    workers = default_workers(device) if a.workers is None else a.workers
+    common = dict(batch_size=a.batch_size, workers=workers, chunk_size=a.chunk_size, device=device,
                   resume=a.resume, progress=True)
     if a.backend == "milvus":
         target = MilvusTarget(a.uri, a.collection)

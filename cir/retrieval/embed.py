@@ -1,11 +1,14 @@
 """Embedding gallery images in resumable chunks: f(image, "") with each file read once for both
 its pixels and its sha256, saved chunk by chunk so a killed build resumes where it stopped; under
-torchrun each rank embeds the chunks it owns."""
+torchrun each rank embeds the chunks it owns. Reading, hashing, decoding and preprocessing run in
+DataLoader workers ahead of the model, and chunk files are written by a background thread, so the
+model's forward is never left waiting on them."""
 from __future__ import annotations
 
 import hashlib
 import io
 import json
+import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
+from torchvision.transforms import Compose, Normalize, PILToTensor, ToTensor
 from tqdm import tqdm
 
 from cir.atomic import atomic_path, sha256_file, write_json
@@ -48,10 +52,46 @@ class _HashedImages(ImageDataset):
         return image, hashlib.sha256(data).hexdigest(), None
 
 
-def _collate(items):
-    """-> (the good images stacked [g, 3, S, S] or None, sha256 per item, problem per item ("" if none))."""
-    good = [im for im, _, p in items if p is None]
-    return (torch.stack(good) if good else None), [h or "" for _, h, _ in items], [p or "" for _, _, p in items]
+def default_workers(device) -> int:
+    """DataLoader worker processes a build runs beside the model: min(8, CPUs) on CUDA; on CPU, whose
+    torch threads run the model, one per four CPUs and at least one where there are two or more."""
+    cpus = os.cpu_count() or 1
+    return min(8, cpus) if torch.device(device).type == "cuda" else min(cpus - 1, max(1, cpus // 4))
+
+
+def split_preprocess(preprocess) -> tuple:
+    """(per-image part, per-batch part or None) of `preprocess`. A torchvision Compose ending in
+    ToTensor, Normalize gives each image as uint8 [3, S, S] and scales and normalises the stacked
+    batch [B, 3, S, S] in one op (the same float32 values as per image)."""
+    steps = preprocess.transforms if isinstance(preprocess, Compose) else []
+    if len(steps) >= 2 and isinstance(steps[-2], ToTensor) and isinstance(steps[-1], Normalize):
+        return Compose([*steps[:-2], PILToTensor()]), _Scaled(steps[-1])
+    return preprocess, None
+
+
+class _Scaled:
+    """uint8 batch [B, 3, S, S] -> `normalize`(batch / 255) float32, as ToTensor then Normalize give it."""
+
+    def __init__(self, normalize: Normalize):
+        self.normalize = normalize
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return self.normalize(images.float().div_(255))
+
+
+class _Collate:
+    """items -> (the good images stacked [g, 3, S, S], `batched` when given, or None; sha256 per
+    item; problem per item ("" if none))."""
+
+    def __init__(self, batched=None):
+        self.batched = batched
+
+    def __call__(self, items):
+        good = [im for im, _, p in items if p is None]
+        images = torch.stack(good) if good else None
+        if images is not None and self.batched is not None:
+            images = self.batched(images)
+        return images, [h or "" for _, h, _ in items], [p or "" for _, _, p in items]
 
 
 def _spans(n: int, chunk_size: int) -> list[tuple[int, int]]:
@@ -68,6 +108,14 @@ def _chunk(work: Path, paths: list[str], span: tuple[int, int], c: int) -> dict 
             return None
         return {"embeddings": z["embeddings"], "sha256": z["sha256"].tolist(),
                 "problems": z["problems"].tolist() if "problems" in z else [""] * (span[1] - span[0])}
+
+
+def _save_chunk(work: Path, c: int, rows: list[np.ndarray], paths: list[str], hashes: list[str],
+                problems: list[str]) -> None:
+    """Write chunk c: its embeddings [n, E] (the batches' `rows` joined), paths, sha256 and problems."""
+    with atomic_path(work / f"chunk-{c:06d}.npz") as tmp, open(tmp, "wb") as f:
+        np.savez(f, embeddings=np.concatenate(rows), paths=np.array(paths), sha256=np.array(hashes),
+                 problems=np.array(problems))
 
 
 @torch.no_grad()
@@ -93,14 +141,17 @@ def embed_chunks(model, preprocess, paths: list[str], work: Path, key: str, chun
     batches = [list(range(b, min(b + batch_size, spans[c][1])))
                for c in todo for b in range(spans[c][0], spans[c][1], batch_size)]
     dev = torch.device(device)
-    loader = DataLoader(_HashedImages(paths, preprocess), batch_sampler=batches, num_workers=workers,
-                        pin_memory=dev.type == "cuda", collate_fn=_collate)
-    rows, hashes, problems, todo_iter = [], [], [], iter(todo)
+    per_image, per_batch = split_preprocess(preprocess)
+    loader = DataLoader(_HashedImages(paths, per_image), batch_sampler=batches, num_workers=workers,
+                        pin_memory=dev.type == "cuda", collate_fn=_Collate(per_batch),
+                        prefetch_factor=4 if workers else None)
+    rows, hashes, problems, todo_iter, saving = [], [], [], iter(todo), []
     c = next(todo_iter, None)
     dim = model.config.embed_dim
     desc = "embedding" if shard.world == 1 else f"embedding (rank {shard.rank} of {shard.world})"
-    with tqdm(total=total, initial=resumed, desc=desc, unit="img", disable=not progress) as bar:
-        for images, batch_hashes, batch_problems in loader:
+    with tqdm(total=total, initial=resumed, desc=desc, unit="img", disable=not progress) as bar, \
+            ThreadPoolExecutor(1) as writer:
+        for images, batch_hashes, batch_problems in loader if batches else ():
             out = np.full((len(batch_hashes), dim), np.nan, np.float32)  # unreadable images stay NaN
             if images is not None:
                 with autocast(dev):
@@ -111,10 +162,10 @@ def embed_chunks(model, preprocess, paths: list[str], work: Path, key: str, chun
             problems += batch_problems
             bar.update(len(batch_hashes))
             if len(hashes) == spans[c][1] - spans[c][0]:
-                with atomic_path(work / f"chunk-{c:06d}.npz") as tmp, open(tmp, "wb") as f:
-                    np.savez(f, embeddings=np.concatenate(rows), paths=np.array(paths[slice(*spans[c])]),
-                             sha256=np.array(hashes), problems=np.array(problems))
+                saving.append(writer.submit(_save_chunk, work, c, rows, paths[slice(*spans[c])], hashes, problems))
                 rows, hashes, problems, c = [], [], [], next(todo_iter, None)
+        for done in saving:
+            done.result()  # a failed write is raised here
     if shard.world > 1 and progress:
         print(f"rank {shard.rank} of {shard.world}: {total - resumed} images embedded, {resumed} kept from "
               "an earlier run", file=sys.stderr)
