@@ -22,6 +22,7 @@ from cir.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint, model_hash, read
 from cir.errors import UserError
 from cir.retrieval.build import discard_unless_resuming, drop_skipped, gallery_paths
 from cir.retrieval.embed import embed_images, hash_files, plan_key
+from cir.retrieval.pathlist import PathList
 from cir.retrieval.shards import current_shard
 from cir.retrieval.store import build_lock
 
@@ -200,7 +201,7 @@ class MilvusIndex:
         props = _check_collection(self._client, target, model_hash(checkpoint_path) if checkpoint_path else None)
         self.dim = int(props["dim"])
         rows = _rows(self._client, target.collection, ["path"])
-        self.paths = [r["path"] for r in rows]
+        self.paths = PathList(r["path"] for r in rows)
         self._position = {r["id"]: i for i, r in enumerate(rows)}
         self._embeddings = None
 

@@ -12,6 +12,7 @@ import torch
 from cir.errors import UserError
 from cir.retrieval.build import build_index
 from cir.retrieval.params import index_bytes, make_faiss_index, resolve_params
+from cir.retrieval.pathlist import PathList
 from cir.retrieval.store import FAISS_FILE, EMBEDDINGS, check_integrity, open_embeddings
 
 GPU_SCORE_BLOCK = 1 << 28  # max query x gallery scores materialised at once on the GPU
@@ -19,7 +20,9 @@ RERANK_BLOCK = 1 << 22  # max candidate vector values gathered at once for re-ra
 
 
 class GalleryIndex:
-    """A gallery index loaded for search: `.paths` [N] (absolute, normalised), `.search(q, k)`.
+    """A gallery index loaded for search: `.paths` [N] (absolute, normalised; a `PathList`, so a
+    million paths take no million Python strings), `.search(q, k)`; `.manifest` is the index's
+    manifest without its image list.
 
     On CPU it searches the faiss index, memory-mapped when loaded from disk; IVF-PQ's candidates
     are re-ranked by exact inner product against the stored vectors, read from the memory-mapped
@@ -27,8 +30,8 @@ class GalleryIndex:
     [N, E] and search is one matmul + topk (always exact; the faiss index is not loaded)."""
 
     def __init__(self, manifest: dict, embeddings: np.ndarray, index: faiss.Index | None, device="cpu"):
-        self.manifest = manifest
-        self.paths = [im["path"] for im in manifest["images"]]
+        self.paths = PathList((im["path"] for im in manifest["images"]), manifest.get("root"))
+        self.manifest = {key: value for key, value in manifest.items() if key != "images"}
         self.device = torch.device(device)
         self.nprobe = manifest["index"]["params"]["nprobe"]
         self.rerank = manifest["index"]["params"].get("rerank") or 0

@@ -3,7 +3,8 @@
 - Triplet files (the Review tab): only inside the review folders named at start
   (`app.py --review-dir DIR`, none by default), or a file the visitor uploads (copied into a
   private folder of the app's, where its review store is written too and its exports offered for download).
-- Images a triplet file names: only the gallery's own images and files inside the review folders.
+- Images a triplet file names: only the gallery's own images (a listed path, or the file a listed
+  path is, links followed) and files inside the review folders.
 
 Every path is resolved after following symlinks (`os.path.realpath`), so `..`, `/proc/self/root`
 spellings and links out of a folder are judged by where they really lead. A refused path gets the
@@ -17,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from cir.errors import UserError
+from cir.retrieval.pathlist import PathList
 
 REFUSED = "only triplet files inside the app's review folders (--review-dir) can be opened; or upload one"
 NO_FOLDERS = "this app opens no server file for review (start it with --review-dir DIR); upload a triplet file instead"
@@ -37,7 +39,7 @@ class FileAccess:
             if not os.path.isdir(real):
                 raise UserError(f"--review-dir {d}: not a folder")
             self.review_dirs.append(real)
-        self.gallery = frozenset(os.path.realpath(p) for p in gallery_paths)
+        self.gallery = gallery_paths if isinstance(gallery_paths, PathList) else PathList(gallery_paths)
         self.upload_root = os.path.realpath(upload_root or tempfile.mkdtemp(prefix="cir-review-uploads-"))
 
     def _in_review_dirs(self, real: str) -> bool:
@@ -65,7 +67,9 @@ class FileAccess:
         return target
 
     def image(self, path: str) -> bool:
-        """Whether an image a triplet file names may be shown: a gallery image, or one inside a
-        review folder."""
+        """Whether an image a triplet file names may be shown: a gallery image (its real path listed,
+        or its path listed and leading where it leads), or one inside a review folder."""
         real = os.path.realpath(path)
-        return real in self.gallery or self._in_review_dirs(real)
+        listed = self.gallery.find(os.path.abspath(path))
+        return (real in self.gallery or (listed is not None and os.path.realpath(self.gallery[listed]) == real)
+                or self._in_review_dirs(real))

@@ -31,6 +31,7 @@ from cir.errors import UserError
 from cir.retrieval.evaluate import embed_gallery
 from cir.index import GalleryIndex
 from cir.retrieval.milvus import PREFIX as MILVUS, MilvusIndex, MilvusTarget
+from cir.retrieval.pathlist import PathList
 from cir.retrieval.search import resident_memory
 from cir.losses import concept_consistency_loss
 from cir.text.phrases import extract_noun_phrases
@@ -172,7 +173,7 @@ class Explorer:
         self.name = name or model_name(self.manifest)
         self.examples, self.device = list(examples), torch.device(device)
         self.layers, self.heads = model.config.fusion_layers, model.config.fusion_heads
-        self.root = os.path.commonpath([os.path.dirname(p) for p in index.paths]) if index.paths else "/"
+        self.root = index.paths.root
         # one forward at a time: concurrent forwards would only contend for the same cores
         self.lock = threading.Lock()
         self.batcher = QueryBatcher(self.model, self.device, self.lock)  # concurrent queries share forwards
@@ -243,9 +244,8 @@ class Explorer:
         if gallery is None:
             paths, emb = self.index.paths, self.index.embeddings
         else:
-            paths, emb = list(gallery), self._gallery_embeddings(tuple(gallery))
-        pos = {p: i for i, p in enumerate(paths)}
-        rows = [pos[t] for t in targets if t in pos]
+            paths, emb = PathList(gallery), self._gallery_embeddings(tuple(gallery))
+        rows = [r for t in targets if (r := paths.find(t)) is not None]
         if not rows:
             return None
         query = self.encode(image, caption) if query is None else query

@@ -31,6 +31,7 @@ CONCURRENCY = 4  # events of one kind served at once (model forwards still take 
 RETRIEVE_CONCURRENCY = 16  # retrieve events served at once: their queries share forwards (cir.ui.batching)
 STATUS_UPDATE_S = 1.0  # waiting visitors get their queue position this often (Gradio's "auto" messages every
 # waiting event each time one starts: quadratic in the queue's length)
+PREPARED_THUMBNAILS = 1000  # gallery images whose thumbnails are made at start (the others on first view)
 HERE = Path(__file__).parent
 
 
@@ -51,7 +52,7 @@ def build_demo(models: Models | Explorer, access: FileAccess | None = None) -> g
     guard_pil()  # Gradio decodes uploads itself: PIL refuses what the project's loader refuses
     gr.set_static_paths([thumbnail.folder])  # thumbnails are made once and served as files
     cleanup.start([access.upload_root, exports, thumbnail.folder])
-    thumbnail.prepare(ex.index.paths)
+    thumbnail.prepare(ex.index.paths[:PREPARED_THUMBNAILS])
     # maps are drawn off-screen; Gradio asks matplotlib for its backend around every event, which
     # costs ~17 ms each time while none is chosen
     matplotlib.use("agg")
