@@ -67,9 +67,7 @@ class FileAccess:
         return target
 
     def image(self, path: str) -> bool:
-        """Whether an image a triplet file names may be shown: a gallery image (its real path listed,
-        or its path listed and leading where it leads), or one inside a review folder."""
+        """Whether an image a triplet file names may be shown: a gallery image (its real path or
+        its path listed), or one inside a review folder."""
         real = os.path.realpath(path)
-        listed = self.gallery.find(os.path.abspath(path))
-        return (real in self.gallery or (listed is not None and os.path.realpath(self.gallery[listed]) == real)
-                or self._in_review_dirs(real))
+        return real in self.gallery or os.path.abspath(path) in self.gallery or self._in_review_dirs(real)
