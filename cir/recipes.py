@@ -7,12 +7,15 @@ A recipe is data: a list of stages, each one project command (`python -m cir.<to
 script) with the file it produces. A stage whose file exists is skipped (except the stages that write
 the shipped files under assets/: they take seconds and are what the recipe is for), and a training
 stage whose run folder holds a checkpoint continues it with `--resume`, so a recipe stopped
-part-way (or run over several sittings) goes on where it stopped. Run it from the repository root; data goes to
+part-way (or run over several sittings) goes on where it stopped. Where the run folder is gone, a
+training stage continues from the file its recipe exports, when that file is an export of the same run
+part-way (`--continue-from`): a run's progress travels with the repository as its shipped file. Run it from the repository root; data goes to
 data/, runs to runs/, shipped files to assets/.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import time
@@ -162,13 +165,54 @@ RECIPES: dict[str, tuple[str, list[Stage]]] = {
 }
 
 
-def stage_argv(stage: Stage) -> list[str]:
-    """The command line that runs `stage` now: a training stage with a checkpoint in its run folder resumes."""
+def export_of(stages: list[Stage], stage: Stage) -> Path | None:
+    """The shipped file a later stage exports from training stage `stage`'s run (None: no such stage)."""
+    last = f"{stage.run_folder}/last.safetensors"
+    return next((Path(s.output) for s in stages if s.command[:3] == ("-m", "cir.checkpoint", "export")
+                 and s.command[s.command.index("--checkpoint") + 1] == last), None)
+
+
+def exported_step(export: Path | None, stage: Stage) -> int | None:
+    """The step of `export` when it is an export of `stage`'s own run (its manifest names the run
+    folder and step count), else None."""
+    if export is None or not export.with_suffix(".json").is_file():
+        return None
+    manifest = json.loads(export.with_suffix(".json").read_text())
+    args, steps = manifest.get("args", {}), int(stage.command[stage.command.index("--steps") + 1])
+    same_run = Path(args.get("out", "")) == stage.run_folder and args.get("steps") == steps
+    return manifest.get("step") if same_run else None
+
+
+def stage_argv(stage: Stage, export: Path | None = None) -> list[str]:
+    """The command line that runs `stage` now: a training stage with a checkpoint in its run folder
+    resumes; without one, it continues from `export` (its run's shipped file) when that is an export
+    of this run part-way."""
     argv = [sys.executable, *stage.command]
     folder = stage.run_folder
     if folder is not None and (folder / "last.safetensors").is_file():
         argv.append("--resume")
+    elif folder is not None and exported_step(export, stage) is not None:
+        if "--init-from" in argv:
+            i = argv.index("--init-from")
+            del argv[i:i + 2]
+        argv += ["--continue-from", str(export)]
     return argv
+
+
+def is_done(stages: list[Stage], stage: Stage) -> bool:
+    """Whether `stage` is skipped: its output exists (except a training stage, which resumes, and a
+    stage writing under assets/, which is quick), or its run is over and exported while its run folder
+    is gone (the training stage and that export)."""
+    if stage.run_folder is not None:
+        export = export_of(stages, stage)
+        steps = int(stage.command[stage.command.index("--steps") + 1])
+        return not (stage.run_folder / "last.safetensors").is_file() and exported_step(export, stage) == steps
+    if stage.command[:3] == ("-m", "cir.checkpoint", "export"):
+        source = Path(stage.command[stage.command.index("--checkpoint") + 1])
+        trainer = next((s for s in stages if s.run_folder is not None and source == s.run_folder / "last.safetensors"), None)
+        if trainer is not None and not source.is_file() and is_done(stages, trainer):
+            return True
+    return Path(stage.output).is_file() and not stage.output.startswith("assets/")
 
 
 def describe(name: str) -> str:
@@ -179,12 +223,12 @@ def describe(name: str) -> str:
 
 
 def run(name: str, dry_run: bool = False) -> None:
-    """Run recipe `name`'s stages in order, skipping those whose output exists outside assets/ (a
-    training stage is always run: with --resume it returns at once when its run is complete)."""
+    """Run recipe `name`'s stages in order, skipping those that are done (`is_done`; a training stage
+    with a run folder always runs: with --resume it returns at once when its run is complete)."""
     stages = RECIPES[name][1]
     for i, stage in enumerate(stages, 1):
-        done = Path(stage.output).is_file() and stage.run_folder is None and not stage.output.startswith("assets/")
-        argv = stage_argv(stage)
+        done = is_done(stages, stage)
+        argv = stage_argv(stage, export_of(stages, stage) if stage.run_folder is not None else None)
         print(f"[{i}/{len(stages)}] {stage.what}" + (" - done, skipped" if done else ""), flush=True)
         if done:
             continue

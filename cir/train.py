@@ -96,6 +96,10 @@ def parse_args(argv=None):
     p.add_argument("--init-from", default=None, metavar="CKPT",
                    help="warm start: weights and step from any checkpoint (e.g. the shipped model-only one), "
                         "fresh optimizer moments; use when OUT/last.safetensors is gone")
+    p.add_argument("--continue-from", default=None, metavar="CKPT",
+                   help="continue a run whose folder is gone from its model-only export (python -m cir.checkpoint "
+                        "export of its last.safetensors): its weights and step, the same data order and lr schedule, "
+                        "fresh optimizer moments ramped onto the schedule over --warmup steps; the flags must be the run's own")
     p.add_argument("--restart-schedule", action="store_true",
                    help="with --init-from: warm up again from the checkpoint's step and anneal to --steps (default: "
                         "the warm start sits at its step on the cosine of --steps, without warm-up)")
@@ -106,7 +110,10 @@ def parse_args(argv=None):
         p.error("--image-cache needs --freeze-image (the cache holds the frozen image tower's outputs)")
     if a.cc_teacher and not a.image_cache:
         p.error("--cc-teacher needs --image-cache")
+    if a.continue_from and (a.init_from or a.restart_schedule):
+        p.error("--continue-from takes neither --init-from nor --restart-schedule")
     a.schedule_start = 0  # the step the lr schedule begins at (main sets it for --restart-schedule and --resume)
+    a.rewarm_at = None  # the step a run continued from an export ramps its lr from (main sets it)
     return a
 
 
@@ -176,6 +183,9 @@ def main(argv=None) -> int:
     model, preprocess, manifest, tensors, start, log_metrics = starting_model(a, last, device)
     if a.init_from and a.restart_schedule and not a.resume:
         a.schedule_start = start
+    if a.continue_from and not a.resume:
+        check_continuation(a, manifest)
+        a.rewarm_at = start
     model.train()
     if a.freeze_text:
         for n, prm in model.clip.named_parameters():
@@ -208,7 +218,7 @@ def main(argv=None) -> int:
                      "tokenizer": {"type": "clip-bpe", "context_length": model.config.context_length},
                      "data": {"train": str(train_file), "sha256": sha256_file(train_file), "triplets": len(triplets)},
                      "phrases": {"source": a.np_backend, "leaf_only": a.leaf_nps_only, "max": MAX_PHRASES},
-                     "args": {k: v for k, v in vars(a).items() if k not in ("resume", "stop_after", "init_from")},
+                     "args": {k: v for k, v in vars(a).items() if k not in ("resume", "stop_after", "init_from", "continue_from")},
                      "token_ids_seen": seen_token_ids(model.tokenizer, triplets, phrases)}
     out.mkdir(parents=True, exist_ok=True)
     stop = min(a.steps, a.stop_after or a.steps)
@@ -260,25 +270,44 @@ def starting_model(a, last: Path, device):
     if a.resume:
         model, preprocess, manifest, tensors = load_checkpoint(last, device, with_training_state=True)
         a.schedule_start = manifest.get("args", {}).get("schedule_start", 0)
+        a.rewarm_at = manifest.get("args", {}).get("rewarm_at")
         return model, preprocess, manifest, tensors, manifest["step"], manifest.get("metrics", {})
-    if a.init_from and a.config is None:
-        model, preprocess, manifest = load_checkpoint(a.init_from, device)
+    source = a.init_from or a.continue_from
+    if source and a.config is None:
+        model, preprocess, manifest = load_checkpoint(source, device)
         return model, preprocess, manifest, None, manifest.get("step", 0), manifest.get("metrics", {})
     config = load_config(a.config or "context-cir-shapes")
     if a.pretrained is not None:
         config.pretrained = a.pretrained
     model, preprocess = build_model(config, device)
-    if not a.init_from:
+    if not source:
         return model, preprocess, None, None, 0, {}
-    new = load_weights(model, a.init_from)  # grow: the checkpoint's weights, new modules as initialised
-    manifest = read_manifest(a.init_from)
+    new = load_weights(model, source)  # grow: the checkpoint's weights, new modules as initialised
+    manifest = read_manifest(source)
     start = manifest.get("step", 0)
-    print(f"warm start from {a.init_from} (step {start}); {len(new)} tensors newly initialised"
+    print(f"warm start from {source} (step {start}); {len(new)} tensors newly initialised"
           + (f": {', '.join(sorted({k.rsplit('.', 1)[0] for k in new}))}" if new else ""))
     if any(k.startswith("prior_text.") for k in new):  # the frozen prior starts as the loaded text tower
         model.prior_text.copy_from(model.clip)
         print("prior_text: a frozen copy of the loaded text tower")
     return model, preprocess, manifest, None, start, manifest.get("metrics", {})
+
+
+CONTINUATION_FLAGS = ("steps", "batch_size", "lr", "min_lr", "warmup", "weight_decay", "lambda_cc", "eps", "cc_maps",
+                      "partial_negatives", "freeze_text", "freeze_image", "no_query_negative", "seed")
+
+
+def check_continuation(a, manifest: dict) -> None:
+    """--continue-from: the export must come from a run with these flags (else its step would sit on
+    another schedule and data order)."""
+    trained = manifest.get("args")
+    if trained is None or "step" not in manifest:
+        raise UserError(f"--continue-from {a.continue_from}: not an export of a cir.train run (no flags or step in "
+                        "its manifest); use --init-from for a warm start")
+    differ = [f"--{k.replace('_', '-')} {trained.get(k)} (not {getattr(a, k)})" for k in CONTINUATION_FLAGS
+              if trained.get(k) != getattr(a, k)]
+    if differ:
+        raise UserError(f"--continue-from {a.continue_from}: its run had " + ", ".join(differ))
 
 
 def training_dataset(a, model, preprocess, triplets: list[Triplet], phrases: list[list[dict]], train_file: Path,
@@ -313,7 +342,8 @@ def startup_summary(a, model: ComposedRetrieval, device: torch.device, dtype: st
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return "\n".join([
         f"model   {a.config or model.config.clip_model}: {total / 1e6:.2f} M parameters, {trained / 1e6:.2f} M trained"
-        + (" (resumed)" if a.resume else f" (from {a.init_from})" if a.init_from else ""),
+        + (" (resumed)" if a.resume else f" (continued from {a.continue_from})" if a.continue_from
+           else f" (from {a.init_from})" if a.init_from else ""),
         f"device  {device} x {world}, {dtype} precision" + (f", {torch.get_num_threads()} CPU threads"
                                                              if device.type == "cpu" else ""),
         f"data    {n_train:,} training triplets ({train_file})" + (f", {n_val:,} validation queries" if n_val else ""),

@@ -1,5 +1,6 @@
 """The named recipes (cir.recipes): every stage's command is one its tool accepts, stages that are
 done are skipped, and training stages resume from their run folder."""
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -72,3 +73,34 @@ def test_list_names_every_recipe():
                          text=True, check=True).stdout
     for name in recipes.RECIPES:
         assert out.count(f"\n{name}: ") + out.startswith(f"{name}: ") == 1
+
+
+def test_a_run_whose_folder_is_gone_continues_from_its_shipped_file(tmp_path, monkeypatch, capsys):
+    """No run folder: the training stage continues from the recipe's export when that is a part-way
+    export of the same run, starts afresh when it is another run's, and is skipped (with its export)
+    when the export is complete; a checkpoint in the run folder always wins (--resume)."""
+    monkeypatch.chdir(tmp_path)
+    for d in ("data/shapes", "data/shapes-test", "data/shapes-heldout", "data/shapes-cache-grid7", "assets"):
+        Path(d).mkdir(parents=True)
+        Path(d, "manifest.json").write_text("{}")
+    export = Path("assets/context-cir-shapes-grid7.json")
+
+    def commands(step: int, out: str = "runs/grid7-cc") -> list[str]:
+        export.write_text(json.dumps({"step": step, "args": {"out": out, "steps": 15000}}))
+        recipes.run("context-cir-shapes-grid7", dry_run=True)
+        return capsys.readouterr().out.splitlines()
+
+    out = commands(5000)
+    train = next(line for line in out if "-m cir.train" in line)
+    assert train.endswith("--continue-from assets/context-cir-shapes-grid7.safetensors")
+    assert "--init-from" not in train and "--cc-teacher " + recipes.STEP0 in train
+    out = commands(5000, out="runs/elsewhere")
+    assert next(line for line in out if "-m cir.train" in line).split().count("--init-from") == 1
+    out = commands(15000)
+    assert out[-2].startswith("[5/6]") and out[-2].endswith("done, skipped")
+    assert out[-1].startswith("[6/6]") and out[-1].endswith("done, skipped")
+    Path("runs/grid7-cc").mkdir(parents=True)
+    Path("runs/grid7-cc/last.safetensors").write_bytes(b"")
+    out = commands(15000)
+    assert next(line for line in out if "-m cir.train" in line).endswith("--save-every 200 --resume")
+    assert out[-1].endswith("--dtype fp16")

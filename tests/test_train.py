@@ -98,6 +98,32 @@ def test_ablation_flags_and_user_errors(shapes_data, tmp_path):
     assert bad.returncode == 2 and "--partial-negatives" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_a_lost_run_continues_from_its_export(shapes_data, tmp_path):
+    """--continue-from an fp32 export of a run stopped at step 3 (its folder gone): the same batches
+    (equal losses at step 4, before any update differs), the lr ramped onto the uninterrupted run's
+    schedule over --warmup steps, the ramp kept by --resume; other flags are refused."""
+    full, split = tmp_path / "full", tmp_path / "split"
+    train = TRAIN + ["--data", str(shapes_data), "--warmup", "3"]
+    run(train + ["--out", str(full)])
+    run(train + ["--out", str(split), "--stop-after", "3"])
+    export = tmp_path / "export.safetensors"
+    run([sys.executable, "-m", "cir.checkpoint", "export", "--checkpoint", str(split / "last.safetensors"),
+         "--out", str(export), "--dtype", "fp32"])
+    for f in split.iterdir():
+        f.unlink()
+    refused = subprocess.run(train + ["--out", str(split), "--continue-from", str(export), "--steps", "7"],
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and refused.stderr.strip().endswith("its run had --steps 6 (not 7)")
+    r = run(train + ["--out", str(split), "--continue-from", str(export), "--stop-after", "4"])
+    assert f"continued from {export}" in r.stdout
+    run(train + ["--out", str(split), "--resume"])
+    a, b = {x["step"]: x for x in losses(full)}, losses(split)
+    assert [x["step"] for x in b] == [4, 5, 6]
+    assert b[0]["loss"] == pytest.approx(a[4]["loss"], rel=1e-5)
+    assert [x["lr"] / a[x["step"]]["lr"] for x in b] == pytest.approx([1 / 3, 2 / 3, 1])
+    assert json.loads((split / "last.json").read_text())["args"]["rewarm_at"] == 3
+
+
 def test_zero_steps_writes_the_model_as_initialised(shapes_data, tmp_path):
     from cir.checkpoint import load_checkpoint
     from cir.models.factory import build_model
@@ -120,6 +146,10 @@ def test_schedule_and_leaf_filter():
     restarted = Schedule(1e-3, 1e-5, 10, 100, start=40).at
     assert restarted(40) == pytest.approx(1e-4) and restarted(50) == pytest.approx(1e-3)
     assert restarted(75) == pytest.approx((1e-3 + 1e-5) / 2) and restarted(100) == pytest.approx(1e-5)
+    # a run continued at step 60 with fresh moments: ramped onto the same cosine over 10 steps
+    rewarmed, plain = Schedule(1e-3, 1e-5, 10, 100, rewarm_at=60).at, Schedule(1e-3, 1e-5, 10, 100).at
+    assert rewarmed(60) == pytest.approx(plain(60) / 10) and rewarmed(64) == pytest.approx(plain(64) / 2)
+    assert rewarmed(69) == pytest.approx(plain(69)) and rewarmed(90) == pytest.approx(plain(90))
     phrases = [{"text": "the red circle at the top", "start": 0, "end": 25}, {"text": "the red circle", "start": 0, "end": 14},
                {"text": "the top", "start": 18, "end": 25}]
     assert leaf_only(phrases) == phrases[1:]

@@ -25,26 +25,30 @@ from tqdm import tqdm
 @dataclass(frozen=True)
 class Schedule:
     """Linear warm-up to `lr` over `warmup` steps, then cosine annealing to `min_lr` at step `steps`;
-    the schedule begins at step `start` (0, or a warm start's step when its schedule restarts)."""
+    the schedule begins at step `start` (0, or a warm start's step when its schedule restarts).
+    `rewarm_at`: a run continued at that step with fresh optimizer moments; its lr ramps linearly
+    onto the same schedule over the next `warmup` steps."""
 
     lr: float
     min_lr: float
     warmup: int
     steps: int
     start: int = 0
+    rewarm_at: int | None = None
 
     def at(self, step: int) -> float:
+        ramp = 1.0 if self.rewarm_at is None else min(1.0, (step - self.rewarm_at + 1) / max(1, self.warmup))
         step, steps = step - self.start, self.steps - self.start
         if step < self.warmup:
-            return self.lr * (step + 1) / self.warmup
+            return ramp * self.lr * (step + 1) / self.warmup
         t = min(1.0, (step - self.warmup) / max(1, steps - self.warmup))
-        return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1 + math.cos(math.pi * t))
+        return ramp * (self.min_lr + 0.5 * (self.lr - self.min_lr) * (1 + math.cos(math.pi * t)))
 
 
 @dataclass(frozen=True)
 class OptimConfig:
     """A run's optimizer and schedule: AdamW at peak `lr` with `weight_decay` (`make_optimizer`),
-    `Schedule(lr, min_lr, warmup, steps, schedule_start)`, gradient-norm clipping at `clip_grad`."""
+    `Schedule(lr, min_lr, warmup, steps, schedule_start, rewarm_at)`, gradient-norm clipping at `clip_grad`."""
 
     steps: int
     lr: float
@@ -53,16 +57,17 @@ class OptimConfig:
     weight_decay: float
     clip_grad: float
     schedule_start: int = 0
+    rewarm_at: int | None = None
 
     @staticmethod
     def from_args(a) -> "OptimConfig":
         """From the flags `cir.cli.add_training_flags` (and cir.train) define."""
         return OptimConfig(a.steps, a.lr, a.min_lr, a.warmup, a.weight_decay, a.clip_grad,
-                           getattr(a, "schedule_start", 0))
+                           getattr(a, "schedule_start", 0), getattr(a, "rewarm_at", None))
 
     @property
     def schedule(self) -> Schedule:
-        return Schedule(self.lr, self.min_lr, self.warmup, self.steps, self.schedule_start)
+        return Schedule(self.lr, self.min_lr, self.warmup, self.steps, self.schedule_start, self.rewarm_at)
 
 
 def make_optimizer(module: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
