@@ -291,6 +291,35 @@ def test_review_store_saves_resumes_and_takes_in_a_log(demo, tmp_path):
     assert review.first_undecided(triplets, {t.id: {} for t in triplets}) == len(triplets)
 
 
+def test_review_shows_a_missing_image_as_the_tile_and_ranks_without_it(ex, demo, tmp_path):
+    """An image deleted after the triplet file was written: the "image missing" tile, named in the
+    status; no maps for a missing reference; ranking among the file's images skips missing ones."""
+    from dataclasses import replace
+
+    from cir.ui.thumbnails import thumbnail
+    triplets = read_triplets(demo[0] / "examples.jsonl")[0][:3]
+    gone, kept = tmp_path / "gone.png", tmp_path / "kept.png"
+    shutil.copyfile(triplets[0].reference, gone)
+    shutil.copyfile(triplets[1].targets[0], kept)
+    src = tmp_path / "batch.jsonl"
+    write_triplets(src, [replace(triplets[0], reference=str(gone)),
+                         replace(triplets[1], targets=[str(kept), str(tmp_path / "gone-target.png")]), triplets[2]])
+    gone.unlink()
+    access = FileAccess([tmp_path], ex.index.paths)
+    state = review_file.review_open(access, str(src))
+    reference, targets, _, _, _, status = review_tab.review_show(ex, access, state)
+    assert reference == thumbnail.missing() and r"1 image(s) missing: gone\.png" in status
+    assert all(im != thumbnail.missing() for im, _ in targets)
+    maps, ranked = review_tab.review_details(ex, access, state, review_tab.RANK_OVER[0])
+    assert maps is None and r"the reference image is missing (gone\.png)" in ranked
+    state = review_tab.review_move(state, 1)
+    reference, targets, _, _, _, status = review_tab.review_show(ex, access, state)
+    assert [im == thumbnail.missing() for im, _ in targets] == [False, True] and r"missing: gone\-target\.png" in status
+    files = {p for t in read_triplets(src, check_images=False)[0] for p in (t.reference, *t.targets) if os.path.isfile(p)}
+    maps, ranked = review_tab.review_details(ex, access, state, review_tab.RANK_OVER[0])
+    assert maps is not None and f"of {len(files)} (file images)" in ranked
+
+
 def test_review_export(demo, tmp_path):
     triplets = read_triplets(demo[0] / "examples.jsonl")[0]
     assert triplets[1].noun_phrases and triplets[1].meta.get("grounding")

@@ -44,8 +44,14 @@ def _caption_and_phrases(ex: Explorer, t, decision: dict | None) -> tuple[str, l
 
 
 def _shown_image(access: FileAccess, path: str):
-    """A thumbnail of an image a triplet file names, or None when the app may not show it."""
-    return thumbnail(path) if access.image(path) else None
+    """A thumbnail of an image a triplet file names (the "image missing" tile when it is gone or
+    unreadable), or None when the app may not show it."""
+    return thumbnail.or_missing(path) if access.image(path) else None
+
+
+def _present(access: FileAccess, paths) -> list[str]:
+    """The images of `paths` the app may show and that exist."""
+    return [p for p in paths if access.image(p) and os.path.isfile(p)]
 
 
 @shown
@@ -71,10 +77,13 @@ def review_show(ex: Explorer, access: FileAccess, state):
     d = decisions.get(t.id)
     caption, phrases = _caption_and_phrases(ex, t, d)
     hidden = [p for p in (t.reference, *t.targets) if not access.image(p)]
+    gone = [p for p in (t.reference, *t.targets) if access.image(p) and not os.path.isfile(p)]
     missing = missing_changes(t, caption)
     status = (f"Item **{state['pos'] + 1}** of {len(triplets)} · id {markdown_literal(t.id)} · "
               f"{'decided: **' + d['decision'] + '**' if d else 'undecided'} · {progress}"
               + (f" · {len(hidden)} image(s) {IMAGE_REFUSED}" if hidden else "")
+              + (f" · {len(gone)} image(s) missing: " + ", ".join(markdown_literal(os.path.basename(p)) for p in gone)
+                 if gone else "")
               + (f"\n\n⚠ **The caption misses {len(missing)} change(s)** between reference and target: "
                  + ", ".join(markdown_literal(m) for m in missing) + "." if missing else ""))
     targets = [(im, os.path.basename(p)) for p in t.targets if (im := _shown_image(access, p)) is not None]
@@ -86,7 +95,8 @@ def review_show(ex: Explorer, access: FileAccess, state):
 def review_details(ex: Explorer, access: FileAccess, state, over: str):
     """-> (heatmap rows of the item's noun phrases over its reference, where the model ranks its target).
 
-    Ranking among the file's images embeds them on first use; only images the app may show count."""
+    Ranking among the file's images embeds them on first use; only images the app may show, and that
+    exist, count."""
     if not state:
         return None, ""
     triplets, decisions, t = _current(state)
@@ -95,12 +105,14 @@ def review_details(ex: Explorer, access: FileAccess, state, over: str):
     ident = markdown_literal(t.id)
     if not access.image(t.reference):
         return None, f"{ident}: reference {IMAGE_REFUSED}."
+    if not os.path.isfile(t.reference):
+        return None, f"{ident}: the reference image is missing ({markdown_literal(os.path.basename(t.reference))})."
     caption, phrases = _caption_and_phrases(ex, t, decisions.get(t.id))
     maps, _ = render_maps(ex, t.reference, caption, phrases, boxes=grounding_boxes(t) if caption == t.caption else None)
     gallery = None
     if over == RANK_OVER[0]:
-        gallery = [p for p in dict.fromkeys(p for x in triplets for p in (x.reference, *x.targets)) if access.image(p)]
-    found = ex.target_rank(t.reference, caption, [p for p in t.targets if access.image(p)], gallery)
+        gallery = _present(access, dict.fromkeys(p for x in triplets for p in (x.reference, *x.targets)))
+    found = ex.target_rank(t.reference, caption, _present(access, t.targets), gallery)
     return maps, (f"{ident}: the model ranks the target **#{found[0]}** of {found[1]} ({over})." if found
                   else f"{ident}: the target is not in the {over}.")
 
