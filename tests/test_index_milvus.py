@@ -80,3 +80,29 @@ def test_demo_gallery_same_top10_as_faiss_flat(tmp_path):
     (scores, ids), (want_scores, want_ids) = collection.search(queries, 10), flat.search(queries, 10)
     assert np.array_equal(ids, want_ids)
     np.testing.assert_allclose(scores, want_scores, atol=1e-5)
+
+
+def test_a_row_outside_the_gallery_root_is_refused(tiny_checkpoint, shapes_data, tmp_path):
+    """A row written into the collection behind the tool's back that names a file outside the
+    gallery root (here the server's /etc/passwd), or a collection without a root, is refused when
+    opened, in one line; the collection as built opens."""
+    from cir.retrieval.milvus import connect
+    images = read_gallery(shapes_data / "gallery_test.txt")
+    target = MilvusTarget(str(tmp_path / "gallery.db"), "shapes")
+    assert main(["build", "--gallery", str(shapes_data / "gallery_test.txt"), "--backend", "milvus", "--uri",
+                 target.uri, "--collection", "shapes", "--checkpoint", str(tiny_checkpoint)] + SMALL) == 0
+    collection = MilvusIndex(target, tiny_checkpoint)
+    client = connect(target.uri)
+    props = client.describe_collection("shapes")["properties"]
+    assert props["root"] == str(shapes_data / "images" / "test") and len(collection) == len(images)
+    client.insert("shapes", [{"id": len(images), "vector": collection.embeddings[0].tolist(), "path": "/etc/passwd",
+                              "sha256": "0" * 64}])
+    client.flush("shapes")
+    with pytest.raises(UserError, match="the gallery image /etc/passwd lies outside its gallery root") as e:
+        MilvusIndex(target, tiny_checkpoint)
+    assert "\n" not in str(e.value)
+    client.delete("shapes", ids=[len(images)])
+    assert len(MilvusIndex(target, tiny_checkpoint)) == len(images)
+    client.drop_collection_properties("shapes", ["root"])
+    with pytest.raises(UserError, match="names no gallery root; build it again"):
+        MilvusIndex(target, tiny_checkpoint)

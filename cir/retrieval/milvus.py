@@ -2,7 +2,8 @@
 cluster given by URL, through the same pymilvus client (optional: requirements-milvus.txt).
 
 Each row holds an id, the L2-normalised vector, the image path and its content sha256; the
-collection's properties name the checkpoint's sha256 and the format. `sync_collection` builds or
+collection's properties name the checkpoint's sha256, the format and the gallery root, the folder
+every image path must resolve inside (a collection holding a path outside it is refused when opened). `sync_collection` builds or
 updates it with the chunked, resumable, torchrun-sharded embedding of cir.retrieval.embed (work
 files beside a .db file, else in the current folder); `MilvusIndex` searches it by inner product
 with the interface of GalleryIndex. A build fills a staging collection and renames it onto NAME."""
@@ -24,7 +25,7 @@ from cir.retrieval.build import discard_unless_resuming, drop_skipped, gallery_p
 from cir.retrieval.embed import embed_images, hash_files, plan_key
 from cir.retrieval.pathlist import PathList
 from cir.retrieval.shards import current_shard
-from cir.retrieval.store import build_lock
+from cir.retrieval.store import build_lock, escaping, gallery_root
 
 FORMAT = "context-cir-milvus/1"
 PREFIX, COLLECTION = "milvus:", "?collection="  # milvus:URI?collection=NAME, as the app's --index
@@ -104,8 +105,9 @@ def _rows(client, name: str, fields: list[str]) -> list[dict]:
     return sorted(rows, key=lambda r: r["id"])
 
 
-def create_collection(client, name: str, dim: int, sha: str) -> None:
-    """An empty gallery collection `name` of `dim`-d vectors (exact inner-product search) for checkpoint `sha`."""
+def create_collection(client, name: str, dim: int, sha: str, root: str) -> None:
+    """An empty gallery collection `name` of `dim`-d vectors (exact inner-product search) for
+    checkpoint `sha`, its images inside the folder `root`."""
     from pymilvus import DataType, MilvusClient
     schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
     schema.add_field("id", DataType.INT64, is_primary=True)
@@ -115,7 +117,7 @@ def create_collection(client, name: str, dim: int, sha: str) -> None:
     params = client.prepare_index_params()
     params.add_index("vector", index_type="FLAT", metric_type="IP")
     client.create_collection(name, schema=schema, index_params=params,
-                             properties={"format": FORMAT, "checkpoint_sha256": sha, "dim": str(dim)})
+                             properties={"format": FORMAT, "checkpoint_sha256": sha, "dim": str(dim), "root": root})
 
 
 def insert_rows(client, name: str, first_id: int, paths: list[str], hashes: list[str], emb: np.ndarray) -> None:
@@ -172,7 +174,7 @@ def sync_collection(target: MilvusTarget, gallery, checkpoint=None, replace: boo
                 staging = f"{target.collection}__staging"
                 if client.has_collection(staging):
                     client.drop_collection(staging)
-                create_collection(client, staging, dim, sha)
+                create_collection(client, staging, dim, sha, gallery_root(added))
                 insert_rows(client, staging, 0, added, sha256, vectors)
                 if client.has_collection(target.collection):
                     client.drop_collection(target.collection)
@@ -182,7 +184,8 @@ def sync_collection(target: MilvusTarget, gallery, checkpoint=None, replace: boo
                 if gone:
                     client.delete(target.collection, ids=gone)
                 insert_rows(client, target.collection, max((i for i, _ in old.values()), default=-1) + 1, added,
-                        sha256, vectors)
+                            sha256, vectors)
+                client.alter_collection_properties(target.collection, {"root": gallery_root([*keep, *added])})
             if work.exists():
                 shutil.rmtree(work)
             return {"images": len(keep) + len(added), "kept": len(keep), "embedded": sum(e for e, _ in counts),
@@ -201,6 +204,12 @@ class MilvusIndex:
         props = _check_collection(self._client, target, model_hash(checkpoint_path) if checkpoint_path else None)
         self.dim = int(props["dim"])
         rows = _rows(self._client, target.collection, ["path"])
+        if "root" not in props:
+            raise UserError(f"collection {target.collection!r} at {target.uri} names no gallery root; build it again")
+        outside = escaping([r["path"] for r in rows], props["root"])
+        if outside is not None:
+            raise UserError(f"collection {target.collection!r} at {target.uri}: the gallery image {outside} lies "
+                            f"outside its gallery root {props['root']}")
         self.paths = PathList(r["path"] for r in rows)
         self._position = {r["id"]: i for i, r in enumerate(rows)}
         self._embeddings = None
