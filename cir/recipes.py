@@ -154,8 +154,9 @@ RECIPES: dict[str, tuple[str, list[Stage]]] = {
                "assets/context-cir-shapes-grid7-step0.safetensors")]),
     "context-cir-shapes-grid7": (
         "assets/context-cir-shapes-grid7.safetensors, the grid-7 model with the CC loss (lambda 0.08, targets "
-        "from the frozen step-0 model)",
-        [*DATA, *_grid7_pair_member("context-cir-shapes-grid7", "runs/grid7-cc", "0.08", "--cc-teacher", STEP0)]),
+        "from the frozen step-0 model, sharpened with exponent 2)",
+        [*DATA, *_grid7_pair_member("context-cir-shapes-grid7", "runs/grid7-cc", "0.08", "--cc-teacher", STEP0,
+                                    "--cc-sharpen", "2")]),
     "context-cir-shapes-grid7-lambda0": (
         "assets/context-cir-shapes-grid7-lambda0.safetensors, its twin without the CC loss (lambda 0)",
         [*DATA, *_grid7_pair_member("context-cir-shapes-grid7-lambda0", "runs/grid7-nocc", "0")]),

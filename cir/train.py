@@ -73,6 +73,9 @@ def parse_args(argv=None):
     p.add_argument("--cc-teacher", default=None, metavar="CKPT",
                    help="with --image-cache: the CC loss's targets are this frozen checkpoint's isolated maps "
                         "(computed once, kept in OUT/cc_targets.npz), not the trained model's own")
+    p.add_argument("--cc-sharpen", type=float, default=1.0, metavar="GAMMA",
+                   help="with --cc-teacher: each target map raised to GAMMA and renormalised (same peak, more mass on "
+                        "it); default 1, the teacher's maps as they are")
     p.add_argument("--no-query-negative", action="store_true", help="ablation: drop the query image as an extra negative")
     p.add_argument("--freeze-text", action="store_true", help="ablation: freeze the CLIP text encoder")
     p.add_argument("--freeze-image", action="store_true", help="ablation: freeze the CLIP image encoder")
@@ -110,6 +113,10 @@ def parse_args(argv=None):
         p.error("--image-cache needs --freeze-image (the cache holds the frozen image tower's outputs)")
     if a.cc_teacher and not a.image_cache:
         p.error("--cc-teacher needs --image-cache")
+    if a.cc_sharpen != 1 and not a.cc_teacher:
+        p.error("--cc-sharpen needs --cc-teacher")
+    if a.cc_sharpen <= 0:
+        p.error("--cc-sharpen must be positive")
     if a.continue_from and (a.init_from or a.restart_schedule):
         p.error("--continue-from takes neither --init-from nor --restart-schedule")
     a.schedule_start = 0  # the step the lr schedule begins at (main sets it for --restart-schedule and --resume)
@@ -294,7 +301,7 @@ def starting_model(a, last: Path, device):
 
 
 CONTINUATION_FLAGS = ("steps", "batch_size", "lr", "min_lr", "warmup", "weight_decay", "lambda_cc", "eps", "cc_maps",
-                      "partial_negatives", "freeze_text", "freeze_image", "no_query_negative", "seed")
+                      "cc_sharpen", "partial_negatives", "freeze_text", "freeze_image", "no_query_negative", "seed")
 
 
 def check_continuation(a, manifest: dict) -> None:
@@ -324,7 +331,7 @@ def training_dataset(a, model, preprocess, triplets: list[Triplet], phrases: lis
         if world > 1:
             raise UserError("--cc-teacher runs in one process (no torchrun)")
         phrase_source = {"source": a.np_backend, "leaf_only": a.leaf_nps_only, "max": MAX_PHRASES}
-        cc_targets = run_cc_targets(out, a.cc_teacher, cache, phrases, phrase_source, a.cc_maps)
+        cc_targets = run_cc_targets(out, a.cc_teacher, cache, phrases, phrase_source, a.cc_maps, a.cc_sharpen)
     dataset = TripletDataset(triplets, phrases, preprocess, model.tokenizer,
                              hard_negatives=functools.partial(shapes_partials, count=a.partial_negatives)
                              if a.partial_negatives and cache is None else None, seed=a.seed,

@@ -127,6 +127,12 @@ def test_teacher_targets_are_the_teachers_isolated_maps_and_stay_fixed(step0, ca
         want = isolated_maps(teacher, image, torch.zeros(len(texts), dtype=torch.long), texts).mean((1, 2))
     assert torch.allclose(torch.from_numpy(maps[offsets[i]:offsets[i + 1]]).float(), want, atol=1e-3)
     assert torch.allclose(want.sum(1), torch.ones(len(texts)), atol=1e-4)
+    # --cc-sharpen 2: the same maps squared and renormalised, same peaks, more mass on them
+    run(base + ["--out", str(tmp_path / "sharp"), "--cc-teacher", str(ckpt), "--cc-sharpen", "2", "--stop-after", "1"])
+    with np.load(tmp_path / "sharp" / "cc_targets.npz") as f:
+        sharp = torch.from_numpy(f["maps"][offsets[i]:offsets[i + 1]]).float()
+    assert torch.allclose(sharp, want ** 2 / (want ** 2).sum(1, keepdim=True), atol=1e-3)
+    assert torch.equal(sharp.argmax(1), want.argmax(1)) and bool((sharp.max(1).values > want.max(1).values).all())
 
 
 def test_frozen_prior_starts_as_the_loaded_text_tower_and_never_trains(step0, cache, shapes_data, tmp_path):
@@ -160,7 +166,8 @@ def test_frozen_prior_starts_as_the_loaded_text_tower_and_never_trains(step0, ca
 
 def test_cache_and_teacher_flags_need_their_partners(shapes_data, tmp_path):
     for flags, message in ((["--image-cache", "x"], "--image-cache needs --freeze-image"),
-                           (["--freeze-image", "--cc-teacher", "x"], "--cc-teacher needs --image-cache")):
+                           (["--freeze-image", "--cc-teacher", "x"], "--cc-teacher needs --image-cache"),
+                           (["--cc-sharpen", "2"], "--cc-sharpen needs --cc-teacher")):
         r = subprocess.run([sys.executable, "-m", "cir.train", "--data", str(shapes_data), "--out", str(tmp_path),
                             *flags], capture_output=True, text=True)
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
