@@ -1,6 +1,6 @@
 """The explorer in headless Chromium (Debian's /usr/bin/chromium, driven by Playwright): pick an
 example, retrieve, see k results, the examples, the phrase tables and the heatmaps whole at phone,
-tablet and desktop widths (the maps right above their controls on a phone; an opacity typed and
+tablet and desktop widths (the maps right above their drawing controls on a phone; an opacity typed and
 committed with Enter redraws them; an edited caption has no ground truth); the Research
 tab's map (brushed), phrase influence, variants (one applied), make-up and export at phone and desktop
 widths; the model
@@ -120,9 +120,12 @@ def test_retrieve_at_every_width(served, width, tmp_path):
         for table in ("#phrases", "#cc-table"):
             assert inside(page, f"{table} th, {table} td", table) == [], table
         assert page.evaluate("document.documentElement.scrollWidth") <= width
-        if width < 640:  # a phone: the maps right above the phrase table and the controls below it
-            table = page.locator("#phrases").bounding_box()
-            assert 0 <= table["y"] - (box["y"] + box["height"]) <= 80, (box, table)
+        opacity = page.locator("#opacity").bounding_box()
+        assert 0 <= opacity["y"] - (box["y"] + box["height"]) <= 80, (box, opacity)  # the opacity under the maps
+        if width < 640:  # a phone: the maps and their drawing controls above the phrase table
+            patches, table = page.locator("#upsampling").bounding_box(), page.locator("#phrases").bounding_box()
+            assert 0 <= table["y"] - max(opacity["y"] + opacity["height"], patches["y"] + patches["height"]) <= 80, \
+                (opacity, patches, table)
         page.screenshot(path=str(artifacts / f"explorer-retrieve-{width}.png"), full_page=True)
         if width == WIDTHS[-1]:  # an opacity typed and committed with Enter redraws the maps
             drawn = heatmaps.get_attribute("src")

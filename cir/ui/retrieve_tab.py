@@ -269,7 +269,8 @@ def _results(c: SimpleNamespace) -> None:
 
 
 def _why_panel(c: SimpleNamespace, models: Models) -> None:
-    """The Why panel: the phrase rows and the maps' controls beside the maps (`cir.ui.why_panel`)."""
+    """The Why panel: the phrase rows and the maps' controls beside the maps, the drawing's opacity and
+    patch style under them (`cir.ui.why_panel`)."""
     ex, several = models.primary, len(models) > 1
     with gr.Accordion("Why: per-phrase attention, in context vs isolated", open=True):
         c.trust = gr.Markdown(maps_trust(ex), elem_id="maps-trust")
@@ -286,9 +287,6 @@ def _why_panel(c: SimpleNamespace, models: Models) -> None:
                 c.layer = gr.Dropdown(layer_choices(ex), value=MEAN, label="Layer")
                 c.head = gr.Dropdown(head_choices(ex), value=MEAN, label="Head")
                 c.eps = gr.Number(DEFAULT_EPS, label="ε of the CC term", minimum=0, step=0.001)
-                c.opacity = gr.Slider(0, 1, value=ALPHA, step=0.05, label="Heat opacity", elem_id="opacity")
-                c.upsampling = gr.Radio(list(UPSAMPLING), value=UPSAMPLING[0], label="Patches drawn as",
-                                        elem_id="upsampling")
                 c.compare = gr.Dropdown(compare_choices(models, ex.name), value=models.twin or NO_COMPARE,
                                         label="Compare with (its maps beside the model's)", interactive=several,
                                         elem_id="compare")
@@ -305,6 +303,10 @@ def _why_panel(c: SimpleNamespace, models: Models) -> None:
                 gr.Markdown("Per phrase: in context | isolated (one colour scale) | their difference; "
                             "a known box of the phrase is outlined in green")
                 c.heatmaps = image_output(show_label=False, format="png", interactive=False, elem_id="heatmaps")
+                with gr.Row():  # the drawing's own controls, right under it (on a phone too)
+                    c.opacity = gr.Slider(0, 1, value=ALPHA, step=0.05, label="Heat opacity", elem_id="opacity")
+                    c.upsampling = gr.Radio(list(UPSAMPLING), value=UPSAMPLING[0], label="Patches drawn as",
+                                            elem_id="upsampling")
 
 
 def _wire_query(c: SimpleNamespace, ex: Explorer) -> None:
