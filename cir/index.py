@@ -7,14 +7,17 @@
     python -m cir.index build|update --backend milvus --uri gallery.db --collection NAME --gallery ...
 
 INDEX_DIR holds `manifest.json` (checkpoint sha256, model config, embedding dim, normalisation,
-index type and parameters, the gallery root, every image with its content sha256, integrity
-hashes, versions), `embeddings.npy` ([N, E] float32, L2-normalised, row i = image i) and
+index type and parameters, the gallery root, the image count, integrity hashes, versions), the
+image list (`image_paths.npy`: each image's path below the root as UTF-8 bytes, one after another;
+`image_path_table.npy`: where each path ends and sorted lookup keys; `image_sha256.npy`: each
+image's content sha256), `embeddings.npy` ([N, E] float32, L2-normalised, row i = image i) and
 `index.faiss` (a faiss index over the rows).
 Index types: `flat` (exact inner product), `ivf` (IVFFlat) and `ivfpq` (IVF with product
 quantisation; its rerank*k best candidates are re-ranked by exact inner product against
 embeddings.npy). `auto`: flat below 200k images, ivf below 5M, ivfpq above or whenever the
 vectors take more than half of this machine's memory. Search memory-maps both files: a gallery
-larger than memory is searched with only the IVF-PQ codes and the candidates' rows resident.
+larger than memory is searched with only the IVF-PQ codes and the candidates' rows resident; the
+image list is memory-mapped too (no Python object per image).
 Embeddings are kept so updates and re-indexing never re-embed. The manifest stores the gallery
 root (the deepest folder holding every image), the checkpoint and the gallery relative to INDEX_DIR
 (`../` where need be) and each image relative to the root; they are resolved against them on
@@ -37,10 +40,11 @@ milvus-lite's local .db file or a server URL, the same embedding steps, rows of 
 content sha256, the checkpoint's sha256 recorded; the app opens it as milvus:URI?collection=NAME.
 
 Opening an index checks it: the manifest's keys and types, its image count, and the "integrity"
-hashes stored at build (one of the root and the ordered image paths and content hashes, one of each
-data file), so a reordered, cut or re-pointed image list or a changed vector file is refused with
-one line instead of giving wrong results; an image whose path resolves (links followed) outside
-the gallery root is refused too, and a build refuses a gallery holding a link out of its root. An
+hashes stored at build (one of the root and the image list's files, one of each data file), so a
+reordered, cut or re-pointed image list or a changed vector file is refused with one line instead
+of giving wrong results; an image whose path resolves (links followed) outside the gallery root is
+refused too (each path checked below the root as written, then the real path of each folder and
+the links among its entries), and a build refuses a gallery holding a link out of its root. An
 index of an older format is refused with one line saying to rebuild it; `build --out` replaces it.
 A build or update holds an exclusive lock (INDEX_DIR.lock); a second one to the same folder is
 refused while it runs.
@@ -129,11 +133,11 @@ from cir.retrieval.params import resolve_params  # noqa: E402
 from cir.retrieval.search import GalleryIndex  # noqa: E402
 from cir.retrieval.shards import current_shard  # noqa: E402
 from cir.retrieval.store import (EMBEDDINGS, FAISS_FILE, MANIFEST, build_lock, embeddings_of,  # noqa: E402
-                                 read_resolved_manifest)
+                                 read_index, read_resolved_manifest)
 
 # the library's names, as `cir.index` has always offered them
 __all__ = ["EMBEDDINGS", "FAISS_FILE", "MANIFEST", "GalleryIndex", "build_index", "build_lock", "embed_images",
-           "embeddings_of", "main", "model_hash", "read_resolved_manifest", "resolve_params",
+           "embeddings_of", "main", "model_hash", "read_index", "read_resolved_manifest", "resolve_params",
            "update_index", "_plan_key"]
 
 

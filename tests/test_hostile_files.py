@@ -20,6 +20,7 @@ from cir.data.triplets import read_gallery, read_triplets, write_triplets
 from cir.errors import UserError
 from cir.index import EMBEDDINGS, FAISS_FILE, MANIFEST, GalleryIndex, build_index, update_index
 from cir.models.factory import build_model, config_from_dict, load_config
+from cir.retrieval.store import HASHES, PATH_TABLE, PATHS
 from cir.ui import retrieve_tab, review, review_file, review_tab
 from cir.ui.access import FileAccess
 from cir.ui.explorer import Explorer
@@ -156,12 +157,14 @@ def test_index_built_by_another_checkpoint(index, tiny_checkpoint, shapes_data, 
 
 
 @pytest.mark.parametrize("damage", ["manifest-half", "manifest-deep", "manifest-binary", "embeddings-cut",
-                                    "embeddings-junk", "faiss-cut", "faiss-junk", "faiss-missing"])
+                                    "embeddings-junk", "faiss-cut", "faiss-junk", "faiss-missing", "paths-cut",
+                                    "table-junk", "sha256-missing"])
 def test_damaged_index(index, tiny_checkpoint, tmp_path, damage):
     copy = tmp_path / "idx"
     shutil.copytree(index, copy)
     part, how = damage.split("-")
-    path = copy / {"manifest": MANIFEST, "embeddings": EMBEDDINGS, "faiss": FAISS_FILE}[part]
+    path = copy / {"manifest": MANIFEST, "embeddings": EMBEDDINGS, "faiss": FAISS_FILE, "paths": PATHS,
+                   "table": PATH_TABLE, "sha256": HASHES}[part]
     data = path.read_bytes()
     if how == "missing":
         path.unlink()

@@ -18,7 +18,7 @@ from cir.checkpoint import load_checkpoint
 from cir.data.images import MAX_IMAGE_PIXELS, BadImage, load_rgb, open_image
 from cir.data.triplets import BadLine, read_gallery, read_triplets
 from cir.errors import UserError
-from cir.index import MANIFEST, GalleryIndex, build_index, read_resolved_manifest, update_index
+from cir.index import MANIFEST, GalleryIndex, build_index, read_index, read_resolved_manifest, update_index
 from cir.ui import retrieve_tab, why_panel
 from cir.ui.explorer import Explorer
 from hostile_inputs import (BAD_KINDS, GOOD_KINDS, IMAGE_KINDS, one_line, png_declaring, served, triplet_line,
@@ -98,11 +98,11 @@ def test_index_build_skips_and_lists_bad_files(hostile, tiny_checkpoint, shapes_
     out = tmp_path / "idx"
     r = build_index(out, gallery, tiny_checkpoint, **SMALL)
     err = capfd.readouterr().err
-    manifest = read_resolved_manifest(out)
+    manifest, stored, _ = read_index(out)
     all_paths = read_gallery(gallery)
     bad = {str(gallery / hostile[k].name) for k in BAD_KINDS}
     assert r["skipped"] == len(BAD_KINDS) and r["images"] == len(all_paths) - len(BAD_KINDS)
-    assert [im["path"] for im in manifest["images"]] == [p for p in all_paths if p not in bad]
+    assert stored == [p for p in all_paths if p not in bad]
     assert {s["path"] for s in manifest["skipped"]} == bad
     assert all(one_line(s["reason"]) for s in manifest["skipped"])
     assert f"skipped {len(BAD_KINDS)} of {len(all_paths)}" in err and all(p in err for p in bad)

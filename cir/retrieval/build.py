@@ -18,8 +18,8 @@ from cir.errors import UserError
 from cir.retrieval.embed import embed_images, hash_files, plan_key
 from cir.retrieval.params import add_rows, make_faiss_index, resolve_params
 from cir.retrieval.shards import current_shard
-from cir.retrieval.store import (EMBEDDINGS, FAISS_FILE, FORMAT, MANIFEST, build_lock, check_checkpoint,
-                                 check_integrity, check_out, escaping, gallery_root, read_resolved_manifest,
+from cir.retrieval.store import (EMBEDDINGS, FAISS_FILE, FORMAT, HASHES, MANIFEST, build_lock, check_checkpoint,
+                                 check_integrity, check_out, digests, escaping, gallery_root, read_index,
                                  write_index)
 
 
@@ -123,9 +123,9 @@ def build_index(out: str | os.PathLike, gallery: str | os.PathLike | list[str], 
                         "index": {"requested": requested, "params": params, "metric": "inner_product",
                                   "file": FAISS_FILE},
                         "count": len(kept), "gallery": str(gallery) if isinstance(gallery, (str, os.PathLike)) else None,
-                        "images": [{"path": p, "sha256": h} for p, h in zip(kept, sha256)], "skipped": dropped,
-                        "versions": index_versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-            write_index(out, work, manifest, vectors, make_faiss_index(vectors, params))
+                        "skipped": dropped, "versions": index_versions(),
+                        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            write_index(out, work, manifest, kept, digests(sha256), vectors, make_faiss_index(vectors, params))
             return {"images": len(kept), "embedded": sum(e for e, _ in counts), "resumed": sum(r for _, r in counts),
                     "skipped": len(dropped), "type": params["type"], "seconds": time.time() - t0, "ranks": counts}
         return shard.from_lead(finish)
@@ -147,7 +147,7 @@ def update_index(index_dir: str | os.PathLike, gallery: str | os.PathLike | list
     work = index_dir.with_name(index_dir.name + ".partial")
     with build_lock(index_dir) if shard.lead else nullcontext():
         def plan():
-            manifest = read_resolved_manifest(index_dir)
+            manifest, old_paths, old_sha256 = read_index(index_dir)
             ckpt = Path(checkpoint or manifest["checkpoint"]["path"])
             if not ckpt.is_file():
                 raise UserError(f"the index's checkpoint {ckpt} is gone; pass --checkpoint (same sha256 "
@@ -155,12 +155,13 @@ def update_index(index_dir: str | os.PathLike, gallery: str | os.PathLike | list
             sha = check_checkpoint(manifest, ckpt, index_dir)
             check_integrity(manifest, index_dir, files=(EMBEDDINGS, FAISS_FILE))
             paths = gallery_paths(gallery)
-            old = {im["path"]: (i, im["sha256"]) for i, im in enumerate(manifest["images"])}
-            current = hash_files(paths, max(workers, 4), progress)
-            keep = {p: old[p][0] for p, h in zip(paths, current) if p in old and old[p][1] == h}
+            old = {p: i for i, p in enumerate(old_paths)}
+            current = digests(hash_files(paths, max(workers, 4), progress))
+            keep = {p: old[p] for p, h in zip(paths, current) if p in old and (old_sha256[old[p]] == h).all()}
+            changed = {p for p in paths if p in old and p not in keep}  # re-embedded; removed if now unreadable
             discard_unless_resuming(work, resume, progress)
-            return manifest, ckpt, sha, paths, keep
-        manifest, ckpt, sha, paths, keep = shard.from_lead(plan)
+            return manifest, ckpt, sha, paths, keep, len(old), changed
+        manifest, ckpt, sha, paths, keep, old_count, changed = shard.from_lead(plan)
         new = [p for p in paths if p not in keep]
         counts, skipped = [(0, 0)] * shard.world, {}
         if new:
@@ -172,8 +173,7 @@ def update_index(index_dir: str | os.PathLike, gallery: str | os.PathLike | list
         def finish():
             nonlocal paths, new, new_emb, new_hashes, skipped
             root = gallery_root(paths)  # of every listed image: the readable ones lie inside it
-            old_rows = {im["path"]: (i, im["sha256"]) for i, im in enumerate(manifest["images"])}
-            old_emb = np.load(index_dir / EMBEDDINGS, mmap_mode="r")
+            old_emb, old_sha256 = (np.load(index_dir / name, mmap_mode="r") for name in (EMBEDDINGS, HASHES))
             if new:
                 new, new_emb, new_hashes, skipped = drop_skipped(new, new_emb, new_hashes, skipped, gallery,
                                                                   must_keep_one=False)
@@ -185,11 +185,12 @@ def update_index(index_dir: str | os.PathLike, gallery: str | os.PathLike | list
                 new_emb, new_hashes, skipped = np.zeros((0, old_emb.shape[1]), np.float32), [], []
                 work.mkdir(exist_ok=True)
             emb = np.empty((len(paths), old_emb.shape[1]), np.float32)
+            hashes = np.empty((len(paths), 32), np.uint8)
             kept_rows = [i for i, p in enumerate(paths) if p in keep]
-            emb[kept_rows] = old_emb[[keep[paths[i]] for i in kept_rows]]
-            emb[[i for i, p in enumerate(paths) if p not in keep]] = new_emb  # `new` is in gallery order
-            fresh = iter(new_hashes)
-            hashes = [old_rows[p][1] if p in keep else next(fresh) for p in paths]
+            old_rows = [keep[paths[i]] for i in kept_rows]
+            new_rows = [i for i, p in enumerate(paths) if p not in keep]  # `new` is in gallery order
+            emb[kept_rows], hashes[kept_rows] = old_emb[old_rows], old_sha256[old_rows]
+            emb[new_rows], hashes[new_rows] = new_emb, digests(new_hashes)
             req = manifest["index"]["requested"]
             params = resolve_params(len(paths), emb.shape[1], req["type"], req["nlist"], req["pq_m"],
                                     req["train_sample"], req["nprobe"], req.get("rerank"))
@@ -200,13 +201,13 @@ def update_index(index_dir: str | os.PathLike, gallery: str | os.PathLike | list
                 index = faiss.read_index(str(index_dir / FAISS_FILE))
                 index.reset()
                 add_rows(index, emb)
-            updated = dict(manifest, root=root, count=len(paths),
-                           images=[{"path": p, "sha256": h} for p, h in zip(paths, hashes)], skipped=skipped,
+            updated = dict(manifest, root=root, count=len(paths), skipped=skipped,
                            gallery=str(gallery) if isinstance(gallery, (str, os.PathLike)) else None,
                            versions=index_versions(), updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
             updated["index"] = dict(manifest["index"], params=params)
-            write_index(index_dir, work, updated, emb, index)
+            write_index(index_dir, work, updated, paths, hashes, emb, index)
+            removed = old_count - len(keep) - len(changed.intersection(paths))
             return {"images": len(paths), "kept": len(keep), "embedded": sum(e for e, _ in counts),
-                    "removed": len(set(old_rows) - set(paths)), "resumed": sum(r for _, r in counts),
+                    "removed": removed, "resumed": sum(r for _, r in counts),
                     "skipped": len(skipped), "type": params["type"], "seconds": time.time() - t0, "ranks": counts}
         return shard.from_lead(finish)

@@ -22,16 +22,16 @@ RERANK_BLOCK = 1 << 22  # max candidate vector values gathered at once for re-ra
 class GalleryIndex:
     """A gallery index loaded for search: `.paths` [N] (absolute, normalised; a `PathList`, so a
     million paths take no million Python strings), `.search(q, k)`; `.manifest` is the index's
-    manifest without its image list.
+    manifest (which holds no image list).
 
     On CPU it searches the faiss index, memory-mapped when loaded from disk; IVF-PQ's candidates
     are re-ranked by exact inner product against the stored vectors, read from the memory-mapped
     embeddings.npy row by row (only the candidates' pages become resident). On CUDA the gallery lives on the GPU as an fp16 matrix
     [N, E] and search is one matmul + topk (always exact; the faiss index is not loaded)."""
 
-    def __init__(self, manifest: dict, embeddings: np.ndarray, index: faiss.Index | None, device="cpu"):
-        self.paths = PathList((im["path"] for im in manifest["images"]), manifest.get("root"))
-        self.manifest = {key: value for key, value in manifest.items() if key != "images"}
+    def __init__(self, manifest: dict, paths: PathList, embeddings: np.ndarray, index: faiss.Index | None,
+                 device="cpu"):
+        self.paths, self.manifest = paths, manifest
         self.device = torch.device(device)
         self.nprobe = manifest["index"]["params"]["nprobe"]
         self.rerank = manifest["index"]["params"].get("rerank") or 0
@@ -62,7 +62,7 @@ class GalleryIndex:
              device: str | torch.device = "cpu") -> "GalleryIndex":
         """Open INDEX_DIR. With `checkpoint_path`, its sha256 must be the one the index was built with."""
         index_dir = Path(index_dir)
-        manifest, emb = open_embeddings(index_dir, checkpoint_path)
+        manifest, paths, emb = open_embeddings(index_dir, checkpoint_path)
         index = None
         if torch.device(device).type != "cuda":
             check_integrity(manifest, index_dir, files=(FAISS_FILE,))
@@ -75,7 +75,7 @@ class GalleryIndex:
             if index.ntotal != len(emb):
                 raise UserError(f"{index_dir}: {FAISS_FILE} holds {index.ntotal} vectors, {EMBEDDINGS} {len(emb)}; "
                                 "rebuild the index")
-        return GalleryIndex(manifest, emb, index, device)
+        return GalleryIndex(manifest, paths, emb, index, device)
 
     @staticmethod
     def build(out: str | os.PathLike, gallery: str | os.PathLike | list[str], checkpoint=None, device="cpu",
@@ -93,11 +93,10 @@ class GalleryIndex:
         mapped = isinstance(embeddings, np.memmap) and embeddings.dtype == np.float32
         emb = embeddings if mapped else np.ascontiguousarray(embeddings, dtype=np.float32)
         params = resolve_params(len(emb), emb.shape[1], index_type, nlist, pq_m, train_sample, nprobe, rerank)
-        manifest = {"images": [{"path": p} for p in (paths or map(str, range(len(emb))))], "count": len(emb),
-                    "embedding": {"dim": emb.shape[1], "normalization": "l2"},
+        manifest = {"count": len(emb), "embedding": {"dim": emb.shape[1], "normalization": "l2"},
                     "index": {"requested": {"type": index_type}, "params": params}}
         index = make_faiss_index(emb, params) if torch.device(device).type != "cuda" else None
-        return GalleryIndex(manifest, emb, index, device)
+        return GalleryIndex(manifest, PathList(paths or map(str, range(len(emb)))), emb, index, device)
 
     def search(self, queries: np.ndarray | torch.Tensor, k: int = 10, nprobe: int | None = None
                ) -> tuple[np.ndarray, np.ndarray]:
@@ -177,13 +176,13 @@ class GalleryIndex:
 
 def resident_memory() -> dict[str, int]:
     """This process's resident bytes: {"private": RssAnon (its own memory), "mapped": RssFile
-    (pages of mapped files, shared with the page cache and dropped under pressure)}; zeros where
-    /proc is absent."""
-    out = {"private": 0, "mapped": 0}
+    (pages of mapped files, shared with the page cache and dropped under pressure), "peak": VmHWM
+    (the most it has held resident, both kinds)}; zeros where /proc is absent."""
+    out = {"private": 0, "mapped": 0, "peak": 0}
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                key = {"RssAnon:": "private", "RssFile:": "mapped"}.get(line.split(":")[0] + ":")
+                key = {"RssAnon:": "private", "RssFile:": "mapped", "VmHWM:": "peak"}.get(line.split(":")[0] + ":")
                 if key:
                     out[key] = int(line.split()[1]) * 1024
     except OSError:
