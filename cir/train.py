@@ -100,15 +100,22 @@ def parse_args(argv=None):
                    help="warm start: weights and step from any checkpoint (e.g. the shipped model-only one), "
                         "fresh optimizer moments; use when OUT/last.safetensors is gone")
     p.add_argument("--continue-from", default=None, metavar="CKPT",
-                   help="continue a run whose folder is gone from its model-only export (python -m cir.checkpoint "
-                        "export of its last.safetensors): its weights and step, the same data order and lr schedule, "
-                        "fresh optimizer moments ramped onto the schedule over --warmup steps; the flags must be the run's own")
+                   help="continue a run whose folder is gone from an export of its last.safetensors: its weights, step, "
+                        "data order and lr schedule, fresh optimizer moments ramped in over --warmup steps; the run's own flags")
     p.add_argument("--restart-schedule", action="store_true",
                    help="with --init-from: warm up again from the checkpoint's step and anneal to --steps (default: "
                         "the warm start sits at its step on the cosine of --steps, without warm-up)")
     p.add_argument("--stop-after", type=int, default=None,
                    help="stop (after saving) once this step is reached, keeping the schedule of --steps")
     a = p.parse_args(argv)
+    check_partners(p, a)
+    a.schedule_start = 0  # the step the lr schedule begins at (main sets it for --restart-schedule and --resume)
+    a.rewarm_at = None  # the step a run continued from an export ramps its lr from (main sets it)
+    return a
+
+
+def check_partners(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """Exit with a usage error when a flag lacks the flag it works with, or conflicts with one."""
     if a.image_cache and not a.freeze_image:
         p.error("--image-cache needs --freeze-image (the cache holds the frozen image tower's outputs)")
     if a.cc_teacher and not a.image_cache:
@@ -119,9 +126,6 @@ def parse_args(argv=None):
         p.error("--cc-sharpen must be positive")
     if a.continue_from and (a.init_from or a.restart_schedule):
         p.error("--continue-from takes neither --init-from nor --restart-schedule")
-    a.schedule_start = 0  # the step the lr schedule begins at (main sets it for --restart-schedule and --resume)
-    a.rewarm_at = None  # the step a run continued from an export ramps its lr from (main sets it)
-    return a
 
 
 def partials_count(value: str) -> int:
@@ -188,11 +192,6 @@ def main(argv=None) -> int:
     np.random.seed(a.seed)
     torch.manual_seed(a.seed)
     model, preprocess, manifest, tensors, start, log_metrics = starting_model(a, last, device)
-    if a.init_from and a.restart_schedule and not a.resume:
-        a.schedule_start = start
-    if a.continue_from and not a.resume:
-        check_continuation(a, manifest)
-        a.rewarm_at = start
     model.train()
     if a.freeze_text:
         for n, prm in model.clip.named_parameters():
@@ -272,7 +271,8 @@ def run_files(a, out: Path, rank: int, world: int) -> tuple[Path, Path | None, s
 
 def starting_model(a, last: Path, device):
     """The model a run starts from: its checkpoint (--resume, with the training state), a warm start
-    (--init-from, in its own config or grown into --config), or a new one of --config.
+    or continuation (--init-from / --continue-from, in its own config or grown into --config), or a
+    new one of --config; sets where the lr schedule starts (a.schedule_start, a.rewarm_at).
     -> (model, preprocess, manifest, training tensors or None, start step, latest validation metrics)."""
     if a.resume:
         model, preprocess, manifest, tensors = load_checkpoint(last, device, with_training_state=True)
@@ -280,24 +280,41 @@ def starting_model(a, last: Path, device):
         a.rewarm_at = manifest.get("args", {}).get("rewarm_at")
         return model, preprocess, manifest, tensors, manifest["step"], manifest.get("metrics", {})
     source = a.init_from or a.continue_from
-    if source and a.config is None:
+    if not source:
+        model, preprocess = build_model(_config(a), device)
+        return model, preprocess, None, None, 0, {}
+    if a.config is None:
         model, preprocess, manifest = load_checkpoint(source, device)
-        return model, preprocess, manifest, None, manifest.get("step", 0), manifest.get("metrics", {})
+    else:
+        model, preprocess, manifest = grown_model(_config(a), source, device)
+    start = manifest.get("step", 0)
+    if a.restart_schedule:
+        a.schedule_start = start
+    if a.continue_from:
+        check_continuation(a, manifest)
+        a.rewarm_at = start
+    return model, preprocess, manifest, None, start, manifest.get("metrics", {})
+
+
+def _config(a):
     config = load_config(a.config or "context-cir-shapes")
     if a.pretrained is not None:
         config.pretrained = a.pretrained
+    return config
+
+
+def grown_model(config, source: str, device):
+    """A model of `config` with the weights of checkpoint `source` (new modules as initialised; a new
+    frozen prior as the loaded text tower). -> (model, preprocess, source's manifest)."""
     model, preprocess = build_model(config, device)
-    if not source:
-        return model, preprocess, None, None, 0, {}
-    new = load_weights(model, source)  # grow: the checkpoint's weights, new modules as initialised
+    new = load_weights(model, source)
     manifest = read_manifest(source)
-    start = manifest.get("step", 0)
-    print(f"warm start from {source} (step {start}); {len(new)} tensors newly initialised"
+    print(f"warm start from {source} (step {manifest.get('step', 0)}); {len(new)} tensors newly initialised"
           + (f": {', '.join(sorted({k.rsplit('.', 1)[0] for k in new}))}" if new else ""))
     if any(k.startswith("prior_text.") for k in new):  # the frozen prior starts as the loaded text tower
         model.prior_text.copy_from(model.clip)
         print("prior_text: a frozen copy of the loaded text tower")
-    return model, preprocess, manifest, None, start, manifest.get("metrics", {})
+    return model, preprocess, manifest
 
 
 CONTINUATION_FLAGS = ("steps", "batch_size", "lr", "min_lr", "warmup", "weight_decay", "lambda_cc", "eps", "cc_maps",
