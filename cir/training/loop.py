@@ -47,27 +47,19 @@ class Schedule:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """A run's optimizer and schedule: AdamW at peak `lr` with `weight_decay` (`make_optimizer`),
-    `Schedule(lr, min_lr, warmup, steps, schedule_start, rewarm_at)`, gradient-norm clipping at `clip_grad`."""
+    """A run's optimizer and schedule: AdamW at the schedule's peak lr with `weight_decay`
+    (`make_optimizer`), the lr `schedule`, gradient-norm clipping at `clip_grad`."""
 
-    steps: int
-    lr: float
-    min_lr: float
-    warmup: int
+    schedule: Schedule
     weight_decay: float
     clip_grad: float
-    schedule_start: int = 0
-    rewarm_at: int | None = None
 
     @staticmethod
     def from_args(a) -> "OptimConfig":
         """From the flags `cir.cli.add_training_flags` (and cir.train) define."""
-        return OptimConfig(a.steps, a.lr, a.min_lr, a.warmup, a.weight_decay, a.clip_grad,
-                           getattr(a, "schedule_start", 0), getattr(a, "rewarm_at", None))
-
-    @property
-    def schedule(self) -> Schedule:
-        return Schedule(self.lr, self.min_lr, self.warmup, self.steps, self.schedule_start, self.rewarm_at)
+        schedule = Schedule(a.lr, a.min_lr, a.warmup, a.steps, getattr(a, "schedule_start", 0),
+                            getattr(a, "rewarm_at", None))
+        return OptimConfig(schedule, a.weight_decay, a.clip_grad)
 
 
 def make_optimizer(module: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -185,13 +177,13 @@ def run_loop(batches: Iterable, loss_of: Callable, opt: torch.optim.Optimizer, c
 
 def fit(module: torch.nn.Module, batches: Iterable, loss_of: Callable, optim: OptimConfig, log: Path, desc: str,
         after_step: Callable[[], None] | None = None) -> float:
-    """optim.steps steps of `run_loop` from scratch on `module`'s trainable parameters (the short
+    """optim.schedule.steps steps of `run_loop` from scratch on `module`'s trainable parameters (the short
     stages that need no --resume: the towers' pretraining, the Combiner), then `module.eval()`.
     Returns the last loss."""
-    opt = make_optimizer(module, optim.lr, optim.weight_decay)
+    opt = make_optimizer(module, optim.schedule.lr, optim.weight_decay)
     module.train()
     last: dict = {}
-    run_loop(batches, loss_of, opt, LoopConfig(optim.schedule, optim.steps, optim.clip_grad, log, desc),
+    run_loop(batches, loss_of, opt, LoopConfig(optim.schedule, optim.schedule.steps, optim.clip_grad, log, desc),
              after_step=after_step, on_step=lambda step, record: last.update(record))
     module.eval()
     return last["loss"]
