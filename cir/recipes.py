@@ -38,6 +38,11 @@ class Stage:
             return None
         return Path(self.command[self.command.index("--out") + 1])
 
+    @property
+    def steps(self) -> int:
+        """The --steps of a cir.train stage."""
+        return int(self.command[self.command.index("--steps") + 1])
+
 
 def _train(what: str, out: str, *flags: str) -> Stage:
     return Stage(what, ("-m", "cir.train", "--data", "data/shapes", "--out", out, "--batch-size", "64", *flags),
@@ -179,8 +184,8 @@ def exported_step(export: Path | None, stage: Stage) -> int | None:
     if export is None or not export.with_suffix(".json").is_file():
         return None
     manifest = json.loads(export.with_suffix(".json").read_text())
-    args, steps = manifest.get("args", {}), int(stage.command[stage.command.index("--steps") + 1])
-    same_run = Path(args.get("out", "")) == stage.run_folder and args.get("steps") == steps
+    args = manifest.get("args", {})
+    same_run = Path(args.get("out", "")) == stage.run_folder and args.get("steps") == stage.steps
     return manifest.get("step") if same_run else None
 
 
@@ -206,8 +211,7 @@ def is_done(stages: list[Stage], stage: Stage) -> bool:
     is gone (the training stage and that export)."""
     if stage.run_folder is not None:
         export = export_of(stages, stage)
-        steps = int(stage.command[stage.command.index("--steps") + 1])
-        return not (stage.run_folder / "last.safetensors").is_file() and exported_step(export, stage) == steps
+        return not (stage.run_folder / "last.safetensors").is_file() and exported_step(export, stage) == stage.steps
     if stage.command[:3] == ("-m", "cir.checkpoint", "export"):
         source = Path(stage.command[stage.command.index("--checkpoint") + 1])
         trainer = next((s for s in stages if s.run_folder is not None and source == s.run_folder / "last.safetensors"), None)
