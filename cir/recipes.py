@@ -100,17 +100,31 @@ SHAPES_3X3_CHAIN = [
           "assets/context-cir-shapes.safetensors"),
 ]
 
+def _tmcir_stage2(what: str, out: str, init: str, cache: str) -> Stage:
+    """TMCIR's stage 2 on the grid-7 pair's schedule: 15,000 steps from `init`, image tower frozen
+    (its outputs in `cache`), the paper's InfoNCE with the query's reference as an extra negative."""
+    return _train(what, out, "--init-from", init, "--steps", "15000", "--lr", "4e-4", "--min-lr", "4e-6",
+                  "--lambda-cc", "0", "--partial-negatives", "--freeze-image", "--image-cache", cache, "--seed", "0",
+                  "--workers", "0", "--threads", "1", "--val-every", "500", "--val-limit", "1000", "--save-every", "200")
+
+
+TMCIR_ALIGNED = "runs/tmcir-align/aligned-fp16.safetensors"  # stage 1's towers, fp16 as every shipped file
 TMCIR_SHAPES = [
-    Stage("stage 1: 19,200 oracle pseudo-targets, then 300 alignment steps of the grid-7 towers (30 min at 1 thread beside another run)",
-          ("-m", "cir.align", "--data", "data/shapes", "--out", "runs/tmcir-align",
-           "--towers-from", STEP0, "--steps", "300", "--limit", "19200",
-           "--seed", "0", "--save-every", "50", "--threads", "1"),
+    Stage("stage 1: an oracle pseudo-target per training triplet (about 35 min), then 3,000 alignment steps of the "
+          "grid-7 towers (0.36 s/step at 2 threads)",
+          ("-m", "cir.align", "--data", "data/shapes", "--out", "runs/tmcir-align", "--towers-from", STEP0,
+           "--steps", "3000", "--seed", "0", "--save-every", "200", "--threads", "1"),
           "runs/tmcir-align/aligned.safetensors"),
-    _train("stage 2: 300 steps, the paper's loss, image tower frozen (33 min at 1 thread beside another run)", "runs/tmcir",
-           "--init-from", "runs/tmcir-align/aligned.safetensors", "--steps", "300", "--warmup", "50", "--lr", "4e-4",
-           "--min-lr", "4e-6", "--seed", "0", "--partial-negatives", "--freeze-image", "--lambda-cc", "0",
-           "--no-query-negative", "--val-every", "250", "--val-limit", "300", "--save-every", "50", "--threads", "1",
-           "--workers", "1"),
+    Stage("stage 1's towers in fp16 (10 s)",
+          ("-m", "cir.checkpoint", "export", "--checkpoint", "runs/tmcir-align/aligned.safetensors",
+           "--out", TMCIR_ALIGNED, "--dtype", "fp16"),
+          TMCIR_ALIGNED),
+    Stage("the aligned image tower's outputs for every training image and partial fulfilment (15 min)",
+          ("-m", "cir.image_cache", "--checkpoint", TMCIR_ALIGNED, "--train", "data/shapes/train.jsonl",
+           "--out", "data/shapes-cache-tmcir"),
+          "data/shapes-cache-tmcir/manifest.json"),
+    _tmcir_stage2("stage 2: 15,000 steps, 1 thread (0.33 s/step at 2 threads alone)", "runs/tmcir", TMCIR_ALIGNED,
+                  "data/shapes-cache-tmcir"),
     Stage("export fp16 (10 s)",
           ("-m", "cir.checkpoint", "export", "--checkpoint", "runs/tmcir/last.safetensors",
            "--out", "assets/tmcir-shapes.safetensors", "--dtype", "fp16"),
@@ -166,8 +180,25 @@ RECIPES: dict[str, tuple[str, list[Stage]]] = {
         "assets/context-cir-shapes-grid7-lambda0.safetensors, its twin without the CC loss (lambda 0)",
         [*DATA, *_grid7_pair_member("context-cir-shapes-grid7-lambda0", "runs/grid7-nocc", "0")]),
     "tmcir-shapes": (
-        "assets/tmcir-shapes.safetensors, TMCIR on the grid-7 towers of the step-0 file (about 75 min with the "
-        "data, at 1 thread beside another run)", [*DATA, *TMCIR_SHAPES]),
+        "assets/tmcir-shapes.safetensors, TMCIR on the grid-7 towers of the step-0 file, stage 2 on the grid-7 "
+        "pair's schedule", [*DATA, *TMCIR_SHAPES]),
+    "tmcir-shapes-no-alignment": (
+        "runs/tmcir-no-align, TMCIR without stage 1 (the step-0 towers as they are), for the comparison table",
+        [*DATA, GRID7_CACHE,
+         Stage("the step-0 towers under TMCIR's pooling and head, untrained (10 s)",
+               ("-m", "cir.align", "--data", "data/shapes", "--out", "runs/tmcir-align0", "--towers-from", STEP0,
+                "--no-alignment"),
+               "runs/tmcir-align0/aligned.safetensors"),
+         _tmcir_stage2("stage 2: 15,000 steps, 1 thread (0.33 s/step at 2 threads alone)", "runs/tmcir-no-align",
+                       "runs/tmcir-align0/aligned.safetensors", "data/shapes-cache-grid7")]),
+    "combiner-shapes-grid7": (
+        "runs/combiner-grid7, the CLIP4Cir-style Combiner on the step-0 towers' frozen features, 15,000 steps of 64 "
+        "as the other models of the comparison table",
+        [*DATA,
+         Stage("features of every training triplet, then 15,000 steps (about 20 min)",
+               ("-m", "cir.baselines", "train-combiner", "--clip", STEP0, "--data", "data/shapes",
+                "--out", "runs/combiner-grid7", "--steps", "15000", "--batch-size", "64", "--seed", "0"),
+               "runs/combiner-grid7/combiner.safetensors")]),
 }
 
 

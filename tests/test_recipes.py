@@ -25,9 +25,10 @@ def test_other_stages_use_flags_their_tool_documents():
     for stage in STAGES.values():
         if stage.run_folder is not None:
             continue
-        tool = stage.command[:3] if stage.command[1] == "cir.checkpoint" else stage.command[:2]
-        if tool[0] != "-m":  # a script
+        if stage.command[0] != "-m":  # a script
             tool = stage.command[:1]
+        else:  # a module, with its subcommand where it has one
+            tool = stage.command[:3] if not stage.command[2].startswith("--") else stage.command[:2]
         if tool not in helps:
             helps[tool] = subprocess.run([sys.executable, *tool, "--help"], cwd=ROOT, capture_output=True,
                                          text=True, check=True).stdout
