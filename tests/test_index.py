@@ -42,6 +42,18 @@ def shapes(tmp_path_factory):
     return root / "shapes", ckpt, full
 
 
+
+def test_build_with_a_worker_equals_the_in_process_build(shapes, tmp_path):
+    """A DataLoader worker decoding beside the model (its torch threads limited meanwhile) gives the
+    vectors of the in-process build, and the thread count is restored afterwards."""
+    data, ckpt, full = shapes
+    threads = torch.get_num_threads()
+    build_index(tmp_path / "w1", data / "gallery_test.txt", ckpt, **dict(SMALL, workers=1))
+    assert torch.get_num_threads() == threads
+    one, zero = GalleryIndex.load(tmp_path / "w1", ckpt), GalleryIndex.load(full, ckpt)
+    assert one.paths == zero.paths
+    np.testing.assert_allclose(np.asarray(one.embeddings), np.asarray(zero.embeddings), rtol=0, atol=1e-6)
+
 def _rows(index: GalleryIndex) -> dict[str, np.ndarray]:
     return dict(zip(index.paths, np.asarray(index.embeddings)))
 
