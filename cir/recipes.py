@@ -39,6 +39,13 @@ class Stage:
         return Path(self.command[self.command.index("--out") + 1])
 
     @property
+    def checkpoint(self) -> Path | None:
+        """OUT/last.safetensors of a stage that resumes from it with --resume (cir.train, cir.align), else None."""
+        if self.command[:2] not in (("-m", "cir.train"), ("-m", "cir.align")):
+            return None
+        return Path(self.command[self.command.index("--out") + 1]) / "last.safetensors"
+
+    @property
     def steps(self) -> int:
         """The --steps of a cir.train stage."""
         return int(self.command[self.command.index("--steps") + 1])
@@ -221,14 +228,13 @@ def exported_step(export: Path | None, stage: Stage) -> int | None:
 
 
 def stage_argv(stage: Stage, export: Path | None = None) -> list[str]:
-    """The command line that runs `stage` now: a training stage with a checkpoint in its run folder
-    resumes; without one, it continues from `export` (its run's shipped file) when that is an export
-    of this run part-way."""
+    """The command line that runs `stage` now: a training or alignment stage with a checkpoint in its
+    run folder resumes; a training stage without one continues from `export` (its run's shipped
+    file) when that is an export of this run part-way."""
     argv = [sys.executable, *stage.command]
-    folder = stage.run_folder
-    if folder is not None and (folder / "last.safetensors").is_file():
+    if stage.checkpoint is not None and stage.checkpoint.is_file():
         argv.append("--resume")
-    elif folder is not None and exported_step(export, stage) is not None:
+    elif stage.run_folder is not None and exported_step(export, stage) is not None:
         if "--init-from" in argv:
             i = argv.index("--init-from")
             del argv[i:i + 2]

@@ -69,6 +69,19 @@ def test_run_skips_done_stages_and_resumes_training(tmp_path, monkeypatch, capsy
     assert out[-1].endswith("--dtype fp16")  # the export still runs
 
 
+def test_an_interrupted_alignment_resumes_and_a_finished_one_is_skipped(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    Path("runs/tmcir-align").mkdir(parents=True)
+    Path("runs/tmcir-align/last.safetensors").write_bytes(b"")
+    recipes.run("tmcir-shapes", dry_run=True)
+    out = capsys.readouterr().out.splitlines()
+    align = out[out.index(next(line for line in out if line.startswith("[4/8]"))) + 1]
+    assert "-m cir.align" in align and align.endswith("--threads 1 --resume")
+    Path("runs/tmcir-align/aligned.safetensors").write_bytes(b"")
+    recipes.run("tmcir-shapes", dry_run=True)
+    assert "[4/8] " + recipes.TMCIR_SHAPES[0].what + " - done, skipped" in capsys.readouterr().out.splitlines()
+
+
 def test_list_names_every_recipe():
     out = subprocess.run([sys.executable, "-m", "cir.recipes", "--list"], cwd=ROOT, capture_output=True,
                          text=True, check=True).stdout
