@@ -1,11 +1,17 @@
 """Gallery-index cost: embedding throughput, query latency, search speed and recall, memory.
 
     python -m bench.index_bench [--checkpoint CKPT] [--device cpu|cuda] [--images N] [--quick]
+                                [--tower-images N] [--build-only | --tower-only | --mapped-only]
 
 Prints one table:
   * images/s of the bare encoder forward (preprocessed batch in memory) vs a full `build_index`
     (checkpoint loading, reading, hashing, decoding, preprocessing in its default DataLoader
-    workers, embedding, writing; `--images` rendered CIR-Shapes images) and the build's share of the forward;
+    workers, embedding, writing; `--images` rendered CIR-Shapes images, default 4,096) and the
+    build's share of the forward, also with the checkpoint load (timed apart) left out;
+  * the same for a realistically sized image tower, where the forward dominates: a randomly
+    initialised `context-vit-b-32` (open_clip ViT-B-32, 224 x 224; nothing downloaded) on
+    `--tower-images` of the rendered images (default 256; 0 skips it), built with no worker and
+    with the default workers;
   * query latency p50/p95 of encode (real image + caption through the model) + search, over
     galleries of 1k/10k/100k clustered random vectors;
   * the same build run by `torchrun --nproc_per_node 2` (processes started included) and its
@@ -21,6 +27,7 @@ Prints one table:
     process's resident memory (private, and pages of the mapped files, which the page cache shares
     and drops under pressure) against the vectors' size, and its peak;
     `--mapped-only` measures this part alone.
+`--build-only` measures the build rows alone (both models), `--tower-only` the ViT-B-32 ones.
 `--quick` shrinks every size to check the script in seconds; its numbers mean little.
 """
 from __future__ import annotations
@@ -33,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +52,7 @@ from cir.data.shapes.dataset import generate
 from cir.data.triplets import read_gallery, read_triplets
 from cir.precision import autocast
 from cir.index import GalleryIndex, build_index
-from cir.models.factory import build_model
+from cir.models.factory import build_model, load_config
 from cir.retrieval.embed import default_workers
 from cir.retrieval.params import index_bytes
 from cir.retrieval.store import FORMAT, write_index
@@ -167,8 +175,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(same speed) when it is absent")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--images", type=int, default=None,
-                   help="rendered gallery images the build embeds (default 1024; 32 with --quick)")
+                   help="rendered gallery images the build embeds (default 4096; 32 with --quick)")
+    p.add_argument("--tower-images", type=int, default=None,
+                   help="of those, the ones the ViT-B-32 builds embed (default 256; 0 with --quick; 0 skips them)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, to check that the bench runs")
+    p.add_argument("--build-only", action="store_true", help="only the build throughput rows")
+    p.add_argument("--tower-only", action="store_true", help="only the ViT-B-32 build throughput rows")
     p.add_argument("--mapped-only", action="store_true",
                    help="only the largest IVF-PQ gallery written as an index folder and opened by a fresh process")
     return p.parse_args(argv)
@@ -190,12 +202,17 @@ def bench_checkpoint(checkpoint: str | None, tmp: Path) -> Path:
     return ckpt
 
 
-def throughput_rows(tmp: Path, gallery: list[str], ckpt: Path, batch: int, dev: torch.device, repeats: int
-                    ) -> tuple[Rows, GalleryIndex]:
-    """Images/s of the bare encoder forward, a full build_index, and (on CPU) the command build in one
-    process and under torchrun with two; -> (rows, the built index)."""
-    result = build_index(tmp / "index", gallery, ckpt, batch_size=batch, device=dev, workers=default_workers(dev))
+def forward_and_builds(tmp: Path, gallery: list[str], ckpt: Path, batch: int, dev: torch.device, repeats: int,
+                       workers: list[int], name: str) -> tuple[Rows, Path]:
+    """Images/s of a full build_index of `gallery` with each count of `workers` and of the bare
+    encoder forward (batch `batch` in memory, median of `repeats`): the builds' share of the forward,
+    also without the checkpoint load (timed after the builds, so with warm caches); -> (rows, the
+    last index built)."""
+    results = [build_index(tmp / f"index-{name}-{w}", gallery, ckpt, batch_size=batch, device=dev, workers=w)
+               for w in workers]
+    t0 = time.perf_counter()
     model, preprocess, _ = load_checkpoint(ckpt, dev)
+    loading = time.perf_counter() - t0
     images = torch.stack([preprocess(load_rgb(p)) for p in gallery[:batch]]).to(dev)
 
     def forward():
@@ -203,11 +220,33 @@ def throughput_rows(tmp: Path, gallery: list[str], ckpt: Path, batch: int, dev: 
             model.encode_gallery(images)
         if dev.type == "cuda":
             torch.cuda.synchronize()
-    fwd = batch / np.median(timed(forward, max(2, repeats // 10)))
-    built = result["images"] / result["seconds"]
-    rows = [("images/s", f"encoder forward only, batch {batch}", f"{fwd:.1f}"),
-            ("images/s", f"full build of {len(gallery)} images (load, decode, hash, write; "
-                         f"{default_workers(dev)} workers)", f"{built:.1f} ({built / fwd:.0%} of the forward)")]
+    fwd = batch / np.median(timed(forward, repeats))
+    rows = [("images/s", f"{name}: encoder forward only, batch {batch}", f"{fwd:.1f}")]
+    for w, result in zip(workers, results):
+        built, unloaded = result["images"] / result["seconds"], result["images"] / (result["seconds"] - loading)
+        rows.append(("images/s", f"{name}: full build of {len(gallery)} images (load, decode, hash, write; "
+                     f"{w} workers)", f"{built:.1f} ({built / fwd:.0%} of the forward; "
+                     f"{unloaded / fwd:.0%} without the {loading:.2f} s checkpoint load)"))
+    return rows, tmp / f"index-{name}-{workers[-1]}"
+
+
+def tower_rows(tmp: Path, gallery: list[str], dev: torch.device, batch: int = 32) -> Rows:
+    """`forward_and_builds` for a randomly initialised context-vit-b-32 (saved fp16), with no
+    worker and with the default workers."""
+    torch.manual_seed(0)
+    model, _ = build_model(replace(load_config("context-vit-b-32"), pretrained=None))
+    ckpt = tmp / "vit-b-32.safetensors"
+    save_checkpoint(ckpt, model, {"config": model.config.to_dict(), "step": 0}, dtype="fp16")
+    del model
+    return forward_and_builds(tmp, gallery, ckpt, batch, dev, 3, sorted({0, default_workers(dev)}), "ViT-B-32")[0]
+
+
+def throughput_rows(tmp: Path, gallery: list[str], ckpt: Path, batch: int, dev: torch.device, repeats: int
+                    ) -> tuple[Rows, GalleryIndex]:
+    """`forward_and_builds` of the benchmarked checkpoint with the default workers, and (on CPU) the
+    command build in one process and under torchrun with two; -> (rows, the built index)."""
+    rows, out = forward_and_builds(tmp, gallery, ckpt, batch, dev, max(2, repeats // 10), [default_workers(dev)],
+                                   "model")
     if dev.type == "cpu":
         log("sharded build")
         (tmp / "gallery.txt").write_text("\n".join(gallery) + "\n")
@@ -219,7 +258,7 @@ def throughput_rows(tmp: Path, gallery: list[str], ckpt: Path, batch: int, dev: 
         rows.append(("images/s", f"command build, 1 process (1 thread), {len(gallery)} images", f"{len(gallery) / one:.1f}"))
         rows.append(("images/s", f"torchrun build, 2 processes (1 thread each), {len(gallery)} images",
                      f"{len(gallery) / two:.1f} ({one / two:.2f}x)"))
-    return rows, GalleryIndex.load(tmp / "index", ckpt)
+    return rows, GalleryIndex.load(out, ckpt)
 
 
 def query_rows(ckpt: Path, triplet, dim: int, sizes: tuple[int, ...], dev: torch.device, repeats: int) -> Rows:
@@ -316,8 +355,9 @@ def table(rows: Rows, dev: torch.device, quick: bool) -> str:
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     dev = torch.device(a.device)
-    n_images, batch, repeats = (32, 16, 5) if a.quick else (1024, 64, 50)
+    n_images, batch, repeats, n_tower = (32, 16, 5, 0) if a.quick else (4096, 64, 50, 256)
     n_images = a.images or n_images
+    n_tower = min(n_images, n_tower if a.tower_images is None else a.tower_images)
     query_sizes = (1_000, 5_000) if a.quick else (1_000, 10_000, 100_000)
     search_sizes = (20_000,) if a.quick else (100_000, 1_000_000)
     n_queries = 50 if a.quick else 200
@@ -335,8 +375,17 @@ def main(argv: list[str] | None = None) -> int:
         generate(tmp / "shapes", {"test": n_images // 4 + 1}, seed=0, progress=False)
         gallery = read_gallery(tmp / "shapes" / "gallery_test.txt")[:n_images]
         triplets, _ = read_triplets(tmp / "shapes" / "test.jsonl", check_images=False)
-        log("embedding throughput")
-        rows, index = throughput_rows(tmp, gallery, ckpt, batch, dev, repeats)
+        rows = []
+        if not a.tower_only:
+            log("embedding throughput")
+            found, index = throughput_rows(tmp, gallery, ckpt, batch, dev, repeats)
+            rows += found
+        if n_tower:
+            log(f"embedding throughput of ViT-B-32 on {n_tower} images")
+            rows += tower_rows(tmp, gallery[:n_tower], dev)
+        if a.build_only or a.tower_only:
+            print(table(rows, dev, a.quick))
+            return 0
         log("query latency")
         rows += query_rows(ckpt, triplets[0], index.dim, query_sizes, dev, repeats)
         bandwidth = copy_bandwidth()
