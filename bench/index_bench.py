@@ -5,13 +5,13 @@
 
 Prints one table:
   * images/s of the bare encoder forward (preprocessed batch in memory) vs a full `build_index`
-    (checkpoint loading, reading, hashing, decoding, preprocessing in its default DataLoader
-    workers, embedding, writing; `--images` rendered CIR-Shapes images, default 4,096) and the
+    (checkpoint loading, reading, hashing, decoding, preprocessing in the DataLoader workers the
+    build chooses on its first batch, embedding, writing; `--images` rendered CIR-Shapes images, default 4,096) and the
     build's share of the forward, also with the checkpoint load (timed apart) left out;
   * the same for a realistically sized image tower, where the forward dominates: a randomly
     initialised `context-vit-b-32` (open_clip ViT-B-32, 224 x 224; nothing downloaded) on
-    `--tower-images` of the rendered images (default 256; 0 skips it), built with no worker and
-    with the default workers;
+    `--tower-images` of the rendered images (default 256; 0 skips it), built with the workers it
+    chooses and with one worker forced;
   * query latency p50/p95 of encode (real image + caption through the model) + search, over
     galleries of 1k/10k/100k clustered random vectors;
   * the same build run by `torchrun --nproc_per_node 2` (processes started included) and its
@@ -53,7 +53,6 @@ from cir.data.triplets import read_gallery, read_triplets
 from cir.precision import autocast
 from cir.index import GalleryIndex, build_index
 from cir.models.factory import build_model, load_config
-from cir.retrieval.embed import default_workers
 from cir.retrieval.params import index_bytes
 from cir.retrieval.store import FORMAT, write_index
 
@@ -203,16 +202,14 @@ def bench_checkpoint(checkpoint: str | None, tmp: Path) -> Path:
 
 
 def forward_and_builds(tmp: Path, gallery: list[str], ckpt: Path, batch: int, dev: torch.device, repeats: int,
-                       workers: list[int], name: str) -> tuple[Rows, Path]:
-    """Images/s of a full build_index of `gallery` with each count of `workers` and of the bare
-    encoder forward (batch `batch` in memory, median of `repeats`): the builds' share of the forward,
-    also without the checkpoint load (timed after the builds, so with warm caches); -> (rows, the
-    last index built)."""
+                       workers: list[int | None], name: str) -> tuple[Rows, Path]:
+    """Images/s of a full build_index of `gallery` with each count of `workers` (None: the build
+    chooses) and of the bare encoder forward (batch `batch` in memory, median of `repeats`): each
+    build's share of the forward, whole and in its embedding phase alone (reading the images to
+    their vectors; the checkpoint load and the index writing left out); -> (rows, the last index built)."""
     results = [build_index(tmp / f"index-{name}-{w}", gallery, ckpt, batch_size=batch, device=dev, workers=w)
                for w in workers]
-    t0 = time.perf_counter()
     model, preprocess, _ = load_checkpoint(ckpt, dev)
-    loading = time.perf_counter() - t0
     images = torch.stack([preprocess(load_rgb(p)) for p in gallery[:batch]]).to(dev)
 
     def forward():
@@ -223,29 +220,29 @@ def forward_and_builds(tmp: Path, gallery: list[str], ckpt: Path, batch: int, de
     fwd = batch / np.median(timed(forward, repeats))
     rows = [("images/s", f"{name}: encoder forward only, batch {batch}", f"{fwd:.1f}")]
     for w, result in zip(workers, results):
-        built, unloaded = result["images"] / result["seconds"], result["images"] / (result["seconds"] - loading)
+        built, embedding = result["images"] / result["seconds"], result["images"] / result["embed_seconds"]
         rows.append(("images/s", f"{name}: full build of {len(gallery)} images (load, decode, hash, write; "
-                     f"{w} workers)", f"{built:.1f} ({built / fwd:.0%} of the forward; "
-                     f"{unloaded / fwd:.0%} without the {loading:.2f} s checkpoint load)"))
+                     f"{'workers chosen' if w is None else f'{w} workers'})", f"{built:.1f} ({built / fwd:.0%} of the "
+                     f"forward; embedding phase {embedding:.1f}, {embedding / fwd:.0%})"))
     return rows, tmp / f"index-{name}-{workers[-1]}"
 
 
 def tower_rows(tmp: Path, gallery: list[str], dev: torch.device, batch: int = 32) -> Rows:
     """`forward_and_builds` for a randomly initialised context-vit-b-32 (saved fp16), with no
-    worker and with the default workers."""
+    worker count given (the build chooses) and with one worker."""
     torch.manual_seed(0)
     model, _ = build_model(replace(load_config("context-vit-b-32"), pretrained=None))
     ckpt = tmp / "vit-b-32.safetensors"
     save_checkpoint(ckpt, model, {"config": model.config.to_dict(), "step": 0}, dtype="fp16")
     del model
-    return forward_and_builds(tmp, gallery, ckpt, batch, dev, 3, sorted({0, default_workers(dev)}), "ViT-B-32")[0]
+    return forward_and_builds(tmp, gallery, ckpt, batch, dev, 3, [None, 1], "ViT-B-32")[0]
 
 
 def throughput_rows(tmp: Path, gallery: list[str], ckpt: Path, batch: int, dev: torch.device, repeats: int
                     ) -> tuple[Rows, GalleryIndex]:
-    """`forward_and_builds` of the benchmarked checkpoint with the default workers, and (on CPU) the
+    """`forward_and_builds` of the benchmarked checkpoint, its workers chosen by the build, and (on CPU) the
     command build in one process and under torchrun with two; -> (rows, the built index)."""
-    rows, out = forward_and_builds(tmp, gallery, ckpt, batch, dev, max(2, repeats // 10), [default_workers(dev)],
+    rows, out = forward_and_builds(tmp, gallery, ckpt, batch, dev, max(2, repeats // 10), [None],
                                    "model")
     if dev.type == "cpu":
         log("sharded build")

@@ -112,7 +112,8 @@ def _add_embedding_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int, default=128, help="images per forward pass (default 128)")
     p.add_argument("--workers", type=int, default=None,
                    help="DataLoader processes reading, hashing and decoding images ahead of the model (default: min(8, "
-                        "CPUs) on CUDA; on CPU, whose torch threads run the model, CPUs/4, at least 1 with 2 CPUs)")
+                        "CPUs) on CUDA; on CPU, chosen on the first batch: one where preparing images costs as much "
+                        "as the forward, none where the forward dominates and needs every core)")
     p.add_argument("--chunk-size", type=positive_int, default=4096,
                    help="images per saved chunk in INDEX_DIR.partial/ (the unit --resume skips; default 4096)")
     p.add_argument("--device", default=None,
@@ -127,7 +128,7 @@ import torch  # noqa: E402  (heavy imports after the command line is parsed)
 
 from cir.checkpoint import model_hash  # noqa: E402
 from cir.retrieval.build import build_index, update_index  # noqa: E402
-from cir.retrieval.embed import default_workers, embed_images, plan_key as _plan_key  # noqa: E402
+from cir.retrieval.embed import embed_images, plan_key as _plan_key  # noqa: E402
 from cir.retrieval.milvus import MilvusTarget, sync_collection  # noqa: E402
 from cir.retrieval.params import resolve_params  # noqa: E402
 from cir.retrieval.search import GalleryIndex  # noqa: E402
@@ -155,8 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     shard = current_shard()
     if device.type == "cuda" and device.index is None and shard.world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # torchrun: one GPU per rank
-    workers = default_workers(device) if a.workers is None else a.workers
-    common = dict(batch_size=a.batch_size, workers=workers, chunk_size=a.chunk_size, device=device,
+    common = dict(batch_size=a.batch_size, workers=a.workers, chunk_size=a.chunk_size, device=device,
                   resume=a.resume, progress=True)
     if a.backend == "milvus":
         target = MilvusTarget(a.uri, a.collection)

@@ -85,14 +85,16 @@ def gallery_paths(gallery) -> list[str]:
 def build_index(out: str | os.PathLike, gallery: str | os.PathLike | list[str], checkpoint=None,
                 index_type: str = "auto", nlist: int | None = None, pq_m: int | None = None,
                 train_sample: int | None = None, nprobe: int | None = None, batch_size: int = 128,
-                workers: int = 0, chunk_size: int = 4096, device="cpu", resume: bool = False,
+                workers: int | None = 0, chunk_size: int = 4096, device="cpu", resume: bool = False,
                 progress: bool = False, rerank: int | None = None) -> dict:
     """Embed every image of `gallery` (a folder, a list file, or a list of paths) with `checkpoint`
     (default: cir.checkpoint.DEFAULT_CHECKPOINT) and write the index folder `out` atomically.
     Under torchrun every rank calls it: each embeds its chunks, rank 0 lists, locks and writes.
 
-    Returns {"images", "embedded", "resumed", "skipped", "type", "seconds", "ranks": [(embedded,
-    resumed)] per rank} on every rank."""
+    `workers`: DataLoader processes beside the model (None: `cir.retrieval.embed.embed_chunks` chooses).
+
+    Returns {"images", "embedded", "resumed", "skipped", "type", "seconds", "embed_seconds" (reading
+    the images to their vectors, assembled), "ranks": [(embedded, resumed)] per rank} on every rank."""
     t0 = time.time()
     out, checkpoint = Path(out), Path(checkpoint or DEFAULT_CHECKPOINT)
     shard = current_shard()
@@ -107,8 +109,10 @@ def build_index(out: str | os.PathLike, gallery: str | os.PathLike | list[str], 
             return paths, config, model_hash(checkpoint)
         paths, config, sha = shard.from_lead(plan)
         model, preprocess, _ = load_checkpoint(checkpoint, device)
+        t_embed = time.time()
         emb, hashes, counts, skipped = embed_images(model, preprocess, paths, work, plan_key(sha, paths), chunk_size,
                                                     batch_size, workers, device, progress, shard)
+        t_embed = time.time() - t_embed
 
         def finish():
             kept, vectors, sha256, dropped = drop_skipped(paths, emb, hashes, skipped, gallery)
@@ -127,12 +131,13 @@ def build_index(out: str | os.PathLike, gallery: str | os.PathLike | list[str], 
                         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
             write_index(out, work, manifest, kept, digests(sha256), vectors, make_faiss_index(vectors, params))
             return {"images": len(kept), "embedded": sum(e for e, _ in counts), "resumed": sum(r for _, r in counts),
-                    "skipped": len(dropped), "type": params["type"], "seconds": time.time() - t0, "ranks": counts}
+                    "skipped": len(dropped), "type": params["type"], "seconds": time.time() - t0,
+                    "embed_seconds": t_embed, "ranks": counts}
         return shard.from_lead(finish)
 
 
 def update_index(index_dir: str | os.PathLike, gallery: str | os.PathLike | list[str], checkpoint=None,
-                 retrain: bool = False, batch_size: int = 128, workers: int = 0, chunk_size: int = 4096,
+                 retrain: bool = False, batch_size: int = 128, workers: int | None = 0, chunk_size: int = 4096,
                  device="cpu", resume: bool = False, progress: bool = False) -> dict:
     """Make the index at `index_dir` cover `gallery`: images whose path and content sha256 are
     unchanged keep their vectors, new or changed ones are embedded (under torchrun, each rank its
@@ -156,7 +161,7 @@ def update_index(index_dir: str | os.PathLike, gallery: str | os.PathLike | list
             check_integrity(manifest, index_dir, files=(EMBEDDINGS, FAISS_FILE))
             paths = gallery_paths(gallery)
             old = {p: i for i, p in enumerate(old_paths)}
-            current = digests(hash_files(paths, max(workers, 4), progress))
+            current = digests(hash_files(paths, max(workers or 0, 4), progress))
             keep = {p: old[p] for p, h in zip(paths, current) if p in old and (old_sha256[old[p]] == h).all()}
             changed = {p for p in paths if p in old and p not in keep}  # re-embedded; removed if now unreadable
             discard_unless_resuming(work, resume, progress)

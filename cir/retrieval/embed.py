@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import os
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -56,9 +58,50 @@ class _HashedImages(ImageDataset):
 
 def default_workers(device) -> int:
     """DataLoader worker processes a build runs beside the model: min(8, CPUs) on CUDA; on CPU, whose
-    torch threads run the model, one per four CPUs and at least one where there are two or more."""
+    torch threads run the model, one per four CPUs and at least one where there are two or more (a
+    build given no worker count chooses on CPU from its first batch: `choose_workers`)."""
     cpus = os.cpu_count() or 1
     return min(8, cpus) if torch.device(device).type == "cuda" else min(cpus - 1, max(1, cpus // 4))
+
+
+def choose_workers(prepare_s: float, forward_s: float, forward_fewer_s: float) -> int:
+    """Workers for a CPU build whose first batch took `prepare_s` to read, decode and preprocess and
+    `forward_s` to embed on every torch thread (`forward_fewer_s` on one thread fewer): one worker
+    preparing batches beside the model gives a batch every max(prepare, fewer-thread forward), none
+    gives one every prepare + forward. A tower whose forward dominates keeps every thread (0); a
+    small one whose inputs cost as much as its forward gets a worker (1)."""
+    return 1 if max(prepare_s, forward_fewer_s) < prepare_s + forward_s else 0
+
+
+def _embedded(model, images: torch.Tensor | None, problems: list[str], dev: torch.device) -> np.ndarray:
+    """f(image, "") of a batch's good `images` [g, 3, S, S] as rows [n, E] float32, L2-normalised; the
+    rows of the items with a problem stay NaN."""
+    out = np.full((len(problems), model.config.embed_dim), np.nan, np.float32)
+    if images is not None:
+        with autocast(dev):
+            emb = model.encode_gallery(images.to(dev, non_blocking=True))
+        out[[i for i, p in enumerate(problems) if not p]] = F.normalize(emb.float(), dim=-1).cpu().numpy()
+    return out
+
+
+def _first_batch_workers(model, dataset, collate, batch: list[int], dev: torch.device) -> tuple[int, tuple]:
+    """Workers for a CPU build with no worker count given, and its first batch embedded while timing
+    it: (workers, (rows [n, E], sha256 per item, problem per item)). With a CPU the model's threads
+    leave idle, one worker (it costs the model nothing); with one CPU, none; else `choose_workers`."""
+    cpus, threads = os.cpu_count() or 1, torch.get_num_threads()
+    t0 = time.perf_counter()
+    images, hashes, problems = collate([dataset[i] for i in batch])
+    t1 = time.perf_counter()
+    rows = _embedded(model, images, problems, dev)
+    t2 = time.perf_counter()
+    if cpus < 2 or threads < cpus or images is None:
+        return int(threads < cpus), (rows, hashes, problems)
+    torch.set_num_threads(threads - 1)
+    try:
+        _embedded(model, images, problems, dev)
+    finally:
+        torch.set_num_threads(threads)
+    return choose_workers(t1 - t0, t2 - t1, time.perf_counter() - t2), (rows, hashes, problems)
 
 
 @contextmanager
@@ -137,12 +180,13 @@ def _save_chunk(work: Path, c: int, rows: list[np.ndarray], paths: list[str], ha
 
 @torch.no_grad()
 def embed_chunks(model, preprocess, paths: list[str], work: Path, key: str, chunk_size: int = 4096,
-                 batch_size: int = 128, workers: int = 0, device="cpu", progress: bool = True,
+                 batch_size: int = 128, workers: int | None = 0, device="cpu", progress: bool = True,
                  shard: Shard = Shard()) -> tuple[int, int]:
     """f(image, "") for the paths of the chunks `shard` owns, each chunk saved to
     `work`/chunk-NNNNNN.npz (embeddings [n, E], the paths, sha256 and problems it covers); chunks
     already there under the same `key` are kept. Returns (images embedded now, images kept).
-    Batches never straddle chunks, so a resumed build gives the same vectors as an uninterrupted one."""
+    Batches never straddle chunks, so a resumed build gives the same vectors as an uninterrupted one.
+    `workers` None: `default_workers` on CUDA; on CPU chosen on the first batch (`_first_batch_workers`)."""
     work.mkdir(parents=True, exist_ok=True)
     plan = {"key": key, "count": len(paths), "chunk_size": chunk_size}
     plan_file = work / "plan.json"
@@ -159,21 +203,26 @@ def embed_chunks(model, preprocess, paths: list[str], work: Path, key: str, chun
                for c in todo for b in range(spans[c][0], spans[c][1], batch_size)]
     dev = torch.device(device)
     per_image, per_batch = split_preprocess(preprocess)
-    loader = DataLoader(_HashedImages(paths, per_image), batch_sampler=batches, num_workers=workers,
-                        pin_memory=dev.type == "cuda", collate_fn=_Collate(per_batch),
-                        prefetch_factor=4 if workers else None)
+    dataset, collate = _HashedImages(paths, per_image), _Collate(per_batch)
+    first = []  # the first batch, embedded while choosing the workers
+    if workers is None and dev.type == "cuda":
+        workers = default_workers(dev)
+    elif workers is None and batches:
+        workers, done = _first_batch_workers(model, dataset, collate, batches[0], dev)
+        first = [done]
+        if progress:
+            print(f"embedding with {workers} DataLoader worker{'s' * (workers != 1)} beside "
+                  f"{torch.get_num_threads() if not workers else max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - workers))} "
+                  "torch thread(s) (chosen on the first batch)", file=sys.stderr)
+    loader = DataLoader(dataset, batch_sampler=batches[len(first):], num_workers=workers or 0,
+                        pin_memory=dev.type == "cuda", collate_fn=collate, prefetch_factor=4 if workers else None)
+    embedded = ((_embedded(model, images, p, dev), h, p) for images, h, p in loader)
     rows, hashes, problems, todo_iter, saving = [], [], [], iter(todo), []
     c = next(todo_iter, None)
-    dim = model.config.embed_dim
     desc = "embedding" if shard.world == 1 else f"embedding (rank {shard.rank} of {shard.world})"
     with tqdm(total=total, initial=resumed, desc=desc, unit="img", disable=not progress) as bar, \
             ThreadPoolExecutor(1) as writer, model_threads(dev, workers):
-        for images, batch_hashes, batch_problems in loader if batches else ():
-            out = np.full((len(batch_hashes), dim), np.nan, np.float32)  # unreadable images stay NaN
-            if images is not None:
-                with autocast(dev):
-                    emb = model.encode_gallery(images.to(dev, non_blocking=True))
-                out[[i for i, p in enumerate(batch_problems) if not p]] = F.normalize(emb.float(), dim=-1).cpu().numpy()
+        for out, batch_hashes, batch_problems in itertools.chain(first, embedded if batches[len(first):] else ()):
             rows.append(out)
             hashes += batch_hashes
             problems += batch_problems
@@ -208,7 +257,7 @@ def read_chunks(work: Path, paths: list[str], chunk_size: int, dim: int
 
 
 def embed_images(model, preprocess, paths: list[str], work: Path, key: str, chunk_size: int = 4096,
-                 batch_size: int = 128, workers: int = 0, device="cpu", progress: bool = True,
+                 batch_size: int = 128, workers: int | None = 0, device="cpu", progress: bool = True,
                  shard: Shard = Shard()
                  ) -> tuple[np.ndarray | None, list[str] | None, list[tuple[int, int]], dict[int, str] | None]:
     """`embed_chunks` on every rank, then on the lead rank `read_chunks`: (embeddings, sha256 per

@@ -129,7 +129,7 @@ def insert_rows(client, name: str, first_id: int, paths: list[str], hashes: list
 
 
 def sync_collection(target: MilvusTarget, gallery, checkpoint=None, replace: bool = True, batch_size: int = 128,
-                    workers: int = 0, chunk_size: int = 4096, device="cpu", resume: bool = False,
+                    workers: int | None = 0, chunk_size: int = 4096, device="cpu", resume: bool = False,
                     progress: bool = False) -> dict:
     """Make collection `target` hold the embeddings of every image of `gallery`. `replace`: build it
     anew (the `build` command); else update it (the `update` command): rows whose path and content
@@ -153,7 +153,7 @@ def sync_collection(target: MilvusTarget, gallery, checkpoint=None, replace: boo
                 raise UserError(f"refusing to replace collection {target.collection!r} at {target.uri}: "
                                 "it is not a gallery index")
             paths = gallery_paths(gallery)
-            current = hash_files(paths, max(workers, 4), progress) if old else []
+            current = hash_files(paths, max(workers or 0, 4), progress) if old else []
             keep = {p for p, h in zip(paths, current) if p in old and old[p][1] == h}
             discard_unless_resuming(work, resume, progress)
             return paths, sha, old, keep
