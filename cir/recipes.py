@@ -202,7 +202,7 @@ RECIPES: dict[str, tuple[str, list[Stage]]] = {
         "runs/combiner-grid7, the CLIP4Cir-style Combiner on the step-0 towers' frozen features, 15,000 steps of 64 "
         "as the other models of the comparison table",
         [*DATA,
-         Stage("features of every training triplet, then 15,000 steps (about 20 min)",
+         Stage("features of every training triplet, then 15,000 steps (10–20 min, estimated from the image cache's rate)",
                ("-m", "cir.baselines", "train-combiner", "--clip", STEP0, "--data", "data/shapes",
                 "--out", "runs/combiner-grid7", "--steps", "15000", "--batch-size", "64", "--seed", "0"),
                "runs/combiner-grid7/combiner.safetensors")]),
