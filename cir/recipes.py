@@ -120,7 +120,7 @@ TMCIR_SHAPES = [
     Stage("stage 1: an oracle pseudo-target per training triplet (about 35 min), then 3,000 alignment steps of the "
           "grid-7 towers (0.36 s/step at 2 threads)",
           ("-m", "cir.align", "--data", "data/shapes", "--out", "runs/tmcir-align", "--towers-from", STEP0,
-           "--steps", "3000", "--seed", "0", "--save-every", "200", "--threads", "1"),
+           "--steps", "3000", "--seed", "0", "--save-every", "200", "--threads", "1", "--workers", "0"),
           "runs/tmcir-align/aligned.safetensors"),
     Stage("stage 1's towers in fp16 (10 s)",
           ("-m", "cir.checkpoint", "export", "--checkpoint", "runs/tmcir-align/aligned.safetensors",
