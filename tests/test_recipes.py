@@ -76,7 +76,7 @@ def test_an_interrupted_alignment_resumes_and_a_finished_one_is_skipped(tmp_path
     recipes.run("tmcir-shapes", dry_run=True)
     out = capsys.readouterr().out.splitlines()
     align = out[out.index(next(line for line in out if line.startswith("[4/8]"))) + 1]
-    assert "-m cir.align" in align and align.endswith("--threads 1 --resume")
+    assert "-m cir.align" in align and align.endswith("--workers 0 --resume")
     Path("runs/tmcir-align/aligned.safetensors").write_bytes(b"")
     recipes.run("tmcir-shapes", dry_run=True)
     assert "[4/8] " + recipes.TMCIR_SHAPES[0].what + " - done, skipped" in capsys.readouterr().out.splitlines()
