@@ -31,24 +31,26 @@ class Stage:
     command: tuple[str, ...]  # argv after `python`
     output: str  # the file whose presence means the stage is done
 
+    def flag(self, name: str) -> str:
+        """The value of flag `name` (e.g. "--out") in the command."""
+        return self.command[self.command.index(name) + 1]
+
     @property
     def run_folder(self) -> Path | None:
         """The --out folder of a cir.train stage (resumable), else None."""
-        if self.command[:2] != ("-m", "cir.train"):
-            return None
-        return Path(self.command[self.command.index("--out") + 1])
+        return Path(self.flag("--out")) if self.command[:2] == ("-m", "cir.train") else None
 
     @property
     def checkpoint(self) -> Path | None:
         """OUT/last.safetensors of a stage that resumes from it with --resume (cir.train, cir.align), else None."""
         if self.command[:2] not in (("-m", "cir.train"), ("-m", "cir.align")):
             return None
-        return Path(self.command[self.command.index("--out") + 1]) / "last.safetensors"
+        return Path(self.flag("--out")) / "last.safetensors"
 
     @property
     def steps(self) -> int:
         """The --steps of a cir.train stage."""
-        return int(self.command[self.command.index("--steps") + 1])
+        return int(self.flag("--steps"))
 
 
 def _train(what: str, out: str, *flags: str) -> Stage:
@@ -213,7 +215,7 @@ def export_of(stages: list[Stage], stage: Stage) -> Path | None:
     """The shipped file a later stage exports from training stage `stage`'s run (None: no such stage)."""
     last = f"{stage.run_folder}/last.safetensors"
     return next((Path(s.output) for s in stages if s.command[:3] == ("-m", "cir.checkpoint", "export")
-                 and s.command[s.command.index("--checkpoint") + 1] == last), None)
+                 and s.flag("--checkpoint") == last), None)
 
 
 def exported_step(export: Path | None, stage: Stage) -> int | None:
@@ -250,7 +252,7 @@ def is_done(stages: list[Stage], stage: Stage) -> bool:
         export = export_of(stages, stage)
         return not (stage.run_folder / "last.safetensors").is_file() and exported_step(export, stage) == stage.steps
     if stage.command[:3] == ("-m", "cir.checkpoint", "export"):
-        source = Path(stage.command[stage.command.index("--checkpoint") + 1])
+        source = Path(stage.flag("--checkpoint"))
         trainer = next((s for s in stages if s.run_folder is not None and source == s.run_folder / "last.safetensors"), None)
         if trainer is not None and not source.is_file() and is_done(stages, trainer):
             return True

@@ -56,14 +56,6 @@ class _HashedImages(ImageDataset):
         return image, hashlib.sha256(data).hexdigest(), None
 
 
-def default_workers(device) -> int:
-    """DataLoader worker processes a build runs beside the model: min(8, CPUs) on CUDA; on CPU, whose
-    torch threads run the model, one per four CPUs and at least one where there are two or more (a
-    build given no worker count chooses on CPU from its first batch: `choose_workers`)."""
-    cpus = os.cpu_count() or 1
-    return min(8, cpus) if torch.device(device).type == "cuda" else min(cpus - 1, max(1, cpus // 4))
-
-
 def choose_workers(prepare_s: float, forward_s: float, forward_fewer_s: float) -> int:
     """Workers for a CPU build whose first batch took `prepare_s` to read, decode and preprocess and
     `forward_s` to embed on every torch thread (`forward_fewer_s` on one thread fewer): one worker
@@ -104,15 +96,21 @@ def _first_batch_workers(model, dataset, collate, batch: list[int], dev: torch.d
     return choose_workers(t1 - t0, t2 - t1, time.perf_counter() - t2), (rows, hashes, problems)
 
 
+def _threads_beside(workers: int) -> int:
+    """The torch threads a CPU model keeps beside `workers` DataLoader processes: the CPUs they leave
+    it, at least one, at most its current count."""
+    threads = torch.get_num_threads()
+    return max(1, min(threads, (os.cpu_count() or 1) - workers)) if workers else threads
+
+
 @contextmanager
 def model_threads(device, workers: int):
-    """On CPU, the model's torch threads limited to the CPUs the `workers` leave it (at least one)
-    while the block runs: a worker decoding beside as many threads as CPUs stalls the model's
-    parallel regions (1,024-image builds on 2 CPUs with one worker: 400-470 images/s with 2 threads,
-    530-590 with 1)."""
+    """On CPU, the model's torch threads limited to `_threads_beside(workers)` while the block runs: a
+    worker decoding beside as many threads as CPUs stalls the model's parallel regions (1,024-image
+    builds on 2 CPUs with one worker: 400-470 images/s with 2 threads, 530-590 with 1)."""
     threads = torch.get_num_threads()
-    if torch.device(device).type == "cpu" and workers:
-        torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 1) - workers)))
+    if torch.device(device).type == "cpu":
+        torch.set_num_threads(_threads_beside(workers))
     try:
         yield
     finally:
@@ -186,7 +184,7 @@ def embed_chunks(model, preprocess, paths: list[str], work: Path, key: str, chun
     `work`/chunk-NNNNNN.npz (embeddings [n, E], the paths, sha256 and problems it covers); chunks
     already there under the same `key` are kept. Returns (images embedded now, images kept).
     Batches never straddle chunks, so a resumed build gives the same vectors as an uninterrupted one.
-    `workers` None: `default_workers` on CUDA; on CPU chosen on the first batch (`_first_batch_workers`)."""
+    `workers` None: min(8, CPUs) on CUDA; on CPU chosen on the first batch (`_first_batch_workers`)."""
     work.mkdir(parents=True, exist_ok=True)
     plan = {"key": key, "count": len(paths), "chunk_size": chunk_size}
     plan_file = work / "plan.json"
@@ -206,14 +204,13 @@ def embed_chunks(model, preprocess, paths: list[str], work: Path, key: str, chun
     dataset, collate = _HashedImages(paths, per_image), _Collate(per_batch)
     first = []  # the first batch, embedded while choosing the workers
     if workers is None and dev.type == "cuda":
-        workers = default_workers(dev)
+        workers = min(8, os.cpu_count() or 1)
     elif workers is None and batches:
         workers, done = _first_batch_workers(model, dataset, collate, batches[0], dev)
         first = [done]
         if progress:
             print(f"embedding with {workers} DataLoader worker{'s' * (workers != 1)} beside "
-                  f"{torch.get_num_threads() if not workers else max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - workers))} "
-                  "torch thread(s) (chosen on the first batch)", file=sys.stderr)
+                  f"{_threads_beside(workers)} torch thread(s) (chosen on the first batch)", file=sys.stderr)
     loader = DataLoader(dataset, batch_sampler=batches[len(first):], num_workers=workers or 0,
                         pin_memory=dev.type == "cuda", collate_fn=collate, prefetch_factor=4 if workers else None)
     embedded = ((_embedded(model, images, p, dev), h, p) for images, h, p in loader)
