@@ -7,7 +7,7 @@ Prints one table:
   * images/s of the bare encoder forward (preprocessed batch in memory) vs a full `build_index`
     (checkpoint loading, reading, hashing, decoding, preprocessing in the DataLoader workers the
     build chooses on its first batch, embedding, writing; `--images` rendered CIR-Shapes images, default 4,096) and the
-    build's share of the forward, also with the checkpoint load (timed apart) left out;
+    build's share of the forward, whole and in its embedding phase (checkpoint load and index writing left out);
   * the same for a realistically sized image tower, where the forward dominates: a randomly
     initialised `context-vit-b-32` (open_clip ViT-B-32, 224 x 224; nothing downloaded) on
     `--tower-images` of the rendered images (default 256; 0 skips it), built with the workers it
