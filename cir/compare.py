@@ -114,7 +114,8 @@ def evaluated(row: Row, view: str, folder: Path, work: Path) -> dict:
     if not out.is_file():
         cmd = command(row, triplets, folder / "gallery_test.txt", VIEWS[view][1], out)
         print("$ " + " ".join(cmd[1:]), file=sys.stderr, flush=True)
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        if subprocess.run(cmd, stdout=subprocess.DEVNULL).returncode:
+            raise UserError(f"{row.name}: its evaluation failed (its error is above): {' '.join(cmd[1:])}")
     result = json.loads(out.read_text())
     return result["combiner"] if row.combiner else result
 
