@@ -3,18 +3,19 @@
     python -m cir.compare [--rows ROWS.json] [--work runs/compare] [--out docs/compare.md]
 
 Each row is a model with a command that trains it: a checkpoint (`cir.evaluate`) or a CLIP4Cir
-Combiner on a towers file (`cir.baselines evaluate`), and the run folder whose log.jsonl times its
-training. For every row the tool runs, as subprocesses and each at most once per file content
+Combiner on a towers file (`cir.baselines evaluate`), and the run folders (its training phases in
+order) whose log.jsonl files time its training. For every row the tool runs, as subprocesses and each at most once per file content
 (results kept in --work under the files' sha256):
   * the test split with the reference kept in the ranking (CIR-Shapes' protocol) and grounding;
   * the test split with the reference removed (`--reference remove`, as CIRR scores);
   * the held-out phrasing split, reference kept.
 It prints (and with --out writes) a Markdown table per view: R@1/5 overall, by number of operations
 and under both protocols, held-out R@1, grounding (pointing in context / isolated, energy,
-distinctness) and training seconds per 1,000 steps (1,000 times the median step of the run's log);
+distinctness) and training seconds per 1,000 steps (1,000 times each phase's median step, weighted by
+the steps each phase logged);
 R@1 per operation; and the ratio of R@1 of the first row to every other row, per
 operation. ROWS.json is a list of {"name", "checkpoint"} or {"name", "clip", "combiner"}, each with
-an optional "run" folder; the default rows are the comparison of the README (DEFAULT_ROWS).
+an optional "runs" list of run folders; the default rows are the comparison of the README (DEFAULT_ROWS).
 """
 from __future__ import annotations
 
@@ -35,13 +36,13 @@ STEP0 = "assets/context-cir-shapes-grid7-step0.safetensors"
 
 @dataclass(frozen=True)
 class Row:
-    """A model of the comparison: `checkpoint`, or `combiner` on the towers of `clip`; `run` is the
-    run folder whose log.jsonl gives its step time."""
+    """A model of the comparison: `checkpoint`, or `combiner` on the towers of `clip`; `runs` are the
+    run folders (training phases in order) whose log.jsonl files give its step time."""
     name: str
     checkpoint: str | None = None
     clip: str | None = None
     combiner: str | None = None
-    run: str | None = None
+    runs: tuple[str, ...] = ()
 
     @property
     def files(self) -> list[str]:
@@ -49,12 +50,15 @@ class Row:
 
 
 DEFAULT_ROWS = [
-    Row("ConText-CIR λ = 0.08", checkpoint="assets/context-cir-shapes-grid7.safetensors", run="runs/grid7-cc"),
-    Row("ConText-CIR λ = 0", checkpoint="assets/context-cir-shapes-grid7-lambda0.safetensors", run="runs/grid7-nocc"),
-    Row("TMCIR", checkpoint="assets/tmcir-shapes.safetensors", run="runs/tmcir"),
-    Row("TMCIR without stage 1", checkpoint="runs/tmcir-no-align/last.safetensors", run="runs/tmcir-no-align"),
+    Row("ConText-CIR λ = 0.08", checkpoint="assets/context-cir-shapes-grid7.safetensors",
+        runs=("runs/grid7-cc", "runs/grid7-cc-partials")),
+    Row("ConText-CIR λ = 0", checkpoint="assets/context-cir-shapes-grid7-lambda0.safetensors",
+        runs=("runs/grid7-nocc", "runs/grid7-nocc-partials")),
+    Row("TMCIR", checkpoint="assets/tmcir-shapes.safetensors", runs=("runs/tmcir", "runs/tmcir-partials")),
+    Row("TMCIR without stage 1", checkpoint="runs/tmcir-no-align-partials/last.safetensors",
+        runs=("runs/tmcir-no-align", "runs/tmcir-no-align-partials")),
     Row("CLIP4Cir-style Combiner", clip=STEP0, combiner="runs/combiner-grid7/combiner.safetensors",
-        run="runs/combiner-grid7"),
+        runs=("runs/combiner-grid7",)),
 ]
 
 VIEWS = {  # view -> (split: --test or --heldout, extra evaluation flags)
@@ -80,7 +84,7 @@ def read_rows(path: str | None) -> list[Row]:
     if path is None:
         return DEFAULT_ROWS
     try:
-        rows = [Row(**r) for r in json.loads(Path(path).read_text())]
+        rows = [Row(**{**r, "runs": tuple(r.get("runs", ()))}) for r in json.loads(Path(path).read_text())]
     except (OSError, ValueError, TypeError) as e:
         raise UserError(f"--rows {path}: {' '.join(str(e).split())}") from None
     for r in rows:
@@ -120,14 +124,17 @@ def evaluated(row: Row, view: str, folder: Path, work: Path) -> dict:
     return result["combiner"] if row.combiner else result
 
 
-def step_seconds(run: str | None) -> float | None:
-    """Median seconds of a training step (forward, backward, optimizer and data) in `run`/log.jsonl."""
-    log = Path(run or "") / "log.jsonl"
-    if run is None or not log.is_file():
-        return None
-    steps = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    times = [s["sec"] + s.get("data_sec", 0.0) for s in steps if "sec" in s]
-    return statistics.median(times) if times else None
+def step_seconds(runs: tuple[str, ...]) -> float | None:
+    """Seconds of a training step (forward, backward, optimizer and data): the median step of each
+    run folder's log.jsonl, weighted by the steps it logged (None: no run has a log)."""
+    phases = []
+    for run in runs:
+        log = Path(run) / "log.jsonl"
+        steps = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
+        times = [s["sec"] + s.get("data_sec", 0.0) for s in steps if "sec" in s]
+        if times:
+            phases.append((statistics.median(times), len(times)))
+    return sum(t * n for t, n in phases) / sum(n for _, n in phases) if phases else None
 
 
 def _f(x: float | None, digits: int = 1) -> str:
@@ -150,7 +157,7 @@ def main_table(rows: list[Row], results: list[dict[str, dict]]) -> str:
         ground = ["–"] * 3 if not objects else [
             f"{objects['pointing']['in_context']:.1f} / {objects['pointing']['isolated']:.1f}",
             _f(objects["energy"]["in_context"]), _f(objects["distinct"]["in_context"])]
-        seconds = step_seconds(row.run)
+        seconds = step_seconds(row.runs)
         lines.append("| " + " | ".join([
             row.name, _f(_recall(test, "1")), _f(_recall(test, "5")),
             " / ".join(_f(_recall(test, "1", n)) for n in "123"),

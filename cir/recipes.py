@@ -109,12 +109,20 @@ SHAPES_3X3_CHAIN = [
           "assets/context-cir-shapes.safetensors"),
 ]
 
-def _tmcir_stage2(what: str, out: str, init: str, cache: str) -> Stage:
-    """TMCIR's stage 2 on the grid-7 pair's schedule: 15,000 steps from `init`, image tower frozen
-    (its outputs in `cache`), the paper's InfoNCE with the query's reference as an extra negative."""
-    return _train(what, out, "--init-from", init, "--steps", "15000", "--lr", "4e-4", "--min-lr", "4e-6",
-                  "--lambda-cc", "0", "--partial-negatives", "--freeze-image", "--image-cache", cache, "--seed", "0",
-                  "--workers", "0", "--threads", "1", "--val-every", "500", "--val-limit", "1000", "--save-every", "200")
+def _tmcir_stage2(out: str, init: str, cache: str) -> list[Stage]:
+    """TMCIR's stage 2 on the grid-7 pair's schedule: 15,000 steps from `init` with one partial
+    fulfilment per query as a negative, then 6,000 with every one; image tower frozen (its outputs in
+    `cache`), the paper's InfoNCE with the query's reference as an extra negative."""
+    common = ("--lambda-cc", "0")
+    steady = ("--freeze-image", "--image-cache", cache, "--workers", "0", "--threads", "1", "--val-every", "500",
+              "--val-limit", "1000", "--save-every", "200")
+    return [_train("stage 2: 15,000 steps, 1 thread (0.33 s/step at 2 threads alone)", out, "--init-from", init,
+                   "--steps", "15000", "--lr", "4e-4", "--min-lr", "4e-6", *common, "--partial-negatives",
+                   *steady[:3], "--seed", "0", *steady[3:]),
+            _train("stage 2 with every partial fulfilment as a negative, to step 21,000, 1 thread", f"{out}-partials",
+                   "--init-from", f"{out}/last.safetensors", "--steps", "21000", "--lr", "1e-4", "--min-lr", "1e-6",
+                   "--warmup", "100", "--restart-schedule", *common, "--partial-negatives", "all", *steady[:3],
+                   "--seed", "1", *steady[3:])]
 
 
 TMCIR_ALIGNED = "runs/tmcir-align/aligned-fp16.safetensors"  # stage 1's towers, fp16 as every shipped file
@@ -132,10 +140,9 @@ TMCIR_SHAPES = [
           ("-m", "cir.image_cache", "--checkpoint", TMCIR_ALIGNED, "--train", "data/shapes/train.jsonl",
            "--out", "data/shapes-cache-tmcir"),
           "data/shapes-cache-tmcir/manifest.json"),
-    _tmcir_stage2("stage 2: 15,000 steps, 1 thread (0.33 s/step at 2 threads alone)", "runs/tmcir", TMCIR_ALIGNED,
-                  "data/shapes-cache-tmcir"),
+    *_tmcir_stage2("runs/tmcir", TMCIR_ALIGNED, "data/shapes-cache-tmcir"),
     Stage("export fp16 (10 s)",
-          ("-m", "cir.checkpoint", "export", "--checkpoint", "runs/tmcir/last.safetensors",
+          ("-m", "cir.checkpoint", "export", "--checkpoint", "runs/tmcir-partials/last.safetensors",
            "--out", "assets/tmcir-shapes.safetensors", "--dtype", "fp16"),
           "assets/tmcir-shapes.safetensors"),
 ]
@@ -147,16 +154,25 @@ GRID7_CACHE = Stage("the grid-7 image tower's outputs for every training image a
 
 
 def _grid7_pair_member(name: str, out: str, lambda_cc: str, *flags: str) -> list[Stage]:
-    """The grid-7 recipe: 15,000 steps from the step-0 file, image tower frozen (its outputs cached),
-    the attention prior from the frozen step-0 text tower, CC loss weight `lambda_cc`; then export."""
+    """The grid-7 recipe: 15,000 steps from the step-0 file with one partial fulfilment per query as a
+    negative, then 6,000 steps with every partial fulfilment as one (as the 3 x 3 chain ends) and the
+    attention prior's gains tripled (its maps sharper over the same token-patch cosines); image tower
+    frozen (its outputs cached), the attention prior from the frozen step-0 text tower, CC loss weight
+    `lambda_cc`; then export."""
+    common = ("--freeze-image", "--image-cache", "data/shapes-cache-grid7")
+    steady = ("--workers", "0", "--threads", "1", "--val-every", "500", "--val-limit", "1000", "--save-every", "200")
     return [GRID7_CACHE,
             _train(f"15,000 steps, lambda {lambda_cc}, 1 thread (0.48 s/step at 2 threads alone; about 5 h with the two of the pair side by side)", out,
                    "--config", "context-cir-shapes-grid7", "--init-from", STEP0, "--steps", "15000", "--lr", "4e-4",
-                   "--min-lr", "4e-6", "--lambda-cc", lambda_cc, *flags, "--partial-negatives", "--freeze-image",
-                   "--image-cache", "data/shapes-cache-grid7", "--seed", "0", "--workers", "0", "--threads", "1",
-                   "--val-every", "500", "--val-limit", "1000", "--save-every", "200"),
+                   "--min-lr", "4e-6", "--lambda-cc", lambda_cc, *flags, "--partial-negatives", *common,
+                   "--seed", "0", *steady),
+            _train("every partial fulfilment as a negative and the attention prior 3x sharper, to step 21,000, "
+                   "1 thread", f"{out}-partials",
+                   "--init-from", f"{out}/last.safetensors", "--steps", "21000", "--lr", "1e-4", "--min-lr", "1e-6",
+                   "--warmup", "100", "--restart-schedule", "--prior-gain-scale", "3", "--lambda-cc", lambda_cc, *flags,
+                   "--partial-negatives", "all", *common, "--seed", "1", *steady),
             Stage("export fp16 (10 s)",
-                  ("-m", "cir.checkpoint", "export", "--checkpoint", f"{out}/last.safetensors",
+                  ("-m", "cir.checkpoint", "export", "--checkpoint", f"{out}-partials/last.safetensors",
                    "--out", f"assets/{name}.safetensors", "--dtype", "fp16"),
                   f"assets/{name}.safetensors")]
 
@@ -192,36 +208,34 @@ RECIPES: dict[str, tuple[str, list[Stage]]] = {
         "assets/tmcir-shapes.safetensors, TMCIR on the grid-7 towers of the step-0 file, stage 2 on the grid-7 "
         "pair's schedule", [*DATA, *TMCIR_SHAPES]),
     "tmcir-shapes-no-alignment": (
-        "runs/tmcir-no-align, TMCIR without stage 1 (the step-0 towers as they are), for the comparison table",
+        "runs/tmcir-no-align-partials, TMCIR without stage 1 (the step-0 towers as they are), for the comparison table",
         [*DATA, GRID7_CACHE,
          Stage("the step-0 towers under TMCIR's pooling and head, untrained (10 s)",
                ("-m", "cir.align", "--data", "data/shapes", "--out", "runs/tmcir-align0", "--towers-from", STEP0,
                 "--no-alignment"),
                "runs/tmcir-align0/aligned.safetensors"),
-         _tmcir_stage2("stage 2: 15,000 steps, 1 thread (0.33 s/step at 2 threads alone)", "runs/tmcir-no-align",
-                       "runs/tmcir-align0/aligned.safetensors", "data/shapes-cache-grid7")]),
+         *_tmcir_stage2("runs/tmcir-no-align", "runs/tmcir-align0/aligned.safetensors", "data/shapes-cache-grid7")]),
     "combiner-shapes-grid7": (
-        "runs/combiner-grid7, the CLIP4Cir-style Combiner on the step-0 towers' frozen features, 15,000 steps of 64 "
+        "runs/combiner-grid7, the CLIP4Cir-style Combiner on the step-0 towers' frozen features, 21,000 steps of 64 "
         "as the other models of the comparison table",
         [*DATA,
-         Stage("features of every training triplet, then 15,000 steps (10–20 min, estimated from the image cache's rate)",
+         Stage("features of every training triplet, then 21,000 steps (10–20 min, estimated from the image cache's rate)",
                ("-m", "cir.baselines", "train-combiner", "--clip", STEP0, "--data", "data/shapes",
-                "--out", "runs/combiner-grid7", "--steps", "15000", "--batch-size", "64", "--seed", "0"),
+                "--out", "runs/combiner-grid7", "--steps", "21000", "--batch-size", "64", "--seed", "0"),
                "runs/combiner-grid7/combiner.safetensors")]),
 }
 
 
-def export_of(stages: list[Stage], stage: Stage) -> Path | None:
-    """The shipped file a later stage exports from training stage `stage`'s run (None: no such stage)."""
-    last = f"{stage.run_folder}/last.safetensors"
-    return next((Path(s.output) for s in stages if s.command[:3] == ("-m", "cir.checkpoint", "export")
-                 and s.flag("--checkpoint") == last), None)
+def run_export(stages: list[Stage], stage: Stage) -> Path | None:
+    """The file one of the recipe's export stages wrote from training stage `stage`'s run (its
+    manifest names the run folder and step count), else None."""
+    exports = (Path(s.output) for s in stages if s.command[:3] == ("-m", "cir.checkpoint", "export"))
+    return next((e for e in exports if exported_step(e, stage) is not None), None)
 
 
-def exported_step(export: Path | None, stage: Stage) -> int | None:
-    """The step of `export` when it is an export of `stage`'s own run (its manifest names the run
-    folder and step count), else None."""
-    if export is None or not export.with_suffix(".json").is_file():
+def exported_step(export: Path, stage: Stage) -> int | None:
+    """The step of `export` when it is an export of `stage`'s own run, else None."""
+    if not export.with_suffix(".json").is_file():
         return None
     manifest = json.loads(export.with_suffix(".json").read_text())
     args = manifest.get("args", {})
@@ -229,28 +243,59 @@ def exported_step(export: Path | None, stage: Stage) -> int | None:
     return manifest.get("step") if same_run else None
 
 
-def stage_argv(stage: Stage, export: Path | None = None) -> list[str]:
+def _has_progress(stages: list[Stage], stage: Stage) -> bool:
+    """Whether training stage `stage` has a checkpoint in its run folder or a shipped export of its run."""
+    return (stage.run_folder / "last.safetensors").is_file() or run_export(stages, stage) is not None
+
+
+def _finished_source(stages: list[Stage], stage: Stage) -> Path | None:
+    """For a training stage warm-started from an earlier stage's run (--init-from RUN/last.safetensors)
+    whose folder is gone: that run's complete export, to start from instead; else None."""
+    if "--init-from" not in stage.command or Path(stage.flag("--init-from")).is_file():
+        return None
+    source = next((s for s in stages if s.run_folder is not None
+                   and stage.flag("--init-from") == f"{s.run_folder}/last.safetensors"), None)
+    export = run_export(stages, source) if source is not None else None
+    return export if export is not None and exported_step(export, source) == source.steps else None
+
+
+def stage_argv(stages: list[Stage], stage: Stage) -> list[str]:
     """The command line that runs `stage` now: a training or alignment stage with a checkpoint in its
-    run folder resumes; a training stage without one continues from `export` (its run's shipped
-    file) when that is an export of this run part-way."""
+    run folder resumes; a training stage without one continues from its run's shipped file when that
+    is an export of this run part-way, and starts from the complete export of the run it warm-starts
+    from when that run's folder is gone."""
     argv = [sys.executable, *stage.command]
     if stage.checkpoint is not None and stage.checkpoint.is_file():
-        argv.append("--resume")
-    elif stage.run_folder is not None and exported_step(export, stage) is not None:
+        return argv + ["--resume"]
+    if stage.run_folder is None:
+        return argv
+    export = run_export(stages, stage)
+    if export is not None:
         if "--init-from" in argv:
             i = argv.index("--init-from")
             del argv[i:i + 2]
-        argv += ["--continue-from", str(export)]
+        if "--restart-schedule" in argv:
+            argv.remove("--restart-schedule")
+        return argv + ["--continue-from", str(export)]
+    source = _finished_source(stages, stage)
+    if source is not None:
+        argv[argv.index("--init-from") + 1] = str(source)
     return argv
 
 
 def is_done(stages: list[Stage], stage: Stage) -> bool:
     """Whether `stage` is skipped: its output exists (except a training stage, which resumes, and a
-    stage writing under assets/, which is quick), or its run is over and exported while its run folder
-    is gone (the training stage and that export)."""
+    stage writing under assets/, which is quick), or its run folder is gone while its run is over and
+    exported or a later stage that starts from it has progress (the training stage and its export)."""
     if stage.run_folder is not None:
-        export = export_of(stages, stage)
-        return not (stage.run_folder / "last.safetensors").is_file() and exported_step(export, stage) == stage.steps
+        if (stage.run_folder / "last.safetensors").is_file():
+            return False
+        export = run_export(stages, stage)
+        if export is not None and exported_step(export, stage) == stage.steps:
+            return True
+        last = f"{stage.run_folder}/last.safetensors"
+        return any(s.run_folder is not None and "--init-from" in s.command and s.flag("--init-from") == last
+                   and _has_progress(stages, s) for s in stages)
     if stage.command[:3] == ("-m", "cir.checkpoint", "export"):
         source = Path(stage.flag("--checkpoint"))
         trainer = next((s for s in stages if s.run_folder is not None and source == s.run_folder / "last.safetensors"), None)
@@ -272,7 +317,7 @@ def run(name: str, dry_run: bool = False) -> None:
     stages = RECIPES[name][1]
     for i, stage in enumerate(stages, 1):
         done = is_done(stages, stage)
-        argv = stage_argv(stage, export_of(stages, stage) if stage.run_folder is not None else None)
+        argv = stage_argv(stages, stage)
         print(f"[{i}/{len(stages)}] {stage.what}" + (" - done, skipped" if done else ""), flush=True)
         if done:
             continue

@@ -105,6 +105,9 @@ def parse_args(argv=None):
     p.add_argument("--restart-schedule", action="store_true",
                    help="with --init-from: warm up again from the checkpoint's step and anneal to --steps (default: "
                         "the warm start sits at its step on the cosine of --steps, without warm-up)")
+    p.add_argument("--prior-gain-scale", type=float, default=1.0, metavar="K",
+                   help="with --init-from: multiply every fusion block's attention-prior gain by K at the warm start, "
+                        "so the maps start K times sharper over the same token-patch cosines (default 1)")
     p.add_argument("--stop-after", type=int, default=None,
                    help="stop (after saving) once this step is reached, keeping the schedule of --steps")
     a = p.parse_args(argv)
@@ -124,6 +127,10 @@ def check_partners(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error("--cc-sharpen needs --cc-teacher")
     if a.cc_sharpen <= 0:
         p.error("--cc-sharpen must be positive")
+    if a.prior_gain_scale != 1 and not (a.init_from or a.continue_from):
+        p.error("--prior-gain-scale needs --init-from (or --continue-from, where it was applied when the run began)")
+    if a.prior_gain_scale <= 0:
+        p.error("--prior-gain-scale must be positive")
     if a.continue_from and (a.init_from or a.restart_schedule):
         p.error("--continue-from takes neither --init-from nor --restart-schedule")
 
@@ -287,13 +294,27 @@ def starting_model(a, last: Path, device):
         model, preprocess, manifest = load_checkpoint(source, device)
     else:
         model, preprocess, manifest = grown_model(_config(a), source, device)
+    if a.init_from and a.prior_gain_scale != 1:
+        scale_prior_gain(model, a.prior_gain_scale)
     start = manifest.get("step", 0)
     if a.restart_schedule:
         a.schedule_start = start
     if a.continue_from:
         check_continuation(a, manifest)
+        a.schedule_start = manifest["args"].get("schedule_start", 0)  # a run that restarted its schedule
         a.rewarm_at = start
     return model, preprocess, manifest, None, start, manifest.get("metrics", {})
+
+
+def scale_prior_gain(model, scale: float) -> None:
+    """Multiply every fusion block's attention-prior gain [H] by `scale` (the model must have a prior)."""
+    blocks = [b for b in getattr(getattr(model, "fusion", None), "blocks", []) if b.prior_gain is not None]
+    if not blocks:
+        raise UserError("--prior-gain-scale: the model has no attention prior (config attention_prior)")
+    with torch.no_grad():
+        for block in blocks:
+            block.prior_gain.mul_(scale)
+    print(f"attention-prior gains scaled by {scale:g}: {', '.join(f'{b.prior_gain.mean().item():.2f}' for b in blocks)}")
 
 
 def _config(a):

@@ -17,13 +17,15 @@ from cir.errors import UserError
 def rows(tiny_checkpoint, shapes_data, tmp_path_factory):
     """A tiny ConText-CIR checkpoint with a run log of known step times, and a Combiner on its towers."""
     tmp = tmp_path_factory.mktemp("compare")
-    run = tmp / "run"
-    run.mkdir()
-    run.joinpath("log.jsonl").write_text("".join(json.dumps({"step": i, "sec": s, "data_sec": 0.1}) + "\n"
-                                                 for i, s in enumerate([0.5, 0.7, 0.9], 1)))
+    runs = [tmp / "run", tmp / "run-2", tmp / "run-unlogged"]
+    for run in runs:
+        run.mkdir()
+    runs[0].joinpath("log.jsonl").write_text("".join(json.dumps({"step": i, "sec": s, "data_sec": 0.1}) + "\n"
+                                                     for i, s in enumerate([0.5, 0.7, 0.9], 1)))
+    runs[1].joinpath("log.jsonl").write_text(json.dumps({"step": 4, "sec": 1.9, "data_sec": 0.1}) + "\n")
     baselines(["train-combiner", "--clip", str(tiny_checkpoint), "--data", str(shapes_data), "--out", str(tmp / "comb"),
                "--steps", "2", "--batch-size", "16", "--warmup", "1", "--workers", "0"])
-    spec = [{"name": "tiny", "checkpoint": str(tiny_checkpoint), "run": str(run)},
+    spec = [{"name": "tiny", "checkpoint": str(tiny_checkpoint), "runs": [str(r) for r in runs]},
             {"name": "combiner", "clip": str(tiny_checkpoint), "combiner": str(tmp / "comb" / "combiner.safetensors")}]
     path = tmp / "rows.json"
     path.write_text(json.dumps(spec))
@@ -48,7 +50,7 @@ def test_the_tables_hold_each_rows_evaluations(rows, shapes_data, tmp_path):
     assert line[1] == f"{tiny['test']['recall']['1']:.1f}" and line[2] == f"{tiny['test']['recall']['5']:.1f}"
     assert line[5] == f"{tiny['test-removed']['recall']['1']:.1f} / {tiny['test-removed']['recall']['5']:.1f}"
     assert line[7] == f"{tiny['heldout']['recall']['1']:.1f}"
-    assert line[-1] == "800 |"  # 1,000 x the median of 0.6, 0.8 and 1.0 s
+    assert line[-1] == "1,100 |"  # 1,000 x (3 steps at the median 0.8 s + 1 at 2.0 s) / 4
     combiner = next(row for row in table.splitlines() if row.startswith("| combiner |")).split(" | ")
     assert combiner[8:11] == ["–", "–", "–"] and combiner[-1] == "– |"  # no maps, no run log
 

@@ -75,11 +75,11 @@ def test_an_interrupted_alignment_resumes_and_a_finished_one_is_skipped(tmp_path
     Path("runs/tmcir-align/last.safetensors").write_bytes(b"")
     recipes.run("tmcir-shapes", dry_run=True)
     out = capsys.readouterr().out.splitlines()
-    align = out[out.index(next(line for line in out if line.startswith("[4/8]"))) + 1]
+    align = out[out.index(next(line for line in out if line.startswith("[4/9]"))) + 1]
     assert "-m cir.align" in align and align.endswith("--workers 0 --resume")
     Path("runs/tmcir-align/aligned.safetensors").write_bytes(b"")
     recipes.run("tmcir-shapes", dry_run=True)
-    assert "[4/8] " + recipes.TMCIR_SHAPES[0].what + " - done, skipped" in capsys.readouterr().out.splitlines()
+    assert "[4/9] " + recipes.TMCIR_SHAPES[0].what + " - done, skipped" in capsys.readouterr().out.splitlines()
 
 
 def test_list_names_every_recipe():
@@ -90,31 +90,46 @@ def test_list_names_every_recipe():
 
 
 def test_a_run_whose_folder_is_gone_continues_from_its_shipped_file(tmp_path, monkeypatch, capsys):
-    """No run folder: the training stage continues from the recipe's export when that is a part-way
+    """No run folder: a training stage continues from the recipe's export when that is a part-way
     export of the same run, starts afresh when it is another run's, and is skipped (with its export)
-    when the export is complete; a checkpoint in the run folder always wins (--resume)."""
+    when the export is complete or a later stage has moved on from it; the stage warm-started from a
+    complete run whose folder is gone starts from its export; a checkpoint in the run folder always
+    wins (--resume)."""
     monkeypatch.chdir(tmp_path)
     for d in ("data/shapes", "data/shapes-test", "data/shapes-heldout", "data/shapes-cache-grid7", "assets"):
         Path(d).mkdir(parents=True)
         Path(d, "manifest.json").write_text("{}")
-    export = Path("assets/context-cir-shapes-grid7.json")
+    shipped = "assets/context-cir-shapes-grid7.safetensors"
 
-    def commands(step: int, out: str = "runs/grid7-cc") -> list[str]:
-        export.write_text(json.dumps({"step": step, "args": {"out": out, "steps": 15000}}))
+    def lines(step: int, out: str = "runs/grid7-cc", steps: int = 15000) -> dict[str, str]:
+        """The dry run's stage lines (with their command, if any) by stage number."""
+        Path(shipped).with_suffix(".json").write_text(json.dumps({"step": step, "args": {"out": out, "steps": steps}}))
         recipes.run("context-cir-shapes-grid7", dry_run=True)
-        return capsys.readouterr().out.splitlines()
+        out_lines = capsys.readouterr().out.splitlines()
+        stages = {}
+        for i, line in enumerate(out_lines):
+            if line.startswith("["):
+                command = out_lines[i + 1] if i + 1 < len(out_lines) and not out_lines[i + 1].startswith("[") else ""
+                stages[line[1:line.index("/")]] = line + "\n" + command
+        return stages
 
-    out = commands(5000)
-    train = next(line for line in out if "-m cir.train" in line)
-    assert train.endswith("--continue-from assets/context-cir-shapes-grid7.safetensors")
-    assert "--init-from" not in train and "--cc-teacher " + recipes.STEP0 in train
-    out = commands(5000, out="runs/elsewhere")
-    assert next(line for line in out if "-m cir.train" in line).split().count("--init-from") == 1
-    out = commands(15000)
-    assert out[-2].startswith("[5/6]") and out[-2].endswith("done, skipped")
-    assert out[-1].startswith("[6/6]") and out[-1].endswith("done, skipped")
+    stages = lines(5000)
+    assert stages["5"].endswith("--save-every 200 --continue-from " + shipped)
+    assert "--init-from" not in stages["5"] and "--cc-teacher " + recipes.STEP0 in stages["5"]
+    assert "--init-from runs/grid7-cc/last.safetensors --steps 21000" in stages["6"]
+    assert lines(5000, out="runs/elsewhere")["5"].split().count("--init-from") == 1
+    stages = lines(15000)
+    assert stages["5"].endswith("done, skipped\n")
+    assert f"--init-from {shipped} --steps 21000" in stages["6"] and "--restart-schedule" in stages["6"]
+    assert not stages["7"].split("\n")[0].endswith("skipped")
+    stages = lines(18000, out="runs/grid7-cc-partials", steps=21000)
+    assert stages["5"].endswith("done, skipped\n")
+    assert stages["6"].endswith("--continue-from " + shipped)
+    assert "--init-from" not in stages["6"] and "--restart-schedule" not in stages["6"]
+    stages = lines(21000, out="runs/grid7-cc-partials", steps=21000)
+    assert all(stages[k].endswith("done, skipped\n") for k in ("5", "6", "7"))
     Path("runs/grid7-cc").mkdir(parents=True)
     Path("runs/grid7-cc/last.safetensors").write_bytes(b"")
-    out = commands(15000)
-    assert next(line for line in out if "-m cir.train" in line).endswith("--save-every 200 --resume")
-    assert out[-1].endswith("--dtype fp16")
+    stages = lines(15000)
+    assert stages["5"].endswith("--save-every 200 --resume")
+    assert "--init-from runs/grid7-cc/last.safetensors" in stages["6"] and stages["7"].endswith("--dtype fp16")

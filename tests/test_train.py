@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import shutil
 import sys
 
 import pytest
@@ -122,6 +123,46 @@ def test_a_lost_run_continues_from_its_export(shapes_data, tmp_path):
     assert b[0]["loss"] == pytest.approx(a[4]["loss"], rel=1e-5)
     assert [x["lr"] / a[x["step"]]["lr"] for x in b] == pytest.approx([1 / 3, 2 / 3, 1])
     assert json.loads((split / "last.json").read_text())["args"]["rewarm_at"] == 3
+
+
+def test_a_lost_restarted_run_continues_on_its_restarted_schedule(shapes_data, tmp_path):
+    """A phase warm-started with --restart-schedule (steps 2 -> 6), its folder gone at step 4: continued
+    from its export, its lr at step 6 is the uninterrupted phase's (its schedule starts at step 2, not 0)."""
+    first = tmp_path / "first"
+    run(TRAIN + ["--data", str(shapes_data), "--out", str(first), "--steps", "2", "--val-every", "0"])
+    phase = TRAIN + ["--data", str(shapes_data), "--warmup", "1", "--val-every", "0", "--init-from", str(first / "last.safetensors"),
+                     "--restart-schedule"]
+    full, split = tmp_path / "full", tmp_path / "split"
+    run(phase + ["--out", str(full)])
+    run(phase + ["--out", str(split), "--stop-after", "4"])
+    export = tmp_path / "export.safetensors"
+    run([sys.executable, "-m", "cir.checkpoint", "export", "--checkpoint", str(split / "last.safetensors"),
+         "--out", str(export), "--dtype", "fp32"])
+    shutil.rmtree(split)
+    run(TRAIN + ["--data", str(shapes_data), "--warmup", "1", "--val-every", "0", "--out", str(split),
+                 "--continue-from", str(export)])
+    a, b = {x["step"]: x for x in losses(full)}, {x["step"]: x for x in losses(split)}
+    assert sorted(b) == [5, 6] and [b[k]["lr"] for k in b] == pytest.approx([a[5]["lr"], a[6]["lr"]], rel=1e-6)
+    assert a[3]["lr"] > a[6]["lr"]  # the restarted cosine, not the tail of one from step 0
+
+
+def test_a_warm_start_sharpens_the_attention_prior_by_the_scale_asked(shapes_data, tmp_path):
+    """--prior-gain-scale 3 --init-from the grid-7 step-0 file: every head's prior gain starts at 3x
+    the file's (20 -> 60), every other weight is the file's; a model without a prior is refused in one line."""
+    from cir.checkpoint import load_checkpoint
+    step0 = "assets/context-cir-shapes-grid7-step0.safetensors"
+    warm = [sys.executable, "-m", "cir.train", "--data", str(shapes_data), "--steps", "0", "--val-every", "0", "--batch-size", "8",
+            "--workers", "0", "--prior-gain-scale", "3"]
+    run(warm + ["--out", str(tmp_path / "sharp"), "--init-from", step0])
+    got = load_checkpoint(tmp_path / "sharp" / "last.safetensors", "cpu")[0].state_dict()
+    want = load_checkpoint(step0, "cpu")[0].state_dict()
+    gains = [k for k in want if k.endswith("prior_gain")]
+    assert len(gains) == 2 and all(torch.allclose(got[k], 3 * want[k]) and want[k].min() > 19 for k in gains)
+    assert all(torch.equal(got[k], want[k]) for k in want if k not in gains)
+    refused = subprocess.run(warm + ["--out", str(tmp_path / "plain"), "--init-from", "assets/context-cir-shapes.safetensors"],
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
+        "error: --prior-gain-scale: the model has no attention prior (config attention_prior)"]
 
 
 def test_zero_steps_writes_the_model_as_initialised(shapes_data, tmp_path):
