@@ -112,7 +112,7 @@ def _add_embedding_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int, default=128, help="images per forward pass (default 128)")
     p.add_argument("--workers", type=int, default=None,
                    help="DataLoader processes reading, hashing and decoding images ahead of the model (default: min(8, "
-                        "CPUs) on CUDA; on CPU, chosen on the first batch: one where preparing images costs as much "
+                        "CPUs) on CUDA; on CPU, chosen on the first two batches: one where preparing images costs as much "
                         "as the forward, none where the forward dominates and needs every core)")
     p.add_argument("--chunk-size", type=positive_int, default=4096,
                    help="images per saved chunk in INDEX_DIR.partial/ (the unit --resume skips; default 4096)")

@@ -57,9 +57,10 @@ def test_build_with_a_worker_equals_the_in_process_build(shapes, tmp_path):
     np.testing.assert_allclose(np.asarray(one.embeddings), np.asarray(zero.embeddings), rtol=0, atol=1e-6)
 
 
-def test_a_build_given_no_worker_count_chooses_on_its_first_batch(shapes, tmp_path, monkeypatch, capsys):
-    """Workers None: the first batch is prepared and embedded in the process while timing it, the
-    count follows `choose_workers`, and the vectors are those of the in-process build either way."""
+def test_a_build_given_no_worker_count_chooses_on_its_first_two_batches(shapes, tmp_path, monkeypatch, capsys):
+    """Workers None: the first two batches are prepared and embedded in the process while timing them
+    (the second on a thread fewer), the count follows `choose_workers`, and the vectors are those of
+    the in-process build either way."""
     data, ckpt, full = shapes
     assert choose_workers(0.03, 0.03, 0.04) == 1  # inputs cost as much as the forward: a worker
     assert choose_workers(0.001, 0.06, 0.11) == 0  # the forward dominates: every thread to the model
@@ -69,7 +70,7 @@ def test_a_build_given_no_worker_count_chooses_on_its_first_batch(shapes, tmp_pa
     monkeypatch.setattr(embed, "choose_workers", lambda *t: chosen.append(t) or 1)
     build_index(tmp_path / "auto", data / "gallery_test.txt", ckpt, **dict(SMALL, workers=None), progress=True)
     assert len(chosen) == 1 and all(t > 0 for t in chosen[0])
-    assert "embedding with 1 DataLoader worker beside 1 torch thread(s) (chosen on the first batch)" in capsys.readouterr().err
+    assert "embedding with 1 DataLoader worker beside 1 torch thread(s) (chosen on the first two batches)" in capsys.readouterr().err
     auto, zero = GalleryIndex.load(tmp_path / "auto", ckpt), GalleryIndex.load(full, ckpt)
     assert auto.paths == zero.paths
     np.testing.assert_allclose(np.asarray(auto.embeddings), np.asarray(zero.embeddings), rtol=0, atol=1e-6)

@@ -76,24 +76,31 @@ def _embedded(model, images: torch.Tensor | None, problems: list[str], dev: torc
     return out
 
 
-def _first_batch_workers(model, dataset, collate, batch: list[int], dev: torch.device) -> tuple[int, tuple]:
-    """Workers for a CPU build with no worker count given, and its first batch embedded while timing
-    it: (workers, (rows [n, E], sha256 per item, problem per item)). With a CPU the model's threads
-    leave idle, one worker (it costs the model nothing); with one CPU, none; else `choose_workers`."""
+def _first_batch_workers(model, dataset, collate, batches: list[list[int]], dev: torch.device
+                         ) -> tuple[int, list[tuple]]:
+    """Workers for a CPU build with no worker count given, chosen while its first two `batches` are
+    embedded: the first on every torch thread, the second on one fewer, each timed (nothing is
+    embedded twice). -> (workers, [(rows [n, E], sha256 per item, problem per item)] of the batches
+    embedded). With a CPU the model's threads leave idle, one worker (it costs the model nothing)
+    after the first batch; with one CPU or a single batch, none; else `choose_workers`."""
     cpus, threads = os.cpu_count() or 1, torch.get_num_threads()
     t0 = time.perf_counter()
-    images, hashes, problems = collate([dataset[i] for i in batch])
+    images, hashes, problems = collate([dataset[i] for i in batches[0]])
     t1 = time.perf_counter()
-    rows = _embedded(model, images, problems, dev)
+    done = [(_embedded(model, images, problems, dev), hashes, problems)]
     t2 = time.perf_counter()
-    if cpus < 2 or threads < cpus or images is None:
-        return int(threads < cpus), (rows, hashes, problems)
+    if cpus < 2 or threads < cpus or images is None or len(batches) < 2:
+        return int(threads < cpus and len(batches) > 1), done
+    second = collate([dataset[i] for i in batches[1]])
     torch.set_num_threads(threads - 1)
     try:
-        _embedded(model, images, problems, dev)
+        t3 = time.perf_counter()
+        done.append((_embedded(model, second[0], second[2], dev), second[1], second[2]))
+        t4 = time.perf_counter()
     finally:
         torch.set_num_threads(threads)
-    return choose_workers(t1 - t0, t2 - t1, time.perf_counter() - t2), (rows, hashes, problems)
+    per_image = len(batches[0]) / len(batches[1])  # the second batch's forward scaled to the first's size
+    return choose_workers(t1 - t0, t2 - t1, (t4 - t3) * per_image), done
 
 
 def _threads_beside(workers: int) -> int:
@@ -184,7 +191,7 @@ def embed_chunks(model, preprocess, paths: list[str], work: Path, key: str, chun
     `work`/chunk-NNNNNN.npz (embeddings [n, E], the paths, sha256 and problems it covers); chunks
     already there under the same `key` are kept. Returns (images embedded now, images kept).
     Batches never straddle chunks, so a resumed build gives the same vectors as an uninterrupted one.
-    `workers` None: min(8, CPUs) on CUDA; on CPU chosen on the first batch (`_first_batch_workers`)."""
+    `workers` None: min(8, CPUs) on CUDA; on CPU chosen on the first two batches (`_first_batch_workers`)."""
     work.mkdir(parents=True, exist_ok=True)
     plan = {"key": key, "count": len(paths), "chunk_size": chunk_size}
     plan_file = work / "plan.json"
@@ -202,15 +209,14 @@ def embed_chunks(model, preprocess, paths: list[str], work: Path, key: str, chun
     dev = torch.device(device)
     per_image, per_batch = split_preprocess(preprocess)
     dataset, collate = _HashedImages(paths, per_image), _Collate(per_batch)
-    first = []  # the first batch, embedded while choosing the workers
+    first = []  # the first batches, embedded while choosing the workers
     if workers is None and dev.type == "cuda":
         workers = min(8, os.cpu_count() or 1)
     elif workers is None and batches:
-        workers, done = _first_batch_workers(model, dataset, collate, batches[0], dev)
-        first = [done]
+        workers, first = _first_batch_workers(model, dataset, collate, batches[:2], dev)
         if progress:
             print(f"embedding with {workers} DataLoader worker{'s' * (workers != 1)} beside "
-                  f"{_threads_beside(workers)} torch thread(s) (chosen on the first batch)", file=sys.stderr)
+                  f"{_threads_beside(workers)} torch thread(s) (chosen on the first two batches)", file=sys.stderr)
     loader = DataLoader(dataset, batch_sampler=batches[len(first):], num_workers=workers or 0,
                         pin_memory=dev.type == "cuda", collate_fn=collate, prefetch_factor=4 if workers else None)
     embedded = ((_embedded(model, images, p, dev), h, p) for images, h, p in loader)
