@@ -128,9 +128,12 @@ def test_a_lost_run_continues_from_its_export(shapes_data, tmp_path):
 def test_a_lost_restarted_run_continues_on_its_restarted_schedule(shapes_data, tmp_path):
     """A phase warm-started with --restart-schedule (steps 2 -> 6), its folder gone at step 4: continued
     from its export, its lr at step 6 is the uninterrupted phase's (its schedule starts at step 2, not 0)."""
-    first = tmp_path / "first"
-    run(TRAIN + ["--data", str(shapes_data), "--out", str(first), "--steps", "2", "--val-every", "0"])
-    phase = TRAIN + ["--data", str(shapes_data), "--warmup", "1", "--val-every", "0", "--init-from", str(first / "last.safetensors"),
+    from cir.checkpoint import save_checkpoint
+    from cir.models.factory import build_model
+    first = tmp_path / "first.safetensors"  # a model at step 2
+    model, _ = build_model("context-cir-tiny")
+    save_checkpoint(first, model, {"config": model.config.to_dict(), "step": 2})
+    phase = TRAIN + ["--data", str(shapes_data), "--warmup", "1", "--val-every", "0", "--init-from", str(first),
                      "--restart-schedule"]
     full, split = tmp_path / "full", tmp_path / "split"
     run(phase + ["--out", str(full)])
