@@ -48,6 +48,7 @@ from cir.errors import UserError
 
 FORMAT = "context-cir-checkpoint/1"
 TOKEN_EMBEDDING_SUFFIX = "token_embedding.weight"  # every text tower's (the model's, and a frozen prior copy's)
+TRAINING_STATE = ("optimizer.", "rng.")  # prefixes of the tensors a --resume reads beside the weights
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "assets" / "context-cir-shapes.safetensors"
 DEFAULT_TWIN = DEFAULT_CHECKPOINT.with_name("context-cir-shapes-lambda0.safetensors")  # its lambda = 0 twin
 DEFAULT_TMCIR = DEFAULT_CHECKPOINT.with_name("tmcir-shapes.safetensors")  # TMCIR on the same data
@@ -108,16 +109,22 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, manifest: d
         manifest["token_embedding"] = {"rows": len(rows), "vocab": full.shape[0], "unseen_rows": "zero"}
     tensors = _encode(tensors, dtype)
     if optimizer is not None:
-        opt = optimizer.state_dict()
-        for idx, state in opt["state"].items():
-            for name, value in state.items():
-                tensors[f"optimizer.{idx}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
-        manifest["optimizer_param_groups"] = opt["param_groups"]
-        tensors["rng.torch"] = torch.get_rng_state()
+        _add_training_state(tensors, manifest, optimizer)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"manifest": json.dumps(manifest)})
     write_json(path.with_suffix(".json"), dict(manifest, sha256=sha256_file(path)))
     return manifest
+
+
+def _add_training_state(tensors: dict, manifest: dict, optimizer: torch.optim.Optimizer) -> None:
+    """Add what a --resume needs beside the weights: the optimizer's state (`optimizer.{index}.{name}`
+    tensors, its param groups in the manifest) and torch's RNG state (`rng.torch`)."""
+    opt = optimizer.state_dict()
+    for idx, state in opt["state"].items():
+        for name, value in state.items():
+            tensors[f"optimizer.{idx}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    manifest["optimizer_param_groups"] = opt["param_groups"]
+    tensors["rng.torch"] = torch.get_rng_state()
 
 
 def _metadata(path: Path) -> dict[str, str]:
@@ -179,7 +186,7 @@ def checked_state(model: torch.nn.Module, path: str | os.PathLike, tensors: dict
     as `load_weights` says. `model` may live on the "meta" device: only its keys and shapes are read,
     so a manifest's config is checked against the tensors before the real model is built."""
     tensors = read_tensors(path) if tensors is None else tensors
-    state = _decode({k: v for k, v in tensors.items() if not k.startswith(("optimizer.", "rng."))})
+    state = _decode({k: v for k, v in tensors.items() if not k.startswith(TRAINING_STATE)})
     expected = {k: v.shape for k, v in model.state_dict().items()}
     for key in [k[:-len(".rows")] for k in state if k.endswith(TOKEN_EMBEDDING_SUFFIX + ".rows")]:
         rows, compact = state.pop(key + ".rows"), state.pop(key + ".compact")
@@ -204,12 +211,16 @@ def checked_state(model: torch.nn.Module, path: str | os.PathLike, tensors: dict
     return state, missing
 
 
-def save_module(path: str | os.PathLike, module: torch.nn.Module, manifest: dict, fmt: str) -> None:
+def save_module(path: str | os.PathLike, module: torch.nn.Module, manifest: dict, fmt: str,
+                optimizer: torch.optim.Optimizer | None = None) -> None:
     """Write one module's weights with `manifest` (+ format, versions) embedded and as JSON beside them
-    (+ sha256), atomically: the checkpoints of the towers (cir.towers) and the Combiner (cir.baselines)."""
+    (+ sha256), atomically: the checkpoints of the towers (cir.towers) and the Combiner (cir.baselines).
+    With `optimizer`, also the training state a --resume needs (`load_module` skips it)."""
     path = Path(path)
     tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     manifest = dict(manifest, format=fmt, versions=versions())
+    if optimizer is not None:
+        _add_training_state(tensors, manifest, optimizer)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"manifest": json.dumps(manifest)})
     write_json(path.with_suffix(".json"), dict(manifest, sha256=sha256_file(path)))
@@ -227,8 +238,9 @@ def load_module(path: str | os.PathLike, fmt: str, build) -> tuple[torch.nn.Modu
     if manifest.get("format") != fmt:
         raise UserError(f"{path} is not a {fmt} checkpoint (its format: {manifest.get('format')!r})")
     module = build(manifest)
+    weights = {k: v for k, v in read_tensors(path).items() if not k.startswith(TRAINING_STATE)}
     try:
-        module.load_state_dict(read_tensors(path))
+        module.load_state_dict(weights)
     except RuntimeError as e:
         raise UserError(f"checkpoint {path} does not fit the architecture its manifest names: {str(e)[:300]}") from None
     return module.eval(), manifest

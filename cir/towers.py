@@ -50,6 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "object's or cell's box, so single words point at regions (default 0 = off, as the shipped towers; "
                         "the grid-7 towers use 1)")
     add_training_flags(p, steps=1000, batch=128, lr=5e-4, warmup=100, weight_decay=0.1)
+    p.add_argument("--init-from", default=None, metavar="TOWERS",
+                   help="start from these towers (a cir.towers checkpoint, or the CLIP towers of a model checkpoint) "
+                        "instead of a random initialisation: more pretraining of existing towers, on a schedule of "
+                        "its own from step 0")
+    p.add_argument("--save-every", type=int, default=100,
+                   help="write OUT/last.safetensors (weights, optimizer, RNG) every N steps (default 100)")
+    p.add_argument("--resume", action="store_true", help="continue exactly from OUT/last.safetensors")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="stop (after saving) once this step is reached, keeping the schedule of --steps")
     return p
 
 
@@ -58,6 +67,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if not (a.data or a.train):
         p.error("give --data DIR or --train FILE")
+    if a.resume and a.init_from:
+        p.error("--resume continues OUT/last.safetensors; --init-from starts a new run")
+    if a.save_every < 1:
+        p.error("--save-every must be at least 1")
     return a
 
 
@@ -66,11 +79,11 @@ parse_first(__name__, parse_args)  # `python -m cir.towers`: --help and argument
 import open_clip
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from cir.atomic import sha256_file
 from cir.checkpoint import FORMAT as MODEL_FORMAT
-from cir.checkpoint import embedded_manifest, load_checkpoint, load_module, save_module
+from cir.checkpoint import embedded_manifest, load_checkpoint, load_module, read_tensors, save_module
 from cir.data.images import load_rgb
 from cir.data.shapes.pretraining_texts import CELL_CONTENTS, describe_scene, patch_contents, patch_distribution_of_box
 from cir.data.shapes.scene import Scene
@@ -79,7 +92,7 @@ from cir.models.base import EOT_ID, create_towers, text_tower_projection, text_t
 from cir.models.factory import CONFIG_DIR, register_tower_configs
 from cir.text.tokenizer import CaptionTokenizer
 from cir.data.triplets import read_training_triplets
-from cir.training.loop import OptimConfig, epoch_seed, fit
+from cir.training.loop import LoopConfig, OptimConfig, epoch_seed, make_optimizer, restore_optimizer, run_loop
 
 TOWERS_FORMAT = "cir-clip-checkpoint/1"
 
@@ -139,8 +152,37 @@ class ScenePairs(Dataset):
                 torch.tensor(patch_contents(scene, self.grid)), targets)
 
 
+def shuffled_order(n: int, batch_size: int, seed: int) -> list[int]:
+    """The order `DataLoader(..., shuffle=True, drop_last=True, generator=Generator().manual_seed(seed))`
+    visits n items in, cut to whole batches: the loader draws its workers' base seed from the
+    generator, then the sampler draws the permutation."""
+    generator = torch.Generator().manual_seed(seed)
+    torch.empty((), dtype=torch.int64).random_(generator=generator)
+    return torch.randperm(n, generator=generator)[: n // batch_size * batch_size].tolist()
+
+
+def starting_towers(a, last: Path, device: torch.device):
+    """(CLIP, preprocess, manifest or None, training tensors or None, step) a run starts from: its
+    checkpoint (--resume), the towers of --init-from, or new towers of --config (seeded)."""
+    if a.resume:
+        if not last.is_file():
+            raise UserError(f"--resume: no checkpoint at {last}")
+        clip, preprocess, _ = load_towers(last)
+        manifest = embedded_manifest(last)
+        return clip, preprocess, manifest, read_tensors(last), manifest["step"]
+    torch.manual_seed(a.seed)
+    clip, preprocess, _ = build_towers(a.config)
+    if a.init_from:
+        source, _, _ = load_towers(a.init_from)
+        if source.state_dict().keys() != clip.state_dict().keys():
+            raise UserError(f"--init-from {a.init_from}: its towers are not of config {a.config!r}")
+        clip.load_state_dict(source.state_dict())
+    return clip, preprocess, None, None, 0
+
+
 def train_towers(a, device: torch.device) -> None:
-    """Pretrain the towers of open_clip config a.config; writes OUT/clip.safetensors (+ .json)."""
+    """Pretrain the towers of open_clip config a.config; writes OUT/last.safetensors every
+    --save-every steps and, at the end, OUT/clip.safetensors (+ .json)."""
     train_file, triplets = read_training_triplets(a.data, a.train)
     if not all("reference_scene" in t.meta and "target_scene" in t.meta for t in triplets):
         raise UserError(f"{train_file}: triplets lack meta.reference_scene / target_scene (not CIR-Shapes)")
@@ -148,8 +190,9 @@ def train_towers(a, device: torch.device) -> None:
             [(t.targets[0], t.meta["target_scene"]) for t in triplets]
     if len(pairs) < a.batch_size:
         raise UserError(f"{len(pairs)} training images are fewer than one batch of {a.batch_size}")
-    torch.manual_seed(a.seed)
-    clip, preprocess, _ = build_towers(a.config)
+    out = Path(a.out)
+    last = out / "last.safetensors"
+    clip, preprocess, manifest, tensors, start = starting_towers(a, last, device)
     clip.to(device)
     clip_loss = open_clip.ClipLoss()
     dtype = precision.resolve(a.precision, device)
@@ -157,13 +200,22 @@ def train_towers(a, device: torch.device) -> None:
     grid = clip.visual.grid_size[0]
     tokenizer = CaptionTokenizer(clip.context_length)
     content_tokens = tokenizer(list(CELL_CONTENTS)).to(device)
+    opt = make_optimizer(clip, a.lr, a.weight_decay)
+    if tensors is not None:
+        restore_optimizer(opt, tensors, manifest)
+        torch.set_rng_state(tensors["rng.torch"])
 
     def batches():
-        for epoch in itertools.count():
+        """The batches of steps start + 1, ...: each epoch in its seeded order, with its own phrasings."""
+        per_epoch = len(pairs) // a.batch_size
+        for epoch in itertools.count(start // per_epoch):
             seed = epoch_seed(a.seed, epoch)
-            yield from DataLoader(ScenePairs(pairs, preprocess, tokenizer, grid, seed), batch_size=a.batch_size,
-                                  shuffle=True, drop_last=True, num_workers=a.workers,
-                                  generator=torch.Generator().manual_seed(seed))
+            order = shuffled_order(len(pairs), a.batch_size, seed)
+            if epoch == start // per_epoch:
+                order = order[start % per_epoch * a.batch_size:]
+            yield from DataLoader(Subset(ScenePairs(pairs, preprocess, tokenizer, grid, seed), order),
+                                  batch_size=a.batch_size, num_workers=a.workers,
+                                  generator=torch.Generator().manual_seed(seed))  # its workers' seeds as shuffled
 
     def loss_of(batch):
         """CLIP loss on (image, description) + a.patch_weight x cross-entropy of every patch
@@ -197,12 +249,25 @@ def train_towers(a, device: torch.device) -> None:
     def clamp_temperature():  # as in CLIP: the logit scale stays at most 100
         clip.logit_scale.clamp_(0, math.log(100))
 
-    out = Path(a.out)
-    last = fit(clip, batches(), loss_of, OptimConfig.from_args(a), out / "log.jsonl", "towers", clamp_temperature)
-    save_module(out / "clip.safetensors", clip,
-                {"clip_model": a.config, "step": a.steps, "final_loss": last,
-                 "data": {"train": str(train_file), "sha256": sha256_file(train_file), "images": len(pairs)},
-                 "args": vars(a)}, TOWERS_FORMAT)
+    made = {"clip_model": a.config, "data": {"train": str(train_file), "sha256": sha256_file(train_file),
+                                             "images": len(pairs)},
+            "args": {k: v for k, v in vars(a).items() if k not in ("resume", "stop_after")}}
+    stop = min(a.steps, a.stop_after or a.steps)
+
+    def on_step(step, record):
+        if step % a.save_every == 0 or step == stop:
+            save_module(last, clip, dict(made, step=step, loss=record["loss"]), TOWERS_FORMAT, optimizer=opt)
+
+    clip.train()
+    schedule = OptimConfig.from_args(a).schedule
+    run_loop(batches(), loss_of, opt, LoopConfig(schedule, stop, a.clip_grad, out / "log.jsonl", "towers"), start,
+             after_step=clamp_temperature, on_step=on_step)
+    if stop < a.steps:
+        print(f"stopped at step {stop} of {a.steps}; continue with --resume")
+        return
+    clip.eval()
+    final = embedded_manifest(last) if last.is_file() else {}
+    save_module(out / "clip.safetensors", clip, dict(made, step=a.steps, final_loss=final.get("loss")), TOWERS_FORMAT)
     print(f"wrote {out / 'clip.safetensors'}")
 
 
