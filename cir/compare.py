@@ -84,8 +84,13 @@ def read_rows(path: str | None) -> list[Row]:
     if path is None:
         return DEFAULT_ROWS
     try:
-        rows = [Row(**{**r, "runs": tuple(r.get("runs", ()))}) for r in json.loads(Path(path).read_text())]
-    except (OSError, ValueError, TypeError) as e:
+        spec = json.loads(Path(path).read_text())
+        for r in spec:
+            runs = r.get("runs", [])
+            if not isinstance(runs, list) or not all(isinstance(run, str) for run in runs):
+                raise UserError(f"--rows {path}: row {r.get('name')!r}: \"runs\" is a list of run folders")
+        rows = [Row(**{**r, "runs": tuple(r.get("runs", ()))}) for r in spec]
+    except (OSError, ValueError, TypeError, AttributeError) as e:
         raise UserError(f"--rows {path}: {' '.join(str(e).split())}") from None
     for r in rows:
         if bool(r.checkpoint) == bool(r.combiner) or bool(r.combiner) != bool(r.clip):

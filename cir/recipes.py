@@ -42,8 +42,9 @@ class Stage:
 
     @property
     def checkpoint(self) -> Path | None:
-        """OUT/last.safetensors of a stage that resumes from it with --resume (cir.train, cir.align), else None."""
-        if self.command[:2] not in (("-m", "cir.train"), ("-m", "cir.align")):
+        """OUT/last.safetensors of a stage that resumes from it with --resume (cir.train, cir.align,
+        cir.towers), else None."""
+        if self.command[:2] not in (("-m", "cir.train"), ("-m", "cir.align"), ("-m", "cir.towers")):
             return None
         return Path(self.flag("--out")) / "last.safetensors"
 
@@ -285,23 +286,37 @@ def stage_argv(stages: list[Stage], stage: Stage) -> list[str]:
 
 def is_done(stages: list[Stage], stage: Stage) -> bool:
     """Whether `stage` is skipped: its output exists (except a training stage, which resumes, and a
-    stage writing under assets/, which is quick), or its run folder is gone while its run is over and
-    exported or a later stage that starts from it has progress (the training stage and its export)."""
+    stage writing under assets/, which is quick); a training stage whose run a later phase has moved
+    on from (that phase has progress or is done), or whose run folder is gone while its run is over
+    and exported (the training stage and its export); a stage whose output only skipped stages read."""
     if stage.run_folder is not None:
-        if (stage.run_folder / "last.safetensors").is_file():
+        last = f"{stage.run_folder}/last.safetensors"
+        if any(s.run_folder is not None and "--init-from" in s.command and s.flag("--init-from") == last
+               and (_has_progress(stages, s) or is_done(stages, s)) for s in stages):
+            return True  # a later phase has moved on from this run
+        if Path(last).is_file():
             return False
         export = run_export(stages, stage)
-        if export is not None and exported_step(export, stage) == stage.steps:
-            return True
-        last = f"{stage.run_folder}/last.safetensors"
-        return any(s.run_folder is not None and "--init-from" in s.command and s.flag("--init-from") == last
-                   and _has_progress(stages, s) for s in stages)
+        return export is not None and exported_step(export, stage) == stage.steps
     if stage.command[:3] == ("-m", "cir.checkpoint", "export"):
         source = Path(stage.flag("--checkpoint"))
         trainer = next((s for s in stages if s.run_folder is not None and source == s.run_folder / "last.safetensors"), None)
         if trainer is not None and not source.is_file() and is_done(stages, trainer):
             return True
-    return Path(stage.output).is_file() and not stage.output.startswith("assets/")
+    if stage.output.startswith("assets/"):
+        return False
+    if Path(stage.output).is_file():
+        return True
+    users = _users(stages, stage)
+    return bool(users) and all(is_done(stages, s) for s in users)
+
+
+def _users(stages: list[Stage], stage: Stage) -> list[Stage]:
+    """The later stages whose command names `stage`'s output (or, for a FOLDER/manifest.json output,
+    the folder)."""
+    out = Path(stage.output)
+    names = {stage.output} | ({str(out.parent)} if out.name == "manifest.json" else set())
+    return [s for s in stages[stages.index(stage) + 1:] if names & set(s.command)]
 
 
 def describe(name: str) -> str:

@@ -161,6 +161,10 @@ def shuffled_order(n: int, batch_size: int, seed: int) -> list[int]:
     return torch.randperm(n, generator=generator)[: n // batch_size * batch_size].tolist()
 
 
+RESUME_FLAGS = ("config", "steps", "batch_size", "lr", "min_lr", "warmup", "weight_decay", "patch_weight",
+                "token_weight", "seed")  # a resumed run's flags that must be the interrupted run's
+
+
 def starting_towers(a, last: Path, device: torch.device):
     """(CLIP, preprocess, manifest or None, training tensors or None, step) a run starts from: its
     checkpoint (--resume), the towers of --init-from, or new towers of --config (seeded)."""
@@ -169,6 +173,12 @@ def starting_towers(a, last: Path, device: torch.device):
             raise UserError(f"--resume: no checkpoint at {last}")
         clip, preprocess, _ = load_towers(last)
         manifest = embedded_manifest(last)
+        trained = manifest.get("args", {})
+        differ = [f"--{k.replace('_', '-')} {trained.get(k)} (not {getattr(a, k)})" for k in RESUME_FLAGS
+                  if trained.get(k) != getattr(a, k)]
+        if differ:
+            raise UserError(f"--resume: {last} was trained with " + ", ".join(differ))
+        a.init_from = trained.get("init_from")  # kept in the manifests of the resumed run
         return clip, preprocess, manifest, read_tensors(last), manifest["step"]
     torch.manual_seed(a.seed)
     clip, preprocess, _ = build_towers(a.config)

@@ -302,6 +302,7 @@ def starting_model(a, last: Path, device):
     if a.continue_from:
         check_continuation(a, manifest)
         a.schedule_start = manifest["args"].get("schedule_start", 0)  # a run that restarted its schedule
+        a.prior_gain_scale = manifest["args"].get("prior_gain_scale", 1.0)  # applied when the run began
         a.rewarm_at = start
     return model, preprocess, manifest, None, start, manifest.get("metrics", {})
 

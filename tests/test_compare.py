@@ -71,3 +71,14 @@ def test_a_row_without_a_model_is_refused_in_one_line(tmp_path):
     bad.write_text(json.dumps([{"name": "half", "clip": "towers.safetensors"}]))
     with pytest.raises(UserError, match="needs a \"checkpoint\""):
         compare.read_rows(str(bad))
+
+
+def test_rows_name_their_run_folders_as_a_list(tmp_path):
+    from cir.compare import read_rows
+    from cir.errors import UserError
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps([{"name": "a", "checkpoint": "x.safetensors", "runs": "runs/a"}]))
+    with pytest.raises(UserError, match="\"runs\" is a list of run folders"):
+        read_rows(str(path))
+    path.write_text(json.dumps([{"name": "a", "checkpoint": "x.safetensors", "runs": ["runs/a", "runs/a-partials"]}]))
+    assert read_rows(str(path))[0].runs == ("runs/a", "runs/a-partials")

@@ -133,3 +133,34 @@ def test_a_run_whose_folder_is_gone_continues_from_its_shipped_file(tmp_path, mo
     stages = lines(15000)
     assert stages["5"].endswith("--save-every 200 --resume")
     assert "--init-from runs/grid7-cc/last.safetensors" in stages["6"] and stages["7"].endswith("--dtype fp16")
+
+
+def test_a_finished_chain_skips_every_stage_only_it_needed(tmp_path, monkeypatch, capsys):
+    """The 3 x 3 chain with no run folder and its shipped file a complete export of its last phase:
+    the towers, every phase and the export are skipped (each read only by skipped stages), the data
+    splits nothing reads still run. A phase-1 checkpoint left beside a later phase's progress is not
+    resumed; an interrupted towers run is."""
+    monkeypatch.chdir(tmp_path)
+    Path("assets").mkdir()
+    Path("assets/context-cir-shapes.json").write_text(
+        json.dumps({"step": 15400, "args": {"out": "runs/shapes-5-partials", "steps": 15400}}))
+    recipes.run("context-cir-shapes", dry_run=True)
+    out = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
+    skipped = [line.endswith("done, skipped") for line in out]
+    assert skipped == [True, False, False, True, True, True, True, True, True, True, False], out
+    Path("assets/context-cir-shapes.json").write_text(
+        json.dumps({"step": 12000, "args": {"out": "runs/shapes-4-partials", "steps": 12400}}))
+    Path("runs/shapes-3-bidir").mkdir(parents=True)
+    Path("runs/shapes-3-bidir/last.safetensors").write_bytes(b"")
+    Path("runs/towers-cells").mkdir(parents=True)
+    Path("runs/towers-cells/last.safetensors").write_bytes(b"")
+    recipes.run("context-cir-shapes", dry_run=True)
+    out = capsys.readouterr().out.splitlines()
+    stage = {line[1:line.index("/")]: line for line in out if line.startswith("[")}
+    assert all(stage[k].endswith("done, skipped") for k in "4567")  # towers, phases 1-3: phase 4 moved on
+    assert next(line for line in out if "-m cir.train" in line).endswith("--continue-from assets/context-cir-shapes.safetensors")
+    Path("assets/context-cir-shapes.json").unlink()
+    Path("runs/shapes-3-bidir/last.safetensors").unlink()
+    recipes.run("context-cir-shapes", dry_run=True)
+    towers = next(line for line in capsys.readouterr().out.splitlines() if "-m cir.towers" in line)
+    assert towers.endswith("--token-weight 0 --resume")

@@ -31,6 +31,8 @@ def test_an_interrupted_run_resumes_bit_for_bit(shapes_data, tmp_path):
     towers.main(SMALL + ["--data", str(shapes_data), "--out", str(split), "--save-every", "2", "--stop-after", "4"])
     assert not (split / "clip.safetensors").exists()
     assert json.loads((split / "last.json").read_text())["step"] == 4
+    with pytest.raises(UserError, match=r"trained with --batch-size 16 \(not 8\)"):
+        towers.main(SMALL + ["--data", str(shapes_data), "--out", str(split), "--resume", "--batch-size", "8"])
     towers.main(SMALL + ["--data", str(shapes_data), "--out", str(split), "--save-every", "2", "--resume"])
     assert losses(split) == losses(full) and len(losses(full)) == 7
     a, b = load_file(full / "clip.safetensors"), load_file(split / "clip.safetensors")

@@ -92,6 +92,9 @@ def _first_batch_workers(model, dataset, collate, batches: list[list[int]], dev:
     if cpus < 2 or threads < cpus or images is None or len(batches) < 2:
         return int(threads < cpus and len(batches) > 1), done
     second = collate([dataset[i] for i in batches[1]])
+    if second[0] is None:  # nothing readable to time it on
+        done.append((_embedded(model, None, second[2], dev), second[1], second[2]))
+        return 0, done
     torch.set_num_threads(threads - 1)
     try:
         t3 = time.perf_counter()
@@ -99,8 +102,8 @@ def _first_batch_workers(model, dataset, collate, batches: list[list[int]], dev:
         t4 = time.perf_counter()
     finally:
         torch.set_num_threads(threads)
-    per_image = len(batches[0]) / len(batches[1])  # the second batch's forward scaled to the first's size
-    return choose_workers(t1 - t0, t2 - t1, (t4 - t3) * per_image), done
+    scale = len(images) / len(second[0])  # the second batch's forward scaled to the first's readable images
+    return choose_workers(t1 - t0, t2 - t1, (t4 - t3) * scale), done
 
 
 def _threads_beside(workers: int) -> int:
