@@ -220,7 +220,7 @@ RECIPES: dict[str, tuple[str, list[Stage]]] = {
         "runs/combiner-grid7, the CLIP4Cir-style Combiner on the step-0 towers' frozen features, 21,000 steps of 64 "
         "as the other models of the comparison table",
         [*DATA,
-         Stage("features of every training triplet, then 21,000 steps (10–20 min, estimated from the image cache's rate)",
+         Stage("features of every training triplet, then 21,000 steps (15–30 min, estimated from the image cache's rate)",
                ("-m", "cir.baselines", "train-combiner", "--clip", STEP0, "--data", "data/shapes",
                 "--out", "runs/combiner-grid7", "--steps", "21000", "--batch-size", "64", "--seed", "0"),
                "runs/combiner-grid7/combiner.safetensors")]),
