@@ -14,6 +14,13 @@ ROOT = Path(__file__).resolve().parent.parent
 STAGES = {s.command: s for _, stages in recipes.RECIPES.values() for s in stages}
 
 
+def touch(*files: str) -> None:
+    """Empty files (and their folders) standing for a stage's output or checkpoint."""
+    for f in files:
+        Path(f).parent.mkdir(parents=True, exist_ok=True)
+        Path(f).write_bytes(b"")
+
+
 @pytest.mark.parametrize("stage", [s for s in STAGES.values() if s.run_folder is not None], ids=lambda s: s.output)
 def test_training_stages_parse_with_cir_train(stage):
     a = parse_args(list(stage.command[2:]))
@@ -55,10 +62,7 @@ def test_run_skips_done_stages_and_resumes_training(tmp_path, monkeypatch, capsy
     monkeypatch.chdir(tmp_path)
     Path("data/shapes").mkdir(parents=True)
     Path("data/shapes/manifest.json").write_text("{}")
-    Path("runs/towers-grid7").mkdir(parents=True)
-    Path("runs/towers-grid7/clip.safetensors").write_bytes(b"")
-    Path("runs/grid7-step0").mkdir(parents=True)
-    Path("runs/grid7-step0/last.safetensors").write_bytes(b"")
+    touch("runs/towers-grid7/clip.safetensors", "runs/grid7-step0/last.safetensors")
     recipes.run("context-cir-shapes-grid7-step0", dry_run=True)
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "[1/6] " + recipes.DATA[0].what + " - done, skipped"
@@ -71,13 +75,12 @@ def test_run_skips_done_stages_and_resumes_training(tmp_path, monkeypatch, capsy
 
 def test_an_interrupted_alignment_resumes_and_a_finished_one_is_skipped(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    Path("runs/tmcir-align").mkdir(parents=True)
-    Path("runs/tmcir-align/last.safetensors").write_bytes(b"")
+    touch("runs/tmcir-align/last.safetensors")
     recipes.run("tmcir-shapes", dry_run=True)
     out = capsys.readouterr().out.splitlines()
     align = out[out.index(next(line for line in out if line.startswith("[4/9]"))) + 1]
     assert "-m cir.align" in align and align.endswith("--workers 0 --resume")
-    Path("runs/tmcir-align/aligned.safetensors").write_bytes(b"")
+    touch("runs/tmcir-align/aligned.safetensors")
     recipes.run("tmcir-shapes", dry_run=True)
     assert "[4/9] " + recipes.TMCIR_SHAPES[0].what + " - done, skipped" in capsys.readouterr().out.splitlines()
 
@@ -128,8 +131,7 @@ def test_a_run_whose_folder_is_gone_continues_from_its_shipped_file(tmp_path, mo
     assert "--init-from" not in stages["6"] and "--restart-schedule" not in stages["6"]
     stages = lines(21000, out="runs/grid7-cc-partials", steps=21000)
     assert all(stages[k].endswith("done, skipped\n") for k in ("5", "6", "7"))
-    Path("runs/grid7-cc").mkdir(parents=True)
-    Path("runs/grid7-cc/last.safetensors").write_bytes(b"")
+    touch("runs/grid7-cc/last.safetensors")
     stages = lines(15000)
     assert stages["5"].endswith("--save-every 200 --resume")
     assert "--init-from runs/grid7-cc/last.safetensors" in stages["6"] and stages["7"].endswith("--dtype fp16")
@@ -150,10 +152,7 @@ def test_a_finished_chain_skips_every_stage_only_it_needed(tmp_path, monkeypatch
     assert skipped == [True, False, False, True, True, True, True, True, True, True, False], out
     Path("assets/context-cir-shapes.json").write_text(
         json.dumps({"step": 12000, "args": {"out": "runs/shapes-4-partials", "steps": 12400}}))
-    Path("runs/shapes-3-bidir").mkdir(parents=True)
-    Path("runs/shapes-3-bidir/last.safetensors").write_bytes(b"")
-    Path("runs/towers-cells").mkdir(parents=True)
-    Path("runs/towers-cells/last.safetensors").write_bytes(b"")
+    touch("runs/shapes-3-bidir/last.safetensors", "runs/towers-cells/last.safetensors")
     recipes.run("context-cir-shapes", dry_run=True)
     out = capsys.readouterr().out.splitlines()
     stage = {line[1:line.index("/")]: line for line in out if line.startswith("[")}
