@@ -75,6 +75,13 @@ def add_training_flags(p: argparse.ArgumentParser, steps: int, batch: int, lr: f
     add_device_flags(p)
 
 
+def differing_flags(a: argparse.Namespace, trained: dict, names: tuple[str, ...]) -> list[str]:
+    """Flags among `names` whose value in `a` differs from a saved run's `trained` args, each as
+    "--flag SAVED (not GIVEN)", for a one-line refusal to resume or continue that run."""
+    return [f"--{k.replace('_', '-')} {trained.get(k)} (not {getattr(a, k)})" for k in names
+            if trained.get(k) != getattr(a, k)]
+
+
 def add_data_flags(p: argparse.ArgumentParser, required: bool = True) -> None:
     """The flags every evaluation command shares: what to evaluate on and how to rank."""
     p.add_argument("--triplets", required=required, help="triplet JSONL file to evaluate")

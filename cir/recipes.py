@@ -36,6 +36,11 @@ class Stage:
         return self.command[self.command.index(name) + 1]
 
     @property
+    def init_from(self) -> str | None:
+        """The checkpoint a training stage warm-starts from (--init-from), else None."""
+        return self.flag("--init-from") if self.run_folder is not None and "--init-from" in self.command else None
+
+    @property
     def run_folder(self) -> Path | None:
         """The --out folder of a cir.train stage (resumable), else None."""
         return Path(self.flag("--out")) if self.command[:2] == ("-m", "cir.train") else None
@@ -114,16 +119,15 @@ def _tmcir_stage2(out: str, init: str, cache: str) -> list[Stage]:
     """TMCIR's stage 2 on the grid-7 pair's schedule: 15,000 steps from `init` with one partial
     fulfilment per query as a negative, then 6,000 with every one; image tower frozen (its outputs in
     `cache`), the paper's InfoNCE with the query's reference as an extra negative."""
-    common = ("--lambda-cc", "0")
-    steady = ("--freeze-image", "--image-cache", cache, "--workers", "0", "--threads", "1", "--val-every", "500",
-              "--val-limit", "1000", "--save-every", "200")
+    frozen = ("--lambda-cc", "0", "--freeze-image", "--image-cache", cache)
+    steady = ("--workers", "0", "--threads", "1", "--val-every", "500", "--val-limit", "1000", "--save-every", "200")
     return [_train("stage 2: 15,000 steps, 1 thread (0.33 s/step at 2 threads alone)", out, "--init-from", init,
-                   "--steps", "15000", "--lr", "4e-4", "--min-lr", "4e-6", *common, "--partial-negatives",
-                   *steady[:3], "--seed", "0", *steady[3:]),
+                   "--steps", "15000", "--lr", "4e-4", "--min-lr", "4e-6", *frozen, "--partial-negatives",
+                   "--seed", "0", *steady),
             _train("stage 2 with every partial fulfilment as a negative, to step 21,000, 1 thread", f"{out}-partials",
                    "--init-from", f"{out}/last.safetensors", "--steps", "21000", "--lr", "1e-4", "--min-lr", "1e-6",
-                   "--warmup", "100", "--restart-schedule", *common, "--partial-negatives", "all", *steady[:3],
-                   "--seed", "1", *steady[3:])]
+                   "--warmup", "100", "--restart-schedule", *frozen, "--partial-negatives", "all", "--seed", "1",
+                   *steady)]
 
 
 TMCIR_ALIGNED = "runs/tmcir-align/aligned-fp16.safetensors"  # stage 1's towers, fp16 as every shipped file
@@ -252,10 +256,10 @@ def _has_progress(stages: list[Stage], stage: Stage) -> bool:
 def _finished_source(stages: list[Stage], stage: Stage) -> Path | None:
     """For a training stage warm-started from an earlier stage's run (--init-from RUN/last.safetensors)
     whose folder is gone: that run's complete export, to start from instead; else None."""
-    if "--init-from" not in stage.command or Path(stage.flag("--init-from")).is_file():
+    if stage.init_from is None or Path(stage.init_from).is_file():
         return None
     source = next((s for s in stages if s.run_folder is not None
-                   and stage.flag("--init-from") == f"{s.run_folder}/last.safetensors"), None)
+                   and stage.init_from == f"{s.run_folder}/last.safetensors"), None)
     export = run_export(stages, source) if source is not None else None
     return export if export is not None and exported_step(export, source) == source.steps else None
 
@@ -291,8 +295,7 @@ def is_done(stages: list[Stage], stage: Stage) -> bool:
     and exported (the training stage and its export); a stage whose output only skipped stages read."""
     if stage.run_folder is not None:
         last = f"{stage.run_folder}/last.safetensors"
-        if any(s.run_folder is not None and "--init-from" in s.command and s.flag("--init-from") == last
-               and (_has_progress(stages, s) or is_done(stages, s)) for s in stages):
+        if any(s.init_from == last and (_has_progress(stages, s) or is_done(stages, s)) for s in stages):
             return True  # a later phase has moved on from this run
         if Path(last).is_file():
             return False

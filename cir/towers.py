@@ -27,7 +27,7 @@ import random
 from pathlib import Path
 
 from cir import precision
-from cir.cli import add_training_flags, parse_first, run_cli
+from cir.cli import add_training_flags, differing_flags, parse_first, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -174,8 +174,7 @@ def starting_towers(a, last: Path, device: torch.device):
         clip, preprocess, _ = load_towers(last)
         manifest = embedded_manifest(last)
         trained = manifest.get("args", {})
-        differ = [f"--{k.replace('_', '-')} {trained.get(k)} (not {getattr(a, k)})" for k in RESUME_FLAGS
-                  if trained.get(k) != getattr(a, k)]
+        differ = differing_flags(a, trained, RESUME_FLAGS)
         if differ:
             raise UserError(f"--resume: {last} was trained with " + ", ".join(differ))
         a.init_from = trained.get("init_from")  # kept in the manifests of the resumed run

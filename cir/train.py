@@ -25,7 +25,7 @@ import random
 from pathlib import Path
 
 from cir import precision
-from cir.cli import parse_first, run_cli
+from cir.cli import differing_flags, parse_first, run_cli
 from cir.data.shapes.partials import has_partials, partial_subsets
 
 MAX_PHRASES = 10
@@ -350,8 +350,7 @@ def check_continuation(a, manifest: dict) -> None:
     if trained is None or "step" not in manifest:
         raise UserError(f"--continue-from {a.continue_from}: not an export of a cir.train run (no flags or step in "
                         "its manifest); use --init-from for a warm start")
-    differ = [f"--{k.replace('_', '-')} {trained.get(k)} (not {getattr(a, k)})" for k in CONTINUATION_FLAGS
-              if trained.get(k) != getattr(a, k)]
+    differ = differing_flags(a, trained, CONTINUATION_FLAGS)
     if differ:
         raise UserError(f"--continue-from {a.continue_from}: its run had " + ", ".join(differ))
 

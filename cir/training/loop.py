@@ -178,7 +178,7 @@ def run_loop(batches: Iterable, loss_of: Callable, opt: torch.optim.Optimizer, c
 def fit(module: torch.nn.Module, batches: Iterable, loss_of: Callable, optim: OptimConfig, log: Path, desc: str,
         after_step: Callable[[], None] | None = None) -> float:
     """optim.schedule.steps steps of `run_loop` from scratch on `module`'s trainable parameters (the short
-    stages that need no --resume: the towers' pretraining, the Combiner), then `module.eval()`.
+    stages that need no --resume: the Combiner), then `module.eval()`.
     Returns the last loss."""
     opt = make_optimizer(module, optim.schedule.lr, optim.weight_decay)
     module.train()
